@@ -1,0 +1,40 @@
+"""autotl: turn a folder of images into a deployable classifier by searching how to transfer.
+
+The public API is flat and lazy: ``import autotl`` does not import torch, so the torch-free
+``autotl.predict`` path stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from ._version import __version__
+from .errors import AutotlError
+
+_LAZY = {
+    "fit": "autotl.fit:fit",
+    "FitResult": "autotl.fit:FitResult",
+    "predict": "autotl.predict:predict",
+    "Predictor": "autotl.predict:Predictor",
+    "scan_dataset": "autotl.data:scan_dataset",
+    "create_source_model": "autotl.models:create_source_model",
+    "TrainConfig": "autotl.train:TrainConfig",
+    "demo": "autotl.demo:demo",
+}
+
+__all__ = ["__version__", "AutotlError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'autotl' has no attribute {name!r}")
+    module, attr = target.split(":")
+    value = getattr(import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,164 @@
+"""The ``autotl`` command line: a thin typer layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import _console
+from ._version import __version__
+from .errors import AutotlError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Turn a folder of images into a deployable classifier by searching how to transfer.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"autotl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit.")) -> None:
+    pass
+
+
+def _emit(obj, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def _frozen(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise AutotlError(f"--frozen-stages {value!r}: give a number of stages or 'all'") from None
+
+
+@app.command()
+def fit(
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ [test/]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<data>-<time>)."),
+    model: List[str] = typer.Option([], "--model", "-m", help="timm model NAME[@SIZE][=CHECKPOINT|random]; repeatable."),
+    frozen_stages: str = typer.Option("all", "--frozen-stages", help="Stages to freeze: N, -N (all but N) or 'all' (linear probe)."),
+    epochs: int = typer.Option(15, help="Maximum epochs (early stopping on validation)."),
+    lr: float = typer.Option(3e-3, help="Head learning rate (pretrained stages get a tenth)."),
+    batch_size: int = typer.Option(64, help="Mini-batch size."),
+    objective: Optional[str] = typer.Option(None, help="accuracy or macro_f1 (default: macro_f1 when classes are imbalanced)."),
+    val_fraction: float = typer.Option(0.1, help="Validation share per class when there is no val/ folder."),
+    seed: int = typer.Option(0, help="Seed for the split, initialisation and data order."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Fit a classifier on DATA_DIR and export a verified ONNX model."""
+    from .fit import fit as fit_api
+
+    _console.set_quiet(as_json)
+    result = fit_api(data_dir, out, models=model, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
+                     batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
+                     cache_dir=cache_dir)
+    _emit(result.to_json(), as_json)
+
+
+@app.command()
+def predict(
+    model_path: Path = typer.Argument(..., help="model.onnx written by `autotl fit` (model.json beside it)."),
+    paths: List[Path] = typer.Argument(..., help="Image files or folders."),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="Labels to show per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file."),
+) -> None:
+    """Classify images with an exported model (onnxruntime only; no torch)."""
+    from .predict import predict as predict_api
+
+    _console.set_quiet(as_json)
+    result = predict_api(model_path, paths, top_k=top_k)
+    if csv:
+        result.to_csv(csv)
+    if as_json:
+        _emit(result.to_json(), True)
+    else:
+        _console.console.print(result.table())
+
+
+@app.command()
+def info(
+    run: Optional[Path] = typer.Argument(None, help="A run folder or model.onnx: show its model card."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Show the environment (versions, device, offline weights, cache) or a model card."""
+    if run is not None:
+        from .card import ModelCard, card_path_for
+
+        card = ModelCard.load(run / "model.json" if run.is_dir() else card_path_for(run))
+        doc = card.to_json()
+    else:
+        import onnxruntime
+        import timm
+        import torch
+
+        from .fit import default_cache_dir
+        from .models import list_packaged_models
+
+        doc = {
+            "autotl": __version__, "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+            "onnxruntime": onnxruntime.__version__, "cuda": torch.cuda.is_available(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "packaged_models": list_packaged_models(), "cache_dir": str(default_cache_dir()),
+        }
+    if as_json:
+        _emit(doc, True)
+    else:
+        from rich.pretty import Pretty
+
+        _console.console.print(Pretty(doc))
+
+
+@app.command()
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/demo)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Generate a small image set and fit it end to end, offline (a smoke test of the install)."""
+    from .demo import demo as demo_api
+
+    _console.set_quiet(as_json)
+    result = demo_api(out)
+    _emit(result.to_json(), as_json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except AutotlError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``autotl.fit``: data → source model(s) → training strategy → evaluation → verified ONNX."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import _console
+from ._io import atomic_write_json
+from ._version import __version__
+from .data import DatasetIndex, scan_dataset
+from .errors import AutotlError
+from .features import FeatureExtractor, ImageDataset, eval_transform
+from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, set_torch_threads
+from .train import TrainConfig, TrainResult, classification_metrics, confusion_matrix, pick_device, predict_logits, train_model
+
+PARITY_IMAGES = 64
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("AUTOTL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "autotl" / "features"
+
+
+@dataclass
+class FitResult:
+    """What ``autotl fit`` prints and ``autotl.fit`` returns."""
+
+    run_dir: Path
+    model_path: Path
+    card_path: Path
+    classes: list[str]
+    source_model: str
+    weights_origin: str
+    strategy: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+    parity: dict[str, Any]
+    data: dict[str, Any]
+    seconds: float
+    search: dict[str, Any] | None = None
+    scoring: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("run_dir", "model_path", "card_path"):
+            d[k] = str(d[k])
+        return d
+
+
+def _load_sources(models: Sequence[str | ModelSpec]) -> list[SourceModel]:
+    if not models:
+        models = [DEFAULT_MODEL]
+    return [create_source_model(m) for m in models]
+
+
+def _run_dir(data_dir: Path, out: str | os.PathLike | None) -> Path:
+    if out is not None:
+        return Path(out)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{data_dir.resolve().name}-{stamp}"
+
+
+def evaluate(result: TrainResult, extractor: FeatureExtractor, samples, classes: list[str]) -> dict[str, Any]:
+    """Metrics of a trained net on a list of samples (through the activation cache)."""
+    if not samples:
+        return {}
+    acts = extractor.extract(samples, [result.net.frozen], description="eval features")
+    logits = predict_logits(result.net, acts)
+    m = classification_metrics(logits, acts.labels, len(classes))
+    m["n"] = len(samples)
+    m["confusion"] = confusion_matrix(logits, acts.labels, len(classes))
+    return m
+
+
+def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, val_samples) -> dict[str, Any]:
+    """Write ``model.onnx`` and check it against PyTorch on up to 64 validation images."""
+    from .export import export_onnx, verify_onnx
+
+    onnx_path = run_dir / "model.onnx"
+    net = net.cpu().eval()
+    export_onnx(net, onnx_path, input_size=tuple(source.data_config["input_size"]))
+    picked = list(val_samples)[:PARITY_IMAGES]
+    ds = ImageDataset(picked, eval_transform(source.data_config))
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    report = verify_onnx(net, onnx_path, images)
+    if not report.passed:
+        bad = run_dir / "model.failed-parity.onnx"
+        os.replace(onnx_path, bad)
+        raise RuntimeError(f"ONNX parity check failed: {report.to_json()}; the model was moved to {bad}")
+    return report.to_json()
+
+
+def fit(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    models: Sequence[str | ModelSpec] = (),
+    frozen_stages: int | str = "all",
+    epochs: int = 15,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    objective: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: str | None = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    config: TrainConfig | None = None,
+) -> FitResult:
+    """Fine-tune a pretrained model on a class-per-folder image set and export a verified ONNX model.
+
+    Mirrors ``autotl fit``; returns the object the CLI prints.
+    """
+    start = time.monotonic()
+    set_torch_threads()
+    data_dir = Path(data_dir)
+    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
+    _console.log(index.summary_table())
+    run_dir = _run_dir(data_dir, out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    sources = _load_sources(models)
+    source = sources[0]
+    _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {dev}")
+
+    cfg = config or TrainConfig(frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    cfg.objective = objective or cfg.objective or pick_objective(index)
+    extractor = FeatureExtractor(source, device=dev, cache_dir=cache_dir or default_cache_dir())
+    result = train_model(source, index.train, index.val, len(index.classes), cfg, extractor=extractor, device=dev)
+    return finish(index, source, result, extractor, run_dir, start)
+
+
+def pick_objective(index: DatasetIndex) -> str:
+    """Accuracy unless the training classes are imbalanced (largest/smallest > 1.5): macro-F1."""
+    counts = [c["train"] for c in index.counts().values()]
+    return "macro_f1" if counts and max(counts) > 1.5 * max(1, min(counts)) else "accuracy"
+
+
+def finish(index: DatasetIndex, source: SourceModel, result: TrainResult, extractor: FeatureExtractor, run_dir: Path,
+           start: float, *, search: dict | None = None, scoring: dict | None = None, strategy_extra: dict | None = None,
+           decided_by: dict | None = None) -> FitResult:
+    """Evaluate, export, verify and describe a trained model (shared by plain fit and the search)."""
+    from .card import ModelCard
+
+    classes = index.classes
+    metrics = {"val": evaluate(result, extractor, index.val, classes)}
+    if index.test:
+        metrics["test"] = evaluate(result, extractor, index.test, classes)
+    parity = export_and_verify(result.net, source, run_dir, index.val)
+    strategy = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
+                "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
+                "n_train": result.n_train, **(strategy_extra or {})}
+    decided = decided_by or {
+        "training": "train split",
+        "early_stopping_and_model_selection": "val split",
+        "test": "reported only, never used for a decision" if index.test else "no test split given",
+    }
+    card = ModelCard(
+        classes=classes,
+        preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()},
+        source_model={"name": source.label, "weights_origin": source.weights_origin},
+        frozen_stages=result.net.frozen,
+        metrics={k: {kk: vv for kk, vv in v.items() if kk != "confusion"} for k, v in metrics.items()},
+        strategy=strategy,
+        data={**{k: v for k, v in index.to_json().items() if k != "skipped"}, "n_skipped": len(index.skipped)},
+        parity=parity,
+        extra={"decided_by": decided, **({"search": search} if search else {})},
+    )
+    card_path = run_dir / "model.json"
+    card.save(card_path)
+    atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.root),
+                                                 "source_model": str(source.spec), "train_config": result.config.to_dict()})
+    atomic_write_json(run_dir / "history.json", [asdict(h) for h in result.history])
+    atomic_write_json(run_dir / "data.json", index.to_json())
+    res = FitResult(
+        run_dir=run_dir, model_path=run_dir / "model.onnx", card_path=card_path, classes=classes,
+        source_model=source.label, weights_origin=source.weights_origin, strategy=strategy, metrics=metrics,
+        parity=parity, data=index.to_json(), seconds=time.monotonic() - start, search=search, scoring=scoring,
+    )
+    atomic_write_json(run_dir / "result.json", res.to_json())
+    val = metrics["val"]
+    _console.log(f"[bold green]done[/] in {res.seconds:.0f}s — val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
+                 + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")
+                 + f"; ONNX parity max|Δ| {parity.get('max_abs_diff', float('nan')):.2e} → {res.model_path}")
+    return res
