@@ -18,6 +18,7 @@ from ._version import __version__
 from .data import DatasetIndex, scan_dataset
 from .errors import AutotlError
 from .features import FeatureExtractor, ImageDataset, eval_transform
+from .strategy import StrategyContext, apply_strategies
 from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, set_torch_threads
 from .train import TrainConfig, TrainResult, classification_metrics, confusion_matrix, pick_device, predict_logits, train_model
 
@@ -116,10 +117,14 @@ def fit(
     device: str | None = "auto",
     cache_dir: str | os.PathLike | None = None,
     config: TrainConfig | None = None,
+    strategy: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> FitResult:
     """Fine-tune a pretrained model on a class-per-folder image set and export a verified ONNX model.
 
-    Mirrors ``autotl fit``; returns the object the CLI prints.
+    Mirrors ``autotl fit``; returns the object the CLI prints. ``strategy`` holds fixed values of
+    strategy parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` run-wide strategy options
+    (e.g. ``{"source_pool": "pool/"}``).
     """
     start = time.monotonic()
     set_torch_threads()
@@ -136,8 +141,10 @@ def fit(
     cfg = config or TrainConfig(frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     cfg.objective = objective or cfg.objective or pick_objective(index)
     extractor = FeatureExtractor(source, device=dev, cache_dir=cache_dir or default_cache_dir())
-    result = train_model(source, index.train, index.val, len(index.classes), cfg, extractor=extractor, device=dev)
-    return finish(index, source, result, extractor, run_dir, start)
+    ctx = StrategyContext(index, source, extractor, run_dir, cfg, list(index.train), options=dict(options or {}), final=True)
+    apply_strategies(ctx, dict(strategy or {}))
+    result = ctx.train_fn(source, ctx.train_samples, index.val, len(index.classes), ctx.config, extractor=extractor, device=dev)
+    return finish(index, source, result, extractor, run_dir, start, strategy_extra={"strategies": ctx.notes, **(strategy or {})})
 
 
 def pick_objective(index: DatasetIndex) -> str:
