@@ -36,20 +36,28 @@ _PACKAGED_WEIGHTS = {
     for i in range(3)
 }
 
-_SPEC_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.\-/]+?)(?:@(?P<size>\d+))?(?:=(?P<weights>.+))?$")
+_SPEC_RE = re.compile(
+    r"^(?P<name>[A-Za-z0-9_.\-/]+?)(?:@(?P<size>\d+))?(?:\+reinit(?P<reinit>\d+))?(?:=(?P<weights>.+))?$"
+)
+
+#: Seed of the random re-initialisation of ``+reinitK`` candidates (fixed: a candidate is reproducible).
+REINIT_SEED = 0
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the user asked for: ``NAME[@SIZE][=CHECKPOINT|random]``.
+    """What the user asked for: ``NAME[@SIZE][+reinitK][=CHECKPOINT|random]``.
 
     ``@SIZE`` evaluates the network at another square input size than its pretrained one
-    (an honest, usually weaker, candidate for source scoring).
+    (an honest, usually weaker, candidate for source scoring). ``+reinitK`` loads the weights as
+    usual, then re-initialises the last ``K`` backbone stages (see ``reinit_last_stages``): the
+    same network with its top pretrained layers thrown away, a deliberately weaker candidate.
     """
 
     name: str
     weights: str | None = None  # path, "random", or None (packaged, then hub)
     input_size: int | None = None
+    reinit: int = 0  # re-initialise the last `reinit` backbone stages after loading the weights
 
     @classmethod
     def parse(cls, text: "str | ModelSpec") -> "ModelSpec":
@@ -57,12 +65,15 @@ class ModelSpec:
             return text
         m = _SPEC_RE.match(str(text).strip())
         if not m:
-            raise AutotlError(f"--model {text!r}: expected NAME, NAME@SIZE or NAME=path/to/checkpoint (a timm model name)")
+            raise AutotlError(f"--model {text!r}: expected NAME, NAME@SIZE, NAME+reinitK or NAME=path/to/checkpoint (a timm model name)")
         size = int(m["size"]) if m["size"] else None
-        return cls(m["name"], m["weights"], size)
+        reinit = int(m["reinit"]) if m["reinit"] else 0
+        if m["reinit"] and reinit < 1:
+            raise AutotlError(f"--model {text!r}: +reinitK needs K >= 1 (the number of last stages to re-initialise)")
+        return cls(m["name"], m["weights"], size, reinit)
 
     def __str__(self) -> str:
-        s = self.name + (f"@{self.input_size}" if self.input_size else "")
+        s = self.name + (f"@{self.input_size}" if self.input_size else "") + (f"+reinit{self.reinit}" if self.reinit else "")
         return s + (f"={self.weights}" if self.weights else "")
 
 
@@ -84,7 +95,7 @@ class SourceModel:
 
     @property
     def label(self) -> str:
-        return str(ModelSpec(self.spec.name, None, self.spec.input_size))
+        return str(ModelSpec(self.spec.name, None, self.spec.input_size, self.spec.reinit))
 
     @property
     def num_source_classes(self) -> int:
@@ -173,7 +184,10 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
         key = _classifier_key(probe) + ".weight"
         num_classes = int(state[key].shape[0]) if key in state else getattr(probe, "num_classes", 1000)
         model = _create_timm(spec.name, pretrained=False, num_classes=num_classes)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches raise even when strict=False
+            raise AutotlError(f"{path}: checkpoint does not fit {spec.name} ({str(exc).splitlines()[1].strip()[:100] if len(str(exc).splitlines()) > 1 else 'shape mismatch'}); give a checkpoint of this architecture") from exc
         if missing or unexpected:
             raise AutotlError(
                 f"{path}: checkpoint does not fit {spec.name} ({len(missing)} missing, {len(unexpected)} unexpected keys, "
@@ -198,6 +212,12 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
     else:
         raise AutotlError(_no_weights_message(spec, "hub loading disabled"))
 
+    info: dict[str, Any] = {}
+    if spec.reinit:
+        names = reinit_last_stages(model, spec.reinit, seed=REINIT_SEED)
+        info["reinitialised_stages"] = names
+        origin += f"; last {spec.reinit} stage(s) ({', '.join(names)}) re-initialised (seed {REINIT_SEED}), source head kept"
+        weights_id += f"+reinit{spec.reinit}-seed{REINIT_SEED}"
     model.eval()
     data_config = resolve_data_config({}, model=model)
     if spec.input_size:
@@ -209,7 +229,46 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
         weights_id=weights_id,
         data_config=dict(data_config),
         source_classes=_source_class_names(model),
+        info=info,
     )
+
+
+def reinit_last_stages(model: nn.Module, k: int, *, seed: int = REINIT_SEED) -> list[str]:
+    """Re-initialise, in place, the last ``k`` stages of ``model``'s staged backbone.
+
+    The stages are those of ``autotl.stages.staged_backbone`` (EfficientNet-Lite0: stem,
+    blocks.0-6, head; so ``k=1`` is conv_head + bn2, ``k=2`` adds blocks.6). Convolutions get
+    He-normal (fan-out) weights and zero bias, linear layers PyTorch's default init, and batch
+    norms are reset (weight 1, bias 0, running mean 0, running variance 1), all drawn from a
+    generator seeded with ``seed``. The source classifier is left as it was: it now reads
+    features it was never trained on. Returns the stage names that were re-initialised.
+    """
+    from .stages import staged_backbone
+
+    stages, _ = staged_backbone(model)
+    if not 1 <= k <= len(stages):
+        raise AutotlError(
+            f"--model ...+reinit{k}: {type(model).__name__} has {len(stages)} stages "
+            f"({', '.join(n for n, _ in stages)}); give +reinitK with 1 <= K <= {len(stages)}"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    picked = stages[-k:]
+    with torch.no_grad():
+        for _, stage in picked:
+            for m in stage.modules():
+                if isinstance(m, nn.Conv2d):
+                    fan_out = m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                    m.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=gen)
+                    if m.bias is not None:
+                        m.bias.zero_()
+                elif isinstance(m, nn.Linear):
+                    bound = 1.0 / m.in_features**0.5
+                    m.weight.uniform_(-bound, bound, generator=gen)
+                    if m.bias is not None:
+                        m.bias.uniform_(-bound, bound, generator=gen)
+                elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.reset_parameters()  # affine 1/0 and running statistics 0/1
+    return [n for n, _ in picked]
 
 
 def _no_weights_message(spec: ModelSpec, why: str) -> str:

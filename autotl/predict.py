@@ -1,0 +1,401 @@
+"""Torch-free inference: onnxruntime + numpy + Pillow, driven by ``model.json``.
+
+This module (and everything it imports) must never import torch: a deployed model needs only
+``onnxruntime``, ``numpy`` and ``pillow``. ``preprocess`` reproduces timm's eval transform
+(``timm.data.create_transform(**data_config, is_training=False)``) to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from autotl._console import progress
+from autotl._images import IMAGE_EXTENSIONS, UnreadableImageError, is_image_path, load_rgb
+from autotl._io import atomic_write_text
+from autotl.card import ModelCard, card_path_for
+from autotl.errors import AutotlError
+
+__all__ = ["preprocess", "preprocess_batch", "softmax", "expand_image_paths", "Predictor", "PredictionResult", "predict"]
+
+_DEFAULT_CROP_PCT = 0.875  # timm.data.constants.DEFAULT_CROP_PCT
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class _Prep:
+    size: tuple[int, int]  # (H, W)
+    scale: tuple[int, int]  # (H, W) before cropping
+    resample: Any
+    crop_mode: str
+    mean: np.ndarray  # float32 [C]
+    std: np.ndarray
+    fill: tuple[int, ...]  # padding colour for crop_mode "border"
+
+
+def _prep(preprocessing: dict) -> _Prep:
+    _, h, w = (int(v) for v in preprocessing["input_size"])
+    crop_pct = preprocessing.get("crop_pct") or _DEFAULT_CROP_PCT
+    interpolation = preprocessing.get("interpolation", "bilinear")
+    if interpolation not in _PIL_RESAMPLE:
+        raise ValueError(f"unsupported interpolation {interpolation!r} (one of {', '.join(_PIL_RESAMPLE)})")
+    crop_mode = preprocessing.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash", "border"):
+        raise ValueError(f"unsupported crop_mode {crop_mode!r} (center, squash or border)")
+    mean = [float(v) for v in preprocessing["mean"]]
+    return _Prep(
+        size=(h, w),
+        scale=(math.floor(h / crop_pct), math.floor(w / crop_pct)),  # timm: math.floor(x / crop_pct)
+        resample=_PIL_RESAMPLE[interpolation],
+        crop_mode=crop_mode,
+        mean=np.asarray(mean, dtype=np.float32),  # torch.tensor(mean) is float32 too
+        std=np.asarray([float(v) for v in preprocessing["std"]], dtype=np.float32),
+        fill=tuple(round(255 * v) for v in mean),
+    )
+
+
+def _resize(img: Image.Image, size_hw: tuple[int, int], resample) -> Image.Image:
+    # torchvision F.resize on PIL: no-op at the same size, else img.resize((w, h), resample)
+    if (img.height, img.width) == tuple(size_hw):
+        return img
+    return img.resize((size_hw[1], size_hw[0]), resample)
+
+
+def _resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
+    # torchvision transforms.Resize(int): shorter edge -> size, longer edge -> int(size * long / short)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return _resize(img, (new_h, new_w), resample)
+
+
+def _resize_keep_ratio(img: Image.Image, target_hw: tuple[int, int], longest: float, resample) -> Image.Image:
+    # timm ResizeKeepRatio (no random scale / aspect)
+    img_h, img_w = img.height, img.width
+    ratio_h, ratio_w = img_h / target_hw[0], img_w / target_hw[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    size = [round(x * 1.0 / ratio) for x in (img_h, img_w)]
+    return _resize(img, (size[0], size[1]), resample)
+
+
+def _center_crop(img: Image.Image, size_hw: tuple[int, int], fill) -> Image.Image:
+    # torchvision F.center_crop / timm center_crop_or_pad: pad (if smaller), then crop at round(offset)
+    crop_h, crop_w = size_hw
+    img_w, img_h = img.size
+    if crop_w > img_w or crop_h > img_h:
+        border = (
+            (crop_w - img_w) // 2 if crop_w > img_w else 0,
+            (crop_h - img_h) // 2 if crop_h > img_h else 0,
+            (crop_w - img_w + 1) // 2 if crop_w > img_w else 0,
+            (crop_h - img_h + 1) // 2 if crop_h > img_h else 0,
+        )
+        img = ImageOps.expand(img, border=border, fill=fill)
+        img_w, img_h = img.size
+        if (crop_w, crop_h) == (img_w, img_h):
+            return img
+    top = int(round((img_h - crop_h) / 2.0))
+    left = int(round((img_w - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _geometry(img: Image.Image, p: _Prep) -> Image.Image:
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if p.crop_mode == "squash":
+        img = _resize(img, p.scale, p.resample)
+        return _center_crop(img, p.size, 0)
+    if p.crop_mode == "border":
+        img = _resize_keep_ratio(img, p.scale, 1.0, p.resample)
+        return _center_crop(img, p.size, p.fill)
+    if p.scale[0] == p.scale[1]:
+        img = _resize_shorter(img, p.scale[0], p.resample)
+    else:
+        img = _resize_keep_ratio(img, p.scale, 0.0, p.resample)
+    return _center_crop(img, p.size, 0)
+
+
+def _normalise(pixels: np.ndarray, p: _Prep) -> np.ndarray:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]``: /255 then (x - mean) / std, like ToTensor + Normalize."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    x = (x - p.mean) / p.std
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(img: Image.Image, preprocessing: dict) -> np.ndarray:
+    """One PIL image -> float32 ``(3, H, W)`` exactly as timm's eval transform for ``preprocessing``.
+
+    ``preprocessing`` has timm's data-config keys: input_size [C, H, W], interpolation, mean, std,
+    crop_pct, crop_mode ("center", "squash" or "border").
+    """
+    p = _prep(preprocessing)
+    return _normalise(np.asarray(_geometry(img, p)), p)
+
+
+def preprocess_batch(images: Sequence[Image.Image], preprocessing: dict) -> np.ndarray:
+    """Several PIL images -> float32 ``(N, 3, H, W)``; normalisation is done once for the batch."""
+    p = _prep(preprocessing)
+    h, w = p.size
+    if not images:
+        return np.zeros((0, 3, h, w), dtype=np.float32)
+    pixels = np.stack([np.asarray(_geometry(img, p)) for img in images])
+    return _normalise(pixels, p)
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax (subtracts the max; computed in float64)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - np.max(z, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def expand_image_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given (any extension) and folders expanded recursively to their image files.
+
+    Hidden files and folders (``.name``) inside a folder are skipped; each folder's files are
+    sorted; duplicates are dropped. A path that does not exist, or nothing found at all, is an
+    ``AutotlError``.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise AutotlError("no image paths given; pass image files or folders of images")
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for path in paths:
+        if path.is_dir():
+            found = sorted(
+                (f for f in path.rglob("*") if is_image_path(f) and not _is_hidden(f.relative_to(path)) and f.is_file()),
+                key=lambda f: f.as_posix(),
+            )
+        elif path.exists() or path.is_symlink():
+            found = [path]  # an explicit file: try it, an unreadable one is reported per image
+        else:
+            raise AutotlError(f"{path} does not exist; check the path (pass image files or folders of images)")
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                out.append(f)
+    if not out:
+        where = ", ".join(str(p) for p in paths)
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise AutotlError(f"no images found in {where}; expected files with extensions {exts}")
+    return out
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class PredictionResult:
+    """Per-image top-k predictions plus the images that could not be read."""
+
+    predictions: list[dict] = field(default_factory=list)  # {"path", "top": [{"label", "prob"}, ...]}
+    errors: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    classes: list[str] = field(default_factory=list)
+    model: str = ""
+    top_k: int = 5
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def labels(self) -> list[str]:
+        """Top-1 label per predicted image (same order as ``predictions``)."""
+        return [p["top"][0]["label"] for p in self.predictions]
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "classes": list(self.classes),
+            "top_k": self.top_k,
+            "n_images": len(self.predictions),
+            "n_errors": len(self.errors),
+            "predictions": self.predictions,
+            "errors": self.errors,
+        }
+
+    def csv_text(self) -> str:
+        k = max([len(p["top"]) for p in self.predictions] + [0])
+        header = ["path", "label", "prob"]
+        for i in range(1, k + 1):
+            header += [f"top{i}_label", f"top{i}_prob"]
+        header.append("error")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        for p in self.predictions:
+            top = p["top"]
+            row = [p["path"], top[0]["label"], _fmt_prob(top[0]["prob"])]
+            for t in top:
+                row += [t["label"], _fmt_prob(t["prob"])]
+            row += [""] * (len(header) - 1 - len(row))
+            writer.writerow(row + [""])
+        for e in self.errors:
+            writer.writerow([e["path"]] + [""] * (len(header) - 2) + [e["reason"]])
+        return buf.getvalue()
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Columns: path, label, prob, top1_label, top1_prob, ..., error (rows for unreadable images too)."""
+        return atomic_write_text(path, self.csv_text())
+
+    def table(self, max_rows: int | None = None):
+        """A rich Table: path, label, prob, the other top-k, and unreadable images with their reason."""
+        from rich.table import Table
+
+        table = Table(title=f"predictions ({len(self.predictions)} images, {len(self.errors)} unreadable)")
+        table.add_column("path", overflow="fold")
+        table.add_column("label", style="bold")
+        table.add_column("prob", justify="right")
+        table.add_column("next", style="dim")
+        rows = self.predictions if max_rows is None else self.predictions[:max_rows]
+        for p in rows:
+            top = p["top"]
+            rest = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in top[1:])
+            table.add_row(p["path"], top[0]["label"], f"{top[0]['prob']:.3f}", rest)
+        if max_rows is not None and len(self.predictions) > max_rows:
+            table.add_row(f"... {len(self.predictions) - max_rows} more", "", "", "")
+        for e in self.errors:
+            table.add_row(e["path"], "[red]unreadable", "", f"[red]{e['reason']}")
+        return table
+
+
+def _fmt_prob(p: float) -> str:
+    return f"{p:.6g}"
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """An exported model (``model.onnx`` + its card) ready to classify images, without torch.
+
+    ``onnx_path`` may also be the folder holding ``model.onnx``.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, *, card_path: str | os.PathLike | None = None,
+                 num_threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.is_file():
+            raise AutotlError(f"model file {path} not found; pass the model.onnx written by autotl (or its folder)")
+        self.onnx_path = path
+        self.card = ModelCard.load(card_path if card_path is not None else card_path_for(path))
+        self._prep = _prep(self.card.preprocessing)  # validated by the card already
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if num_threads:
+            options.intra_op_num_threads = int(num_threads)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            msg = " ".join(str(exc).split())[:200]
+            raise AutotlError(f"model file {path} is not a loadable ONNX model ({msg}); re-export it with autotl") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self._check_shapes(inp.shape, self.session.get_outputs()[0].shape)
+
+    def _check_shapes(self, in_shape, out_shape) -> None:
+        want = list(self.card.preprocessing["input_size"])
+        got = list(in_shape[1:]) if len(in_shape) == 4 else None
+        if got is None or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
+            raise AutotlError(
+                f"model file {self.onnx_path} takes input {list(in_shape)} but its card {card_path_for(self.onnx_path)} "
+                f"says input_size {want}; the card belongs to another model, re-export it"
+            )
+        n_out = out_shape[-1] if out_shape else None
+        if isinstance(n_out, int) and n_out != len(self.classes):
+            raise AutotlError(
+                f"model file {self.onnx_path} has {n_out} outputs but its card {card_path_for(self.onnx_path)} "
+                f"lists {len(self.classes)} classes; the card belongs to another model, re-export it"
+            )
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.card.preprocessing
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 ``(N, 3, H, W)`` -> logits ``(N, n_classes)``."""
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def predict_proba(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> class probabilities ``(N, n_classes)`` (float64)."""
+        return softmax(self.logits(preprocess_batch(list(images), self.preprocessing)), axis=1)
+
+    def predict_paths(self, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5,
+                      batch_size: int = 32) -> PredictionResult:
+        """Classify image files and folders (recursively); unreadable images land in ``errors``."""
+        if int(top_k) < 1:
+            raise AutotlError(f"--top-k {top_k}: must be at least 1")
+        if int(batch_size) < 1:
+            raise AutotlError(f"--batch-size {batch_size}: must be at least 1")
+        files = expand_image_paths(paths)
+        k = min(int(top_k), len(self.classes))
+        classes = np.asarray(self.classes, dtype=object)
+        result = PredictionResult(classes=list(self.classes), model=str(self.onnx_path), top_k=k)
+
+        with progress("predicting", total=len(files)) as task:
+            for start in range(0, len(files), int(batch_size)):
+                chunk = files[start:start + int(batch_size)]
+                images, ok_paths = [], []
+                for f in chunk:
+                    try:
+                        images.append(load_rgb(f))
+                        ok_paths.append(f)
+                    except UnreadableImageError as exc:
+                        result.errors.append({"path": str(f), "reason": exc.reason})
+                if images:
+                    probs = self.predict_proba(images)
+                    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+                    top_p = np.take_along_axis(probs, order, axis=1)
+                    top_l = classes[order]
+                    for f, labels, ps in zip(ok_paths, top_l.tolist(), top_p.tolist()):
+                        result.predictions.append(
+                            {"path": str(f), "top": [{"label": l, "prob": p} for l, p in zip(labels, ps)]}
+                        )
+                task.advance(len(chunk))
+        return result
+
+
+def predict(model_path: str | os.PathLike, paths: str | os.PathLike | Iterable[str | os.PathLike],
+            top_k: int = 5, batch_size: int = 32) -> PredictionResult:
+    """Classify image files / folders with an exported ``model.onnx`` (or its folder)."""
+    return Predictor(model_path).predict_paths(paths, top_k=top_k, batch_size=batch_size)
