@@ -246,6 +246,7 @@ def train_model(
 
         lam_schedule = CoefficientSchedule(cfg.reg_lambda if cfg.regularizer != "l2sp" or cfg.reg_lambda > 0 else 1.0, cfg.reg_decay)
 
+    set_seed(cfg.seed)  # a cache miss above consumed random numbers (loader seeds); a hit did not
     history: list[EpochMetrics] = []
     best_state, best_metrics, best_epoch, bad_epochs = None, None, -1, 0
     with _console.progress("training", total=cfg.epochs) as bar:

@@ -1,0 +1,151 @@
+"""Staged backbones, freezing, the activation cache and the training loop."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from autotl.data import scan_dataset
+from autotl.features import FeatureExtractor
+from autotl.models import create_source_model
+from autotl.stages import TransferNet, resolve_frozen, staged_backbone
+from autotl.train import TrainConfig, classification_metrics, train_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "resnet10t", "mobilenetv3_small_050"])
+def test_stages_compose_to_the_models_features(name):
+    model = timm.create_model(name).eval()
+    stages, pool = staged_backbone(model)
+    assert len(stages) > 2, "these families are split stage by stage"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = x
+        for _, s in stages:
+            y = s(y)
+        assert torch.allclose(pool(y), model.forward_head(model.forward_features(x), pre_logits=True), atol=1e-5)
+
+
+def test_resolve_frozen():
+    assert resolve_frozen("all", 7) == 7 and resolve_frozen(None, 7) == 7
+    assert resolve_frozen(-2, 7) == 5 and resolve_frozen(0, 7) == 0
+    with pytest.raises(ValueError):
+        resolve_frozen(8, 7)
+
+
+def test_freezing_really_freezes():
+    """Frozen stages get no gradient, keep their weights and their BN statistics in training."""
+    model = timm.create_model("test_efficientnet")
+    net = TransferNet.from_source(model, 3, frozen=3)
+    before = copy.deepcopy(net.state_dict())
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    net.train()
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(net(torch.randn(4, 3, 48, 48) * 3), torch.tensor([0, 1, 2, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = net.state_dict()
+    for i in range(net.num_stages):
+        names = [k for k in after if k.startswith(f"stages.{i}.")]
+        changed = [k for k in names if not torch.equal(before[k], after[k])]
+        if i < 3:
+            assert not changed, f"frozen stage {i} changed: {changed[:3]}"  # weights and running stats
+            assert all(p.grad is None for p in net.stages[i].parameters())
+        else:
+            assert changed, f"trainable stage {i} did not change"
+
+
+def test_source_model_is_untouched_by_training(make_image_folder, tmp_path):
+    data = make_image_folder(tmp_path / "d", classes={"a": 8, "b": 8}, size=(40, 40))
+    index = scan_dataset(data)
+    src = create_source_model("test_efficientnet=random")
+    snapshot = copy.deepcopy(src.model.state_dict())
+    train_model(src, index.train, index.val, 2, TrainConfig(frozen_stages=0, epochs=1, use_cache=False))
+    assert all(torch.equal(snapshot[k], v) for k, v in src.model.state_dict().items())
+
+
+def test_cache_hit_avoids_a_second_forward_pass(make_image_folder, tmp_path):
+    data = make_image_folder(tmp_path / "d", classes={"a": 6, "b": 6}, size=(40, 40))
+    index = scan_dataset(data)
+    src = create_source_model("test_efficientnet=random")
+    first = FeatureExtractor(src, cache_dir=tmp_path / "cache", batch_size=4)
+    a = first.extract(index.train, [2])
+    assert first.forward_batches == 3  # ceil(10 / 4)
+    again = first.extract(index.train, [2])
+    assert first.forward_batches == 3, "in-memory hit"
+    fresh = FeatureExtractor(src, cache_dir=tmp_path / "cache", batch_size=4)  # a new process, same disk cache
+    b = fresh.extract(index.train, [2])
+    assert fresh.forward_batches == 0, "disk hit"
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.maps[2], b.maps[2]) and torch.equal(a.labels, again.labels)
+    fresh.extract(index.train, [3])  # a cut not cached yet needs a pass
+    assert fresh.forward_batches == 3
+    fresh.extract(index.val, [])  # other files: another key
+    assert fresh.forward_batches == 4
+
+
+def test_cached_activations_equal_a_direct_forward(make_image_folder, tmp_path):
+    data = make_image_folder(tmp_path / "d", classes={"a": 4, "b": 4}, size=(40, 40))
+    index = scan_dataset(data)
+    src = create_source_model("test_efficientnet=random")
+    ex = FeatureExtractor(src, cache_dir=None)
+    acts = ex.extract(index.train, [2])
+    ds = __import__("autotl.features", fromlist=["ImageDataset"]).ImageDataset(index.train, ex.transform)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = src.model(x)
+        pooled = src.model.forward_head(src.model.forward_features(x), pre_logits=True)
+    assert torch.allclose(acts.pooled, pooled, atol=1e-5)
+    assert torch.allclose(acts.source_logits, logits, atol=1e-4)
+    net = TransferNet.from_source(src.model, 2, frozen=2)
+    with torch.no_grad():
+        assert torch.allclose(acts.maps[2].float(), net.forward_prefix(x, 2), atol=2e-2)  # stored as fp16
+
+
+def test_training_learns_and_is_reproducible(make_image_folder, tmp_path):
+    data = make_image_folder(tmp_path / "d", classes={"a": 16, "b": 16, "c": 16}, size=(48, 48))
+    index = scan_dataset(data, val_fraction=0.25)
+    src = create_source_model("test_efficientnet=random")
+    ex = FeatureExtractor(src, cache_dir=tmp_path / "cache")
+    cfg = TrainConfig(frozen_stages=-2, epochs=6, lr=1e-2, patience=10)
+    r1 = train_model(src, index.train, index.val, 3, cfg, extractor=ex)
+    r2 = train_model(src, index.train, index.val, 3, cfg, extractor=ex)
+    assert r1.cached and r1.history[-1].train_loss < r1.history[0].train_loss
+    assert [h.val_loss for h in r1.history] == [h.val_loss for h in r2.history], "same seed, same run"
+    seen = []
+    train_model(src, index.train, index.val, 3, TrainConfig(frozen_stages="all", epochs=20, lr=0.05, patience=2),
+                extractor=ex, on_epoch=seen.append)
+    assert 2 < len(seen) <= 20  # early stopping or full run, callback sees every epoch
+
+
+def test_training_from_images_without_cache(make_image_folder, tmp_path):
+    data = make_image_folder(tmp_path / "d", classes={"a": 6, "b": 6}, size=(40, 40))
+    index = scan_dataset(data)
+    src = create_source_model("test_efficientnet=random")
+    r = train_model(src, index.train, index.val, 2, TrainConfig(frozen_stages=2, epochs=2, use_cache=False))
+    assert not r.cached and len(r.history) == 2
+
+
+def test_non_finite_loss_raises(make_image_folder, tmp_path):
+    data = make_image_folder(tmp_path / "d", classes={"a": 6, "b": 6}, size=(40, 40))
+    index = scan_dataset(data)
+    src = create_source_model("test_efficientnet=random")
+    with pytest.raises(FloatingPointError):
+        train_model(src, index.train, index.val, 2, TrainConfig(frozen_stages="all", epochs=2, lr=float("inf")))
+
+
+def test_classification_metrics():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    m = classification_metrics(logits, labels, 2)
+    assert m["accuracy"] == pytest.approx(0.75)
+    # class 0: P=2/3 R=1 F1=0.8; class 1: P=1 R=0.5 F1=2/3
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
