@@ -176,7 +176,7 @@ class FeatureExtractor:
         missing = [w for w in wanted if self._load(key, w) is None]
         if missing:
             self._compute(samples, key, [int(w[3:]) for w in missing if w.startswith("cut")], description)
-        labels = torch.from_numpy(np.asarray(self._load(key, "labels"))).long()
+        labels = torch.from_numpy(np.array(self._load(key, "labels"), dtype=np.int64))
         logits = self._load(key, "logits")
         return ActivationSet(
             labels=labels,
