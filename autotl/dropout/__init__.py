@@ -7,17 +7,52 @@ drop the harmful ones with a scale-free threshold (``select_dropout``)::
     head = fit_logistic_head(train_x, train_y, num_classes, l2=1e-3)
     result = influence_scores(head, train_x, train_y, val_x, val_y)
     keep, report = select_dropout(result.scores, tau=2.0, labels=train_y)
+
+As a transfer strategy: ``DataDropout`` (trial parameters ``dropout_tau``, ``dropout_mode``); the dry
+run without training: ``inspect_dropout(data_dir, tau=...)`` / ``autotl dropout DIR``.
 """
 
-from .influence import InfluenceResult, LinearHead, fit_logistic_head, influence_scores
-from .selection import DropoutReport, robust_spread, select_dropout
+from importlib import import_module as _import_module
+from typing import Any as _Any
+
+# Lazy, so that ``autotl.dropout.cli`` (imported when the CLI starts) does not import torch.
+_LAZY = {
+    "InfluenceResult": "influence",
+    "LinearHead": "influence",
+    "fit_logistic_head": "influence",
+    "influence_scores": "influence",
+    "DropoutReport": "selection",
+    "robust_spread": "selection",
+    "select_dropout": "selection",
+    "DataDropout": "strategy",
+    "compute_influence": "strategy",
+    "DropoutInspection": "dryrun",
+    "inspect_dropout": "dryrun",
+}
 
 __all__ = [
+    "DataDropout",
+    "DropoutInspection",
     "DropoutReport",
     "InfluenceResult",
     "LinearHead",
+    "compute_influence",
     "fit_logistic_head",
     "influence_scores",
+    "inspect_dropout",
     "robust_spread",
     "select_dropout",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autotl.dropout' has no attribute {name!r}")
+    value = getattr(_import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,233 @@
+"""The dry run: score a data folder's training images and show / write what dropout would remove.
+
+No training, no change to the user's folder: scan, one cached forward pass, the convex head, the
+influence solve, the selection, then ``dropped.csv`` / ``influence.csv`` / ``dropped.jpg`` in the
+output folder and, on request, a cleaned copy of the data set (hard links, or copies).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _console
+from .._io import atomic_write_json
+from ..errors import AutotlError
+from .report import dropout_rows, harmful_table, write_dropout_files
+from .selection import select_dropout
+from .strategy import DECIDED_BY, DEFAULT_L2, DEFAULT_MODE, compute_influence, dropout_notes, parse_tau, resolve_focus_class
+
+__all__ = ["DropoutInspection", "inspect_dropout", "DEFAULT_INSPECT_TAU"]
+
+# the dry run's default: drop images more than 1 robust spread above the typical score
+DEFAULT_INSPECT_TAU = 1.0
+_SPLIT_DIRS = {"train", "val", "valid", "validation", "test"}
+
+
+@dataclass
+class DropoutInspection:
+    """What ``inspect_dropout`` found (``to_json`` is the ``autotl dropout --json`` document)."""
+
+    data_dir: Path
+    out_dir: Path
+    source_model: str
+    weights_origin: str
+    classes: list[str]
+    n_train: int
+    n_val: int
+    summary: dict[str, Any]  # the same record a fit stores in its card (strategy notes)
+    top: list[dict[str, Any]]  # the most harmful images (dropped or not), most harmful first
+    files: dict[str, str]
+    seconds: dict[str, float]
+    clean_dir: Path | None = None
+    decided_by: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_dropped(self) -> int:
+        return int(self.summary["n_dropped"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "data_dir": str(self.data_dir), "out_dir": str(self.out_dir), "source_model": self.source_model,
+            "weights_origin": self.weights_origin, "classes": self.classes, "n_train": self.n_train,
+            "n_val": self.n_val, "dropout": self.summary, "top": self.top, "files": self.files,
+            "seconds": self.seconds, "clean_dir": None if self.clean_dir is None else str(self.clean_dir),
+            "decided_by": self.decided_by,
+        }
+
+
+def _default_out(data_dir: Path) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{data_dir.resolve().name}-dropout-{stamp}"
+
+
+def inspect_dropout(
+    data_dir: str | os.PathLike,
+    *,
+    model: str = "tf_efficientnet_lite0",
+    tau: float | str | None = DEFAULT_INSPECT_TAU,
+    mode: str = DEFAULT_MODE,
+    focus_class: str | None = None,
+    out: str | os.PathLike | None = None,
+    l2: float = DEFAULT_L2,
+    min_keep_fraction: float = 0.1,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: str | None = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    top: int = 20,
+    write_clean: str | os.PathLike | None = None,
+    link: bool = True,
+    show: bool = True,
+) -> DropoutInspection:
+    """Score every training image of ``data_dir`` and write what dropout at ``tau`` would drop.
+
+    Same scan, split, model, features and influence as ``autotl fit`` with ``dropout_tau=tau``:
+    the reference is the validation split (or its ``focus_class`` images); the test split is never
+    read.  Writes ``dropped.csv``, ``influence.csv`` and ``dropped.jpg`` to ``out`` (default
+    ``runs/<data>-dropout-<time>``).  ``write_clean=DIR`` writes a cleaned copy of the data set
+    in split layout (``DIR/train/<class>/`` without the dropped images, ``DIR/val/``, ``DIR/test/``
+    unchanged), hard-linked when possible (``link=False``: copied); the user's folder is never
+    modified.
+    """
+    from ..data import scan_dataset
+    from ..features import FeatureExtractor
+    from ..fit import default_cache_dir
+    from ..models import create_source_model, set_torch_threads
+    from ..train import pick_device
+
+    t_start = time.perf_counter()
+    tau_value = parse_tau(tau)
+    if mode not in ("spread", "fraction"):
+        raise AutotlError(f"--mode {mode!r}: use 'spread' or 'fraction'")
+    if mode == "fraction" and tau_value is not None and tau_value > 1:
+        raise AutotlError(f"--tau {tau_value:g}: in mode 'fraction' tau is a share in [0, 1]")
+    set_torch_threads()
+    data_dir = Path(data_dir)
+    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
+    focus = resolve_focus_class(focus_class, index.classes)
+    if not index.val:
+        raise AutotlError(f"{data_dir}: no validation images; the influence reference needs a val split")
+    clean_dir = _check_clean_dir(write_clean, index.root) if write_clean is not None else None
+    out_dir = Path(out) if out is not None else _default_out(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _console.log(index.summary_table())
+
+    source = create_source_model(model)
+    _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}")
+    extractor = FeatureExtractor(source, device=pick_device(device), cache_dir=cache_dir or default_cache_dir())
+    t0 = time.perf_counter()
+    tr = extractor.extract(index.train, description="train features")
+    va = extractor.extract(index.val, description="val features")  # index.test: never
+    t_features = time.perf_counter() - t0
+    outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, index.num_classes, l2=l2, focus_class=focus)
+    res = outcome.result
+    labels = tr.labels.numpy()
+    keep, report = select_dropout(res.scores, tau_value, mode=mode, labels=labels, min_keep_fraction=min_keep_fraction)
+    summary = dropout_notes(report, outcome, index.classes, tau=tau_value, mode=mode, focus=focus,
+                            n_val=len(index.val), min_keep=min_keep_fraction)
+    files = {k: str(v) for k, v in write_dropout_files(out_dir, index.train, index.classes, res, keep).items()}
+    rows = dropout_rows(index.train, index.classes, res, keep, spread=report.spread)
+    if clean_dir is not None:
+        _write_clean_copy(index, keep, clean_dir, link=link)
+    seconds = {"features": round(t_features, 3), "head_fit": round(outcome.fit_seconds, 3),
+               "influence": round(outcome.influence_seconds, 3), "total": round(time.perf_counter() - t_start, 3)}
+    decided_by = {"dropout": DECIDED_BY, "test": "not read" if index.test else "no test split given"}
+    inspection = DropoutInspection(
+        data_dir=index.root, out_dir=out_dir, source_model=source.label, weights_origin=source.weights_origin,
+        classes=list(index.classes), n_train=len(index.train), n_val=len(index.val), summary=summary,
+        top=[{k: v for k, v in r.items()} for r in rows[: max(0, top)]], files=files, seconds=seconds,
+        clean_dir=clean_dir, decided_by=decided_by,
+    )
+    atomic_write_json(out_dir / "dropout.json", inspection.to_json())
+    if show:
+        _show(inspection, rows, top)
+    return inspection
+
+
+def _show(ins: DropoutInspection, rows: list[dict], top: int) -> None:
+    s = ins.summary
+    ref = f"{s['n_reference']} val images" + (f" of class '{s['focus_class']}'" if s["focus_class"] else "")
+    tau = "off" if s["tau"] is None else f"{s['tau']:g} ({s['mode']})"
+    title = f"most harmful training images of {ins.data_dir} (influence on {ref}; > 0: removing it lowers the val loss)"
+    _console.log(harmful_table(rows, top=top, title=title, root=ins.data_dir))
+    per_class = ", ".join(f"{k}: {v}" for k, v in s["dropped_per_class"].items())
+    _console.log(f"tau {tau}: would drop [bold]{s['n_dropped']}[/] of {s['n_total']} training images ({per_class}); "
+                 f"{s['n_harmful']} score > 0; influence {ins.seconds['head_fit'] + ins.seconds['influence']:.1f}s "
+                 f"({s['solver']}); decided by the {DECIDED_BY}")
+    _console.log(f"wrote {ins.files.get('dropped_csv')}" + (f", {ins.clean_dir}" if ins.clean_dir else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# cleaned copy
+
+
+def _check_clean_dir(path: str | os.PathLike, data_root: Path) -> Path:
+    dest = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    root = Path(os.path.realpath(data_root))
+    real = Path(os.path.realpath(dest))
+    if real == root or root in real.parents:
+        raise AutotlError(f"--write-clean {dest}: is inside the data folder {root}; choose a folder outside it")
+    if real in root.parents:
+        raise AutotlError(f"--write-clean {dest}: contains the data folder {root}; choose a new, separate folder")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise AutotlError(f"--write-clean {dest}: exists and is not empty; give a new folder")
+    return dest
+
+
+def _relative_in_class(path: Path, root: Path, class_name: str) -> Path:
+    """The path of an image below its class folder (nested folders kept)."""
+    try:
+        parts = Path(path).relative_to(root).parts
+    except ValueError:
+        return Path(Path(path).name)
+    if len(parts) >= 3 and parts[0].lower() in _SPLIT_DIRS and parts[1] == class_name:
+        return Path(*parts[2:])
+    if len(parts) >= 2 and parts[0] == class_name:
+        return Path(*parts[1:])
+    return Path(parts[-1])
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system, or links not allowed: copy instead
+            pass
+    shutil.copy2(src, dst)
+
+
+def _write_clean_copy(index, keep: np.ndarray, dest: Path, *, link: bool) -> None:
+    """``dest/train/<class>/`` (kept images), ``dest/val/<class>/``, ``dest/test/<class>/`` (all).
+
+    Written to a temporary sibling folder and renamed into place, so an interrupted run leaves
+    no half-written data set.
+    """
+    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        kept_train = [s for s, k in zip(index.train, keep) if k]
+        for split, samples in (("train", kept_train), ("val", index.val), ("test", index.test)):
+            for s in samples:  # file I/O, one call per file
+                name = index.classes[s.label]
+                _place(Path(s.path), tmp / split / name / _relative_in_class(Path(s.path), index.root, name), link)
+        # every class keeps its folder in train/ and val/ (the class guard keeps >= 1 train image)
+        for name in index.classes:
+            (tmp / "train" / name).mkdir(parents=True, exist_ok=True)
+            (tmp / "val" / name).mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest.rmdir()  # checked empty above
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
