@@ -56,7 +56,10 @@ class BaseStrategy:
 
 
 # name -> "module:Class"; one line per strategy.
-STRATEGIES: dict[str, str] = {}
+STRATEGIES: dict[str, str] = {
+    "dropout": "autotl.dropout.strategy:DataDropout",
+    "retrieval": "autotl.retrieval.strategy:SelectiveJointFineTuning",
+}
 
 
 def create_strategies(names: list[str] | None = None) -> list[BaseStrategy]:

@@ -23,9 +23,10 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .._console import progress as _progress
+from .._images import UnreadableImageError, load_rgb
 from .._io import atomic_path
 from ..errors import AutotlError
 from .filterbanks import FilterBank
@@ -47,7 +48,7 @@ __all__ = [
 DEFAULT_IMAGE_SIZE = 128  # shorter side resized to this, then centre-cropped to a square
 DEFAULT_N_BINS = 32
 DEFAULT_EPS = 1e-4  # additive smoothing of each normalised histogram (~1-2 pixels' worth)
-_CACHE_FORMAT = "autotl.retrieval.histograms/v1"
+_CACHE_FORMAT = "autotl.retrieval.histograms/v2"  # v2: images decoded by autotl._images.load_rgb
 
 PathLike = str | os.PathLike
 
@@ -57,34 +58,20 @@ PathLike = str | os.PathLike
 # --------------------------------------------------------------------------------------------
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float32)
-        hi = float(a.max()) if a.size else 0.0
-        a = np.clip(a / hi * 255.0 if hi > 0 else a, 0, 255).astype(np.uint8)
-        img = Image.fromarray(a, mode="L")
-    if img.mode == "PA" or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")  # then RGB below: the colour under the alpha is kept
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def load_image(path: PathLike, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-    """One image as uint8 (S, S, 3): EXIF-oriented, RGB, shorter side resized to ``image_size``
-    (bilinear, antialiased) and centre-cropped to a square."""
+    """One image as uint8 (S, S, 3): decoded by :func:`autotl._images.load_rgb` (EXIF-oriented,
+    RGB, alpha on white, 16-bit rescaled; large JPEGs decoded at a reduced DCT scale that keeps
+    the shorter side >= ``image_size``), then the centred square resized to ``image_size``
+    (bilinear, antialiased). An unreadable file raises ``AutotlError``."""
     try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if img.format == "JPEG":  # decode at a reduced DCT scale when the file is large
-                scale = image_size / max(1, min(w, h))
-                img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
-            img = _to_rgb(ImageOps.exif_transpose(img))
-            w, h = img.size
-            side = min(w, h)
-            left, top = (w - side) / 2.0, (h - side) / 2.0
-            img = img.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + side, top + side))
-            return np.asarray(img, dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise AutotlError(f"cannot read image {os.fspath(path)}: {e}; remove or re-save the file") from e
+        img = load_rgb(path, draft_size=(image_size, image_size))
+    except UnreadableImageError as e:
+        raise AutotlError(f"cannot read image {os.fspath(path)}: {e.reason}; remove or re-save the file") from e
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    img = img.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    return np.asarray(img, dtype=np.uint8).copy()
 
 
 def load_images(
@@ -200,7 +187,7 @@ def fit_bin_edges(
         if isinstance(target_images[0], (str, os.PathLike)):
             _, files = _files_digest(target_images)
             key = _sha256(
-                b"autotl.retrieval.edges/v1",
+                b"autotl.retrieval.edges/v2",  # v2: images decoded by autotl._images.load_rgb
                 files,
                 bank.key.encode(),
                 repr((n_bins, max_samples_per_filter, samples_per_image, image_size, seed)).encode(),

@@ -1,0 +1,216 @@
+"""Target -> pool nearest neighbours under eq. (1), computed once per (pool, bank, target set).
+
+``PoolRetrieval`` holds one filter-bank choice (``"gabor"``, ``"conv"`` or ``"gabor+conv"``), the
+equal-mass bin edges fitted on the *target training split* and the descriptors of every pool
+image; ``neighbours(samples, k)`` returns the exact K-NN (distances and pool indices, ascending)
+of any list of target images, describing images it has not seen (val images added by a refit on
+train+val, say) with the same edges. Descriptors and edges go through the on-disk cache of
+:func:`~autotl.retrieval.descriptors.describe_folder` / :func:`fit_bin_edges`, and
+``get_retrieval`` memoises whole ``PoolRetrieval`` objects in memory, so the trials of a search
+that vary K0 or the source-loss weight pay for the descriptors once (and a second run only for
+loading them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .._console import log
+from ..data import Sample
+from ..errors import AutotlError
+from .descriptors import DEFAULT_IMAGE_SIZE, DEFAULT_N_BINS, describe_folder, fit_bin_edges
+from .filterbanks import FilterBank, gabor_filter_bank, source_filter_bank
+from .knn import KnnResult, retrieve
+from .pool import SourcePool
+
+__all__ = ["BANKS", "PoolRetrieval", "create_banks", "get_retrieval", "retrieval_stats", "clear_retrieval_cache"]
+
+BANKS = ("gabor", "conv", "gabor+conv")
+MAX_EDGE_IMAGES = 512  # bin edges are quantiles: a few hundred target images pin them down
+
+_MEMO: "OrderedDict[str, PoolRetrieval]" = OrderedDict()
+_MEMO_SIZE = 4
+_STATS = {"described_images": 0, "edge_fits": 0, "knn_calls": 0, "memory_hits": 0}
+
+
+def retrieval_stats() -> dict[str, int]:
+    """Counters since import (tests read these): images pushed through a filter bank, edge fits
+    (not served from disk), K-NN searches, in-memory ``get_retrieval`` hits."""
+    return dict(_STATS)
+
+
+def clear_retrieval_cache() -> None:
+    _MEMO.clear()
+
+
+def create_banks(name: str, source_model: torch.nn.Module | None = None) -> list[FilterBank]:
+    """``"gabor"`` (48 Gabor filters), ``"conv"`` (the source model's first two conv stages with
+    their activations; first stage only where two are not supported) or ``"gabor+conv"``."""
+    name = str(name or "gabor").strip().lower()
+    if name not in BANKS:
+        raise AutotlError(f"retrieval_bank {name!r}: use one of {', '.join(BANKS)}")
+    banks: list[FilterBank] = []
+    if "gabor" in name:
+        banks.append(gabor_filter_bank())
+    if "conv" in name:
+        if source_model is None:
+            raise AutotlError("retrieval_bank 'conv' needs the source model")
+        try:
+            banks.append(source_filter_bank(source_model, stages=2))
+        except AutotlError:
+            banks.append(source_filter_bank(source_model, stages=1))
+    return banks
+
+
+def _paths_digest(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            h.update(f"{p}\0missing\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _edge_subset(paths: Sequence[str], n: int) -> list[str]:
+    """At most ``n`` of the paths, evenly spaced in sorted order (deterministic, class-balanced-ish)."""
+    paths = sorted(paths)
+    if len(paths) <= n:
+        return paths
+    step = len(paths) / n
+    return [paths[int(i * step)] for i in range(n)]
+
+
+class PoolRetrieval:
+    """One bank choice + target-fitted edges + pool descriptors; exact K-NN for target images."""
+
+    def __init__(self, pool: SourcePool, bank: str, banks: list[FilterBank], edges: list[torch.Tensor], *,
+                 cache_dir: str | os.PathLike | None, image_size: int, n_bins: int, show_progress: bool = True):
+        self.pool = pool
+        self.bank = bank
+        self.banks = banks
+        self.edges = edges
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.image_size = int(image_size)
+        self.n_bins = int(n_bins)
+        self.show_progress = show_progress
+        self.pool_hists: list[torch.Tensor] = []
+        self.timings: dict[str, float] = {}
+        self.pool_cache_hit = False
+        self._rows: dict[str, int] = {}  # target path -> row of self._target[b]
+        self._target: list[torch.Tensor] = [torch.zeros(0, b.num_filters, n_bins) for b in banks]
+        self._knn: dict[tuple, KnnResult] = {}
+
+    # descriptors ------------------------------------------------------------------------------
+    def _describe(self, paths: list[str], what: str) -> tuple[list[torch.Tensor], bool]:
+        out, hit = [], True
+        for bank, edges in zip(self.banks, self.edges):
+            d = describe_folder(bank, paths, edges, image_size=self.image_size, cache_dir=self.cache_dir,
+                                show_progress=self.show_progress)
+            if not d.cache_hit:
+                _STATS["described_images"] += len(paths)
+            hit = hit and d.cache_hit
+            out.append(d.hists)
+        return out, hit
+
+    def describe_pool(self) -> None:
+        t0 = time.monotonic()
+        self.pool_hists, self.pool_cache_hit = self._describe(self.pool.paths, "pool")
+        self.timings["pool_descriptors_s"] = time.monotonic() - t0
+
+    def target_descriptors(self, paths: Sequence[str]) -> list[torch.Tensor]:
+        """Descriptors of target images (rows in the order of ``paths``), computing the unseen ones."""
+        paths = [os.fspath(p) for p in paths]
+        missing = sorted({p for p in paths if p not in self._rows})
+        if missing:
+            t0 = time.monotonic()
+            new, _ = self._describe(missing, "target")
+            start = self._target[0].shape[0]
+            self._target = [torch.cat([old, h]) for old, h in zip(self._target, new)]
+            for i, p in enumerate(missing):
+                self._rows[p] = start + i
+            self.timings["target_descriptors_s"] = self.timings.get("target_descriptors_s", 0.0) + time.monotonic() - t0
+        idx = torch.tensor([self._rows[p] for p in paths], dtype=torch.long)
+        return [t[idx] for t in self._target]
+
+    # search -------------------------------------------------------------------------------------
+    def neighbours(self, samples: Sequence[Sample | str | os.PathLike], k: int) -> KnnResult:
+        """Exact K nearest pool images of each sample under eq. (1): distances (n, k) ascending,
+        indices (n, k) into ``pool.samples`` (ties by lower pool index). ``k`` is capped by the pool."""
+        paths = [os.fspath(s.path if isinstance(s, Sample) else s) for s in samples]
+        k = min(int(k), len(self.pool))
+        key = (tuple(paths), k)
+        hit = self._knn.get(key)
+        if hit is not None:
+            return hit
+        for (p2, k2), res in self._knn.items():  # a larger search over the same targets: slice it
+            if p2 == key[0] and k2 >= k:
+                return KnnResult(res.distances[:, :k], res.indices[:, :k])
+        query = self.target_descriptors(paths)
+        t0 = time.monotonic()
+        res = retrieve(query, self.pool_hists, k, banks=self.banks)
+        self.timings["knn_s"] = time.monotonic() - t0
+        _STATS["knn_calls"] += 1
+        self._knn = {key: res}  # keep the latest (largest) only
+        return res
+
+    def describe_state(self) -> dict[str, Any]:
+        return {
+            "bank": self.bank,
+            "bank_keys": [b.key for b in self.banks],
+            "n_filters": sum(b.num_filters for b in self.banks),
+            "n_bins": self.n_bins,
+            "image_size": self.image_size,
+            "pool_cache_hit": self.pool_cache_hit,
+            **{k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def get_retrieval(pool: SourcePool, bank: str, fit_samples: Sequence[Sample | str], *, source_model=None,
+                  cache_dir: str | os.PathLike | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
+                  n_bins: int = DEFAULT_N_BINS, seed: int = 0, show_progress: bool = True) -> tuple[PoolRetrieval, bool]:
+    """The ``PoolRetrieval`` for (pool, bank, edges fitted on ``fit_samples``) -> (it, memory hit).
+
+    The edges come from at most ``MAX_EDGE_IMAGES`` of the fit images (evenly spaced by path);
+    those images' descriptors are computed here too, so the first K-NN query costs only the search.
+    """
+    banks = create_banks(bank, source_model)
+    paths = [os.fspath(s.path if isinstance(s, Sample) else s) for s in fit_samples]
+    if not paths:
+        raise AutotlError("selective joint fine-tuning needs target training images to fit the histogram bins on")
+    key = hashlib.sha256(repr((pool.fingerprint, [b.key for b in banks], _paths_digest(paths), int(image_size),
+                               int(n_bins), int(seed), str(cache_dir))).encode()).hexdigest()
+    hit = _MEMO.get(key)
+    if hit is not None:
+        _MEMO.move_to_end(key)
+        _STATS["memory_hits"] += 1
+        return hit, True
+    t0 = time.monotonic()
+    edge_paths = _edge_subset(paths, MAX_EDGE_IMAGES)
+    edges = []
+    for b in banks:
+        before = None if cache_dir is None else set(Path(cache_dir).glob("edges-*.pt"))
+        edges.append(fit_bin_edges(b, edge_paths, n_bins, image_size=image_size, seed=seed, cache_dir=cache_dir))
+        if before is None or set(Path(cache_dir).glob("edges-*.pt")) != before:
+            _STATS["edge_fits"] += 1
+    r = PoolRetrieval(pool, bank, banks, edges, cache_dir=cache_dir, image_size=image_size, n_bins=n_bins,
+                      show_progress=show_progress)
+    r.timings["edges_s"] = time.monotonic() - t0
+    r.describe_pool()
+    r.target_descriptors(paths)
+    n = len(pool)
+    log(f"retrieval: {n} pool images described with {bank} "
+        + ("(cache hit)" if r.pool_cache_hit else f"in {r.timings['pool_descriptors_s']:.1f}s "
+           f"({n / max(r.timings['pool_descriptors_s'], 1e-9):.0f} images/s)"))
+    _MEMO[key] = r
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return r, False

@@ -1,0 +1,204 @@
+"""Selective joint fine-tuning as a transfer strategy (``retrieval_k``, ``retrieval_bank``,
+``source_loss_weight``); run-wide options in ``ctx.options``: ``source_pool`` (required),
+``retrieval_rounds`` (default 5), ``retrieval_mode`` (``knn``, or ``random`` for the ablation),
+``source_weights`` (``auto``: DATL w(y) when ``autotl score`` saved them in the run folder, else
+uniform; ``datl``; ``uniform``), ``source_head_init`` (``imagenet`` / ``random``) and
+``retrieval_cache_dir``.
+
+``apply``: scan the pool, fit the equal-mass bins on the target *training split* (the full split,
+so a data-dropout subset does not change the descriptors), describe the pool and the target
+images (disk cache + in-memory memo across trials), search the exact K-NN under eq. (1), and set
+``ctx.train_fn`` to the joint trainer. On the final fit it writes ``retrieval.csv`` (rewritten
+after training with the neighbours the hard-sample rounds added) and ``retrieval.jpg`` (a few
+target images with their nearest pool images).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._console import log
+from ..errors import AutotlError
+from ..strategy import BaseStrategy, StrategyContext
+from .joint import JointData, random_neighbours, train_joint, write_retrieval_csv
+from .neighbours import BANKS, get_retrieval
+from .pool import SourcePool, pool_class_weights, scan_pool
+from .schedule import HardSampleSchedule
+
+__all__ = ["SelectiveJointFineTuning", "load_pool", "retrieval_cache_dir", "write_contact_sheet"]
+
+DEFAULT_BANK = "gabor"
+DEFAULT_SOURCE_WEIGHT = 1.0
+_POOLS: dict[str, SourcePool] = {}
+
+
+def retrieval_cache_dir(ctx: StrategyContext) -> Path:
+    explicit = ctx.options.get("retrieval_cache_dir")
+    if explicit:
+        return Path(explicit)
+    base = getattr(ctx.extractor, "cache_dir", None)
+    if base is None:
+        from ..fit import default_cache_dir
+
+        base = default_cache_dir()
+    return Path(base) / "retrieval"
+
+
+def load_pool(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> SourcePool:
+    """``scan_pool`` memoised per folder for the life of the process (the trials of a search)."""
+    key = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = scan_pool(key, cache_dir=cache_dir)
+    return pool
+
+
+def _class_weights(ctx: StrategyContext, pool: SourcePool) -> tuple[np.ndarray | None, str]:
+    mode = str(ctx.options.get("source_weights") or "auto").lower()
+    if mode not in ("auto", "datl", "uniform"):
+        raise AutotlError(f"source_weights {mode!r}: use auto, datl or uniform")
+    if mode == "uniform":
+        return None, "uniform"
+    try:
+        from ..score import load_datl_weights
+
+        w, names = load_datl_weights(ctx.run_dir, ctx.source.label)
+    except (ImportError, AutotlError, OSError, KeyError, ValueError) as exc:
+        if mode == "datl":
+            raise AutotlError(f"source_weights datl: {exc}") from exc
+        return None, "uniform (no DATL weights in the run folder)"
+    weights, info = pool_class_weights(pool, w, names)
+    if info["matched_classes"] == 0:
+        if mode == "datl":
+            raise AutotlError(f"source_weights datl: no pool class matches a class of {ctx.source.label}'s source head")
+        return None, "uniform (no pool class matches the DATL classes)"
+    return weights, f"datl ({info['matched_classes']}/{pool.num_classes} classes matched)"
+
+
+class SelectiveJointFineTuning(BaseStrategy):
+    """Ge & Yu 2017: train the target task jointly with a source task on retrieved similar pool images."""
+
+    name = "retrieval"
+    params = ("retrieval_k", "retrieval_bank", "source_loss_weight")
+
+    def is_active(self, params: dict[str, Any]) -> bool:
+        return _k0(params) > 0
+
+    def describe(self, params: dict[str, Any]) -> str:
+        k = _k0(params)
+        if k <= 0:
+            return "retrieval: off"
+        return (f"retrieval: K0={k}, bank={params.get('retrieval_bank') or DEFAULT_BANK}, "
+                f"source loss x{float(params.get('source_loss_weight', DEFAULT_SOURCE_WEIGHT)):g}")
+
+    def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
+        k0 = _k0(params)
+        if k0 <= 0:
+            return
+        root = ctx.options.get("source_pool")
+        if not root:
+            raise AutotlError(f"retrieval_k={k0} needs a source pool to retrieve from: give --source-pool DIR "
+                              "(one sub-folder of images per source class), or set retrieval_k to 0")
+        bank = str(params.get("retrieval_bank") or ctx.options.get("retrieval_bank") or DEFAULT_BANK).lower()
+        if bank not in BANKS:
+            raise AutotlError(f"retrieval_bank {bank!r}: use one of {', '.join(BANKS)}")
+        weight = float(params.get("source_loss_weight", ctx.options.get("source_loss_weight", DEFAULT_SOURCE_WEIGHT)))
+        if not weight >= 0:
+            raise AutotlError(f"source_loss_weight {weight}: must be >= 0")
+        rounds = int(ctx.options.get("retrieval_rounds", 5))
+        if rounds < 1:
+            raise AutotlError(f"retrieval_rounds {rounds}: must be >= 1")
+        mode = str(ctx.options.get("retrieval_mode") or "knn").lower()
+        if mode not in ("knn", "random"):
+            raise AutotlError(f"retrieval_mode {mode!r}: use knn or random")
+        head_init = str(ctx.options.get("source_head_init") or "imagenet").lower()
+        if head_init not in ("imagenet", "random"):
+            raise AutotlError(f"source_head_init {head_init!r}: use imagenet or random")
+
+        t0 = time.monotonic()
+        cache = retrieval_cache_dir(ctx)
+        pool = load_pool(root, cache)
+        retr, memory_hit = get_retrieval(pool, bank, ctx.index.train, source_model=ctx.source.model, cache_dir=cache)
+        train = list(ctx.train_samples)
+        k_search = min(HardSampleSchedule(k0, max_rounds=rounds).max_count, len(pool))
+        knn = retr.neighbours(train, k_search)
+        neighbours = retr.neighbours if mode == "knn" else random_neighbours(len(pool), seed=ctx.config.seed)
+        class_weights, weights_used = _class_weights(ctx, pool)
+        notes: dict[str, Any] = {
+            "pool": str(pool.root), "pool_images": len(pool), "pool_classes": pool.num_classes,
+            "pool_skipped": len(pool.skipped), "pool_imagenet_classes": sum(i is not None for i in pool.imagenet_index),
+            "k0": k0, "bank": bank, "source_loss_weight": weight, "max_rounds": rounds, "mode": mode,
+            "source_weights": weights_used, "source_head_init": head_init,
+            "initial_pool_images": int(np.unique(knn.indices[:, :min(k0, k_search)].numpy()).size) if len(train) else 0,
+            "retrieval_seconds": round(time.monotonic() - t0, 3), "memory_hit": memory_hit,
+            **retr.describe_state(),
+        }
+        ctx.notes[self.name] = notes
+        data = JointData(pool=pool, neighbours=neighbours, k0=k0, source_weight=weight, max_rounds=rounds,
+                         class_weights=class_weights, source_head_init=head_init,
+                         target_classes=list(ctx.index.classes), notes=notes)
+        if ctx.final:
+            csv_path = ctx.run_dir / "retrieval.csv"
+            shown = knn if mode == "knn" else neighbours(train, k_search)
+            write_retrieval_csv(csv_path, train, pool, shown, [HardSampleSchedule(k0).initial_counts(len(train)).clamp(max=k_search)],
+                                ctx.index.classes)
+            data.csv_path = csv_path
+            notes["csv"] = str(csv_path)
+            try:
+                notes["contact_sheet"] = str(write_contact_sheet(ctx.run_dir / "retrieval.jpg", train, pool, shown))
+            except Exception as exc:  # noqa: BLE001 - a picture is a nicety
+                notes["contact_sheet_error"] = f"{type(exc).__name__}: {exc}"
+        ctx.train_fn = functools.partial(train_joint, joint=data)
+        log(f"retrieval: K0={k0} ({bank}) over {len(pool)} pool images: {notes['initial_pool_images']} distinct "
+            f"neighbours for {len(train)} target images" + (" [random ablation]" if mode == "random" else "")
+            + f" ({'memory' if memory_hit else 'cache hit' if retr.pool_cache_hit else 'computed'}, {notes['retrieval_seconds']:.1f}s)")
+
+
+def _k0(params: dict[str, Any]) -> int:
+    value = params.get("retrieval_k")
+    if value in (None, "", "none", "off"):
+        return 0
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise AutotlError(f"retrieval_k {value!r}: give a whole number >= 0 (0 = no retrieval)") from None
+    if k < 0:
+        raise AutotlError(f"retrieval_k {k}: must be >= 0 (0 = no retrieval)")
+    return k
+
+
+def write_contact_sheet(path: str | os.PathLike, targets: Sequence, pool: SourcePool, knn, *, rows: int = 6,
+                        per_row: int = 6, tile: int = 96) -> Path:
+    """A JPEG: up to ``rows`` target images (spread over the classes), each followed by its
+    nearest pool images in rank order."""
+    from PIL import Image
+
+    from .._io import atomic_path
+    from .descriptors import load_image
+
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t.label, []).append(i)
+    picked: list[int] = []
+    while len(picked) < min(rows, len(targets)):
+        for c in sorted(by_class):
+            if by_class[c] and len(picked) < rows:
+                picked.append(by_class[c].pop(0))
+    k = min(per_row - 1, knn.indices.shape[1])
+    gap = 6
+    sheet = Image.new("RGB", (tile * (k + 1) + gap, tile * max(1, len(picked))), (255, 255, 255))
+    for r, i in enumerate(picked):
+        sheet.paste(Image.fromarray(load_image(targets[i].path, tile)), (0, r * tile))
+        for c in range(k):
+            j = int(knn.indices[i, c])
+            sheet.paste(Image.fromarray(load_image(pool.samples[j].path, tile)), (gap + tile * (c + 1), r * tile))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="JPEG", quality=85)
+    return path

@@ -1,0 +1,332 @@
+"""Selective joint fine-tuning (issue 6): the source pool, the joint step, the hard-sample rounds and
+the ``retrieval`` strategy end to end (tiny random-weight timm model, generated image folders)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from autotl.data import scan_dataset
+from autotl.errors import AutotlError
+from autotl.features import FeatureExtractor
+from autotl.models import create_source_model
+from autotl.retrieval import (
+    JointData,
+    fit_bin_edges,
+    gabor_filter_bank,
+    histograms,
+    joint_step_loss,
+    load_images,
+    pool_class_weights,
+    retrieval_stats,
+    scan_pool,
+    train_joint,
+)
+from autotl.retrieval import joint as joint_mod
+from autotl.retrieval import neighbours as neighbours_mod
+from autotl.retrieval.joint import _JointView, _source_head, round_boundaries, smoothing_entropy
+from autotl.retrieval.schedule import HardSampleSchedule
+from autotl.retrieval.strategy import SelectiveJointFineTuning
+from autotl.stages import TransferNet
+from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies
+from autotl.train import TrainConfig
+
+MODEL = "test_efficientnet@64=random"
+POOL_CLASSES = {"n01440764": 8, "n02102040": 8, "other": 6}  # two ImageNet wnids + one other class
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("joint")
+    data = write_image_folder(root / "data", {"cat": [10, 4], "dog": [10, 4]}, splits=["train", "val"])
+    pool = write_image_folder(root / "pool", POOL_CLASSES, ext=".jpg", seed=7)
+    (pool / "other" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return data, pool
+
+
+@pytest.fixture(scope="module")
+def source():
+    return create_source_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def index(folders):
+    return scan_dataset(folders[0])
+
+
+@pytest.fixture(scope="module")
+def extractor(source):
+    """One extractor (in-memory activation cache) for the tests that train: target activations once."""
+    return FeatureExtractor(source)
+
+
+# ------------------------------------------------------------------ the pool
+
+
+def test_scan_pool_classes_wnids_and_skipped(folders, tmp_path, monkeypatch):
+    _, root = folders
+    pool = scan_pool(root, cache_dir=tmp_path)
+    assert pool.classes == sorted(POOL_CLASSES)
+    assert len(pool) == sum(POOL_CLASSES.values())
+    assert [(p.name, r) for p, r in pool.skipped] == [("broken.jpg", "not an image")]
+    assert pool.imagenet_index == [0, 217, None]  # tench, English springer; 'other' is no wnid
+    assert not pool.is_imagenet
+    # the decode check is cached: an unchanged pool is only listed and stat'ed
+    monkeypatch.setattr("autotl.retrieval.pool.check_image", lambda p: (_ for _ in ()).throw(AssertionError("decoded")))
+    again = scan_pool(root, cache_dir=tmp_path)
+    assert again.samples == pool.samples and again.skipped == pool.skipped
+    with pytest.raises(AutotlError, match="--source-pool .*does not exist"):
+        scan_pool(tmp_path / "nope")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(AutotlError, match="no images"):
+        scan_pool(tmp_path / "empty")
+
+
+def test_datl_class_weights_map_wnids_and_keep_mean_one(folders, tmp_path):
+    pool = scan_pool(folders[1], cache_dir=tmp_path)
+    w = np.full(1000, 0.5)
+    w[217] = 4.0
+    cw, info = pool_class_weights(pool, w)
+    assert info["matched_classes"] == 2
+    counts = np.bincount(pool.labels, minlength=3)
+    assert float((cw * counts).sum() / counts.sum()) == pytest.approx(1.0)
+    assert cw[1] / cw[0] == pytest.approx(8.0) and cw[2] / cw[0] == pytest.approx(2.0)  # other: unmatched -> 1
+
+
+# ------------------------------------------------------------------ the joint step
+
+
+def test_joint_step_updates_each_head_only_from_its_own_domain(source):
+    torch.manual_seed(0)
+    net = TransferNet.from_source(source.model, 2, -2)  # the last two stages shared and trainable
+    head_s = torch.nn.Linear(net.head.in_features, 5)
+    view = _JointView(net, head_s, net.frozen)
+    a = net.forward_prefix(torch.randn(8, 3, 64, 64), net.frozen).detach()
+    xt, xs = a[:4], a[4:]
+    yt, ys = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 4, 2, 3])
+    shared = [p for _, p in net.shared_parameters()]
+    assert shared
+
+    def grads(x, n_target, y_t, y_s, weight=1.0):
+        view.zero_grad(set_to_none=True)
+        loss, _, _ = joint_step_loss(view(x), n_target, y_t, y_s, net.head, head_s, source_weight=weight)
+        loss.backward()
+        clone = lambda ps: [None if p.grad is None else p.grad.clone() for p in ps]  # noqa: E731
+        return clone(net.head.parameters()), clone(head_s.parameters()), clone(shared)
+
+    view.train()
+    t_head, s_head, t_shared = grads(xt, 4, yt, ys[:0])  # target images only
+    assert all(g is not None and g.abs().sum() > 0 for g in t_head)
+    assert all(g is None for g in s_head)
+    assert any(g is not None and g.abs().sum() > 0 for g in t_shared)
+    t_head, s_head, s_shared = grads(xs, 0, yt[:0], ys)  # pool images only
+    assert all(g is None for g in t_head)
+    assert all(g is not None and g.abs().sum() > 0 for g in s_head)
+    assert any(g is not None and g.abs().sum() > 0 for g in s_shared)
+
+    # a mixed batch: each head's gradient is exactly the one its own half gives (eval mode, so the
+    # batch-norm statistics do not couple the halves); the shared stages get the sum of both
+    view.eval()
+    t_only, _, sh_t = grads(xt, 4, yt, ys[:0])
+    _, s_only, sh_s = grads(xs, 0, yt[:0], ys, weight=0.5)
+    t_mix, s_mix, sh_mix = grads(torch.cat([xt, xs]), 4, yt, ys, weight=0.5)
+    for a_, b_ in zip(t_mix, t_only):
+        torch.testing.assert_close(a_, b_)
+    for a_, b_ in zip(s_mix, s_only):
+        torch.testing.assert_close(a_, b_)
+    for m, g1, g2 in zip(sh_mix, sh_t, sh_s):
+        if m is not None:
+            torch.testing.assert_close(m, (0 if g1 is None else g1) + (0 if g2 is None else g2), atol=1e-6, rtol=1e-4)
+
+
+def test_source_head_starts_from_imagenet_rows_for_wnid_classes(source, folders, tmp_path):
+    pool = scan_pool(folders[1], cache_dir=tmp_path)
+    net = TransferNet.from_source(source.model, 2, -1)
+    head, how = _source_head(net, source, pool, "imagenet", 0)
+    cls = source.model.get_classifier()
+    assert how.startswith("imagenet rows (2/3")
+    torch.testing.assert_close(head.weight[0], cls.weight[0])
+    torch.testing.assert_close(head.weight[1], cls.weight[217])
+    assert not torch.equal(head.weight[2], cls.weight[2])
+    assert _source_head(net, source, pool, "random", 0)[1] == "random"
+
+
+# ------------------------------------------------------------------ hard-sample rounds
+
+
+def test_round_boundaries_scale_to_the_budget():
+    assert round_boundaries(15, 5) == [0, 3, 6, 9, 12]
+    assert round_boundaries(3, 5) == [0, 1, 2]
+    assert round_boundaries(7, 5) == [0, 1, 2, 4, 5]
+    assert round_boundaries(1, 5) == [0]
+
+
+def test_hard_sample_rounds_grow_neighbour_counts_by_eq3(source, index, folders, extractor, tmp_path, monkeypatch):
+    """Fixed predictions after each round: wrong -> +4 K0, right but uncertain -> +2 K0, else +0."""
+    pool = scan_pool(folders[1], cache_dir=tmp_path)
+    train = list(index.train)
+    n, k0 = len(train), 1
+    labels = torch.tensor([s.label for s in train])
+    kind = torch.arange(n) % 3  # 0 wrong, 1 right & uncertain, 2 right & confident
+    probs = torch.zeros(n, 2)
+    for i in range(n):
+        y = int(labels[i])
+        p = {0: 0.9, 1: 0.2, 2: 0.001}[int(kind[i])]  # probability of the *other* class
+        probs[i, 1 - y], probs[i, y] = p, 1 - p
+    monkeypatch.setattr(joint_mod, "_probs_cached", lambda *a, **k: probs.clone())
+    order = torch.stack([torch.randperm(len(pool), generator=torch.Generator().manual_seed(i)) for i in range(n)])
+    seen_k = []
+
+    def neighbours(samples, k):
+        seen_k.append(k)
+        return joint_mod.KnnResult(torch.arange(k, dtype=torch.float32).expand(len(samples), k).clone(), order[:, :k])
+
+    data = JointData(pool=pool, neighbours=neighbours, k0=k0, max_rounds=3, csv_path=tmp_path / "retrieval.csv",
+                     target_classes=index.classes)
+    cfg = TrainConfig(frozen_stages=-1, epochs=3, batch_size=8, patience=10)
+    res = train_joint(source, train, index.val, 2, cfg, extractor=extractor, joint=data)
+    # delta = 0.1 above the entropy of the label-smoothed target (0.1 smoothing, 2 classes: 0.199 nats),
+    # so (0.8, 0.2) (0.500 nats) is uncertain and (0.999, 0.001) (0.008 nats) is not
+    assert data.notes["delta"] == pytest.approx(0.1 + smoothing_entropy(0.1, 2), abs=1e-4)
+    assert smoothing_entropy(0.1, 2) == pytest.approx(-(0.95 * np.log(0.95) + 0.05 * np.log(0.05)))
+    assert smoothing_entropy(0.0, 2) == 0.0
+    sched = HardSampleSchedule(k0, max_rounds=3)
+    assert seen_k == [min(sched.max_count, len(pool))] == [9]
+    step = torch.tensor([4 * k0, 2 * k0, 0])[kind]
+    expected = [k0 + r * step for r in range(3)]  # after rounds 0, 1, 2
+    rounds = data.notes["rounds"]
+    assert [r["start_epoch"] for r in rounds] == [0, 1, 2]
+    for r, want in zip(rounds, expected):
+        assert r["mean_k"] == pytest.approx(float(want.float().mean()), abs=1e-3)
+        assert r["max_k"] == int(want.max())
+    assert rounds[0]["wrong"] == int((kind == 0).sum()) and rounds[0]["uncertain"] == int((kind == 1).sum())
+    # retrieval.csv: every target lists exactly its final count of neighbours, in rank order,
+    # with the round in which each joined
+    with open(tmp_path / "retrieval.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    per_target: dict[str, list[dict]] = {}
+    for row in rows:
+        per_target.setdefault(row["target_path"], []).append(row)
+    for i, s in enumerate(train):
+        got = per_target[str(s.path)]
+        assert len(got) == int(expected[-1][i])
+        assert [int(r["rank"]) for r in got] == list(range(1, len(got) + 1))
+        assert [r["pool_path"] for r in got] == [str(pool.samples[int(j)].path) for j in order[i, :len(got)]]
+        joined = [int(r["round"]) for r in got]
+        assert joined == [int((torch.stack(expected)[:, i] <= rank).sum()) for rank in range(len(got))]
+    # the exported net is the target net only
+    assert res.net.head.out_features == 2 and data.notes["joint"] and data.notes["pool_images_used"] > 0
+
+
+# ------------------------------------------------------------------ the strategy
+
+
+def test_retrieval_k_without_pool_is_a_clear_error(source, index, extractor, tmp_path):
+    assert STRATEGIES["retrieval"] == "autotl.retrieval.strategy:SelectiveJointFineTuning"
+    assert "dropout" in STRATEGIES
+    ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(), list(index.train))
+    with pytest.raises(AutotlError, match="give --source-pool DIR"):
+        apply_strategies(ctx, {"retrieval_k": 2})
+    strategy = SelectiveJointFineTuning()
+    assert not strategy.is_active({"retrieval_k": 0}) and not strategy.is_active({})
+    with pytest.raises(AutotlError, match="retrieval_bank"):
+        strategy.apply(ctx.__class__(index, source, ctx.extractor, tmp_path, TrainConfig(), list(index.train),
+                                     options={"source_pool": str(tmp_path)}), {"retrieval_k": 1, "retrieval_bank": "sobel"})
+
+
+def test_second_apply_reuses_descriptors(source, index, folders, extractor, tmp_path):
+    neighbours_mod.clear_retrieval_cache()
+    opts = {"source_pool": str(folders[1]), "retrieval_cache_dir": str(tmp_path / "rc")}
+
+    def apply():
+        ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages=-1),
+                              list(index.train), options=dict(opts))
+        SelectiveJointFineTuning().apply(ctx, {"retrieval_k": 2, "retrieval_bank": "gabor"})
+        assert ctx.train_fn.func is train_joint
+        return ctx.notes["retrieval"]
+
+    before = retrieval_stats()
+    first = apply()
+    described = retrieval_stats()["described_images"] - before["described_images"]
+    assert described == len(index.train) + sum(POOL_CLASSES.values()) and not first["memory_hit"]
+    second = apply()  # the next trial of a search: in memory
+    assert second["memory_hit"]
+    neighbours_mod.clear_retrieval_cache()  # a new process: from the disk cache
+    third = apply()
+    assert not third["memory_hit"] and third["pool_cache_hit"]
+    after = retrieval_stats()
+    assert after["described_images"] - before["described_images"] == described  # nothing recomputed
+    assert after["edge_fits"] - before["edge_fits"] == 1
+
+
+def _eq1(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) with one bank (w_h = 1/48 for every filter), in float64, all pairs."""
+    p, q = P.double()[:, None], Q.double()[None]
+    return (((p - q) * (p.log() - q.log())).sum(-1) / P.shape[1]).sum(-1)
+
+
+def test_fit_with_retrieval_end_to_end(source, index, folders, tmp_path):
+    import onnxruntime as ort
+
+    from autotl.fit import fit
+
+    data, pool_root = folders
+    out = tmp_path / "run"
+    res = fit(data, out, models=[MODEL], frozen_stages=-1, epochs=1, batch_size=8,
+              strategy={"retrieval_k": 2}, options={"source_pool": str(pool_root)})
+    assert res.classes == ["cat", "dog"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})[0]
+    assert y.shape == (1, 2)  # the target classes only: the source head is not exported
+    notes = res.strategy["strategies"]["retrieval"]
+    assert notes["joint"] and notes["k0"] == 2 and notes["pool_images"] == sum(POOL_CLASSES.values())
+    assert notes["pool_skipped"] == 1 and (out / "retrieval.jpg").is_file()
+
+    # retrieval.csv: the first K0 neighbours of every target are its exact K-NN under eq. (1)
+    with open(out / "retrieval.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    pool = scan_pool(pool_root)
+    train_paths = [str(s.path) for s in index.train]
+    bank = gabor_filter_bank()
+    edges = fit_bin_edges(bank, sorted(train_paths), 32, image_size=128, seed=0)
+    D = _eq1(histograms(bank, load_images(train_paths, 128), edges), histograms(bank, load_images(pool.paths, 128), edges))
+    ref = D.argsort(dim=1, stable=True)[:, :2]
+    for i, p in enumerate(train_paths):
+        got = sorted((int(r["rank"]), r["pool_path"], float(r["distance"])) for r in rows if r["target_path"] == p)
+        assert [g[1] for g in got[:2]] == [pool.paths[int(j)] for j in ref[i]]
+        assert [g[2] for g in got[:2]] == pytest.approx(D[i, ref[i]].tolist(), rel=1e-4, abs=1e-6)
+
+
+def test_all_frozen_falls_back_to_plain_training(source, index, folders, extractor, tmp_path):
+    pool = scan_pool(folders[1], cache_dir=tmp_path)
+    calls = []
+    data = JointData(pool=pool, neighbours=lambda s, k: calls.append(k), k0=1)
+    cfg = TrainConfig(frozen_stages="all", epochs=1)
+    res = train_joint(source, index.train, index.val, 2, cfg, extractor=extractor, joint=data)
+    assert not data.notes["joint"] and not calls and res.net.frozen == res.net.num_stages
+
+
+def test_joint_training_composes_with_l2sp_and_random_pool(source, index, folders, extractor, tmp_path):
+    pool = scan_pool(folders[1], cache_dir=tmp_path)
+    """Also the uncached path: decoded images with training augmentation, the frozen prefix per step."""
+    pool = scan_pool(folders[1], cache_dir=tmp_path)
+    data = JointData(pool=pool, neighbours=joint_mod.random_neighbours(len(pool), seed=3), k0=1, source_weight=0.5,
+                     max_rounds=2, class_weights=np.array([1.0, 2.0, 0.5], np.float32), source_head_init="random")
+    cfg = TrainConfig(frozen_stages=-1, epochs=2, batch_size=8, regularizer="l2sp", reg_lambda=0.01, use_cache=False)
+    res = train_joint(source, index.train, index.val, 2, cfg, extractor=extractor, joint=data)
+    assert len(res.history) == 2 and all(np.isfinite(h.train_loss) for h in res.history)
+    assert data.notes["source_head_init"] == "random" and not data.notes["cached_prefix"]
+    assert data.notes["rounds_run"] == 2 and data.notes["rounds"][1]["mean_k"] >= 1
