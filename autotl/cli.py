@@ -12,6 +12,7 @@ import typer
 from . import _console
 from ._version import __version__
 from .errors import AutotlError
+from .worker import worker_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a folder of images into a deployable classifier by searching how to transfer.")
@@ -57,16 +58,59 @@ def fit(
     seed: int = typer.Option(0, help="Seed for the split, initialisation and data order."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Search: trials in the study in total (default: the recipe's). "
+                                         "Without --trials/--recipe/--resume, one strategy is trained from the flags above."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Search: stop after this long (90s, 20m, 1h; whichever of trials/budget ends first)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough or a .yaml file (default: default)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted study of --out (same data, recipe and models)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the study (default sqlite:///OUT/study.db)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default 'autotl')."),
+    refit_on_val: bool = typer.Option(False, "--refit-on-val", help="Refit the best strategy on train+val (for its best epoch count)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Search: candidate source models among --model (default: the recipe's or all)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Fit a classifier on DATA_DIR and export a verified ONNX model."""
+    """Fit a classifier on DATA_DIR and export a verified ONNX model.
+
+    Plain `autotl fit DIR` trains one strategy (a linear probe unless --frozen-stages says
+    otherwise). `--trials N`, `--recipe NAME` or `--resume` search how to transfer instead.
+    """
     from .fit import fit as fit_api
+    from .search import SearchInterrupted
 
     _console.set_quiet(as_json)
-    result = fit_api(data_dir, out, models=model, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
-                     batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
-                     cache_dir=cache_dir)
+    try:
+        result = fit_api(data_dir, out, models=model, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
+                         batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
+                         cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
+                         storage=storage, study=study, refit_on_val=refit_on_val, top_k=top_k)
+    except SearchInterrupted as exc:
+        command = _resume_command(exc.run_dir, data_dir, {
+            "--model": model, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
+            "--study": study, "--top-k": top_k, "--refit-on-val": refit_on_val, "--objective": objective,
+            "--seed": seed if seed != 0 else None, "--val-fraction": val_fraction if val_fraction != 0.1 else None,
+            "--cache-dir": cache_dir, "--device": device if device != "auto" else None,
+            "--batch-size": batch_size if batch_size != 64 else None,
+            "--frozen-stages": frozen_stages if frozen_stages != "all" else None, "--epochs": epochs if epochs != 15 else None,
+            "--lr": lr if lr != 3e-3 else None})
+        _emit({"interrupted": True, "run_dir": str(exc.run_dir), "study_name": exc.study_name, "storage": exc.storage,
+               "finished_trials": exc.finished, "resume": command}, as_json)
+        sys.stderr.write(f"interrupted: {exc.finished} trial(s) finished, the running one marked failed; resume with: {command}\n")
+        raise typer.Exit(130) from None
     _emit(result.to_json(), as_json)
+
+
+def _resume_command(run_dir: Path, data_dir: Path, options: dict) -> str:
+    """The command line that resumes this search: its data, run folder and search options + --resume."""
+    import shlex
+
+    args = ["fit", str(data_dir), "--out", str(run_dir)]
+    for flag, value in options.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is True:
+                args.append(flag)
+            elif v not in (None, False):
+                args += [flag, str(v)]
+    return "autotl " + shlex.join(args + ["--resume"])
 
 
 @app.command()
@@ -136,10 +180,15 @@ def demo(
     _emit(result.to_json(), as_json)
 
 
+app.command("worker")(worker_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int):  # click returns typer.Exit's code when standalone_mode is off
+            return rc
     except AutotlError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

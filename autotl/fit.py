@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import time
@@ -90,7 +91,16 @@ def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, 
 
     onnx_path = run_dir / "model.onnx"
     net = net.cpu().eval()
-    export_onnx(net, onnx_path, input_size=tuple(source.data_config["input_size"]))
+    try:
+        export_onnx(net, onnx_path, input_size=tuple(source.data_config["input_size"]))
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None and getattr(cause, "errno", None) != errno.ENOSPC:
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise AutotlError(f"no space left on the device writing {onnx_path} (the previous model there, if any, is "
+                          "intact); free some space and run the same command again (with --resume for a search)") from exc
     picked = list(val_samples)[:PARITY_IMAGES]
     ds = ImageDataset(picked, eval_transform(source.data_config))
     images = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -119,12 +129,29 @@ def fit(
     config: TrainConfig | None = None,
     strategy: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    trials: int | None = None,
+    time_budget: str | float | None = None,
+    recipe: str | os.PathLike | None = None,
+    resume: bool = False,
+    storage: str | None = None,
+    study: str | None = None,
+    refit_on_val: bool = False,
+    top_k: int | None = None,
 ) -> FitResult:
     """Fine-tune a pretrained model on a class-per-folder image set and export a verified ONNX model.
 
     Mirrors ``autotl fit``; returns the object the CLI prints. ``strategy`` holds fixed values of
     strategy parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` run-wide strategy options
     (e.g. ``{"source_pool": "pool/"}``).
+
+    Without ``trials``, ``recipe`` and ``resume`` this trains the one strategy given by the
+    arguments (a linear probe by default). With any of them it *searches* the strategy space of
+    the recipe (``default`` unless named; see ``autotl.search``): ``trials`` trials in total (the
+    recipe's count when not given) or until ``time_budget`` ("90s", "20m", "1h") is spent, the
+    study in ``RUN_DIR/study.db`` (or ``storage``, any Optuna URL; study name ``study``), then
+    refits the best strategy on train (train+val with ``refit_on_val``). ``resume`` continues an
+    interrupted study in the same run folder; ``top_k`` limits the candidate models (in the
+    order given). Ctrl-C raises ``autotl.search.SearchInterrupted`` (a KeyboardInterrupt).
     """
     start = time.monotonic()
     set_torch_threads()
@@ -134,12 +161,21 @@ def fit(
     run_dir = _run_dir(data_dir, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+
+    cfg = config or TrainConfig(frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    cfg.objective = objective or (config.objective if config is not None else None) or pick_objective(index)
+    if trials is not None or recipe is not None or resume:
+        from .search import search_fit
+
+        reason = "" if objective or config is not None else (
+            " (train classes imbalanced: largest/smallest > 1.5)" if cfg.objective == "macro_f1" else " (train classes balanced)")
+        return search_fit(index, run_dir, list(models), cfg, start=start, device=dev,
+                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
+                          storage=storage, study_name=study, refit_on_val=refit_on_val, top_k=top_k,
+                          fixed=dict(strategy or {}), options=options, seed=seed, objective_reason=reason)
     sources = _load_sources(models)
     source = sources[0]
     _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {dev}")
-
-    cfg = config or TrainConfig(frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    cfg.objective = objective or cfg.objective or pick_objective(index)
     extractor = FeatureExtractor(source, device=dev, cache_dir=cache_dir or default_cache_dir())
     ctx = StrategyContext(index, source, extractor, run_dir, cfg, list(index.train), options=dict(options or {}), final=True)
     apply_strategies(ctx, dict(strategy or {}))

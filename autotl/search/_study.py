@@ -1,0 +1,288 @@
+"""The Optuna study: storage, resume checks, sampler, pruner, the optimisation loop, Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import _console
+from .._version import __version__
+from ..errors import AutotlError
+from ._objective import Objective, TrialFailed
+from ._recipe import Recipe
+
+STUDY_FILE = "study.db"
+DEFAULT_STUDY = "autotl"
+_JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search: the running trial was marked FAIL; the study can be resumed."""
+
+    def __init__(self, message: str, *, run_dir: Path, study_name: str, storage: str, finished: int):
+        super().__init__(message)
+        self.message = message
+        self.run_dir = Path(run_dir)
+        self.study_name = study_name
+        self.storage = storage
+        self.finished = finished
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class SearchSettings:
+    """How many trials, how long, where the study lives."""
+
+    recipe: Recipe
+    trials: int
+    time_budget: float | None = None  # seconds; whichever of trials / budget ends first
+    storage: str | None = None  # Optuna storage URL; default sqlite:///RUN_DIR/study.db
+    study_name: str = DEFAULT_STUDY
+    resume: bool = False
+    seed: int = 0
+    user_attrs: dict[str, Any] = field(default_factory=dict)  # written once, when the study is created
+
+
+@dataclass
+class SearchOutcome:
+    study: Any  # optuna.Study
+    storage: str
+    study_name: str
+    created: bool
+    seconds: float
+    stopped_by: str  # "trials" | "time_budget" | "already_done"
+    session_trials: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- storage
+def storage_url(run_dir: Path, storage: str | None) -> str:
+    """The study's storage URL: ``--storage`` as given, else SQLite in the run folder."""
+    if storage:
+        return str(storage)
+    return f"sqlite:///{(Path(run_dir) / STUDY_FILE).resolve()}"
+
+
+def is_own_storage(run_dir: Path, url: str) -> bool:
+    return url == storage_url(run_dir, None)
+
+
+def make_storage(url: str):
+    """An Optuna storage for ``url``: any RDB URL (sqlite/postgresql/mysql), or a journal file
+    (``journal:PATH`` or a path ending in .log/.journal/.jsonl)."""
+    import optuna
+
+    if url.startswith("journal:") or ("://" not in url and url.endswith(_JOURNAL_SUFFIXES)):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url.removeprefix("journal:")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise AutotlError(f"--storage {url}: give an Optuna storage URL (sqlite:///path.db, postgresql://...) "
+                          "or a journal file (journal:path or path.log)")
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        from ._distributed import heartbeat_kwargs, rdb_url, uses_heartbeat
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(rdb_url(url), engine_kwargs=kwargs,
+                                              **(heartbeat_kwargs() if uses_heartbeat(url) else {}))
+    except AutotlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
+        raise AutotlError(f"--storage {url}: cannot open ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's own per-trial log lines duplicate ours; keep only its errors."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def make_sampler(recipe: Recipe, seed: int, n_existing: int):
+    """Seeded multivariate TPE; reseeded by the number of existing trials so a resumed study does
+    not replay the proposals of its first session."""
+    import optuna
+
+    cfg = recipe.sampler
+    multivariate = bool(cfg.get("multivariate", True))
+    return optuna.samplers.TPESampler(
+        seed=int(cfg.get("seed", seed)) + n_existing,
+        n_startup_trials=int(cfg.get("n_startup_trials", 8)),
+        multivariate=multivariate,
+        group=multivariate and bool(cfg.get("group", True)),  # conditional spaces
+    )
+
+
+def make_pruner(recipe: Recipe):
+    import optuna
+
+    cfg = dict(recipe.pruner)
+    kind = cfg.pop("type", "median")
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=int(cfg.get("min_resource", 1)),
+                                              max_resource=cfg.get("max_resource", "auto"),
+                                              reduction_factor=int(cfg.get("reduction_factor", 3)))
+    return optuna.pruners.MedianPruner(n_startup_trials=int(cfg.get("n_startup_trials", 4)),
+                                       n_warmup_steps=int(cfg.get("n_warmup_steps", 1)),
+                                       interval_steps=int(cfg.get("interval_steps", 1)))
+
+
+# --------------------------------------------------------------------------------------- trials
+def finished_trials(study) -> list:
+    """Trials that count towards ``--trials``: complete, pruned or failed — not those cut off by Ctrl-C."""
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False) if t.state in done and not t.user_attrs.get("interrupted")]
+
+
+def fail_running(study, numbers: set[int] | None = None) -> list[int]:
+    """Mark RUNNING trials (all, or those in ``numbers``) FAIL + interrupted: left by Ctrl-C or a kill."""
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if numbers is None or t.number in numbers:
+            with contextlib.suppress(Exception):
+                study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                out.append(t.number)
+    return out
+
+
+def select_best(study):
+    """The best COMPLETE trial: highest value, then lowest validation loss, then earliest."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return None
+    return max(done, key=lambda t: (t.value, -float(t.user_attrs.get("val_loss") or 0.0), -t.number))
+
+
+# --------------------------------------------------------------------------------------- study
+def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any]) -> tuple[Any, bool]:
+    """Create the study, or load it for ``--resume`` after checking it matches this run.
+
+    ``fingerprint``: study user attributes that must be equal on resume (data fingerprint, recipe
+    space, objective, candidates).
+    """
+    import optuna
+
+    storage = make_storage(url)
+    with quiet_optuna():
+        names = optuna.get_all_study_names(storage)
+        exists = settings.study_name in names
+        if exists and not settings.resume:
+            raise AutotlError(f"study {settings.study_name!r} already exists in {url}; add --resume to continue it, "
+                              "or give another --out / --study")
+        if not exists and settings.resume:
+            raise AutotlError(f"--resume: no study {settings.study_name!r} in {url}; run without --resume to start one "
+                              f"(studies there: {', '.join(names) or 'none'})")
+        n_existing = 0
+        if exists:
+            probe = optuna.load_study(study_name=settings.study_name, storage=storage)
+            _check_resume(probe, fingerprint, url)
+            n_existing = len(probe.get_trials(deepcopy=False))
+        study = optuna.create_study(
+            storage=storage, study_name=settings.study_name, direction="maximize", load_if_exists=True,
+            sampler=make_sampler(settings.recipe, settings.seed, n_existing), pruner=make_pruner(settings.recipe),
+        )
+        if not exists:
+            for k, v in fingerprint.items():
+                study.set_user_attr(k, v)
+            study.set_user_attr("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+            study.set_user_attr("autotl_version", __version__)
+            study.set_user_attr("recipe", settings.recipe.to_json())
+            for k, v in settings.user_attrs.items():
+                study.set_user_attr(k, v)
+            for params in settings.recipe.baselines:
+                study.enqueue_trial(dict(params), user_attrs={"baseline": True})
+    return study, not exists
+
+
+_RESUME_WHAT = {
+    "data_fingerprint": "the data changed since this study started (files added, removed, edited or re-split); "
+                        "start a new run (another --out) instead",
+    "recipe_space": "the recipe's search space differs from the one this study was started with; resume with the same "
+                    "--recipe, or start a new run",
+    "objective": "the objective differs from this study's; resume with the same --objective",
+    "candidates": "the candidate models differ from this study's; resume with the same --model list and --top-k",
+}
+
+
+def _check_resume(study, fingerprint: dict[str, Any], url: str) -> None:
+    attrs = study.user_attrs
+    for key, want in fingerprint.items():
+        have = attrs.get(key)
+        if have is not None and have != want:
+            why = _RESUME_WHAT.get(key, f"{key} differs")
+            raise AutotlError(f"--resume: study {study.study_name!r} in {url}: {why}")
+
+
+def run_study(objective: Objective, settings: SearchSettings, url: str, *, fingerprint: dict[str, Any],
+              on_trial=None) -> SearchOutcome:
+    """Create or resume the study and run trials until ``settings.trials`` have finished or the
+    time budget is spent. Ctrl-C marks the running trial FAIL and raises ``SearchInterrupted``."""
+    import optuna
+
+    study, created = open_study(settings, url, fingerprint=fingerprint)
+    if not created:
+        stale = fail_running(study, None if is_own_storage(objective.run_dir, url) else set())
+        if stale:
+            _console.log(f"marked trial(s) {', '.join(map(str, stale))} failed: they were cut off when the study was interrupted")
+    done = len(finished_trials(study))
+    remaining = settings.trials - done
+    start = time.monotonic()
+    if remaining <= 0:
+        _console.log(f"study {settings.study_name!r} already has {done} finished trials (--trials {settings.trials}); "
+                     "nothing left to search — raise --trials to search more")
+        return SearchOutcome(study, url, settings.study_name, created, 0.0, "already_done")
+    budget = settings.time_budget
+    objective.deadline = start + budget if budget else None
+    what = f"{remaining} trial(s)" + (f" (of {settings.trials}; {done} done)" if done else "")
+    _console.log(f"searching {what} with recipe [bold]{settings.recipe.name}[/]"
+                 + (f", time budget {budget:.0f}s" if budget else "") + f" — study {settings.study_name!r} in {url}")
+    callbacks = [on_trial] if on_trial is not None else []
+    if not is_own_storage(objective.run_dir, url):  # workers may share the study: stop at its target
+        from ._distributed import stop_at_target
+
+        callbacks.append(stop_at_target(settings.trials))
+    first = len(objective.started)
+    try:
+        with quiet_optuna():
+            study.optimize(objective, n_trials=remaining, timeout=budget, catch=(TrialFailed,), callbacks=callbacks)
+    except KeyboardInterrupt:
+        with contextlib.suppress(BaseException):
+            mine = set(objective.started[first:])
+            fail_running(study, None if is_own_storage(objective.run_dir, url) else mine)
+        finished = len(finished_trials(study))
+        raise SearchInterrupted(
+            f"search interrupted: {finished} of {settings.trials} trials finished, the running one was marked failed; "
+            f"study {settings.study_name!r} is kept in {url}",
+            run_dir=objective.run_dir, study_name=settings.study_name, storage=url, finished=finished,
+        ) from None
+    seconds = time.monotonic() - start
+    n_done = len(finished_trials(study))
+    stopped = "trials" if n_done >= settings.trials else "time_budget"
+    return SearchOutcome(study, url, settings.study_name, created, seconds, stopped, list(objective.started[first:]))
