@@ -12,6 +12,8 @@ import typer
 from . import _console
 from ._version import __version__
 from .errors import AutotlError
+from .dropout.cli import dropout_command  # typer+rich only; torch loads when it runs
+from .report import report_command
 from .worker import worker_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -67,6 +69,13 @@ def fit(
     study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default 'autotl')."),
     refit_on_val: bool = typer.Option(False, "--refit-on-val", help="Refit the best strategy on train+val (for its best epoch count)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Search: candidate source models among --model (default: the recipe's or all)."),
+    dropout_tau: Optional[str] = typer.Option(None, "--dropout-tau", help="Data dropout: drop training images whose predicted reduction of the val loss exceeds TAU robust spreads (0 = every harmful image, 'none' = off); fixes what the search would vary."),
+    focus_class: Optional[str] = typer.Option(None, "--focus-class", help="Data dropout: only this class's validation images are the influence reference."),
+    dry_run_dropout: bool = typer.Option(False, "--dry-run-dropout", help="Only score the training images and write dropped.csv (as `autotl dropout`); no training."),
+    source_pool: Optional[Path] = typer.Option(None, "--source-pool", help="Selective joint fine-tuning: source images, one sub-folder per class (e.g. ImageNet wnid folders)."),
+    retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", help="Source neighbours K0 per target image from --source-pool (0 = off)."),
+    retrieval_bank: Optional[str] = typer.Option(None, "--retrieval-bank", help="Filter bank for retrieval: gabor, conv or gabor+conv."),
+    source_loss_weight: Optional[float] = typer.Option(None, "--source-loss-weight", help="Weight of the source task's loss (default 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Fit a classifier on DATA_DIR and export a verified ONNX model.
@@ -78,8 +87,19 @@ def fit(
     from .search import SearchInterrupted
 
     _console.set_quiet(as_json)
+    if dry_run_dropout:
+        from .dropout.dryrun import DEFAULT_INSPECT_TAU, inspect_dropout
+
+        ins = inspect_dropout(data_dir, model=model[0] if model else "tf_efficientnet_lite0",
+                              tau=DEFAULT_INSPECT_TAU if dropout_tau is None else dropout_tau, focus_class=focus_class,
+                              out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, show=not as_json)
+        _emit(ins.to_json(), as_json)
+        return
+    strategy = {k: v for k, v in {"dropout_tau": dropout_tau, "retrieval_k": retrieval_k, "retrieval_bank": retrieval_bank,
+                                  "source_loss_weight": source_loss_weight}.items() if v is not None}
+    options = {k: v for k, v in {"focus_class": focus_class, "source_pool": str(source_pool) if source_pool else None}.items() if v}
     try:
-        result = fit_api(data_dir, out, models=model, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
+        result = fit_api(data_dir, out, models=model, strategy=strategy or None, options=options or None, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
                          batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
                          storage=storage, study=study, refit_on_val=refit_on_val, top_k=top_k)
@@ -91,7 +111,9 @@ def fit(
             "--cache-dir": cache_dir, "--device": device if device != "auto" else None,
             "--batch-size": batch_size if batch_size != 64 else None,
             "--frozen-stages": frozen_stages if frozen_stages != "all" else None, "--epochs": epochs if epochs != 15 else None,
-            "--lr": lr if lr != 3e-3 else None})
+            "--lr": lr if lr != 3e-3 else None, "--dropout-tau": dropout_tau, "--focus-class": focus_class,
+            "--source-pool": source_pool, "--retrieval-k": retrieval_k, "--retrieval-bank": retrieval_bank,
+            "--source-loss-weight": source_loss_weight})
         _emit({"interrupted": True, "run_dir": str(exc.run_dir), "study_name": exc.study_name, "storage": exc.storage,
                "finished_trials": exc.finished, "resume": command}, as_json)
         sys.stderr.write(f"interrupted: {exc.finished} trial(s) finished, the running one marked failed; resume with: {command}\n")
@@ -181,6 +203,8 @@ def demo(
 
 
 app.command("worker")(worker_command)
+app.command("dropout")(dropout_command)
+app.command("report")(report_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,6 +208,9 @@ def finish(index: DatasetIndex, source: SourceModel, result: TrainResult, extrac
         "early_stopping_and_model_selection": "val split",
         "test": "reported only, never used for a decision" if index.test else "no test split given",
     }
+    for name, note in ((strategy_extra or {}).get("strategies") or {}).items():
+        if isinstance(note, dict) and note.get("decided_by"):
+            decided[f"strategy_{name}"] = note["decided_by"]
     card = ModelCard(
         classes=classes,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()},
@@ -231,6 +234,9 @@ def finish(index: DatasetIndex, source: SourceModel, result: TrainResult, extrac
         parity=parity, data=index.to_json(), seconds=time.monotonic() - start, search=search, scoring=scoring,
     )
     atomic_write_json(run_dir / "result.json", res.to_json())
+    from .report import try_write_report
+
+    try_write_report(run_dir)
     val = metrics["val"]
     _console.log(f"[bold green]done[/] in {res.seconds:.0f}s — val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
                  + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")

@@ -146,6 +146,14 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
+def _state_id(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _classifier_key(model: nn.Module) -> str:
     return str(getattr(model, "pretrained_cfg", {}).get("classifier", "classifier"))
 
@@ -195,8 +203,11 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
             )
         origin, weights_id = f"checkpoint:{path.resolve()}", _file_id(path)
     elif weights == "random":
-        model = _create_timm(spec.name, pretrained=False)
-        origin, weights_id = "random (explicitly requested; not pretrained)", "random"
+        # seeded, and identified by content, so cached activations never mix two random networks
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _create_timm(spec.name, pretrained=False)
+        origin, weights_id = "random (explicitly requested; not pretrained)", "random-" + _state_id(model)
     elif (packaged := _packaged_weights_path(spec.name)) is not None:
         model = _create_timm(spec.name, pretrained=False)
         _load_by_order(model, torch.load(packaged, map_location="cpu", weights_only=True), packaged)
