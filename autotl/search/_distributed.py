@@ -161,6 +161,20 @@ def study_progress(study) -> dict[str, int]:
             "complete": sum(t.state == TrialState.COMPLETE for t in trials)}
 
 
+def _surplus(study, trial, target: int) -> bool:
+    """Did other workers start the study's last trials between our check and our ``ask``? The lowest
+    numbers win: this trial is surplus when the finished trials plus the running ones numbered below it
+    already make the target (a re-queued trial of a dead worker is never surplus)."""
+    from optuna.trial import TrialState
+
+    if study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial") is not None:
+        return False
+    p = study_progress(study)
+    before = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                 if t.number < trial.number and not t.user_attrs.get("surplus"))
+    return p["done"] + before >= target
+
+
 def fail_stale(study) -> None:
     import optuna
 
@@ -255,9 +269,7 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
 
     def guarded(trial):
         trial.set_user_attr("worker", worker_id)
-        p = study_progress(study)
-        # another worker may have started the last trial between our check and this ask
-        if p["done"] + p["running"] - 1 >= target and trial.system_attrs.get("failed_trial") is None:
+        if _surplus(study, trial, target):
             trial.set_user_attr("interrupted", True)
             trial.set_user_attr("surplus", True)
             raise TrialFailed("surplus trial: the study reached its target while this one started")
