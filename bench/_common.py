@@ -36,7 +36,7 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
         table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
     for r in rows:
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def write_results(name: str, payload: dict) -> Path:
