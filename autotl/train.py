@@ -180,6 +180,43 @@ def _make_regularizer(cfg: TrainConfig, view: _SuffixView):
     return reg
 
 
+class _EarlyStopping:
+    """Keeps the best epoch's weights (objective, ties → lower val loss) and counts bad epochs."""
+
+    def __init__(self, objective: str, patience: int):
+        self.objective, self.patience = objective, patience
+        self.best: EpochMetrics | None = None
+        self.best_epoch, self.bad_epochs, self.state = -1, 0, None
+
+    def update(self, metrics: EpochMetrics, net: nn.Module) -> None:
+        best, o = self.best, self.objective
+        if best is None or metrics.score(o) > best.score(o) + 1e-9 or (
+                metrics.score(o) >= best.score(o) - 1e-9 and metrics.val_loss < best.val_loss):
+            self.best, self.best_epoch, self.bad_epochs = metrics, metrics.epoch, 0
+            self.state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+
+    def should_stop(self, deadline: float | None) -> bool:
+        return self.bad_epochs >= self.patience or (deadline is not None and time.monotonic() > deadline)
+
+
+def _backward_and_step(loss: torch.Tensor, reg, state, lam: float, cfg: TrainConfig, params, opt, sched) -> bool:
+    """One optimiser step on ``loss`` (+ the regulariser, DTNH-projected when asked); True when
+    DTNH projected the regulariser's gradient."""
+    opt.zero_grad(set_to_none=True)
+    projected = False
+    if reg is None:
+        loss.backward()
+    else:
+        from .regularizers import regularized_backward
+
+        projected = bool(getattr(regularized_backward(loss, reg, state, lam, dtnh=cfg.dtnh, params=params), "projected", False))
+    opt.step()
+    sched.step()
+    return projected
+
+
 def should_cache(extractor: FeatureExtractor | None, n_images: int, cut: int, use_cache: str | bool) -> bool:
     if extractor is None or use_cache is False:
         return False
@@ -242,13 +279,13 @@ def train_model(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     lam_schedule = None
     if reg is not None:
-        from .regularizers import CoefficientSchedule, regularized_backward
+        from .regularizers import CoefficientSchedule
 
         lam_schedule = CoefficientSchedule(cfg.reg_lambda if cfg.regularizer != "l2sp" or cfg.reg_lambda > 0 else 1.0, cfg.reg_decay)
 
     set_seed(cfg.seed)  # a cache miss above consumed random numbers (loader seeds); a hit did not
     history: list[EpochMetrics] = []
-    best_state, best_metrics, best_epoch, bad_epochs = None, None, -1, 0
+    stopper = _EarlyStopping(cfg.objective, cfg.patience)
     with _console.progress("training", total=cfg.epochs) as bar:
         for epoch in range(cfg.epochs):
             t0 = time.monotonic()
@@ -275,14 +312,7 @@ def train_model(
                     loss = criterion(logits.float(), y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss at epoch {epoch}")
-                opt.zero_grad(set_to_none=True)
-                if reg is None:
-                    loss.backward()
-                else:
-                    stats = regularized_backward(loss, reg, state, lam, dtnh=cfg.dtnh, params=params)
-                    projected += int(bool(getattr(stats, "projected", False)))
-                opt.step()
-                sched.step()
+                projected += _backward_and_step(loss, reg, state, lam, cfg, params, opt, sched)
                 steps += 1
                 total += loss.item() * len(y)
                 count += len(y)
@@ -291,22 +321,16 @@ def train_model(
                                    time.monotonic() - t0, lam, projected / max(1, steps))
             history.append(metrics)
             bar.advance()
-            improved = best_metrics is None or metrics.score(cfg.objective) > best_metrics.score(cfg.objective) + 1e-9 or (
-                metrics.score(cfg.objective) >= best_metrics.score(cfg.objective) - 1e-9 and metrics.val_loss < best_metrics.val_loss)
-            if improved:
-                best_metrics, best_epoch, bad_epochs = metrics, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                bad_epochs += 1
+            stopper.update(metrics, net)
             if on_epoch is not None:
                 on_epoch(metrics)
-            if bad_epochs >= cfg.patience or (deadline is not None and time.monotonic() > deadline):
+            if stopper.should_stop(deadline):
                 break
-    net.load_state_dict(best_state)
+    net.load_state_dict(stopper.state)
     net.cpu().eval()
     if use_cuda:
         net.to(memory_format=torch.contiguous_format)
-    return TrainResult(net, cfg, history, best_epoch, best_metrics, time.monotonic() - start, cached, len(train_samples))
+    return TrainResult(net, cfg, history, stopper.best_epoch, stopper.best, time.monotonic() - start, cached, len(train_samples))
 
 
 @torch.no_grad()

@@ -84,6 +84,10 @@ def test_datl_top_classes_and_mass():
     np.testing.assert_allclose([t[3] for t in top], [0.4, 0.35, 0.15])
     np.testing.assert_allclose([t[2] for t in top], [0.8, 2.8, 1.2])  # w = p_t / p_s
     assert d.top_classes(2)[0][1] == "1"  # no names: the index as a string
+    # by importance weight w = p_t / p_s = [0.4, 0.8, 1.2, 2.8]
+    assert [t[0] for t in d.top_classes(3, by="w")] == [3, 2, 1]
+    with pytest.raises(ValueError):
+        d.top_classes(2, by="mass")
     assert math.isclose(d.top_mass(2), 0.75)
     assert math.isclose(d.top_mass(10), 1.0)
     assert d.top_mass(0) == 0.0

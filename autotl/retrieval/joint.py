@@ -62,6 +62,8 @@ from ..train import (
     EpochMetrics,
     TrainConfig,
     TrainResult,
+    _backward_and_step,
+    _EarlyStopping,
     _evaluate,
     _make_regularizer,
     _optimizer,
@@ -358,7 +360,7 @@ def train_joint(
     sched = _warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     lam_schedule = None
     if reg is not None:
-        from ..regularizers import CoefficientSchedule, regularized_backward
+        from ..regularizers import CoefficientSchedule
 
         lam_schedule = CoefficientSchedule(cfg.reg_lambda if cfg.regularizer != "l2sp" or cfg.reg_lambda > 0 else 1.0, cfg.reg_decay)
 
@@ -367,7 +369,7 @@ def train_joint(
     order_gen = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochMetrics] = []
     rounds: list[dict[str, Any]] = []
-    best_state, best_metrics, best_epoch, bad_epochs = None, None, -1, 0
+    stopper = _EarlyStopping(cfg.objective, cfg.patience)
     round_idx, pool_seconds = 0, 0.0
     used_pool: set[int] = set()
 
@@ -427,14 +429,7 @@ def train_joint(
                                                            label_smoothing=cfg.label_smoothing)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite joint training loss at epoch {epoch}")
-                opt.zero_grad(set_to_none=True)
-                if reg is None:
-                    loss.backward()
-                else:
-                    stats = regularized_backward(loss, reg, state, lam, dtnh=cfg.dtnh, params=params)
-                    projected += int(bool(getattr(stats, "projected", False)))
-                opt.step()
-                sched.step()
+                projected += _backward_and_step(loss, reg, state, lam, cfg, params, opt, sched)
                 steps += 1
                 tot_t += loss_t.item() * len(yt)
                 tot_s += loss_s.item() * len(ys)
@@ -445,16 +440,10 @@ def train_joint(
             history.append(metrics)
             rounds[-1].setdefault("source_loss", []).append(round(tot_s / max(1, count), 4))
             bar.advance()
-            improved = best_metrics is None or metrics.score(cfg.objective) > best_metrics.score(cfg.objective) + 1e-9 or (
-                metrics.score(cfg.objective) >= best_metrics.score(cfg.objective) - 1e-9 and metrics.val_loss < best_metrics.val_loss)
-            if improved:
-                best_metrics, best_epoch, bad_epochs = metrics, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                bad_epochs += 1
+            stopper.update(metrics, net)
             if on_epoch is not None:
                 on_epoch(metrics)
-            if bad_epochs >= cfg.patience or (deadline is not None and time.monotonic() > deadline):
+            if stopper.should_stop(deadline):
                 break
             # eq. 3 at the end of a round
             if round_idx + 1 < len(starts) and epoch + 1 == starts[round_idx + 1]:
@@ -470,7 +459,7 @@ def train_joint(
                 counts_by_round.append(counts.clone())
                 round_idx += 1
                 start_round()
-    net.load_state_dict(best_state)
+    net.load_state_dict(stopper.state)
     net.cpu().eval()
     if reg is not None and hasattr(reg, "close"):
         reg.close()
@@ -485,7 +474,7 @@ def train_joint(
     if joint.csv_path is not None:
         write_retrieval_csv(joint.csv_path, train_samples, pool, knn, counts_by_round, joint.target_classes)
         notes["csv"] = str(joint.csv_path)
-    return TrainResult(net, cfg, history, best_epoch, best_metrics, seconds, cached, len(train_samples))
+    return TrainResult(net, cfg, history, stopper.best_epoch, stopper.best, seconds, cached, len(train_samples))
 
 
 def _selected(nb_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

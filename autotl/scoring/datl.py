@@ -77,21 +77,24 @@ class DatlWeights:
     score: float
     score_name: str = "kl_pt_ps"
 
-    def _top(self, k: int) -> np.ndarray:
+    def _top(self, k: int, by: str = "p_t") -> np.ndarray:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        if by not in ("p_t", "w"):
+            raise ValueError(f"by must be 'p_t' or 'w', got {by!r}")
         k = min(int(k), self.p_t.size)
-        # stable sort on -p_t: ties keep the lower class index first
-        return np.argsort(-self.p_t, kind="stable")[:k]
+        # stable sort on -p_t (or -w): ties keep the lower class index first
+        return np.argsort(-(self.p_t if by == "p_t" else self.w), kind="stable")[:k]
 
     def top_mass(self, k: int) -> float:
         """Mass of P_t on its k most probable source classes (in [0, 1])."""
         return float(self.p_t[self._top(k)].sum())
 
     def top_classes(
-        self, k: int, class_names: Sequence[str] | None = None
+        self, k: int, class_names: Sequence[str] | None = None, by: str = "p_t"
     ) -> list[tuple[int, str, float, float]]:
-        """The k source classes with the largest P_t, as (index, name, w, p_t), largest first.
+        """The k source classes with the largest P_t (``by="w"``: the largest importance weight
+        w = P_t / P_s; the same order when P_s is uniform), as (index, name, w, p_t), largest first.
 
         Without `class_names` the name is the index as a string.
         """
@@ -101,7 +104,7 @@ class DatlWeights:
                 f"{self.p_t.size} classes"
             )
         out = []
-        for i in self._top(k).tolist():
+        for i in self._top(k, by).tolist():
             name = str(class_names[i]) if class_names is not None else str(i)
             out.append((int(i), name, float(self.w[i]), float(self.p_t[i])))
         return out
