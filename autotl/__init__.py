@@ -27,6 +27,9 @@ _LAZY = {
     "create_source_model": "autotl.models:create_source_model",
     "TrainConfig": "autotl.train:TrainConfig",
     "demo": "autotl.demo:demo",
+    "score": "autotl.score:score",
+    "score_models": "autotl.score:score_models",
+    "load_datl_weights": "autotl.score:load_datl_weights",
 }
 
 __all__ = ["__version__", "AutotlError", *_LAZY]

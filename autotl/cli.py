@@ -14,6 +14,7 @@ from ._version import __version__
 from .errors import AutotlError
 from .dropout.cli import dropout_command  # typer+rich only; torch loads when it runs
 from .report import report_command
+from .score import score_command
 from .worker import worker_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -205,6 +206,7 @@ def demo(
 app.command("worker")(worker_command)
 app.command("dropout")(dropout_command)
 app.command("report")(report_command)
+app.command("score")(score_command)
 
 
 def main(argv: list[str] | None = None) -> int:

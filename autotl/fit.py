@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from .errors import AutotlError
 from .features import FeatureExtractor, ImageDataset, eval_transform
 from .strategy import StrategyContext, apply_strategies
 from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, set_torch_threads
-from .train import TrainConfig, TrainResult, classification_metrics, confusion_matrix, pick_device, predict_logits, train_model
+from .train import TrainConfig, TrainResult, classification_metrics, confusion_matrix, pick_device, predict_logits
 
 PARITY_IMAGES = 64
 
@@ -164,23 +163,44 @@ def fit(
 
     cfg = config or TrainConfig(frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     cfg.objective = objective or (config.objective if config is not None else None) or pick_objective(index)
+    sources = _load_sources(models)
+    # Stage 1: rank the candidates (one feature pass each, on train only; the cache shares it with training).
+    scoring = _score_sources(index, sources, run_dir, dev, cache_dir, cfg)
+    ranked = [row.source for row in scoring.top_k(len(sources))]
     if trials is not None or recipe is not None or resume:
         from .search import search_fit
 
         reason = "" if objective or config is not None else (
             " (train classes imbalanced: largest/smallest > 1.5)" if cfg.objective == "macro_f1" else " (train classes balanced)")
-        return search_fit(index, run_dir, list(models), cfg, start=start, device=dev,
-                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
-                          storage=storage, study_name=study, refit_on_val=refit_on_val, top_k=top_k,
-                          fixed=dict(strategy or {}), options=options, seed=seed, objective_reason=reason)
-    sources = _load_sources(models)
-    source = sources[0]
+        result = search_fit(index, run_dir, [str(s.spec) for s in ranked], cfg, start=start, device=dev,
+                            cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
+                            storage=storage, study_name=study, refit_on_val=refit_on_val, top_k=top_k,
+                            fixed=dict(strategy or {}), options=options, seed=seed, objective_reason=reason)
+        result.scoring = scoring.to_json()
+        atomic_write_json(run_dir / "result.json", result.to_json())
+        return result
+    source = ranked[0]
     _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {dev}")
-    extractor = FeatureExtractor(source, device=dev, cache_dir=cache_dir or default_cache_dir())
+    extractor = scoring.row(source.label).extractor
     ctx = StrategyContext(index, source, extractor, run_dir, cfg, list(index.train), options=dict(options or {}), final=True)
     apply_strategies(ctx, dict(strategy or {}))
     result = ctx.train_fn(source, ctx.train_samples, index.val, len(index.classes), ctx.config, extractor=extractor, device=dev)
-    return finish(index, source, result, extractor, run_dir, start, strategy_extra={"strategies": ctx.notes, **(strategy or {})})
+    return finish(index, source, result, extractor, run_dir, start, scoring=scoring.to_json(),
+                  strategy_extra={"strategies": ctx.notes, **(strategy or {})})
+
+
+def _score_sources(index: DatasetIndex, sources: list[SourceModel], run_dir: Path, dev, cache_dir, cfg: TrainConfig):
+    """DATL weights + transferability scores of every candidate, saved in the run dir, ranked."""
+    from .score import score_models
+
+    extractors = {s.label: FeatureExtractor(s, device=dev, cache_dir=cache_dir or default_cache_dir()) for s in sources}
+    cuts = [cfg.frozen_stages] if isinstance(cfg.frozen_stages, int) else []
+    report = score_models(index, sources, run_dir=run_dir, extractors=extractors, cuts=cuts)
+    if len(sources) > 1:
+        _console.log(report.table())
+    for line in report.looks_like_lines():
+        _console.log(line, markup=False)
+    return report
 
 
 def pick_objective(index: DatasetIndex) -> str:
