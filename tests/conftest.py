@@ -90,3 +90,18 @@ def cats_vs_dogs() -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own feature cache, so cache hits are the test's own doing."""
     monkeypatch.setenv("AUTOTL_CACHE_DIR", str(tmp_path / "feature-cache"))
+
+
+@pytest.fixture
+def single_thread(monkeypatch):
+    """Tiny models on a busy 2-core machine: one torch thread avoids OpenMP spin-wait contention
+    (and ``fit`` is kept from resetting it)."""
+    import torch
+
+    import autotl.fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(autotl.fit, "set_torch_threads", lambda: None)
+    yield
+    torch.set_num_threads(threads)

@@ -39,18 +39,9 @@ def pg():
 
 
 @pytest.fixture(autouse=True)
-def fast_heartbeat(monkeypatch):
-    import torch
-
-    import autotl.fit
-
+def fast_heartbeat(monkeypatch, single_thread):
     for k, v in HEARTBEAT.items():
         monkeypatch.setenv(k, v)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(autotl.fit, "set_torch_threads", lambda: None)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -43,15 +43,7 @@ RECIPE = ("trials: 2\nsampler: {n_startup_trials: 2}\npruner: {type: none}\n"
           "space:\n  frozen_stages: [all, -1]\n  lr: {low: 0.001, high: 0.03, log: true}\n  epochs: 1\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    import autotl.fit
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(autotl.fit, "set_torch_threads", lambda: None)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -44,18 +44,7 @@ def _recipe(**space):
                          "space": {**SPACE, **space}}, "test-recipe")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models on a busy 2-core machine: one thread avoids OpenMP spin-wait contention."""
-    import torch
-
-    import autotl.fit
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(autotl.fit, "set_torch_threads", lambda: None)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
