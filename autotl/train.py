@@ -201,6 +201,25 @@ class _EarlyStopping:
         return self.bad_epochs >= self.patience or (deadline is not None and time.monotonic() > deadline)
 
 
+def _suffix_input(x: torch.Tensor, net: TransferNet, cut: int, cached: bool) -> torch.Tensor:
+    """A batch as the trainable suffix takes it: cached maps get a random horizontal flip (our
+    augmentation there), decoded images go through the frozen prefix; channels_last on CUDA."""
+    if cached and x.ndim == 4:
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if not cached and cut > 0:
+        with torch.no_grad():
+            x = net.forward_prefix(x, cut)
+    if x.is_cuda and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _forward(view: nn.Module, reg, x: torch.Tensor):
+    """(output, regulariser state): a regulariser may need to see the forward pass (KD hooks)."""
+    return (view(x), None) if reg is None else reg.forward(view, x)
+
+
 def _backward_and_step(loss: torch.Tensor, reg, state, lam: float, cfg: TrainConfig, params, opt, sched) -> bool:
     """One optimiser step on ``loss`` (+ the regulariser, DTNH-projected when asked); True when
     DTNH projected the regulariser's gradient."""
@@ -296,19 +315,9 @@ def train_model(
                 x, y = batch[0], batch[1]
                 x = x.to(device, non_blocking=True).float()
                 y = y.to(device, non_blocking=True)
-                if cached and x.ndim == 4:  # flip augmentation on cached maps
-                    flip = torch.rand(x.shape[0], device=device) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                if not cached and cut > 0:
-                    with torch.no_grad():
-                        x = net.forward_prefix(x, cut)
-                if use_cuda and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = _suffix_input(x, net, cut, cached)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                    if reg is None:
-                        logits, state = view(x), None
-                    else:
-                        logits, state = reg.forward(view, x)
+                    logits, state = _forward(view, reg, x)
                     loss = criterion(logits.float(), y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss at epoch {epoch}")

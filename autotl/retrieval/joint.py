@@ -65,8 +65,10 @@ from ..train import (
     _backward_and_step,
     _EarlyStopping,
     _evaluate,
+    _forward,
     _make_regularizer,
     _optimizer,
+    _suffix_input,
     _SuffixView,
     _warmup_cosine,
     pick_device,
@@ -409,20 +411,9 @@ def train_joint(
                 xt = xt.to(device, non_blocking=True).float()
                 xs = xs.to(device, non_blocking=True).float()
                 yt, ys = yt.to(device), ys.to(device)
-                x = torch.cat([xt, xs])
-                if cached and x.ndim == 4:  # flip augmentation on cached maps
-                    flip = torch.rand(x.shape[0], device=device) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                if not cached and cut > 0:
-                    with torch.no_grad():
-                        x = net.forward_prefix(x, cut)
-                if use_cuda and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = _suffix_input(torch.cat([xt, xs]), net, cut, cached)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                    if reg is None:
-                        feats, state = view(x), None
-                    else:
-                        feats, state = reg.forward(view, x)
+                    feats, state = _forward(view, reg, x)
                     w = class_w[ys.cpu()].to(device) if class_w is not None else None
                     loss, loss_t, loss_s = joint_step_loss(feats, len(yt), yt, ys, net.head, source_head,
                                                            source_weight=joint.source_weight, sample_weights=w,
