@@ -15,7 +15,6 @@ second run over the same pool only stats the files and loads one tensor.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ from .._console import progress as _progress
 from .._images import UnreadableImageError, load_rgb
 from .._io import atomic_path
 from ..errors import AutotlError
-from .filterbanks import FilterBank
+from .filterbanks import FilterBank, _digest
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -138,14 +137,6 @@ def _files_digest(paths: Sequence[str]) -> tuple[list[str], bytes]:
     return absolute, "".join(parts).encode("utf-8", "surrogateescape")
 
 
-def _sha256(*chunks: bytes) -> str:
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(len(c).to_bytes(8, "little"))
-        h.update(c)
-    return h.hexdigest()
-
-
 def _quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Linear-interpolated quantiles of each column of ``values`` (M, F) -> (F, len(q))."""
     v = torch.sort(values.T.contiguous(), dim=1).values  # (F, M): rows sort much faster
@@ -186,7 +177,7 @@ def fit_bin_edges(
     if cache_dir is not None and isinstance(target_images, (list, tuple)) and target_images:
         if isinstance(target_images[0], (str, os.PathLike)):
             _, files = _files_digest(target_images)
-            key = _sha256(
+            key = _digest(
                 b"autotl.retrieval.edges/v2",  # v2: images decoded by autotl._images.load_rgb
                 files,
                 bank.key.encode(),
@@ -322,7 +313,7 @@ def describe_folder(
     cache_file = None
     if cache_dir is not None:
         _, files = _files_digest(absolute)
-        key = _sha256(
+        key = _digest(
             _CACHE_FORMAT.encode(),
             files,
             bank.key.encode(),
