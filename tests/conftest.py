@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
 
 # Tests never reach a model hub: fail fast instead of retrying over a dead network.
@@ -92,16 +93,25 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTL_CACHE_DIR", str(tmp_path / "feature-cache"))
 
 
-@pytest.fixture
-def single_thread(monkeypatch):
-    """Tiny models on a busy 2-core machine: one torch thread avoids OpenMP spin-wait contention
-    (and ``fit`` is kept from resetting it)."""
+@contextlib.contextmanager
+def limited_torch_threads(n: int):
+    """At most ``n`` torch threads inside, the previous count restored after. Tiny models on a busy
+    2-core machine gain nothing from more threads and lose a lot to OpenMP spin-waits."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def single_thread(monkeypatch):
+    """One torch thread, and ``fit`` is kept from resetting it."""
     import autotl.fit
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.setattr(autotl.fit, "set_torch_threads", lambda: None)
-    yield
-    torch.set_num_threads(threads)
+    with limited_torch_threads(1):
+        yield

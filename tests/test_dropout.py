@@ -18,15 +18,13 @@ from autotl.dropout import (
     select_dropout,
 )
 from autotl.errors import AutotlError
+from conftest import limited_torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # tiny problems on a shared 2-core machine: thread hand-offs cost more than they save
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with limited_torch_threads(1):
+        yield
 
 
 def _blobs(rng, n, d, k, sep):

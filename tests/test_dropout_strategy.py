@@ -21,6 +21,7 @@ from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies, creat
 from autotl.train import TrainConfig
 
 from autotl.dropout.strategy import DataDropout, cache_stats, compute_influence, parse_tau
+from conftest import limited_torch_threads
 
 CLASSES = ("cat", "dog", "fox")
 N_FLIP = 3  # per class: cat_000..002 -> dog/, dog_000..002 -> fox/, fox_000..002 -> cat/
@@ -32,10 +33,8 @@ pytestmark = pytest.mark.skipif("tf_efficientnet_lite0" not in list_packaged_mod
 
 @pytest.fixture(autouse=True, scope="module")
 def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
+    with limited_torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from autotl.retrieval.strategy import SelectiveJointFineTuning
 from autotl.stages import TransferNet
 from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies
 from autotl.train import TrainConfig
+from conftest import limited_torch_threads
 
 MODEL = "test_efficientnet@64=random"
 POOL_CLASSES = {"n01440764": 8, "n02102040": 8, "other": 6}  # two ImageNet wnids + one other class
@@ -40,10 +41,8 @@ POOL_CLASSES = {"n01440764": 8, "n02102040": 8, "other": 6}  # two ImageNet wnid
 
 @pytest.fixture(autouse=True, scope="module")
 def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
+    with limited_torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")

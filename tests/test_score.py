@@ -33,6 +33,7 @@ from autotl.score import (  # noqa: E402
 )
 from autotl.scoring import hscore, leep, logme, softmax  # noqa: E402
 from autotl.train import TrainConfig, train_model  # noqa: E402
+from conftest import limited_torch_threads
 
 SPECS = ("test_efficientnet@64=random", "test_resnet@64=random")
 BATCH = 8
@@ -40,11 +41,8 @@ BATCH = 8
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models gain nothing from more threads, and on busy shared cores lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with limited_torch_threads(1):
+        yield
 
 
 @pytest.fixture

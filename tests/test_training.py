@@ -11,14 +11,13 @@ from autotl.features import FeatureExtractor
 from autotl.models import create_source_model
 from autotl.stages import TransferNet, resolve_frozen, staged_backbone
 from autotl.train import TrainConfig, classification_metrics, train_model
+from conftest import limited_torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with limited_torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "resnet10t", "mobilenetv3_small_050"])
