@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,13 +15,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and
-    the previous content of ``path``, if any, is left intact.
+    the previous content of ``path``, if any, is left intact. The file gets the mode a plain
+    ``open(path, "w")`` would create it with (0o666 less the umask), from its creation on.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp_beside(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # make the bytes durable before the rename
@@ -30,6 +29,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _create_temp_beside(path: Path) -> Path:
+    """Create an empty, uniquely named hidden file next to ``path``, with the mode that a plain
+    ``open(path, "w")`` would give it.
+
+    ``tempfile.mkstemp`` creates files with mode 0600 and the rename keeps that mode, so every
+    artefact would be unreadable by anyone else (e.g. a serving user). Creating the file with
+    ``os.open(..., 0o666)`` lets the kernel apply the umask (and any default ACL) at creation: no
+    chmod afterwards, and no reading of the process-wide umask, which cannot be done without
+    briefly changing it under other threads.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(candidate, flags, 0o666)
+        except FileExistsError:  # O_EXCL: never reuse someone else's file
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"could not create a unique temporary file next to {path}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

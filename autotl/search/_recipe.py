@@ -529,9 +529,18 @@ def parse_recipe(doc: Any, source: str = "<recipe>", name: str | None = None) ->
 
 # --------------------------------------------------------------------------------------- files
 def recipe_dirs() -> list[Path]:
-    """Where built-in recipes live: ``autotl/recipes`` (installed) and the checkout's ``recipes/``."""
+    """Where built-in recipes live, first hit per name wins.
+
+    In a source checkout (editable install) that is the top-level ``recipes/``, their one home in
+    git; an installed wheel has them as ``autotl/recipes/``, copied there by the build (setup.py).
+    """
     pkg = Path(__file__).resolve().parents[1]
-    return [d for d in (pkg / "recipes", pkg.parent / "recipes") if d.is_dir()]
+    checkout = pkg.parent
+    # Only a checkout has pyproject.toml beside the package; in site-packages a sibling
+    # "recipes" folder would belong to some other distribution.
+    dirs = [checkout / "recipes"] if (checkout / "pyproject.toml").is_file() else []
+    dirs.append(pkg / "recipes")
+    return [d for d in dirs if d.is_dir()]
 
 
 def list_recipes() -> dict[str, Path]:
