@@ -4,16 +4,17 @@ A strategy (data dropout, selective joint fine-tuning, ...) reads its parameters
 parameter dict (the recipe declares their ranges), and before training may replace the training
 samples (``ctx.train_samples``) or the training function (``ctx.train_fn``, same signature as
 ``autotl.train.train_model``). Adding one is one new module with a ``BaseStrategy`` subclass plus
-one line in ``STRATEGIES`` and its dimensions in the recipes.
+one ``STRATEGIES.register`` line (name, ``"module:Class"``, order) and its dimensions in the recipes.
 """
 
 from __future__ import annotations
 
-import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ._registry import Registry
 from .data import DatasetIndex, Sample
 from .features import FeatureExtractor
 from .models import SourceModel
@@ -36,39 +37,48 @@ class StrategyContext:
     final: bool = False  # True for the final refit: strategies write their artefacts (csv files)
 
 
-class BaseStrategy:
-    """One transfer strategy. Subclasses set ``name`` and ``params`` and implement ``apply``."""
+class BaseStrategy(ABC):
+    """One transfer strategy. Subclasses set ``name`` and ``params`` and implement ``is_active`` and
+    ``apply``; they are built without arguments (``create_strategy``)."""
 
     name: str = "base"
     params: tuple[str, ...] = ()  # keys of the trial parameters this strategy consumes
 
+    @abstractmethod
     def is_active(self, params: dict[str, Any]) -> bool:
         """Whether the parameters switch this strategy on (e.g. retrieval_k > 0)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
         """Change ``ctx`` in place before training; record what was done in ``ctx.notes[self.name]``."""
-        raise NotImplementedError
 
     def describe(self, params: dict[str, Any]) -> str:
         """The strategy in words, for the leaderboard and the card."""
         return f"{self.name}: " + ", ".join(f"{k}={params[k]}" for k in self.params if k in params)
 
 
-# name -> "module:Class"; one line per strategy.
-STRATEGIES: dict[str, str] = {
-    "dropout": "autotl.dropout.strategy:DataDropout",
-    "retrieval": "autotl.retrieval.strategy:SelectiveJointFineTuning",
-}
+# One line per strategy. The order is the order of application: data dropout first, because it
+# decides which training images are kept and retrieval looks up pool neighbours for the kept ones
+# (``ctx.train_samples``) and wraps training in the joint trainer.
+STRATEGIES: Registry[BaseStrategy] = Registry("strategy", BaseStrategy)
+STRATEGIES.register("dropout", "autotl.dropout.strategy:DataDropout", order=10)
+STRATEGIES.register("retrieval", "autotl.retrieval.strategy:SelectiveJointFineTuning", order=20)
+
+
+def list_strategies() -> list[str]:
+    """Registered strategy names, in the order they are applied."""
+    return STRATEGIES.names()
+
+
+def create_strategy(name: str) -> BaseStrategy:
+    """The strategy registered as ``name``; an unknown name raises ``UnknownNameError`` (a ValueError)."""
+    return STRATEGIES.create(name)
 
 
 def create_strategies(names: list[str] | None = None) -> list[BaseStrategy]:
-    out = []
-    for name, target in STRATEGIES.items():
-        if names is None or name in names:
-            module, cls = target.split(":")
-            out.append(getattr(importlib.import_module(module), cls)())
-    return out
+    """The named strategies (all when ``names`` is None), in the order they are applied."""
+    wanted = None if names is None else {STRATEGIES.key(n) for n in names}  # unknown names raise
+    return [create_strategy(n) for n in STRATEGIES if wanted is None or n in wanted]
 
 
 def strategy_params() -> set[str]:
@@ -76,6 +86,7 @@ def strategy_params() -> set[str]:
 
 
 def apply_strategies(ctx: StrategyContext, params: dict[str, Any]) -> StrategyContext:
+    """Apply every active strategy to ``ctx``, in registry order (see ``STRATEGIES``)."""
     for strategy in create_strategies():
         if strategy.is_active(params):
             strategy.apply(ctx, params)

@@ -158,25 +158,17 @@ def _warmup_cosine(opt, total_steps: int, warmup_steps: int):
 
 
 def _make_regularizer(cfg: TrainConfig, view: _SuffixView):
+    """The regulariser ``cfg.regularizer`` names, built by its registered class from ``cfg`` and bound
+    to ``view``; None when it is off. Unknown names raise a ValueError listing the registered ones."""
     if cfg.regularizer == "none" or cfg.reg_lambda <= 0 and cfg.reg_beta <= 0:
         return None
-    from .regularizers import create_regularizer
+    from .regularizers import regularizer_from_config
 
     net = view.net
-    if cfg.regularizer == "l2sp":
-        reg = create_regularizer("l2sp", alpha=1.0, beta=cfg.reg_beta / max(cfg.reg_lambda, 1e-12))
-        source = None
-    elif cfg.regularizer == "kd":
-        trainable = net.stage_names[net.frozen :]
-        layers = [n for n in cfg.kd_layers if n in trainable] or trainable[-1:]
-        reg = create_regularizer("kd", layers=[f"net.{net.stage_module_name(n)}" for n in layers])
-        source = copy.deepcopy(view).eval()
-        for p in source.parameters():
-            p.requires_grad_(False)
-    else:
-        raise ValueError(f"unknown regularizer {cfg.regularizer!r}")
+    reg = regularizer_from_config(cfg, view)
+    # No source model: a regulariser that needs one (feature-map KD) copies ``view`` at bind time.
     reg.bind(view, shared_params=[(f"net.{n}", p) for n, p in net.shared_parameters()],
-             new_params=[(f"net.{n}", p) for n, p in net.new_parameters()], source_model=source)
+             new_params=[(f"net.{n}", p) for n, p in net.new_parameters()])
     return reg
 
 

@@ -316,3 +316,57 @@ def test_coefficient_schedule():
             CoefficientSchedule(1.0, bad)
     with pytest.raises(ValueError, match="lam0"):
         CoefficientSchedule(-1.0, 0.5)
+
+
+# --------------------------------------------------------------------- built from a TrainConfig
+def _suffix_view(frozen: int):
+    from autotl.stages import TransferNet
+    from autotl.train import _SuffixView
+
+    net = TransferNet.from_source(_tiny("test_efficientnet"), 3, frozen=frozen)
+    return _SuffixView(net, frozen)
+
+
+@pytest.mark.parametrize("reg_lambda, reg_beta", [(0.01, 0.001), (0.3, 0.0), (1e-4, 0.05), (0.0, 0.5)])
+def test_l2sp_coefficients_from_the_config_are_unchanged(reg_lambda, reg_beta):
+    from autotl.train import TrainConfig, _make_regularizer
+
+    view = _suffix_view(2)
+    reg = _make_regularizer(TrainConfig(regularizer="l2sp", reg_lambda=reg_lambda, reg_beta=reg_beta), view)
+    # the mapping train.py had before the registry, kept exactly (including reg_lambda = 0, which
+    # gives β = reg_beta·1e12: wrong, and fixed by its own issue)
+    assert isinstance(reg, L2SP) and reg.alpha == 1.0
+    assert reg.beta == reg_beta / max(reg_lambda, 1e-12)
+    net = view.net
+    assert [p for _, p in reg.shared_params] == [p for _, p in net.shared_parameters()]
+    assert [n for n, _ in reg.new_params] == [f"net.{n}" for n, _ in net.new_parameters()]
+
+
+def test_regularizer_off_when_both_coefficients_are_zero():
+    from autotl.train import TrainConfig, _make_regularizer
+
+    for name in ("none", "l2sp", "kd", "not-registered"):
+        assert _make_regularizer(TrainConfig(regularizer=name, reg_lambda=0.0, reg_beta=0.0), _suffix_view(2)) is None
+
+
+def test_kd_from_the_config_matches_trainable_stages_against_a_frozen_copy():
+    from autotl.train import TrainConfig, _make_regularizer
+
+    view = _suffix_view(2)
+    net = view.net
+    trainable = net.stage_names[2:]
+    reg = _make_regularizer(TrainConfig(regularizer="kd", reg_lambda=0.1), view)
+    assert isinstance(reg, FeatureMapKD)
+    assert reg.layers == [f"net.{net.stage_module_name(trainable[-1])}"]  # default: the last trainable stage
+    cfg = TrainConfig(regularizer="kd", reg_lambda=0.1, kd_layers=[net.stage_names[0], trainable[0], "nowhere"])
+    reg = _make_regularizer(cfg, view)
+    assert reg.layers == [f"net.{net.stage_module_name(trainable[0])}"]  # frozen and unknown stages dropped
+    teacher = reg.source_model
+    assert teacher is not view and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for (k, a), (_, b) in zip(view.state_dict().items(), teacher.state_dict().items()):
+        assert torch.equal(a, b), k
+    view.eval()  # same BN statistics as the eval-mode teacher: Ω = 0 at the starting point
+    with torch.no_grad():
+        _, state = reg.forward(view, net.forward_prefix(torch.randn(2, 3, 32, 32), 2))
+        assert float(reg.penalty(state)) == pytest.approx(0.0, abs=1e-10)

@@ -6,38 +6,26 @@
 - ``regularized_backward``: ∇J + λ∇Ω, or the DTNH direction (projection of ∇Ω when it conflicts with ∇J)
 - ``CoefficientSchedule``: per-epoch decay λ_e = λ0·decay^e
 
-Adding a regulariser: a ``BaseRegularizer`` subclass in a new module + one line in ``_REGISTRY``.
+Adding a regulariser: a ``BaseRegularizer`` subclass (with ``from_config``) in a new module + one
+``REGULARIZERS.register`` line in ``base.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from .base import BaseRegularizer, NoRegularizer
+from .base import (
+    REGULARIZERS,
+    BaseRegularizer,
+    NoRegularizer,
+    create_regularizer,
+    list_regularizers,
+    regularizer_from_config,
+)
 from .dtnh import CoefficientSchedule, StepStats, dtnh_direction, regularized_backward
 from .kd import FeatureMapKD
 from .l2sp import L2SP
 
-_REGISTRY: dict[str, type[BaseRegularizer]] = {
-    "none": NoRegularizer,
-    "l2sp": L2SP,
-    "kd": FeatureMapKD,
-}
-
-
-def available_regularizers() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_regularizer(name: str, **kwargs: Any) -> BaseRegularizer:
-    """Build a regulariser by registry name ("none", "l2sp", "kd") with its constructor kwargs."""
-    key = str(name).strip().lower()
-    try:
-        cls = _REGISTRY[key]
-    except KeyError:
-        raise ValueError(f"unknown regularizer {name!r}; available: {', '.join(available_regularizers())}") from None
-    return cls(**kwargs)
-
+# The older name of ``list_regularizers`` (autotl.search._recipe validates recipes with it).
+available_regularizers = list_regularizers
 
 __all__ = [
     "BaseRegularizer",
@@ -48,6 +36,9 @@ __all__ = [
     "CoefficientSchedule",
     "regularized_backward",
     "dtnh_direction",
+    "REGULARIZERS",
     "create_regularizer",
+    "list_regularizers",
+    "regularizer_from_config",
     "available_regularizers",
 ]

@@ -12,16 +12,22 @@ given parameters (default: autograd through ``penalty``; subclasses with a close
 The regulariser only ever sees the parameters it is given: frozen stages, or stages cut off and
 replaced by cached activations, are simply absent from ``shared_params``.
 
-Adding a regulariser = one new module with a ``BaseRegularizer`` subclass + one line in
-``autotl.regularizers._REGISTRY``.
+A regulariser builds itself from a ``TrainConfig`` (``from_config``), so adding one is one new module
+with a ``BaseRegularizer`` subclass + one ``REGULARIZERS.register`` line below.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
+
+from .._registry import Registry, UnknownNameError
+
+if TYPE_CHECKING:  # autotl.train imports this package (lazily); a runtime import would be a cycle
+    from ..train import TrainConfig
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 
@@ -42,8 +48,9 @@ def flat_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
-class BaseRegularizer:
-    """Base class of a regulariser Ω(ω, ω_s) (extension point).
+class BaseRegularizer(ABC):
+    """Base class of a regulariser Ω(ω, ω_s) (extension point): implement ``from_config`` and
+    ``penalty`` (and ``gradients`` where a closed form exists).
 
     Class attributes
     ----------------
@@ -62,6 +69,12 @@ class BaseRegularizer:
         self.model: nn.Module | None = None
         self.shared_params: list[tuple[str, nn.Parameter]] = []
         self.new_params: list[tuple[str, nn.Parameter]] = []
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: "TrainConfig", model: nn.Module) -> "BaseRegularizer":
+        """The (unbound) regulariser a training run with ``config`` uses on ``model``, the module
+        being trained (``autotl.train._SuffixView``: ``model.net`` is the ``TransferNet``)."""
 
     # -- binding -------------------------------------------------------------------------------
     def bind(
@@ -97,9 +110,9 @@ class BaseRegularizer:
         """Forward pass of the model being trained; returns (logits, state for ``penalty``)."""
         return model(x), None
 
+    @abstractmethod
     def penalty(self, state: Any) -> torch.Tensor:
         """Value of Ω (a differentiable scalar tensor)."""
-        raise NotImplementedError
 
     def gradients(
         self, params: Sequence[torch.Tensor], state: Any
@@ -126,6 +139,10 @@ class NoRegularizer(BaseRegularizer):
     shares_graph = False
     is_noop = True
 
+    @classmethod
+    def from_config(cls, config, model):
+        return cls()
+
     def penalty(self, state: Any) -> torch.Tensor:
         p = self.params
         if p:
@@ -134,3 +151,29 @@ class NoRegularizer(BaseRegularizer):
 
     def gradients(self, params, state):
         return [None] * len(list(params))
+
+
+# One line per regulariser; the order is the order they are listed in (recipes, messages).
+REGULARIZERS: Registry[BaseRegularizer] = Registry("regularizer", BaseRegularizer)
+REGULARIZERS.register("none", "autotl.regularizers.base:NoRegularizer", order=10)
+REGULARIZERS.register("l2sp", "autotl.regularizers.l2sp:L2SP", order=20)
+REGULARIZERS.register("kd", "autotl.regularizers.kd:FeatureMapKD", order=30)
+
+
+def list_regularizers() -> list[str]:
+    """Registered regulariser names, in registry order."""
+    return REGULARIZERS.names()
+
+
+def create_regularizer(name: str, **kwargs: Any) -> BaseRegularizer:
+    """The regulariser registered as ``name`` (case-insensitive) built with its constructor kwargs;
+    an unknown name raises ``UnknownNameError`` (a ValueError) listing the known ones."""
+    return REGULARIZERS.create(name, **kwargs)
+
+
+def regularizer_from_config(config: "TrainConfig", model: nn.Module) -> BaseRegularizer:
+    """The (unbound) regulariser ``config.regularizer`` names, built by its class from ``config``."""
+    name = config.regularizer
+    if REGULARIZERS.key(name) != name:  # training compares the exact name too ("l2sp" turns weight decay off)
+        raise UnknownNameError(f"regularizer {name!r}: write it as {REGULARIZERS.key(name)!r}")
+    return REGULARIZERS.get_class(name).from_config(config, model)

@@ -78,6 +78,15 @@ class FeatureMapKD(BaseRegularizer):
         self._student: dict[str, torch.Tensor] = {}
         self._teacher: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def from_config(cls, config, model):
+        """Match the configured ``kd_layers`` that are trainable stages of ``model.net``, else its
+        last trainable stage. The teacher is the copy of ``model`` that ``bind`` takes (ω_s)."""
+        net = model.net
+        trainable = net.stage_names[net.frozen :]
+        layers = [n for n in config.kd_layers if n in trainable] or trainable[-1:]
+        return cls(layers=[f"net.{net.stage_module_name(n)}" for n in layers])
+
     # -- binding -------------------------------------------------------------------------------
     def _check_layers(self, model: nn.Module, which: str) -> dict[str, nn.Module]:
         modules = dict(model.named_modules())

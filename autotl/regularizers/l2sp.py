@@ -50,6 +50,13 @@ class L2SP(BaseRegularizer):
         self._ref_of: dict[int, int] = {}  # id(param) -> index in _sp / _ref
         self._new_ids: set[int] = set()
 
+    @classmethod
+    def from_config(cls, config, model):
+        # Today's mapping, kept as is: the training loop weights Ω by λ = reg_lambda, or by 1.0 when
+        # reg_lambda <= 0, so (λα, λβ) = (reg_lambda, reg_beta) when reg_lambda > 0 but
+        # (1, reg_beta·1e12) when reg_lambda = 0 < reg_beta. That case is wrong; a separate issue fixes it.
+        return cls(alpha=1.0, beta=config.reg_beta / max(config.reg_lambda, 1e-12))
+
     def _keep(self, p: torch.Tensor) -> bool:
         return not (self.exclude_norm_and_bias and p.ndim <= 1)
 

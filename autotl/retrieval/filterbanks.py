@@ -14,6 +14,10 @@ A :class:`FilterBank` takes RGB images in ``[0, 1]`` (B, 3, H, W) and returns re
 (B, F, h, w); it does its own preprocessing (greyscale for Gabor, the model's mean/std for a CNN).
 ``bank.groups`` gives the number of filters of each layer, which eq. (1) uses to weight every
 histogram by ``1/N_h``; ``bank.key`` is a stable string (name + hash of all weights) for caches.
+
+Extension point: a :class:`BaseFilterBank` subclass builds itself for a source model
+(``from_source``); adding a bank is that class plus one ``FILTER_BANKS.register`` line (at the end
+of this module), after which ``create_filter_bank(name)`` and ``retrieval_bank`` accept its name.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,10 +33,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._registry import Registry
 from ..errors import AutotlError
 
 __all__ = [
+    "BaseFilterBank",
     "FilterBank",
+    "FILTER_BANKS",
+    "create_filter_bank",
+    "list_filter_banks",
     "GaborFilterBank",
     "ConvFilterBank",
     "GaborParams",
@@ -68,11 +78,11 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return str(tuple(t.shape)).encode() + t.numpy().tobytes()
 
 
-class FilterBank:
+class BaseFilterBank(ABC):
     """A set of (possibly non-linear) spatial filters; see the module docstring.
 
-    Subclasses implement :meth:`responses` and :meth:`_key_material`, and set ``name`` and
-    ``groups`` (filters per layer, in channel order).
+    Subclasses implement :meth:`from_source`, :meth:`responses` and :meth:`_key_material`, and set
+    ``name`` and ``groups`` (filters per layer, in channel order).
     """
 
     name: str = "filterbank"
@@ -86,23 +96,33 @@ class FilterBank:
         """(F,) weights ``1/N_h`` of eq. (1)."""
         return filter_weights(self.groups)
 
-    def responses(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """RGB images (B, 3, H, W) in [0, 1] -> responses (B, F, h, w), float32."""
-        raise NotImplementedError
+    @classmethod
+    @abstractmethod
+    def from_source(cls, source_model: nn.Module | None) -> "BaseFilterBank":
+        """The bank retrieval uses with this source model (banks that ignore it accept None)."""
 
-    def _key_material(self) -> list[bytes]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def responses(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB images (B, 3, H, W) in [0, 1] -> responses (B, F, h, w), float32."""
+
+    @abstractmethod
+    def _key_material(self) -> list[bytes]:
+        """Bytes that identify the filters (their weights and processing) for :attr:`key`."""
 
     @property
     def key(self) -> str:
         """Stable identifier: ``name@sha256(weights)[:16]``; changes whenever any weight changes."""
         return f"{self.name}@{_digest(self.name.encode(), *self._key_material())[:16]}"
 
-    def to(self, device: str | torch.device) -> "FilterBank":  # pragma: no cover - overridden
+    def to(self, device: str | torch.device) -> "BaseFilterBank":  # pragma: no cover - overridden
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, groups={self.groups}, key={self.key!r})"
+
+
+# The older name; descriptors, knn and neighbours annotate banks with it.
+FilterBank = BaseFilterBank
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +252,7 @@ def _fast_len(n: int) -> int:
     return best
 
 
-class GaborFilterBank(FilterBank):
+class GaborFilterBank(BaseFilterBank):
     """Linear Gabor bank on the greyscale (ITU-R 601 luma) image, computed by FFT.
 
     Every response is ``F.conv2d(grey, kernels, padding=k//2)`` (cross-correlation, like a conv
@@ -286,6 +306,11 @@ class GaborFilterBank(FilterBank):
             radius = min(self.ksize // 2, max(_support_radius(self.params[j]) for j in idx))
             self._plan.append((crop, radius, idx))
         self._spectra: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_source(cls, source_model: nn.Module | None = None) -> "GaborFilterBank":
+        """The paper's 48-filter bank (the defaults); a linear bank does not depend on the model."""
+        return cls()
 
     def _key_material(self) -> list[bytes]:
         return [b"gabor-fft-reflect-luma601", str(self.stride).encode(), _tensor_bytes(self.kernels)]
@@ -507,7 +532,7 @@ def source_conv_bank(model: nn.Module, stages: int = 1) -> SourceConvStages:
     return SourceConvStages(mods, groups)
 
 
-class ConvFilterBank(FilterBank):
+class ConvFilterBank(BaseFilterBank):
     """Non-linear bank: ``module`` (e.g. :func:`source_conv_bank`) applied to images normalised
     with ``mean``/``std``; ``groups`` filters per layer (weights 1/N_h in eq. 1)."""
 
@@ -529,6 +554,17 @@ class ConvFilterBank(FilterBank):
         self.groups = tuple(int(v) for v in g)
         self.name = name
         self.device = torch.device("cpu")
+
+    @classmethod
+    def from_source(cls, source_model: nn.Module | None) -> "ConvFilterBank":
+        """The source model's first two conv stages with their activations; the first stage only
+        where two are not supported (see :func:`source_conv_bank`)."""
+        if source_model is None:
+            raise AutotlError("retrieval_bank 'conv' needs the source model")
+        try:
+            return source_filter_bank(source_model, stages=2)
+        except AutotlError:
+            return source_filter_bank(source_model, stages=1)
 
     def _key_material(self) -> list[bytes]:
         chunks = [repr(self.module).encode(), repr((self.mean, self.std, self.groups)).encode()]
@@ -565,3 +601,25 @@ def source_filter_bank(model: nn.Module, stages: int = 1) -> ConvFilterBank:
         std=cfg.get("std", IMAGENET_STD),
         name=f"conv-{arch}-stages{stages}",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+# One line per bank. The order is the order of the banks' histograms in a combined descriptor
+# ("gabor+conv") and of their listing.
+FILTER_BANKS: Registry[BaseFilterBank] = Registry("filter bank", BaseFilterBank)
+FILTER_BANKS.register("gabor", "autotl.retrieval.filterbanks:GaborFilterBank", order=10)
+FILTER_BANKS.register("conv", "autotl.retrieval.filterbanks:ConvFilterBank", order=20)
+
+
+def list_filter_banks() -> list[str]:
+    """Registered filter bank names, in registry order."""
+    return FILTER_BANKS.names()
+
+
+def create_filter_bank(name: str, source_model: nn.Module | None = None) -> BaseFilterBank:
+    """The bank registered as ``name`` for ``source_model``; an unknown name raises
+    ``UnknownNameError`` (a ValueError) listing the known ones."""
+    return FILTER_BANKS.get_class(name).from_source(source_model)

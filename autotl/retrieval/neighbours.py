@@ -13,7 +13,9 @@ loading them).
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
+import itertools
 import os
 import time
 from collections import OrderedDict
@@ -26,13 +28,47 @@ from .._console import log
 from ..data import Sample
 from ..errors import AutotlError
 from .descriptors import DEFAULT_IMAGE_SIZE, DEFAULT_N_BINS, describe_folder, fit_bin_edges
-from .filterbanks import FilterBank, gabor_filter_bank, source_filter_bank
+from .filterbanks import FILTER_BANKS, FilterBank, create_filter_bank
 from .knn import KnnResult, retrieve
 from .pool import SourcePool
 
 __all__ = ["BANKS", "PoolRetrieval", "create_banks", "get_retrieval", "retrieval_stats", "clear_retrieval_cache"]
 
-BANKS = ("gabor", "conv", "gabor+conv")
+
+class _BankChoices(collections.abc.Sequence):
+    """The ``retrieval_bank`` values, read from ``FILTER_BANKS`` on every use (so a registered bank
+    is accepted at once): each registered bank, then every "+"-join of several in registry order.
+    Only the registry order is accepted ("gabor+conv", not "conv+gabor"): one name per bank set,
+    so caches keyed by the name are not split."""
+
+    def _all(self) -> list[str]:
+        names = FILTER_BANKS.names()
+        return ["+".join(c) for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, str) or not value:
+            return False
+        names = FILTER_BANKS.names()
+        parts = value.split("+")
+        if not all(p in names for p in parts):
+            return False
+        ranks = [names.index(p) for p in parts]
+        return all(a < b for a, b in zip(ranks, ranks[1:]))
+
+    def __iter__(self) -> collections.abc.Iterator[str]:
+        return iter(self._all())
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return 2 ** len(FILTER_BANKS) - 1
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+BANKS = _BankChoices()  # ("gabor", "conv", "gabor+conv") with the built-in banks
 MAX_EDGE_IMAGES = 512  # bin edges are quantiles: a few hundred target images pin them down
 
 _MEMO: "OrderedDict[str, PoolRetrieval]" = OrderedDict()
@@ -51,22 +87,13 @@ def clear_retrieval_cache() -> None:
 
 
 def create_banks(name: str, source_model: torch.nn.Module | None = None) -> list[FilterBank]:
-    """``"gabor"`` (48 Gabor filters), ``"conv"`` (the source model's first two conv stages with
-    their activations; first stage only where two are not supported) or ``"gabor+conv"``."""
+    """The banks of one ``retrieval_bank`` value (see ``BANKS``): ``"gabor"`` (48 Gabor filters),
+    ``"conv"`` (the source model's first two conv stages with their activations; first stage only
+    where two are not supported), ``"gabor+conv"``, or any other registered bank (combination)."""
     name = str(name or "gabor").strip().lower()
     if name not in BANKS:
         raise AutotlError(f"retrieval_bank {name!r}: use one of {', '.join(BANKS)}")
-    banks: list[FilterBank] = []
-    if "gabor" in name:
-        banks.append(gabor_filter_bank())
-    if "conv" in name:
-        if source_model is None:
-            raise AutotlError("retrieval_bank 'conv' needs the source model")
-        try:
-            banks.append(source_filter_bank(source_model, stages=2))
-        except AutotlError:
-            banks.append(source_filter_bank(source_model, stages=1))
-    return banks
+    return [create_filter_bank(part, source_model) for part in name.split("+")]
 
 
 def _paths_digest(paths: Sequence[str]) -> str:
