@@ -5,11 +5,37 @@ Two input paths:
   only the trainable suffix and head run per step, with a random horizontal flip of the cached
   maps as augmentation (a conv net's maps of a flipped image are close to flipped maps);
 - *images*: timm's training augmentation on decoded images, the frozen prefix under no_grad.
-Regularisers (L2-SP, feature-map KD, with or without DTNH) plug in through ``BaseRegularizer``.
-"""
+Regularisers (L2-SP, feature-map KD, with or without DTNH) plug in through ``BaseRegularizer``;
+their forward hooks are removed when ``train_model`` returns or raises.
 
+Hooks. A trainer that needs more than this loop (selective joint fine-tuning: source-pool images in
+every batch, a source-head loss, hard-sample rounds) passes ``train_model(..., hooks=h)`` with ``h``
+a ``TrainingHooks`` subclass instance (one per run: it holds the run's state) instead of copying
+the set-up and the epoch loop. ``train_model`` calls, in this order:
+
+- ``h.extra_cache_images`` (attribute, default 0): images beyond train + val whose prefix
+  activations the hooks will hold, counted in the cache-or-decode decision;
+- ``h.setup(run: TrainingSetup) -> nn.Module | None`` (abstract): once, after the net, its training
+  inputs and the device are set. The module returned (e.g. a second head) is trained beside the
+  net: moved to the device, part of the module the regulariser binds to, optimised at the head's
+  learning rate;
+- ``h.extra_dataset() -> Dataset | None``: item i is an extra example ``(input, label)`` that rides
+  with training sample i (an activation at the cut on the cached path, an image tensor otherwise),
+  read when the batch is loaded so it may change between epochs. Its rows are appended to each batch
+  and go through the trainable stages in the same forward pass as the training rows;
+- per epoch ``h.start_epoch(epoch)`` before the first batch, per step
+  ``h.extra_loss(features, labels) -> Tensor`` on the pooled features of the extra rows (added to the
+  target cross-entropy before the backward pass), ``h.end_epoch(metrics)`` after validation (before
+  ``on_epoch`` and the stop test);
+- per round: ``h.round_starts`` (attribute, default ``(0,)``) splits the epochs into rounds;
+  ``h.end_round(round_idx)`` runs after the last epoch of every round but the final one, unless
+  training stopped in that epoch.
+``h.progress_label`` names the progress bar. Gradient transforms are not hooks: they stay with the
+regulariser path (DTNH projection in ``regularized_backward``).
+"""
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import random
@@ -20,7 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from . import _console
 from .data import Sample
@@ -87,6 +113,72 @@ class TrainResult:
     n_train: int
 
 
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What ``train_model`` has built when it calls ``TrainingHooks.setup``."""
+
+    net: TransferNet  # on ``device``
+    cut: int  # index of the first trainable stage: batches enter the net here
+    cached: bool  # batches are prefix activations at ``cut`` (else decoded images)
+    device: torch.device
+    extractor: FeatureExtractor
+    train_inputs: torch.Tensor | None  # (n, ...) activations at ``cut`` of the training samples; None unless cached
+    train_labels: torch.Tensor  # (n,) int64
+
+
+class TrainingHooks(abc.ABC):
+    """Additions to ``train_model``'s loop: extra rows and loss terms per step, per-epoch and
+    per-round callbacks (module docstring). One instance per training run."""
+
+    progress_label: str = "training"
+    extra_cache_images: int = 0
+    round_starts: Sequence[int] = (0,)
+
+    @abc.abstractmethod
+    def setup(self, run: TrainingSetup) -> nn.Module | None:
+        """Once, before the first epoch; returns a module to train beside the net, or None."""
+
+    def extra_dataset(self) -> Dataset | None:
+        """Item i: ``(input, label)`` of the extra example riding with training sample i; None: none."""
+        return None
+
+    def extra_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The step's extra loss term from the pooled ``features`` of its extra rows."""
+        raise NotImplementedError(f"{type(self).__name__} gives extra rows (extra_dataset) but no extra_loss")
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before the epoch's first batch."""
+
+    def end_epoch(self, metrics: EpochMetrics) -> None:
+        """After the epoch's validation, before ``on_epoch`` and the stop test."""
+
+    def end_round(self, round_idx: int) -> None:
+        """After the last epoch of round ``round_idx`` when another round follows."""
+
+
+class _NoHooks(TrainingHooks):
+    """Plain training: nothing added."""
+
+    def setup(self, run: TrainingSetup) -> None:
+        return None
+
+
+class _WithExtra(Dataset):
+    """Training sample i followed by the hooks' extra example i: ``(x, y, x_extra, y_extra)``."""
+
+    def __init__(self, base: Dataset, extra: Dataset):
+        if len(extra) != len(base):
+            raise ValueError(f"extra_dataset has {len(extra)} items for {len(base)} training samples")
+        self.base, self.extra = base, extra
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self.base[i]
+        return (item[0], item[1], *self.extra[i])
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -120,16 +212,19 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 class _SuffixView(nn.Module):
-    """The part of a TransferNet a trial trains: from the activation at ``cut`` to the logits.
-    Regularisers see this module (their hooks address ``net.stages.i``)."""
+    """The part of a TransferNet a trial trains, as the regulariser sees it: from the activation at
+    ``cut`` to the pooled features (the loop applies the heads; regularisers' hooks address
+    ``net.stages.i``). ``extra``, the module a ``TrainingHooks`` trains beside the net, is a child so
+    it is among the trained parameters and in a regulariser's source copy."""
 
-    def __init__(self, net: TransferNet, cut: int):
+    def __init__(self, net: TransferNet, cut: int, extra: nn.Module | None = None):
         super().__init__()
         self.net = net
         self.cut = cut
+        self.extra = extra
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_from(a, self.cut)
+        return self.net.forward_features_from(a, self.cut)
 
 
 def _optimizer(net: TransferNet, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -247,87 +342,117 @@ def train_model(
     device: torch.device | str | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     deadline: float | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> TrainResult:
     """Train a new head (and the unfrozen stages) on ``train_samples``, early-stopped on val.
 
     ``on_epoch`` sees every epoch's metrics (the search reports them to its pruner and may raise
-    ``optuna.TrialPruned`` from it). ``deadline`` (time.monotonic) stops training early.
+    ``optuna.TrialPruned`` from it). ``deadline`` (time.monotonic) stops training early. ``hooks``
+    add extra rows, loss terms and epoch/round callbacks (module docstring).
     """
     cfg = config
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
     device = pick_device(device) if not isinstance(device, torch.device) else device
+    hooks = _NoHooks() if hooks is None else hooks
     set_seed(cfg.seed)
     start = time.monotonic()
     net = TransferNet.from_source(source.model, num_classes, cfg.frozen_stages, seed=cfg.seed)
     cut = net.frozen
-    cached = should_cache(extractor, len(train_samples) + len(val_samples), cut, cfg.use_cache)
+    n_images = len(train_samples) + len(val_samples) + hooks.extra_cache_images
+    cached = should_cache(extractor, n_images, cut, cfg.use_cache)
     if extractor is None:
         extractor = FeatureExtractor(source, device=device)
     val_acts = extractor.extract(val_samples, [cut], description="val features")
     val_x, val_y = val_acts.at(cut, net.num_stages), val_acts.labels
     if cached:
         tr = extractor.extract(train_samples, [cut], description="train features")
-        train_loader = make_loader(TensorDataset(tr.at(cut, net.num_stages), tr.labels), batch_size=cfg.batch_size,
-                                   shuffle=True, device=torch.device("cpu"), seed=cfg.seed)
-        train_loader.num_workers = 0  # tensors already in memory
+        train_inputs, train_labels = tr.at(cut, net.num_stages), tr.labels
+        train_set: Dataset = TensorDataset(train_inputs, train_labels)
     else:
-        train_loader = make_loader(ImageDataset(train_samples, train_transform(source.data_config)),
-                                   batch_size=cfg.batch_size, shuffle=True, device=device, seed=cfg.seed)
+        train_inputs, train_labels = None, torch.tensor([s.label for s in train_samples], dtype=torch.long)
+        train_set = ImageDataset(train_samples, train_transform(source.data_config))
 
     use_cuda = device.type == "cuda"
     net.to(device)
     if use_cuda:
         net.to(memory_format=torch.channels_last)
-    view = _SuffixView(net, cut)
+    extra_module = hooks.setup(TrainingSetup(net, cut, cached, device, extractor, train_inputs, train_labels))
+    if extra_module is not None:
+        extra_module.to(device)
+    extra_set = hooks.extra_dataset()
+    if extra_set is not None:
+        train_set = _WithExtra(train_set, extra_set)
+    train_loader = make_loader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                               device=torch.device("cpu") if cached else device, seed=cfg.seed)
+    if cached:
+        train_loader.num_workers = 0  # tensors already in memory
+    view = _SuffixView(net, cut, extra_module)
     reg = _make_regularizer(cfg, view)
-    if reg is not None and getattr(reg, "source_model", None) is not None:
-        reg.source_model.to(device)
-    params = [p for p in view.parameters() if p.requires_grad]
-    opt = _optimizer(net, cfg)
-    steps_per_epoch = max(1, len(train_loader))
-    sched = _warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    lam_schedule = None
-    if reg is not None:
-        from .regularizers import CoefficientSchedule
+    try:
+        if reg is not None and getattr(reg, "source_model", None) is not None:
+            reg.source_model.to(device)
+        params = [p for p in view.parameters() if p.requires_grad]
+        opt = _optimizer(net, cfg)
+        if extra_module is not None:  # a new layer like the head: the head's learning rate
+            opt.add_param_group({"params": list(extra_module.parameters()), "lr": cfg.lr})
+        steps_per_epoch = max(1, len(train_loader))
+        sched = _warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        lam_schedule = None
+        if reg is not None:
+            from .regularizers import CoefficientSchedule
 
-        lam_schedule = CoefficientSchedule(cfg.reg_lambda if cfg.regularizer != "l2sp" or cfg.reg_lambda > 0 else 1.0, cfg.reg_decay)
+            lam_schedule = CoefficientSchedule(
+                cfg.reg_lambda if cfg.regularizer != "l2sp" or cfg.reg_lambda > 0 else 1.0, cfg.reg_decay)
 
-    set_seed(cfg.seed)  # a cache miss above consumed random numbers (loader seeds); a hit did not
-    history: list[EpochMetrics] = []
-    stopper = _EarlyStopping(cfg.objective, cfg.patience)
-    with _console.progress("training", total=cfg.epochs) as bar:
-        for epoch in range(cfg.epochs):
-            t0 = time.monotonic()
-            view.train()
-            lam = lam_schedule(epoch) if lam_schedule is not None else 0.0
-            total, count, projected, steps = 0.0, 0, 0, 0
-            for batch in train_loader:
-                x, y = batch[0], batch[1]
-                x = x.to(device, non_blocking=True).float()
-                y = y.to(device, non_blocking=True)
-                x = _suffix_input(x, net, cut, cached)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                    logits, state = _forward(view, reg, x)
-                    loss = criterion(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss at epoch {epoch}")
-                projected += _backward_and_step(loss, reg, state, lam, cfg, params, opt, sched)
-                steps += 1
-                total += loss.item() * len(y)
-                count += len(y)
-            m = _evaluate(view, val_x, val_y, num_classes, device, cfg.batch_size)
-            metrics = EpochMetrics(epoch, total / max(1, count), m["loss"], m["accuracy"], m["macro_f1"],
-                                   time.monotonic() - t0, lam, projected / max(1, steps))
-            history.append(metrics)
-            bar.advance()
-            stopper.update(metrics, net)
-            if on_epoch is not None:
-                on_epoch(metrics)
-            if stopper.should_stop(deadline):
-                break
-    net.load_state_dict(stopper.state)
+        set_seed(cfg.seed)  # a cache miss above consumed random numbers (loader seeds); a hit did not
+        history: list[EpochMetrics] = []
+        stopper = _EarlyStopping(cfg.objective, cfg.patience)
+        round_starts, round_idx = list(hooks.round_starts), 0
+        with _console.progress(hooks.progress_label, total=cfg.epochs) as bar:
+            for epoch in range(cfg.epochs):
+                t0 = time.monotonic()
+                view.train()
+                lam = lam_schedule(epoch) if lam_schedule is not None else 0.0
+                hooks.start_epoch(epoch)
+                total, count, projected, steps = 0.0, 0, 0, 0
+                for batch in train_loader:
+                    x = batch[0].to(device, non_blocking=True).float()
+                    y = batch[1].to(device, non_blocking=True)
+                    n = len(y)
+                    if extra_set is not None:  # one forward pass for both: shared batch-norm statistics
+                        x = torch.cat([x, batch[2].to(device, non_blocking=True).float()])
+                        y_extra = batch[3].to(device, non_blocking=True)
+                    x = _suffix_input(x, net, cut, cached)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                        features, state = _forward(view, reg, x)
+                        target_loss = criterion(net.head(features[:n]).float(), y)
+                        loss = target_loss if extra_set is None else target_loss + hooks.extra_loss(features[n:], y_extra)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite training loss at epoch {epoch}")
+                    projected += _backward_and_step(loss, reg, state, lam, cfg, params, opt, sched)
+                    steps += 1
+                    total += target_loss.item() * n
+                    count += n
+                m = _evaluate(net, cut, val_x, val_y, num_classes, device, cfg.batch_size)
+                metrics = EpochMetrics(epoch, total / max(1, count), m["loss"], m["accuracy"], m["macro_f1"],
+                                       time.monotonic() - t0, lam, projected / max(1, steps))
+                history.append(metrics)
+                bar.advance()
+                stopper.update(metrics, net)
+                hooks.end_epoch(metrics)
+                if on_epoch is not None:
+                    on_epoch(metrics)
+                if stopper.should_stop(deadline):
+                    break
+                if round_idx + 1 < len(round_starts) and epoch + 1 == round_starts[round_idx + 1]:
+                    hooks.end_round(round_idx)
+                    round_idx += 1
+        net.load_state_dict(stopper.state)
+    finally:
+        if reg is not None:  # KD's forward hooks sit on the net's stages: never hand them back
+            reg.close()
     net.cpu().eval()
     if use_cuda:
         net.to(memory_format=torch.contiguous_format)
@@ -335,14 +460,14 @@ def train_model(
 
 
 @torch.no_grad()
-def _evaluate(view: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, device, batch_size: int) -> dict:
-    view.eval()
+def _evaluate(net: TransferNet, cut: int, x: torch.Tensor, y: torch.Tensor, num_classes: int, device, batch_size: int) -> dict:
+    net.eval()
     out = []
     use_cuda = device.type == "cuda"
     for i in range(0, len(x), max(batch_size, 256)):
         xb = x[i : i + max(batch_size, 256)].to(device).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-            out.append(view(xb).float().cpu())
+            out.append(net.forward_from(xb, cut).float().cpu())
     logits = torch.cat(out) if out else torch.zeros(0, num_classes)
     return classification_metrics(logits, y, num_classes)
 
@@ -355,5 +480,5 @@ def predict_logits(net: TransferNet, acts: ActivationSet, batch_size: int = 256)
     return torch.cat([net.forward_from(x[i : i + batch_size].float(), net.frozen) for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, net.head.out_features)
 
 
-__all__ = ["TrainConfig", "TrainResult", "EpochMetrics", "train_model", "predict_logits", "classification_metrics",
-           "confusion_matrix", "pick_device", "resolve_frozen", "set_seed"]
+__all__ = ["TrainConfig", "TrainResult", "EpochMetrics", "TrainingHooks", "TrainingSetup", "train_model",
+           "predict_logits", "classification_metrics", "confusion_matrix", "pick_device", "resolve_frozen", "set_seed"]

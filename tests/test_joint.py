@@ -27,12 +27,12 @@ from autotl.retrieval import (
 )
 from autotl.retrieval import joint as joint_mod
 from autotl.retrieval import neighbours as neighbours_mod
-from autotl.retrieval.joint import _JointView, _source_head, round_boundaries, smoothing_entropy
+from autotl.retrieval.joint import _source_head, round_boundaries, smoothing_entropy
 from autotl.retrieval.schedule import HardSampleSchedule
 from autotl.retrieval.strategy import SelectiveJointFineTuning
 from autotl.stages import TransferNet
 from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies
-from autotl.train import TrainConfig
+from autotl.train import TrainConfig, _SuffixView
 from conftest import limited_torch_threads
 
 MODEL = "test_efficientnet@64=random"
@@ -112,7 +112,7 @@ def test_joint_step_updates_each_head_only_from_its_own_domain(source):
     torch.manual_seed(0)
     net = TransferNet.from_source(source.model, 2, -2)  # the last two stages shared and trainable
     head_s = torch.nn.Linear(net.head.in_features, 5)
-    view = _JointView(net, head_s, net.frozen)
+    view = _SuffixView(net, net.frozen, head_s)  # what train_model trains: the source head as its extra module
     a = net.forward_prefix(torch.randn(8, 3, 64, 64), net.frozen).detach()
     xt, xs = a[:4], a[4:]
     yt, ys = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 4, 2, 3])

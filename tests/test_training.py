@@ -10,7 +10,7 @@ from autotl.data import scan_dataset
 from autotl.features import FeatureExtractor
 from autotl.models import create_source_model
 from autotl.stages import TransferNet, resolve_frozen, staged_backbone
-from autotl.train import TrainConfig, classification_metrics, train_model
+from autotl.train import TrainConfig, TrainingHooks, classification_metrics, train_model
 from conftest import limited_torch_threads
 
 
@@ -139,6 +139,43 @@ def test_non_finite_loss_raises(make_image_folder, tmp_path):
     src = create_source_model("test_efficientnet=random")
     with pytest.raises(FloatingPointError):
         train_model(src, index.train, index.val, 2, TrainConfig(frozen_stages="all", epochs=2, lr=float("inf")))
+
+
+def _forward_hook_count(net: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in net.modules())
+
+
+class _NetWatcher(TrainingHooks):
+    """Keeps the net train_model builds and counts its forward hooks at the end of every epoch."""
+
+    def setup(self, run):
+        self.net, self.during = run.net, []
+
+    def end_epoch(self, metrics):
+        self.during.append(_forward_hook_count(self.net))
+
+
+def test_kd_hooks_are_removed_when_training_returns_or_raises(make_image_folder, tmp_path):
+    """Feature-map KD hooks the trained stages; train_model must take them off before it hands the
+    net back (the exported model would otherwise keep capturing maps), also when a callback raises."""
+    data = make_image_folder(tmp_path / "d", classes={"a": 6, "b": 6}, size=(40, 40))
+    index = scan_dataset(data)
+    src = create_source_model("test_efficientnet=random")
+    ex = FeatureExtractor(src, cache_dir=None)
+    cfg = TrainConfig(frozen_stages=-1, epochs=2, batch_size=4, regularizer="kd", reg_lambda=0.1)
+    watcher = _NetWatcher()
+    res = train_model(src, index.train, index.val, 2, cfg, extractor=ex, hooks=watcher)
+    assert res.history[0].lam == pytest.approx(0.1)  # KD was on
+    assert watcher.during and all(n > 0 for n in watcher.during)  # ... with its hooks on the net while training
+    assert res.net is watcher.net and _forward_hook_count(res.net) == 0
+
+    def prune(metrics):
+        raise RuntimeError("pruned")
+
+    watcher = _NetWatcher()
+    with pytest.raises(RuntimeError, match="pruned"):
+        train_model(src, index.train, index.val, 2, cfg, extractor=ex, on_epoch=prune, hooks=watcher)
+    assert watcher.during == [1] and _forward_hook_count(watcher.net) == 0
 
 
 def test_classification_metrics():

@@ -2,9 +2,12 @@
 
 ``train_joint`` has the signature of ``autotl.train.train_model`` plus one keyword, ``joint``
 (a :class:`JointData`: the source pool, the neighbour search, K0, the source-loss weight), so a
-strategy sets ``ctx.train_fn = functools.partial(train_joint, joint=data)``. It returns a
-``TrainResult`` whose ``net`` is a plain ``TransferNet`` for the *target* task: the source head
-lives beside it and is dropped at the end (export sees the target classes only).
+strategy sets ``ctx.train_fn = functools.partial(train_joint, joint=data)``. It is ``train_model``
+with :class:`JointFineTuningHooks` (``autotl.train.TrainingHooks``): the pool partners are the
+hooks' extra rows, the source-head loss their extra term, eq. 3 their per-round callback. It
+returns a ``TrainResult`` whose ``net`` is a plain ``TransferNet`` for the *target* task: the source
+head is the hooks' module, trained beside it and dropped at the end (export sees the target classes
+only).
 
 Every mini-batch holds B target images and, for each, one pool image drawn uniformly from that
 target's current neighbour set (its first K_i exact nearest pool images under eq. 1). Both halves
@@ -28,8 +31,9 @@ once for the largest count any image can reach and sliced.
 With a frozen prefix the activations at the cut are cached like ``train_model`` does: the
 target's through ``FeatureExtractor.extract``; the pool's only for the partners actually drawn
 (one extract per epoch for the ones not seen yet; the draws are seeded, so a rerun hits the disk
-cache), kept in an in-memory store shared by the trials of a search. With all stages frozen there is no shared trainable layer, the source
-task cannot influence the target, and training falls back to ``train_model``.
+cache), kept in an in-memory store shared by the trials of a search. With all stages frozen there
+is no shared trainable layer, the source task cannot influence the target, and training falls back
+to ``train_model``.
 """
 
 from __future__ import annotations
@@ -54,34 +58,16 @@ from .. import _console
 from .._images import load_rgb
 from .._io import atomic_path
 from ..data import Sample
-from ..features import FeatureExtractor, eval_transform, make_loader, train_transform
+from ..features import FeatureExtractor, ImageDataset, eval_transform, make_loader, train_transform
 from ..models import SourceModel
-from ..stages import TransferNet
-from ..train import (
-    OBJECTIVES,
-    EpochMetrics,
-    TrainConfig,
-    TrainResult,
-    _backward_and_step,
-    _EarlyStopping,
-    _evaluate,
-    _forward,
-    _make_regularizer,
-    _optimizer,
-    _suffix_input,
-    _SuffixView,
-    _warmup_cosine,
-    pick_device,
-    set_seed,
-    should_cache,
-    train_model,
-)
+from ..stages import TransferNet, resolve_frozen, staged_backbone
+from ..train import EpochMetrics, TrainConfig, TrainingHooks, TrainingSetup, TrainResult, train_model
 from .knn import KnnResult
 from .pool import SourcePool
 from .schedule import HardSampleSchedule
 
-__all__ = ["JointData", "train_joint", "joint_step_loss", "round_boundaries", "smoothing_entropy", "random_neighbours",
-           "write_retrieval_csv", "pool_store_stats"]
+__all__ = ["JointData", "JointFineTuningHooks", "train_joint", "joint_step_loss", "round_boundaries", "smoothing_entropy",
+           "random_neighbours", "write_retrieval_csv", "pool_store_stats"]
 
 
 @dataclass
@@ -140,18 +126,14 @@ def random_neighbours(n_pool: int, seed: int = 0) -> Callable[[Sequence[Sample],
     return fn
 
 
-class _JointView(nn.Module):
-    """The trained part: activation at ``cut`` -> pooled features; the two heads sit beside it.
-    Regularisers bind to this module (``net.stages.i`` addresses work as with ``_SuffixView``)."""
-
-    def __init__(self, net: TransferNet, source_head: nn.Linear, cut: int):
-        super().__init__()
-        self.net = net
-        self.source_head = source_head
-        self.cut = cut
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features_from(a, self.cut)
+def _source_loss(features: torch.Tensor, labels: torch.Tensor, source_head: nn.Module, *,
+                 sample_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """mean_i w(y_i) CE(source head, pool label) over pool rows' pooled ``features``; 0 for none."""
+    if not features.shape[0]:
+        return features.new_zeros(()).float()
+    ce = nn.functional.cross_entropy(source_head(features).float(), labels, label_smoothing=label_smoothing,
+                                     reduction="none")
+    return (ce * sample_weights).mean() if sample_weights is not None else ce.mean()
 
 
 def joint_step_loss(features: torch.Tensor, n_target: int, y_target: torch.Tensor, y_source: torch.Tensor,
@@ -159,16 +141,13 @@ def joint_step_loss(features: torch.Tensor, n_target: int, y_target: torch.Tenso
                     sample_weights: torch.Tensor | None = None, label_smoothing: float = 0.0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, target CE, source CE) for pooled ``features`` whose first ``n_target`` rows are target
-    images and the rest pool images. Target rows only reach the target head, pool rows only the
-    source head; an empty half contributes 0."""
+    images and the rest pool images: the loss of one joint step, as ``train_model``'s target
+    cross-entropy plus ``JointFineTuningHooks.extra_loss`` make it. Target rows only reach the
+    target head, pool rows only the source head; an empty half contributes 0."""
     ft, fs = features[:n_target], features[n_target:]
-    zero = features.new_zeros(()).float()
-    loss_t = nn.functional.cross_entropy(target_head(ft).float(), y_target, label_smoothing=label_smoothing) if n_target else zero
-    if fs.shape[0]:
-        ce = nn.functional.cross_entropy(source_head(fs).float(), y_source, label_smoothing=label_smoothing, reduction="none")
-        loss_s = (ce * sample_weights).mean() if sample_weights is not None else ce.mean()
-    else:
-        loss_s = zero
+    loss_t = (nn.functional.cross_entropy(target_head(ft).float(), y_target, label_smoothing=label_smoothing)
+              if n_target else features.new_zeros(()).float())
+    loss_s = _source_loss(fs, y_source, source_head, sample_weights=sample_weights, label_smoothing=label_smoothing)
     return loss_t + float(source_weight) * loss_s, loss_t, loss_s
 
 
@@ -195,8 +174,8 @@ class _PoolStore:
             self.rows[os.fspath(s.path)] = start + i
         self.extracted += len(missing)
 
-    def gather(self, samples_paths: list[str]) -> torch.Tensor:
-        return self.data[torch.tensor([self.rows[p] for p in samples_paths], dtype=torch.long)]
+    def row(self, path: str | os.PathLike) -> torch.Tensor:
+        return self.data[self.rows[os.fspath(path)]]
 
 
 _STORES: "OrderedDict[str, _PoolStore]" = OrderedDict()
@@ -219,32 +198,23 @@ def pool_store_stats() -> dict[str, int]:
     return {"stores": len(_STORES), "pool_rows": sum(len(s.rows) for s in _STORES.values())}
 
 
-class _PairDataset(Dataset):
-    """(target image, target label, pool image, pool label) with the pool partner set per epoch."""
+class _PartnerDataset(Dataset):
+    """Item i: (input, pool label) of target image i's pool partner: its activation at the cut from
+    ``store`` (cached path) or the decoded, augmented image. ``partner`` is redrawn every epoch;
+    loader workers are started per epoch (not persistent), so they see the new draw."""
 
-    def __init__(self, targets: Sequence[Sample], pool: Sequence[Sample], transform):
-        self.targets = list(targets)
+    def __init__(self, pool: Sequence[Sample], n_targets: int, *, store: _PoolStore | None = None, transform=None):
         self.pool = list(pool)
-        self.transform = transform
-        self.partner = torch.zeros(len(self.targets), dtype=torch.long)
+        self.store, self.transform = store, transform
+        self.partner = torch.zeros(n_targets, dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.partner)
 
     def __getitem__(self, i: int):
-        t, s = self.targets[i], self.pool[int(self.partner[i])]
-        return self.transform(load_rgb(t.path)), t.label, self.transform(load_rgb(s.path)), s.label, i
-
-
-class _ImageList(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform):
-        self.samples, self.transform = list(samples), transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.samples[i].path)), self.samples[i].label
+        s = self.pool[int(self.partner[i])]
+        x = self.store.row(s.path) if self.store is not None else self.transform(load_rgb(s.path))
+        return x, s.label
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -283,8 +253,123 @@ def _probs_cached(net: TransferNet, x: torch.Tensor, cut: int, device, batch: in
 @torch.no_grad()
 def _probs_images(net: TransferNet, samples: Sequence[Sample], transform, device, batch: int) -> torch.Tensor:
     net.eval()
-    loader = make_loader(_ImageList(samples, transform), batch_size=max(batch, 64), shuffle=False, device=device)
-    return torch.cat([torch.softmax(net(x.to(device)).float(), 1).cpu() for x, _ in loader])
+    loader = make_loader(ImageDataset(samples, transform), batch_size=max(batch, 64), shuffle=False, device=device)
+    return torch.cat([torch.softmax(net(x.to(device)).float(), 1).cpu() for x, _, _ in loader])
+
+
+class JointFineTuningHooks(TrainingHooks):
+    """What makes ``train_model`` the joint trainer: each target image's pool partner as an extra
+    row, the source-head loss as the extra term, eq. 3 at the end of each round. Holds one run's
+    state (neighbours, counts, rounds, partners); ``write_notes`` reports it into ``joint.notes``."""
+
+    progress_label = "joint training"
+
+    def __init__(self, joint: JointData, source: SourceModel, train_samples: Sequence[Sample], num_classes: int,
+                 config: TrainConfig):
+        self.joint, self.source, self.config = joint, source, config
+        self.train_samples = list(train_samples)
+        n, pool = len(self.train_samples), joint.pool
+        self.round_starts = round_boundaries(config.epochs, joint.max_rounds)
+        self.delta = joint.delta + smoothing_entropy(config.label_smoothing, num_classes)
+        self.schedule = HardSampleSchedule(joint.k0, delta=self.delta, max_rounds=len(self.round_starts))
+        self.kmax = min(self.schedule.max_count, len(pool))
+        self.knn = joint.neighbours(self.train_samples, self.kmax)
+        self.nb_idx = self.knn.indices[:, :self.kmax].long()
+        self.counts = self.schedule.initial_counts(n).clamp(max=self.kmax)
+        self.counts_by_round = [self.counts.clone()]
+        self.extra_cache_images = min(len(pool), n * self.kmax)  # at most this many pool images get drawn
+        self.class_weights = (torch.as_tensor(joint.class_weights, dtype=torch.float32)
+                              if joint.class_weights is not None else None)
+        seed = config.seed if joint.partner_seed is None else int(joint.partner_seed)
+        self.partner_gen = torch.Generator().manual_seed(seed + 12345)
+        self.rounds: list[dict[str, Any]] = []
+        self.used_pool: set[int] = set()
+        self.pool_seconds = 0.0
+        self.source_loss_sum, self.source_rows = 0.0, 0  # this epoch's
+        # set by setup(), once train_model has built the net
+        self.run: TrainingSetup | None = None
+        self.source_head: nn.Linear | None = None
+        self.head_init = ""
+        self.store: _PoolStore | None = None  # cached path only
+        self.store_extracted_before = 0
+        self.partners: _PartnerDataset | None = None
+
+    def setup(self, run: TrainingSetup) -> nn.Module:
+        self.run = run
+        pool = self.joint.pool
+        self.source_head, self.head_init = _source_head(run.net, self.source, pool, self.joint.source_head_init,
+                                                        self.config.seed)
+        if run.cached:
+            self.store = _store_for(self.source, run.cut)
+            self.store_extracted_before = self.store.extracted
+        self.partners = _PartnerDataset(pool.samples, len(self.train_samples), store=self.store,
+                                        transform=None if run.cached else train_transform(self.source.data_config))
+        self._start_round(0)
+        return self.source_head
+
+    def extra_dataset(self) -> Dataset:
+        return self.partners
+
+    def start_epoch(self, epoch: int) -> None:
+        n, pool = len(self.train_samples), self.joint.pool
+        # one partner per target image for this epoch: uniform over its first K_i neighbours
+        pos = (torch.rand(n, generator=self.partner_gen) * self.counts.float()).long().clamp(max=self.kmax - 1)
+        partner = self.nb_idx[torch.arange(n), pos] if n else torch.zeros(0, dtype=torch.long)
+        self.used_pool.update(partner.tolist())
+        if self.store is not None:  # the prefix activations of this epoch's partners that are not cached yet
+            t0 = time.monotonic()
+            self.store.ensure(self.run.extractor, [pool.samples[int(j)] for j in torch.unique(partner)], self.run.cut)
+            self.pool_seconds += time.monotonic() - t0
+        self.partners.partner = partner
+        self.source_loss_sum, self.source_rows = 0.0, 0
+
+    def extra_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        w = self.class_weights[labels.cpu()].to(labels.device) if self.class_weights is not None else None
+        loss = _source_loss(features, labels, self.source_head, sample_weights=w,
+                            label_smoothing=self.config.label_smoothing)
+        self.source_loss_sum += loss.item() * len(labels)
+        self.source_rows += len(labels)
+        return float(self.joint.source_weight) * loss
+
+    def end_epoch(self, metrics: EpochMetrics) -> None:
+        self.rounds[-1].setdefault("source_loss", []).append(round(self.source_loss_sum / max(1, self.source_rows), 4))
+
+    def end_round(self, round_idx: int) -> None:
+        """Eq. 3: classify the target training images, grow the hard ones' neighbour counts."""
+        run = self.run
+        if run.cached:
+            probs = _probs_cached(run.net, run.train_inputs, run.cut, run.device)
+        else:
+            probs = _probs_images(run.net, self.train_samples, eval_transform(self.source.data_config), run.device,
+                                  self.config.batch_size)
+        cat = self.schedule.classify(probs, run.train_labels)
+        self.rounds[-1].update({"wrong": int((cat == 2).sum()), "uncertain": int((cat == 1).sum())})
+        self.counts = self.schedule.next_counts(probs, run.train_labels, self.counts, round_idx).clamp(max=self.kmax)
+        self.counts_by_round.append(self.counts.clone())
+        self._start_round(round_idx + 1)
+
+    def _start_round(self, round_idx: int) -> None:
+        n = len(self.train_samples)
+        self.rounds.append({"round": round_idx, "start_epoch": self.round_starts[round_idx],
+                            "pool_images": int(len(_selected(self.nb_idx, self.counts))),
+                            "mean_k": round(float(self.counts.float().mean()), 3) if n else 0.0,
+                            "max_k": int(self.counts.max()) if n else 0})
+
+    def write_notes(self, seconds: float) -> None:
+        """What the run did, into ``joint.notes``; ``retrieval.csv`` too when ``joint.csv_path`` is set."""
+        joint, cached = self.joint, self.store is not None
+        joint.notes.update({
+            "joint": True, "k0": joint.k0, "rounds_planned": len(self.round_starts), "rounds_run": len(self.rounds),
+            "round_starts": self.round_starts, "k_searched": self.kmax, "delta": round(self.delta, 4),
+            "rounds": self.rounds, "pool_images_used": len(self.used_pool), "source_weight": joint.source_weight,
+            "source_head_init": self.head_init, "cached_prefix": cached, "pool_prefix_seconds": round(self.pool_seconds, 3),
+            "pool_prefix_images": self.store.extracted - self.store_extracted_before if cached else 0,
+            "train_seconds": round(seconds, 3),
+        })
+        if joint.csv_path is not None:
+            write_retrieval_csv(joint.csv_path, self.train_samples, joint.pool, self.knn, self.counts_by_round,
+                                joint.target_classes)
+            joint.notes["csv"] = str(joint.csv_path)
 
 
 def train_joint(
@@ -301,171 +386,20 @@ def train_joint(
     joint: JointData,
 ) -> TrainResult:
     """``train_model`` with a source task trained jointly on retrieved pool images (module docstring)."""
-    cfg = config
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}")
-    device = pick_device(device) if not isinstance(device, torch.device) else device
-    notes = joint.notes
-    set_seed(cfg.seed)
     start = time.monotonic()
-    net = TransferNet.from_source(source.model, num_classes, cfg.frozen_stages, seed=cfg.seed)
-    cut = net.frozen
-    if cut >= net.num_stages:
-        notes.update({"joint": False, "reason": "all stages frozen: no shared trainable layer, trained the target head only"})
+    # the extractor knows the stage count; splitting the model again is only for a caller without one
+    n_stages = extractor.num_stages if extractor is not None else len(staged_backbone(source.model)[0])
+    if resolve_frozen(config.frozen_stages, n_stages) >= n_stages:
+        joint.notes.update({"joint": False, "reason": "all stages frozen: no shared trainable layer, trained the target head only"})
         _console.log("retrieval: all stages frozen, so the source task cannot change the target; training the target head only")
-        return train_model(source, train_samples, val_samples, num_classes, cfg, extractor=extractor, device=device,
+        return train_model(source, train_samples, val_samples, num_classes, config, extractor=extractor, device=device,
                            on_epoch=on_epoch, deadline=deadline)
-    train_samples, val_samples = list(train_samples), list(val_samples)
-    pool = joint.pool
-    n = len(train_samples)
-    starts = round_boundaries(cfg.epochs, joint.max_rounds)
-    delta = joint.delta + smoothing_entropy(cfg.label_smoothing, num_classes)
-    schedule = HardSampleSchedule(joint.k0, delta=delta, max_rounds=len(starts))
-    kmax = min(schedule.max_count, len(pool))
-    knn = joint.neighbours(train_samples, kmax)
-    nb_idx = knn.indices[:, :kmax].long()
-    counts = schedule.initial_counts(n).clamp(max=kmax)
-    counts_by_round = [counts.clone()]
-
-    source_head, head_init = _source_head(net, source, pool, joint.source_head_init, cfg.seed)
-    pool_labels = torch.as_tensor(pool.labels)
-    class_w = torch.as_tensor(joint.class_weights, dtype=torch.float32) if joint.class_weights is not None else None
-
-    if extractor is None:
-        extractor = FeatureExtractor(source, device=device)
-    approx_pool = min(len(pool), n * kmax)
-    cached = should_cache(extractor, n + len(val_samples) + approx_pool, cut, cfg.use_cache)
-    val_acts = extractor.extract(val_samples, [cut], description="val features")
-    val_x, val_y = val_acts.at(cut, net.num_stages), val_acts.labels
-    store, tr_x, tr_y, pair_ds, loader = None, None, None, None, None
-    if cached:
-        tr = extractor.extract(train_samples, [cut], description="train features")
-        tr_x, tr_y = tr.at(cut, net.num_stages), tr.labels
-        store = _store_for(source, cut)
-    else:
-        pair_ds = _PairDataset(train_samples, pool.samples, train_transform(source.data_config))
-        loader = make_loader(pair_ds, batch_size=cfg.batch_size, shuffle=True, device=device, seed=cfg.seed)
-    extracted0 = store.extracted if store is not None else 0
-
-    use_cuda = device.type == "cuda"
-    net.to(device)
-    source_head.to(device)
-    view = _JointView(net, source_head, cut)
-    target_view = _SuffixView(net, cut)
-    reg = _make_regularizer(cfg, view)
-    if reg is not None and getattr(reg, "source_model", None) is not None:
-        reg.source_model.to(device)
-    params = [p for p in view.parameters() if p.requires_grad]
-    opt = _optimizer(net, cfg)
-    opt.add_param_group({"params": list(source_head.parameters()), "lr": cfg.lr})
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    sched = _warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
-    lam_schedule = None
-    if reg is not None:
-        from ..regularizers import CoefficientSchedule
-
-        lam_schedule = CoefficientSchedule(cfg.reg_lambda if cfg.regularizer != "l2sp" or cfg.reg_lambda > 0 else 1.0, cfg.reg_decay)
-
-    set_seed(cfg.seed)
-    gen = torch.Generator().manual_seed((cfg.seed if joint.partner_seed is None else int(joint.partner_seed)) + 12345)
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[EpochMetrics] = []
-    rounds: list[dict[str, Any]] = []
-    stopper = _EarlyStopping(cfg.objective, cfg.patience)
-    round_idx, pool_seconds = 0, 0.0
-    used_pool: set[int] = set()
-
-    def start_round() -> None:
-        selected = _selected(nb_idx, counts)
-        rounds.append({"round": round_idx, "start_epoch": starts[round_idx], "pool_images": int(len(selected)),
-                       "mean_k": round(float(counts.float().mean()), 3) if n else 0.0, "max_k": int(counts.max()) if n else 0})
-
-    start_round()
-    with _console.progress("joint training", total=cfg.epochs) as bar:
-        for epoch in range(cfg.epochs):
-            t0 = time.monotonic()
-            view.train()
-            lam = lam_schedule(epoch) if lam_schedule is not None else 0.0
-            # one partner per target image for this epoch: uniform over its first K_i neighbours
-            pos = (torch.rand(n, generator=gen) * counts.float()).long().clamp(max=kmax - 1)
-            partner = nb_idx[torch.arange(n), pos] if n else torch.zeros(0, dtype=torch.long)
-            used_pool.update(partner.tolist())
-            tot_t = tot_s = 0.0
-            count = steps = projected = 0
-            if cached:  # the prefix activations of this epoch's partners that are not cached yet
-                t1 = time.monotonic()
-                store.ensure(extractor, [pool.samples[int(j)] for j in torch.unique(partner)], cut)
-                pool_seconds += time.monotonic() - t1
-                perm = torch.randperm(n, generator=order_gen)
-                batches = []
-                for b0 in range(0, n, cfg.batch_size):
-                    ti = perm[b0:b0 + cfg.batch_size]
-                    pj = partner[ti]
-                    xs = store.gather([os.fspath(pool.samples[int(j)].path) for j in pj])
-                    batches.append((tr_x[ti], tr_y[ti], xs, pool_labels[pj]))
-                iterator = iter(batches)
-            else:
-                pair_ds.partner = partner
-                iterator = ((xt, yt, xs, ys) for xt, yt, xs, ys, _ in loader)
-            for xt, yt, xs, ys in iterator:
-                xt = xt.to(device, non_blocking=True).float()
-                xs = xs.to(device, non_blocking=True).float()
-                yt, ys = yt.to(device), ys.to(device)
-                x = _suffix_input(torch.cat([xt, xs]), net, cut, cached)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                    feats, state = _forward(view, reg, x)
-                    w = class_w[ys.cpu()].to(device) if class_w is not None else None
-                    loss, loss_t, loss_s = joint_step_loss(feats, len(yt), yt, ys, net.head, source_head,
-                                                           source_weight=joint.source_weight, sample_weights=w,
-                                                           label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite joint training loss at epoch {epoch}")
-                projected += _backward_and_step(loss, reg, state, lam, cfg, params, opt, sched)
-                steps += 1
-                tot_t += loss_t.item() * len(yt)
-                tot_s += loss_s.item() * len(ys)
-                count += len(yt)
-            m = _evaluate(target_view, val_x, val_y, num_classes, device, cfg.batch_size)
-            metrics = EpochMetrics(epoch, tot_t / max(1, count), m["loss"], m["accuracy"], m["macro_f1"],
-                                   time.monotonic() - t0, lam, projected / max(1, steps))
-            history.append(metrics)
-            rounds[-1].setdefault("source_loss", []).append(round(tot_s / max(1, count), 4))
-            bar.advance()
-            stopper.update(metrics, net)
-            if on_epoch is not None:
-                on_epoch(metrics)
-            if stopper.should_stop(deadline):
-                break
-            # eq. 3 at the end of a round
-            if round_idx + 1 < len(starts) and epoch + 1 == starts[round_idx + 1]:
-                if cached:
-                    probs = _probs_cached(net, tr_x, cut, device)
-                    labels = tr_y
-                else:
-                    probs = _probs_images(net, train_samples, eval_transform(source.data_config), device, cfg.batch_size)
-                    labels = torch.tensor([s.label for s in train_samples])
-                cat = schedule.classify(probs, labels)
-                rounds[-1].update({"wrong": int((cat == 2).sum()), "uncertain": int((cat == 1).sum())})
-                counts = schedule.next_counts(probs, labels, counts, round_idx).clamp(max=kmax)
-                counts_by_round.append(counts.clone())
-                round_idx += 1
-                start_round()
-    net.load_state_dict(stopper.state)
-    net.cpu().eval()
-    if reg is not None and hasattr(reg, "close"):
-        reg.close()
-    seconds = time.monotonic() - start
-    notes.update({
-        "joint": True, "k0": joint.k0, "rounds_planned": len(starts), "rounds_run": len(rounds), "round_starts": starts,
-        "k_searched": kmax, "delta": round(delta, 4), "rounds": rounds, "pool_images_used": len(used_pool), "source_weight": joint.source_weight,
-        "source_head_init": head_init,
-        "cached_prefix": cached, "pool_prefix_seconds": round(pool_seconds, 3),
-        "pool_prefix_images": store.extracted - extracted0 if store is not None else 0, "train_seconds": round(seconds, 3),
-    })
-    if joint.csv_path is not None:
-        write_retrieval_csv(joint.csv_path, train_samples, pool, knn, counts_by_round, joint.target_classes)
-        notes["csv"] = str(joint.csv_path)
-    return TrainResult(net, cfg, history, stopper.best_epoch, stopper.best, seconds, cached, len(train_samples))
+    hooks = JointFineTuningHooks(joint, source, train_samples, num_classes, config)
+    result = train_model(source, hooks.train_samples, val_samples, num_classes, config, extractor=extractor,
+                         device=device, on_epoch=on_epoch, deadline=deadline, hooks=hooks)
+    result.seconds = time.monotonic() - start  # the neighbour search is this trainer's time too
+    hooks.write_notes(result.seconds)
+    return result
 
 
 def _selected(nb_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
