@@ -1,21 +1,25 @@
-"""The ``autotl`` command line: a thin typer layer over the Python API."""
+"""The ``autotl`` command line: a thin typer layer over the Python API.
+
+The only module that imports typer. Each command calls one API function and prints its result;
+``AutotlError`` from the API becomes one line on stderr and exit code 2 (``main``).
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+from importlib import import_module
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
+import typer.core
 
 from . import _console
 from ._version import __version__
 from .errors import AutotlError
-from .dropout.cli import dropout_command  # typer+rich only; torch loads when it runs
-from .report import report_command
-from .score import score_command
-from .worker import worker_command
+from .score import RULES as SCORE_RULES  # numpy only; the help lists the rules
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a folder of images into a deployable classifier by searching how to transfer.")
@@ -36,6 +40,41 @@ def _emit(obj, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
         sys.stdout.flush()
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: None means "not given", so the API function's own default applies."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _api_default(api: str, name: str) -> Any:
+    """The default of parameter ``name`` of the API function ``api`` ("module:function"), else None."""
+    module, attr = api.split(":")
+    param = inspect.signature(getattr(import_module(module), attr)).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _defaults_from(api: str) -> type[typer.core.TyperCommand]:
+    """A command class whose --help shows, for each option declared ``None`` (= not given, see
+    ``_given``), the default of the same-named parameter of ``api``: CLI defaults are the API's,
+    defined once, and the API module (torch, for some) is imported only when help is shown."""
+
+    class ApiDefaultsCommand(typer.core.TyperCommand):
+        def format_help(self, ctx, formatter) -> None:
+            saved = {}
+            for param in self.params:
+                declared_none = isinstance(param, typer.core.TyperOption) and param.default is None
+                default = _api_default(api, param.name) if declared_none else None
+                if default is not None:
+                    saved[param] = (param.default, param.show_default)
+                    param.default, param.show_default = default, True
+            try:
+                super().format_help(ctx, formatter)
+            finally:  # only the help shows them: parsing keeps None = "not given"
+                for param, (default, show) in saved.items():
+                    param.default, param.show_default = default, show
+
+    return ApiDefaultsCommand
 
 
 def _frozen(value: str) -> int | str:
@@ -122,12 +161,29 @@ def fit(
     _emit(result.to_json(), as_json)
 
 
+def _option_defaults(command) -> dict[str, Any]:
+    """{"--flag": default} of a typer command function's options, read from its own declarations."""
+    out = {}
+    for name, param in inspect.signature(command).parameters.items():
+        info = param.default
+        if isinstance(info, typer.models.OptionInfo):
+            for flag in [d for d in info.param_decls if d.startswith("--")] or ["--" + name.replace("_", "-")]:
+                out[flag] = info.default
+    return out
+
+
 def _resume_command(run_dir: Path, data_dir: Path, options: dict) -> str:
-    """The command line that resumes this search: its data, run folder and search options + --resume."""
+    """The command line that resumes this search: its data, run folder and search options + --resume.
+
+    An option at the fit command's own default is left out (so the line stays short and can never
+    disagree with those defaults); ``options`` maps flags to the values of the interrupted run."""
     import shlex
 
+    defaults = _option_defaults(fit)
     args = ["fit", str(data_dir), "--out", str(run_dir)]
     for flag, value in options.items():
+        if flag in defaults and value == defaults[flag]:
+            continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is True:
                 args.append(flag)
@@ -203,10 +259,126 @@ def demo(
     _emit(result.to_json(), as_json)
 
 
-app.command("worker")(worker_command)
-app.command("dropout")(dropout_command)
-app.command("report")(report_command)
-app.command("score")(score_command)
+@app.command(cls=_defaults_from("autotl.worker:join_study"))
+def worker(
+    storage: str = typer.Option(..., "--storage", help="The study's Optuna storage URL (postgresql://user@host/db, ...)."),
+    study: str = typer.Option(..., "--study", help="Study name (created by `autotl fit DIR --storage URL --study NAME`)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data", help="The data folder on this host (default: the path stored in the study)."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Stop after this many trials of this worker (default: until the study has its target)."),
+    artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Shared artefact folder (default: the fit's RUN_DIR/artifacts, stored in the study)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Local scratch folder of this worker (default: a temp folder)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
+    heartbeat: Optional[int] = typer.Option(None, "--heartbeat", help="Heartbeat interval in seconds (env AUTOTL_HEARTBEAT_INTERVAL, default 60)."),
+    grace: Optional[int] = typer.Option(None, "--grace", help="Seconds without heartbeat before a running trial is failed and retried (env AUTOTL_GRACE_PERIOD, default 2 x heartbeat)."),
+    max_retry: Optional[int] = typer.Option(None, "--max-retry", help="Retries of a trial whose worker died (env AUTOTL_MAX_RETRY, default 3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Join a search study in a shared storage and run its trials until it reaches its target."""
+    from .worker import join_study
+
+    _console.set_quiet(as_json)
+    result = join_study(storage, study, data_dir=data_dir, trials=trials, artifacts=artifacts, out=out,
+                        cache_dir=cache_dir, heartbeat=heartbeat, grace=grace, max_retry=max_retry,
+                        **_given(device=device))
+    _emit(result.to_json(), as_json)
+
+
+@app.command(cls=_defaults_from("autotl.dropout.dryrun:inspect_dropout"))
+def dropout(
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ and val/ (and an optional test/)."),
+    tau: Optional[str] = typer.Option(None, "--tau", help="Drop images scoring above TAU robust spreads (0 = every image predicted "
+                                                          "to hurt, the paper's rule); 'none' only scores. With --mode fraction: "
+                                                          "share of harmful images."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="spread (tau in robust-spread units) or fraction (tau = share of the harmful images)."),
+    focus_class: Optional[str] = typer.Option(None, "--focus-class", help="Use only this class's validation images as the reference."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="timm model that scores the images: NAME, NAME@SIZE, NAME=CHECKPOINT or NAME=random."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for dropped.csv, influence.csv, dropped.jpg (default runs/<data>-dropout-<time>)."),
+    top: Optional[int] = typer.Option(None, "--top", help="Most harmful images to show."),
+    write_clean: Optional[Path] = typer.Option(None, "--write-clean", help="Write a cleaned copy (train/ without the dropped images, val/, test/) to this new folder."),
+    copy: bool = typer.Option(False, "--copy", help="With --write-clean: copy the files instead of hard-linking them."),
+    l2: Optional[float] = typer.Option(None, "--l2", help="L2 damping of the convex head (features scaled to unit mean squared norm)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Validation share per class when there is no val/ folder."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the validation split."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Show (and optionally remove) the training images predicted to hurt validation loss, without training."""
+    from .dropout.dryrun import inspect_dropout
+
+    _console.set_quiet(as_json)
+    result = inspect_dropout(data_dir, focus_class=focus_class, out=out, cache_dir=cache_dir, write_clean=write_clean,
+                             link=not copy, show=not as_json,
+                             **_given(model=model, tau=tau, mode=mode, l2=l2, val_fraction=val_fraction, seed=seed,
+                                      device=device, top=top))
+    _emit(result.to_json(), as_json)
+
+
+@app.command(cls=_defaults_from("autotl.report:write_report"))
+def report(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `autotl fit` (its --out)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN_DIR/report.html)."),
+    plots: Optional[str] = typer.Option(None, "--plots", help="auto (plotly when installed, else SVG), plotly or svg (small, no script)."),
+    open_browser: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page with the data, source-model ranking, search,
+    evaluation, dropped images, retrieved neighbours and ONNX parity of a run."""
+    from .report import write_report
+
+    _console.set_quiet(as_json)
+    path = write_report(run_dir, out, **_given(plots=plots))
+    if as_json:
+        _emit({"report": str(path)}, True)
+    else:
+        _console.log(f"wrote {path}")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@app.command(cls=_defaults_from("autotl.score:score"))
+def score(
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ \\[test/]."),
+    model: List[str] = typer.Option([], "--model", "-m",
+                                    help="Candidate timm model NAME\\[@SIZE]\\[+reinitK]\\[=CHECKPOINT|random]; repeatable "
+                                         "(default: every model with packaged weights)."),
+    rule: Optional[str] = typer.Option(None, "--rule", help=f"Ranking rule: {', '.join(SCORE_RULES)}."),
+    prior: List[str] = typer.Option([], "--prior",
+                                    help="Source class-count file (CSV 'class,count' or JSON) as MODEL=FILE, or FILE "
+                                         "for every model; ImageNet-1k heads default to a uniform prior."),
+    top: Optional[int] = typer.Option(None, "--top", help="Source classes shown per model."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Folder for scoring.json and datl/<model>.npz (default runs/<data>-score-<time>)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Validation share per class when there is no val/ folder (as fit)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the train/val split (as fit)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Rank candidate source models on DATA_DIR by DATL weights, LogME, LEEP and H-score (train split only)."""
+    from .score import default_score_dir, parse_priors, score as score_api
+
+    _console.set_quiet(as_json)
+    out = out if out is not None else default_score_dir(data_dir)
+    ranked = score_api(data_dir, model, out=out, prior_files=parse_priors(prior), cache_dir=cache_dir,
+                       **_given(rule=rule, top=top, val_fraction=val_fraction, seed=seed, device=device))
+    if as_json:
+        _emit({**ranked.to_json(), "run_dir": str(out)}, True)
+        return
+    console = _console.console
+    width = console.width
+    if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
+        console.width = max(width, 150)
+    try:
+        console.print(ranked.table())
+        for line in ranked.looks_like_lines(**_given(k=top)):
+            console.print(line, markup=False)
+    finally:
+        console.width = width
+    console.print(f"best: {ranked.ranking()[0]}; saved {out / 'scoring.json'} and {out / 'datl'}/", markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,12 +259,9 @@ def test_fit_end_to_end_with_dropout(noisy_folder, reuse_source, monkeypatch, tm
     assert sizes.count(72) == 1 and sizes.count(24) == 1 and set(sizes) <= {72, 24, 12}, passes
 
 
-def test_dry_run_api_and_cli(noisy_folder, reuse_source, extractor, feature_cache, tmp_path):
-    from typer.testing import CliRunner
-    import typer
-
+def test_dry_run_api_and_cli(noisy_folder, reuse_source, extractor, feature_cache, tmp_path, capsys):
+    from autotl.cli import main
     from autotl.dropout import inspect_dropout
-    from autotl.dropout.cli import dropout_command
 
     root, flipped = noisy_folder
     before = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
@@ -280,14 +277,14 @@ def test_dry_run_api_and_cli(noisy_folder, reuse_source, extractor, feature_cach
     with pytest.raises(AutotlError):
         inspect_dropout(root, model=MODEL, write_clean=root / "train" / "clean", show=False)
 
-    app = typer.Typer()
-    app.command()(dropout_command)
+    capsys.readouterr()
     try:
-        res = CliRunner().invoke(app, [str(root), "--model", MODEL, "--tau", "1.0", "--out", str(tmp_path / "cli"),
-                                         "--cache-dir", str(feature_cache), "--json"])
+        code = main(["dropout", str(root), "--model", MODEL, "--tau", "1.0", "--out", str(tmp_path / "cli"),
+                     "--cache-dir", str(feature_cache), "--json"])
     finally:
         _console.set_quiet(False)
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads(out)
     assert doc["dropout"]["n_dropped"] == ins.n_dropped and doc["top"][0]["influence"] > 0
     assert doc["decided_by"]["test"] == "not read"

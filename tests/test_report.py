@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from autotl.errors import AutotlError
-from autotl.report import build_html, load_run, report_command, write_report
-from autotl.report._build import per_class
+from autotl import _console
+from autotl.cli import main
+from autotl.report import build_html, load_run, write_report
+from autotl.report._evaluation import per_class
 
 EVIL = "<script>alert(1)</script>"
 EVIL_FILE = "<img src=x onerror=alert(2)>.png"
@@ -321,18 +323,48 @@ def test_bad_run_dir_is_a_user_error(tmp_path):
 
 
 def test_report_command(fake_run, tmp_path, capsys):
-    import typer
-    from typer.testing import CliRunner
-
-    app = typer.Typer()
-    app.command("report")(report_command)
-    app.command("other")(lambda: None)  # keep `report` a sub-command, as in autotl's app
-    res = CliRunner().invoke(app, ["report", str(fake_run), "--json", "--plots", "svg", "--out", str(tmp_path / "r.html")])
-    assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout) == {"report": str(tmp_path / "r.html")}
+    try:
+        code = main(["report", str(fake_run), "--json", "--plots", "svg", "--out", str(tmp_path / "r.html")])
+    finally:
+        _console.set_quiet(False)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out) == {"report": str(tmp_path / "r.html")}
     assert (tmp_path / "r.html").is_file()
-    res = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
-    assert isinstance(res.exception, AutotlError) and "missing: no such run folder" in str(res.exception)
+    code = main(["report", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing: no such run folder" in err
+
+
+def _leaderboard_scores(html: str) -> dict[int, str]:
+    """{trial number: its score cell} in the report's trial leaderboard."""
+    board = html[html.index("<h3>Trial leaderboard</h3>"):]
+    board = board[:board.index("</table>")]
+    return {int(n): cell for n, cell in re.findall(
+        r"<tr[^>]*><td class=num>\d+</td><td class=num>(\d+)[^<]*</td><td>[^<]*</td><td class=num>([^<]*)</td>", board)}
+
+
+def test_leaderboard_shows_mean_and_std_over_folds(fake_run, tmp_path):
+    # rows without value_std: plain values, no note on folds
+    html = write_report(fake_run, plots="svg").read_text(encoding="utf-8")
+    assert _leaderboard_scores(html)[1] == "0.9" and "cross-validation folds" not in html
+    # leaderboard.json only: trial 0 cross-validated over 5 folds, trial 1 on a single split
+    run = tmp_path / "cv"
+    _write_json(run / "leaderboard.json", [
+        {"number": 0, "state": "COMPLETE", "value": 0.9, "value_std": 0.0213, "n_folds": 5, "params": {"lr": 1e-3}},
+        {"number": 1, "state": "COMPLETE", "value": 0.8, "params": {"lr": 1e-2}}])
+    html = write_report(run, plots="svg").read_text(encoding="utf-8")
+    assert _leaderboard_scores(html) == {0: "0.9 ± 0.021", 1: "0.8"}
+    assert "over 5 cross-validation folds" in html
+    # trials read from the study: the std comes from the leaderboard row of the same trial number
+    board = json.loads((fake_run / "leaderboard.json").read_text())
+    assert board[0]["number"] == 1
+    board[0].update(value_std=0.05, n_folds=3)
+    _write_json(fake_run / "leaderboard.json", board)
+    html = write_report(fake_run, plots="svg").read_text(encoding="utf-8")
+    assert "(opened read-only)" in html  # the trials did come from the study
+    scores = _leaderboard_scores(html)
+    assert scores[1] == "0.9 ± 0.05" and scores[3] == "0.85" and "±" not in scores[0]
 
 
 def test_per_class_metrics():

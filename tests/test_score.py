@@ -295,28 +295,28 @@ def test_reinit_candidates(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_score_command(tmp_path, make_image_folder, monkeypatch):
-    typer = pytest.importorskip("typer")
+def test_score_command(tmp_path, make_image_folder, monkeypatch, capsys):
     import autotl.models
+    from autotl import _console
+    from autotl.cli import main
 
     monkeypatch.setattr(autotl.models, "set_torch_threads", lambda: None)  # keep the test's one thread
-    from typer.testing import CliRunner
-
-    from autotl.score import score_command
-
-    app = typer.Typer()
-    app.command("score")(score_command)
-    app.command("noop")(lambda: None)  # a multi-command app, as in autotl.cli
     root = make_image_folder(tmp_path / "data", {"cat": 8, "dog": 8})
     run = tmp_path / "run"
-    res = CliRunner().invoke(app, ["score", str(root), "--model", SPECS[0], "--model", SPECS[1], "--out", str(run),
-                                   "--json"])
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)
+    try:
+        code = main(["score", str(root), "--model", SPECS[0], "--model", SPECS[1], "--out", str(run), "--json"])
+    finally:
+        _console.set_quiet(False)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads(out)
     assert len(doc["ranking"]) == 2 and doc["run_dir"] == str(run)
     assert (run / "scoring.json").is_file() and len(list((run / "datl").glob("*.npz"))) == 2
-    res = CliRunner().invoke(app, ["score", str(root), "--model", SPECS[0], "--out", str(run), "--rule", "magic"])
-    assert isinstance(res.exception, AutotlError) and "--rule" in str(res.exception)
+    code = main(["score", str(root), "--model", SPECS[0], "--out", str(run), "--rule", "magic"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--rule" in err
+    code = main(["score", str(root), "--model", SPECS[0], "--out", str(run), "--top", "0"])
+    assert code == 2 and "--top 0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- real photos

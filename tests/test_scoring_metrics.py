@@ -14,7 +14,6 @@ from autotl.scoring import (
     combine_ranks,
     datl_weights,
     hscore,
-    imagenet_prior,
     kendall_tau,
     ledoit_wolf_shrinkage,
     leep,
@@ -24,7 +23,6 @@ from autotl.scoring import (
     logme_fit,
     softmax,
 )
-from autotl.scoring import datl as datl_mod
 
 
 def _blobs(rng, n=120, d=16, k=3, sep=4.0):
@@ -105,32 +103,6 @@ def test_datl_rejects_logits_and_bad_prior():
 
 
 # --------------------------------------------------------------------------- priors
-
-
-def test_imagenet_prior():
-    p, origin = imagenet_prior()
-    assert p.shape == (1000,)
-    assert math.isclose(float(p.sum()), 1.0)
-    if datl_mod.IMAGENET_COUNTS_PATH.is_file():
-        assert "counts" in origin and "uniform" not in origin
-    else:
-        assert origin == "uniform (ImageNet-1k class counts not bundled)"
-        np.testing.assert_allclose(p, 1e-3)
-
-
-def test_imagenet_prior_reads_counts_file(tmp_path, monkeypatch):
-    # synthetic counts (NOT the real ILSVRC-2012 ones) with the real total, to test the loader
-    counts = np.full(1000, 1281)
-    counts[:167] += 1
-    f = tmp_path / "imagenet1k_train_counts.txt"
-    f.write_text("\n".join(map(str, counts)) + "\n")
-    monkeypatch.setattr(datl_mod, "IMAGENET_COUNTS_PATH", f)
-    p, origin = imagenet_prior()
-    np.testing.assert_allclose(p, counts / counts.sum())
-    assert "uniform" not in origin
-    f.write_text("1300\n" * 999)
-    with pytest.raises(AutotlError, match="imagenet1k_train_counts.txt"):
-        imagenet_prior()
 
 
 def test_load_prior_formats(tmp_path):

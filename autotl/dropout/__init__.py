@@ -15,7 +15,7 @@ run without training: ``inspect_dropout(data_dir, tau=...)`` / ``autotl dropout 
 from importlib import import_module as _import_module
 from typing import Any as _Any
 
-# Lazy, so that ``autotl.dropout.cli`` (imported when the CLI starts) does not import torch.
+# Lazy, so that importing ``autotl.dropout`` does not import torch.
 _LAZY = {
     "InfluenceResult": "influence",
     "LinearHead": "influence",

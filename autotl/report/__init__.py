@@ -9,21 +9,22 @@ fallback: trial leaderboard and plots), confusion matrices and per-class metrics
 parity check. Everything is inline (CSS, base64 JPEG thumbnails, SVG or plotly figures with
 plotly.js once), and a Content-Security-Policy stops the page from loading anything else.
 
-This module stays light (no numpy/PIL/optuna at import) so the CLI can register the command cheaply.
+The package stays light at import (no numpy/PIL/optuna) so the CLI can read ``write_report``'s
+defaults when it starts. Modules: ``_run`` (reading the folder), ``_doc`` (the page and section
+helpers), one module per section (``_strategy``, ``_data``, ``_scoring``, ``_search``,
+``_evaluation``, ``_dropout``, ``_retrieval``, ``_onnx``), ``_build`` (header, order, the page),
+``_study`` (trials and Optuna plots), ``_html`` / ``_charts`` (markup, SVG).
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+from ._build import PLOT_MODES, REPORT_NAME, build_html, write_report
+from ._run import load_run
 
-from ._build import PLOT_MODES, REPORT_NAME, build_html, load_run, write_report
-
-__all__ = ["write_report", "try_write_report", "report_command", "load_run", "build_html", "REPORT_NAME", "PLOT_MODES"]
+__all__ = ["write_report", "try_write_report", "load_run", "build_html", "REPORT_NAME", "PLOT_MODES"]
 
 
 def try_write_report(run_dir) -> Optional[Path]:
@@ -38,27 +39,3 @@ def try_write_report(run_dir) -> Optional[Path]:
         return None
     _console.log(f"report: {path}")
     return path
-
-
-def report_command(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `autotl fit` (its --out)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN_DIR/report.html)."),
-    plots: str = typer.Option("auto", "--plots", help="auto (plotly when installed, else SVG), plotly or svg (small, no script)."),
-    open_browser: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
-) -> None:
-    """Write RUN_DIR/report.html: one self-contained page with the data, source-model ranking, search,
-    evaluation, dropped images, retrieved neighbours and ONNX parity of a run."""
-    from .. import _console
-
-    _console.set_quiet(as_json)
-    path = write_report(run_dir, out, plots=plots)
-    if as_json:
-        sys.stdout.write(json.dumps({"report": str(path)}, indent=2) + "\n")
-        sys.stdout.flush()
-    else:
-        _console.log(f"wrote {path}")
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(path.resolve().as_uri())

@@ -26,7 +26,7 @@ PLOTS = (
 
 @dataclass
 class Trials:
-    rows: list[dict[str, Any]]  # number, state, value, params, seconds, description, baseline, error; best first
+    rows: list[dict[str, Any]]  # number, state, value (value_std, n_folds), params, seconds, description, baseline, error; best first
     source: str  # where they came from, in words
     study: Any = None  # optuna.Study when the storage could be opened
     notes: list[str] = field(default_factory=list)
@@ -129,7 +129,8 @@ def load_trials(run_dir: Path, search: dict[str, Any] | None, leaderboard: list[
                 "number": t.number, "state": t.state.name, "value": value,
                 "params": lb.get("params") or dict(t.params), "raw_params": dict(t.params),
                 "seconds": dur, "epochs_run": lb.get("epochs_run") or (len(t.intermediate_values) or None),
-                "description": lb.get("description"), "baseline": bool(ua.get("baseline")),
+                "description": lb.get("description"), "value_std": lb.get("value_std"), "n_folds": lb.get("n_folds"),
+                "baseline": bool(ua.get("baseline")),
                 "interrupted": bool(ua.get("interrupted")), "error": ua.get("error"),
                 "intermediate": dict(t.intermediate_values),
             })

@@ -36,17 +36,8 @@ __all__ = [
     "DatlWeights",
     "datl_weights",
     "softmax",
-    "imagenet_prior",
     "load_prior",
-    "IMAGENET_COUNTS_PATH",
 ]
-
-#: Where `imagenet_prior` looks for ILSVRC-2012 training class counts (one integer per line, in
-#: the standard class-index order). Not bundled: see `imagenet_prior`.
-IMAGENET_COUNTS_PATH = (
-    Path(__file__).resolve().parent.parent / "data" / "imagenet1k_train_counts.txt"
-)
-_IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def softmax(logits: Any, axis: int = -1) -> np.ndarray:
@@ -139,34 +130,6 @@ def datl_weights(source_probs: Any, source_prior: Any) -> DatlWeights:
 
 
 # --------------------------------------------------------------------------- source priors
-
-
-def imagenet_prior() -> tuple[np.ndarray, str]:
-    """Label prior of the ImageNet-1k (ILSVRC-2012) training set: (p_s of shape (1000,), origin).
-
-    The per-class training counts (732..1300 images per class, 1,281,167 in all) are not bundled
-    with autotl: no authoritative public list could be verified, and counts are never made up.
-    So this returns the uniform prior and says so in `origin`. (The true prior is within a
-    factor ~1.8 of uniform for every class, so weights are off by at most that factor.) If a
-    verified counts file is placed at `IMAGENET_COUNTS_PATH` (1000 non-negative integers, one a
-    line, class-index order, summing to 1,281,167) it is used instead.
-    """
-    path = IMAGENET_COUNTS_PATH
-    if path.is_file():
-        try:
-            counts = np.array([float(t) for t in path.read_text().split()], dtype=np.float64)
-        except (OSError, ValueError) as e:
-            raise AutotlError(
-                f"{path}: cannot read ImageNet-1k class counts ({e}); "
-                "fix the file (1000 integers, one a line) or delete it to use a uniform prior"
-            ) from None
-        if counts.shape != (1000,) or (counts <= 0).any() or counts.sum() != _IMAGENET_TRAIN_IMAGES:
-            raise AutotlError(
-                f"{path}: expected 1000 positive ILSVRC-2012 training counts summing to "
-                f"{_IMAGENET_TRAIN_IMAGES}; fix the file or delete it to use a uniform prior"
-            )
-        return counts / counts.sum(), f"ImageNet-1k training class counts ({path.name})"
-    return np.full(1000, 1.0 / 1000), "uniform (ImageNet-1k class counts not bundled)"
 
 
 def _parse_count(text: str) -> float:
