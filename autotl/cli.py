@@ -100,14 +100,14 @@ def fit(
     seed: int = typer.Option(0, help="Seed for the split, initialisation and data order."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
-    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Search: trials in the study in total (default: the recipe's). "
-                                         "Without --trials/--recipe/--resume, one strategy is trained from the flags above."),
-    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Search: stop after this long (90s, 20m, 1h; whichever of trials/budget ends first)."),
+    no_search: bool = typer.Option(False, "--no-search", help="Train only the one strategy the flags describe (a linear probe by default), early-stopped on val; no search."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Search: trials in the study in total (default: the recipe's)."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Search: stop after this long (90s, 20m, 1h; whichever of trials/budget ends first; default: automatic from the data size unless --trials is given)."),
+    cv_folds: int = typer.Option(5, "--cv-folds", help="Search: folds of the cross-validation that scores each trial (small data sets)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough or a .yaml file (default: default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted study of --out (same data, recipe and models)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the study (default sqlite:///OUT/study.db)."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default 'autotl')."),
-    refit_on_val: bool = typer.Option(False, "--refit-on-val", help="Refit the best strategy on train+val (for its best epoch count)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Search: candidate source models among --model (default: the recipe's or all)."),
     dropout_tau: Optional[str] = typer.Option(None, "--dropout-tau", help="Data dropout: drop training images whose predicted reduction of the val loss exceeds TAU robust spreads (0 = every harmful image, 'none' = off); fixes what the search would vary."),
     focus_class: Optional[str] = typer.Option(None, "--focus-class", help="Data dropout: only this class's validation images are the influence reference."),
@@ -120,8 +120,9 @@ def fit(
 ) -> None:
     """Fit a classifier on DATA_DIR and export a verified ONNX model.
 
-    Plain `autotl fit DIR` trains one strategy (a linear probe unless --frozen-stages says
-    otherwise). `--trials N`, `--recipe NAME` or `--resume` search how to transfer instead.
+    `autotl fit DIR` ranks the candidate source models, searches how to transfer under an automatic
+    time budget (each trial cross-validated on images that decided nothing about it), refits the
+    winner on all labelled images and exports it. `--no-search` trains one strategy from the flags.
     """
     from .fit import fit as fit_api
     from .search import SearchInterrupted
@@ -142,16 +143,14 @@ def fit(
         result = fit_api(data_dir, out, models=model, strategy=strategy or None, options=options or None, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
                          batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
-                         storage=storage, study=study, refit_on_val=refit_on_val, top_k=top_k)
+                         storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds)
     except SearchInterrupted as exc:
         command = _resume_command(exc.run_dir, data_dir, {
             "--model": model, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
-            "--study": study, "--top-k": top_k, "--refit-on-val": refit_on_val, "--objective": objective,
-            "--seed": seed if seed != 0 else None, "--val-fraction": val_fraction if val_fraction != 0.1 else None,
-            "--cache-dir": cache_dir, "--device": device if device != "auto" else None,
-            "--batch-size": batch_size if batch_size != 64 else None,
-            "--frozen-stages": frozen_stages if frozen_stages != "all" else None, "--epochs": epochs if epochs != 15 else None,
-            "--lr": lr if lr != 3e-3 else None, "--dropout-tau": dropout_tau, "--focus-class": focus_class,
+            "--study": study, "--top-k": top_k, "--cv-folds": cv_folds, "--objective": objective,
+            "--seed": seed, "--val-fraction": val_fraction, "--cache-dir": cache_dir, "--device": device,
+            "--batch-size": batch_size, "--frozen-stages": frozen_stages, "--epochs": epochs, "--lr": lr,
+            "--dropout-tau": dropout_tau, "--focus-class": focus_class,
             "--source-pool": source_pool, "--retrieval-k": retrieval_k, "--retrieval-bank": retrieval_bank,
             "--source-loss-weight": source_loss_weight})
         _emit({"interrupted": True, "run_dir": str(exc.run_dir), "study_name": exc.study_name, "storage": exc.storage,
@@ -229,7 +228,7 @@ def info(
         import timm
         import torch
 
-        from .fit import default_cache_dir
+        from .run import default_cache_dir
         from .models import list_packaged_models
 
         doc = {
@@ -251,7 +250,7 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Generate a small image set and fit it end to end, offline (a smoke test of the install)."""
+    """Generate a small image set, search how to transfer on it for a minute, export; offline (a smoke test of the install)."""
     from .demo import demo as demo_api
 
     _console.set_quiet(as_json)

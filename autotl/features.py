@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +156,8 @@ class FeatureExtractor:
         """Bytes to cache the activation at ``cut`` for ``n_images`` (to decide if caching pays)."""
         if cut >= self.num_stages:
             return 0
-        c, h, w = self.map_shape(cut)
-        return n_images * c * h * w * np.dtype(_MAP_DTYPE).itemsize
+        # (C, H, W) maps of a conv net, (tokens, dim) of a ViT: any shape
+        return n_images * math.prod(self.map_shape(cut)) * np.dtype(_MAP_DTYPE).itemsize
 
     def map_shape(self, cut: int) -> tuple[int, ...]:
         size = self.source.data_config["input_size"]

@@ -1,36 +1,37 @@
-"""``autotl.fit``: data → source model(s) → training strategy → evaluation → verified ONNX."""
+"""``autotl.fit``: data → ranked source models → searched (or given) strategy → refit → verified ONNX.
+
+Read top-down in :func:`fit`; each step is one call into one module, all sharing one :class:`Run`.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
 import errno
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from . import _console
 from ._io import atomic_write_json
 from ._version import __version__
-from .data import DatasetIndex, scan_dataset
+from .data import DatasetIndex
 from .errors import AutotlError
-from .features import FeatureExtractor, ImageDataset, eval_transform
+from .evaluation import evaluate
+from .features import ImageDataset, eval_transform
+from .models import ModelSpec, SourceModel
+from .run import FinalModel, Run, default_cache_dir
 from .strategy import StrategyContext, apply_strategies
-from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, set_torch_threads
-from .train import TrainConfig, TrainResult, classification_metrics, confusion_matrix, pick_device, predict_logits
+from .train import TrainConfig
+
+__all__ = ["fit", "FitResult", "auto_time_budget", "pick_objective", "default_cache_dir", "SCORING_SAMPLE"]
 
 PARITY_IMAGES = 64
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("AUTOTL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "autotl" / "features"
+SCORING_SAMPLE = 600  # with several candidates, rank them on at most this many training images
 
 
 @dataclass
@@ -50,7 +51,6 @@ class FitResult:
     seconds: float
     search: dict[str, Any] | None = None
     scoring: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -59,29 +59,160 @@ class FitResult:
         return d
 
 
-def _load_sources(models: Sequence[str | ModelSpec]) -> list[SourceModel]:
-    if not models:
-        models = [DEFAULT_MODEL]
-    return [create_source_model(m) for m in models]
+def fit(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    models: Sequence[str | ModelSpec] = (),
+    search: bool | None = None,
+    trials: int | None = None,
+    time_budget: str | float | None = None,
+    recipe: str | os.PathLike | None = None,
+    resume: bool = False,
+    storage: str | None = None,
+    study: str | None = None,
+    top_k: int | None = None,
+    cv_folds: int = 5,
+    frozen_stages: int | str = "all",
+    epochs: int = 15,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    objective: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: str | None = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    config: TrainConfig | None = None,
+    strategy: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> FitResult:
+    """Fit a classifier on a class-per-folder image set and export a verified ONNX model (``autotl fit``).
+
+    By default this *searches* how to transfer: every candidate source model (``models``, default:
+    all packaged ones) is ranked (DATL + LogME), an Optuna study over the recipe's space (``default``
+    unless ``recipe`` names another) runs for ``time_budget`` ("90s", "20m"; automatic from the data
+    size when neither it nor ``trials`` is given), each trial scored by cross-validation on images
+    that decided nothing about it (``autotl.search._folds``), the winner chosen by the one-standard-
+    error rule and refitted on all labelled images. ``search=False`` trains the one strategy the
+    arguments describe (a linear probe by default), early-stopped on val. ``strategy`` fixes strategy
+    parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` sets run-wide ones (e.g.
+    ``{"source_pool": "pool/"}``: the search then also varies retrieval K). ``resume`` continues an
+    interrupted study in the same run folder; Ctrl-C raises ``autotl.search.SearchInterrupted``.
+    """
+    searching = _wants_search(search, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
+                              storage=storage, study=study)
+    run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir)
+    base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
+                        seed=seed, objective=objective)
+    scoring = score_candidates(run, base, sample=SCORING_SAMPLE if searching else None)
+    if searching:
+        from .search import search as search_strategies
+
+        budget = time_budget
+        if budget is None and trials is None:  # (a resumed search gets the automatic budget again)
+            budget = auto_time_budget(run.index, run.device)
+            _console.log(f"search time budget [bold]{budget:.0f}s[/] (automatic for {_n_labelled(run.index)} labelled "
+                         f"images on {run.device.type}; --time-budget to change, --no-search for one plain fit)")
+        final = search_strategies(run, base, trials=trials, time_budget=budget, recipe=recipe, resume=resume,
+                                  storage=storage, study_name=study, top_k=top_k, fixed=dict(strategy or {}),
+                                  options=options, cv_folds=cv_folds, objective_reason=_objective_reason(base, objective, config))
+    else:
+        final = train_given_strategy(run, base, dict(strategy or {}), dict(options or {}))
+    return publish(run, final, scoring=scoring.to_json())
 
 
-def _run_dir(data_dir: Path, out: str | os.PathLike | None) -> Path:
-    if out is not None:
-        return Path(out)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{data_dir.resolve().name}-{stamp}"
+# ----------------------------------------------------------------------------------------- steps
+def _wants_search(search: bool | None, **flags: Any) -> bool:
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v not in (None, False)]
+    if search is False and given:
+        raise AutotlError(f"--no-search with {', '.join(given)}: those shape a search; drop --no-search to search, "
+                          "or drop them to train one strategy")
+    return search is not False
 
 
-def evaluate(result: TrainResult, extractor: FeatureExtractor, samples, classes: list[str]) -> dict[str, Any]:
-    """Metrics of a trained net on a list of samples (through the activation cache)."""
-    if not samples:
-        return {}
-    acts = extractor.extract(samples, [result.net.frozen], description="eval features")
-    logits = predict_logits(result.net, acts)
-    m = classification_metrics(logits, acts.labels, len(classes))
-    m["n"] = len(samples)
-    m["confusion"] = confusion_matrix(logits, acts.labels, len(classes))
-    return m
+def _n_labelled(index: DatasetIndex) -> int:
+    return len(index.train) + len(index.val)
+
+
+def auto_time_budget(index: DatasetIndex, device: torch.device) -> float:
+    """Seconds of search for this data: a minute plus 0.18 s per labelled image (≈ 2 min for a few
+    hundred images and 10 min for 3,000 on 2 CPU cores), at most 30 min; a GPU does more in the same time."""
+    return float(min(1800.0, 60.0 + 0.18 * _n_labelled(index)))
+
+
+def pick_objective(index: DatasetIndex) -> str:
+    """Accuracy unless the training classes are imbalanced (largest/smallest > 1.5): macro-F1."""
+    counts = [c["train"] for c in index.counts().values()]
+    return "macro_f1" if counts and max(counts) > 1.5 * max(1, min(counts)) else "accuracy"
+
+
+def _base_config(index: DatasetIndex, config: TrainConfig | None, *, objective: str | None, **values: Any) -> TrainConfig:
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig(**values)
+    cfg.objective = objective or (config.objective if config is not None else None) or pick_objective(index)
+    return cfg
+
+
+def _objective_reason(cfg: TrainConfig, objective: str | None, config: TrainConfig | None) -> str:
+    if objective or config is not None:
+        return ""
+    return " (train classes imbalanced: largest/smallest > 1.5)" if cfg.objective == "macro_f1" else " (train classes balanced)"
+
+
+def _stratified_sample(samples, n: int, seed: int) -> list:
+    """At most ``n`` samples, every class in proportion (at least one each)."""
+    samples = list(samples)
+    if len(samples) <= n:
+        return samples
+    rng = np.random.default_rng([seed, 0x5C0])
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    out = []
+    for members in by_class.values():
+        k = max(1, round(n * len(members) / len(samples)))
+        out += [members[i] for i in sorted(rng.choice(len(members), size=min(k, len(members)), replace=False))]
+    return out
+
+
+def score_candidates(run: Run, base: TrainConfig, *, sample: int | None = None):
+    """DATL weights + transferability scores of every candidate (saved in the run folder); the run's
+    candidates are then kept in ranked order. With several candidates and ``sample``, the ranking
+    reads a stratified sample of the training images, so it stays a small share of the budget."""
+    from .score import score_models
+
+    index = run.index
+    if sample is not None and len(run.sources) > 1 and len(index.train) > sample:
+        subset = _stratified_sample(index.train, sample, run.seed)
+        for ex in run.extractors.values():
+            ex.register(subset)  # its own cache entry: only these images go through each backbone
+        index = dataclasses.replace(index, train=subset)
+        _console.log(f"ranking {len(run.sources)} candidates on {len(subset)} of {len(run.index.train)} training images")
+    cuts = [base.frozen_stages] if isinstance(base.frozen_stages, int) else []
+    report = score_models(index, list(run.sources.values()), run_dir=run.run_dir, extractors=run.extractors, cuts=cuts)
+    if len(run.sources) > 1:
+        _console.log(report.table())
+    for line in report.looks_like_lines():
+        _console.log(line, markup=False)
+    run.keep([row.source.label for row in report.top_k(len(run.sources))])
+    return report
+
+
+def train_given_strategy(run: Run, base: TrainConfig, strategy: dict[str, Any], options: dict[str, Any]) -> FinalModel:
+    """``--no-search``: the one strategy the flags describe, on train, early-stopped on val."""
+    label = run.labels[0]
+    source, extractor = run.sources[label], run.extractors[label]
+    _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {run.device}")
+    index = run.index
+    ctx = StrategyContext(index, source, extractor, run.run_dir, base, list(index.train), options=options, final=True)
+    apply_strategies(ctx, strategy)
+    result = ctx.train_fn(source, ctx.train_samples, index.val, len(index.classes), ctx.config, extractor=extractor,
+                          device=run.device)
+    decided = {
+        "training": "train split",
+        "early_stopping_and_model_selection": "val split",
+        "test": "reported only, never used for a decision" if index.test else "no test split given",
+    }
+    return FinalModel(result, source, extractor, decided, {"strategies": ctx.notes, **strategy})
 
 
 def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, val_samples) -> dict[str, Any]:
@@ -111,124 +242,21 @@ def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, 
     return report.to_json()
 
 
-def fit(
-    data_dir: str | os.PathLike,
-    out: str | os.PathLike | None = None,
-    *,
-    models: Sequence[str | ModelSpec] = (),
-    frozen_stages: int | str = "all",
-    epochs: int = 15,
-    lr: float = 3e-3,
-    batch_size: int = 64,
-    objective: str | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    device: str | None = "auto",
-    cache_dir: str | os.PathLike | None = None,
-    config: TrainConfig | None = None,
-    strategy: dict[str, Any] | None = None,
-    options: dict[str, Any] | None = None,
-    trials: int | None = None,
-    time_budget: str | float | None = None,
-    recipe: str | os.PathLike | None = None,
-    resume: bool = False,
-    storage: str | None = None,
-    study: str | None = None,
-    refit_on_val: bool = False,
-    top_k: int | None = None,
-) -> FitResult:
-    """Fine-tune a pretrained model on a class-per-folder image set and export a verified ONNX model.
-
-    Mirrors ``autotl fit``; returns the object the CLI prints. ``strategy`` holds fixed values of
-    strategy parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` run-wide strategy options
-    (e.g. ``{"source_pool": "pool/"}``).
-
-    Without ``trials``, ``recipe`` and ``resume`` this trains the one strategy given by the
-    arguments (a linear probe by default). With any of them it *searches* the strategy space of
-    the recipe (``default`` unless named; see ``autotl.search``): ``trials`` trials in total (the
-    recipe's count when not given) or until ``time_budget`` ("90s", "20m", "1h") is spent, the
-    study in ``RUN_DIR/study.db`` (or ``storage``, any Optuna URL; study name ``study``), then
-    refits the best strategy on train (train+val with ``refit_on_val``). ``resume`` continues an
-    interrupted study in the same run folder; ``top_k`` limits the candidate models (in the
-    order given). Ctrl-C raises ``autotl.search.SearchInterrupted`` (a KeyboardInterrupt).
-    """
-    start = time.monotonic()
-    set_torch_threads()
-    data_dir = Path(data_dir)
-    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
-    _console.log(index.summary_table())
-    run_dir = _run_dir(data_dir, out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device)
-
-    cfg = config or TrainConfig(frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    cfg.objective = objective or (config.objective if config is not None else None) or pick_objective(index)
-    sources = _load_sources(models)
-    # Stage 1: rank the candidates (one feature pass each, on train only; the cache shares it with training).
-    scoring = _score_sources(index, sources, run_dir, dev, cache_dir, cfg)
-    ranked = [row.source for row in scoring.top_k(len(sources))]
-    if trials is not None or recipe is not None or resume:
-        from .search import search_fit
-
-        reason = "" if objective or config is not None else (
-            " (train classes imbalanced: largest/smallest > 1.5)" if cfg.objective == "macro_f1" else " (train classes balanced)")
-        result = search_fit(index, run_dir, [str(s.spec) for s in ranked], cfg, start=start, device=dev,
-                            cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
-                            storage=storage, study_name=study, refit_on_val=refit_on_val, top_k=top_k,
-                            fixed=dict(strategy or {}), options=options, seed=seed, objective_reason=reason)
-        result.scoring = scoring.to_json()
-        atomic_write_json(run_dir / "result.json", result.to_json())
-        return result
-    source = ranked[0]
-    _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {dev}")
-    extractor = scoring.row(source.label).extractor
-    ctx = StrategyContext(index, source, extractor, run_dir, cfg, list(index.train), options=dict(options or {}), final=True)
-    apply_strategies(ctx, dict(strategy or {}))
-    result = ctx.train_fn(source, ctx.train_samples, index.val, len(index.classes), ctx.config, extractor=extractor, device=dev)
-    return finish(index, source, result, extractor, run_dir, start, scoring=scoring.to_json(),
-                  strategy_extra={"strategies": ctx.notes, **(strategy or {})})
-
-
-def _score_sources(index: DatasetIndex, sources: list[SourceModel], run_dir: Path, dev, cache_dir, cfg: TrainConfig):
-    """DATL weights + transferability scores of every candidate, saved in the run dir, ranked."""
-    from .score import score_models
-
-    extractors = {s.label: FeatureExtractor(s, device=dev, cache_dir=cache_dir or default_cache_dir()) for s in sources}
-    cuts = [cfg.frozen_stages] if isinstance(cfg.frozen_stages, int) else []
-    report = score_models(index, sources, run_dir=run_dir, extractors=extractors, cuts=cuts)
-    if len(sources) > 1:
-        _console.log(report.table())
-    for line in report.looks_like_lines():
-        _console.log(line, markup=False)
-    return report
-
-
-def pick_objective(index: DatasetIndex) -> str:
-    """Accuracy unless the training classes are imbalanced (largest/smallest > 1.5): macro-F1."""
-    counts = [c["train"] for c in index.counts().values()]
-    return "macro_f1" if counts and max(counts) > 1.5 * max(1, min(counts)) else "accuracy"
-
-
-def finish(index: DatasetIndex, source: SourceModel, result: TrainResult, extractor: FeatureExtractor, run_dir: Path,
-           start: float, *, search: dict | None = None, scoring: dict | None = None, strategy_extra: dict | None = None,
-           decided_by: dict | None = None) -> FitResult:
-    """Evaluate, export, verify and describe a trained model (shared by plain fit and the search)."""
+def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitResult:
+    """Evaluate, export, verify and describe the final model; write the card, ``result.json`` and the report."""
     from .card import ModelCard
 
+    index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
     classes = index.classes
-    metrics = {"val": evaluate(result, extractor, index.val, classes)}
+    metrics = {"val": evaluate(result.net, final.extractor, index.val, len(classes))}
     if index.test:
-        metrics["test"] = evaluate(result, extractor, index.test, classes)
+        metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
     parity = export_and_verify(result.net, source, run_dir, index.val)
     strategy = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
                 "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
-                "n_train": result.n_train, **(strategy_extra or {})}
-    decided = decided_by or {
-        "training": "train split",
-        "early_stopping_and_model_selection": "val split",
-        "test": "reported only, never used for a decision" if index.test else "no test split given",
-    }
-    for name, note in ((strategy_extra or {}).get("strategies") or {}).items():
+                "n_train": result.n_train, **final.strategy}
+    decided = dict(final.decided_by)
+    for name, note in (final.strategy.get("strategies") or {}).items():
         if isinstance(note, dict) and note.get("decided_by"):
             decided[f"strategy_{name}"] = note["decided_by"]
     card = ModelCard(
@@ -240,7 +268,7 @@ def finish(index: DatasetIndex, source: SourceModel, result: TrainResult, extrac
         strategy=strategy,
         data={**{k: v for k, v in index.to_json().items() if k != "skipped"}, "n_skipped": len(index.skipped)},
         parity=parity,
-        extra={"decided_by": decided, **({"search": search} if search else {})},
+        extra={"decided_by": decided, **({"search": final.search} if final.search else {})},
     )
     card_path = run_dir / "model.json"
     card.save(card_path)
@@ -251,14 +279,16 @@ def finish(index: DatasetIndex, source: SourceModel, result: TrainResult, extrac
     res = FitResult(
         run_dir=run_dir, model_path=run_dir / "model.onnx", card_path=card_path, classes=classes,
         source_model=source.label, weights_origin=source.weights_origin, strategy=strategy, metrics=metrics,
-        parity=parity, data=index.to_json(), seconds=time.monotonic() - start, search=search, scoring=scoring,
+        parity=parity, data=index.to_json(), seconds=run.seconds(), search=final.search, scoring=scoring,
     )
     atomic_write_json(run_dir / "result.json", res.to_json())
     from .report import try_write_report
 
     try_write_report(run_dir)
     val = metrics["val"]
-    _console.log(f"[bold green]done[/] in {res.seconds:.0f}s — val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
+    held = " (val trained on: not held out)" if final.search else ""
+    _console.log(f"[bold green]done[/] in {res.seconds:.0f}s — val accuracy {val['accuracy']:.4f}{held}, macro-F1 {val['macro_f1']:.4f}"
+                 + (f"; cross-validated {final.search['objective']} {final.search['best']['value']:.4f}" if final.search else "")
                  + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")
                  + f"; ONNX parity max|Δ| {parity.get('max_abs_diff', float('nan')):.2e} → {res.model_path}")
     return res

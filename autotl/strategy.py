@@ -35,6 +35,15 @@ class StrategyContext:
     options: dict[str, Any] = field(default_factory=dict)  # run-wide options (e.g. source_pool, focus_class)
     notes: dict[str, Any] = field(default_factory=dict)  # what each strategy did, for the card and report
     final: bool = False  # True for the final refit: strategies write their artefacts (csv files)
+    # The images that may *decide* something inside this training run (data dropout's influence
+    # reference; early stopping gets the same list from the caller). A cross-validated trial gives its
+    # fold's decision part, never the images that score it; None = the val split.
+    reference: list[Sample] | None = None
+    reference_name: str = "val split"
+
+    def __post_init__(self) -> None:
+        if self.reference is None:
+            self.reference = list(self.index.val)
 
 
 class BaseStrategy(ABC):

@@ -36,7 +36,6 @@ regulariser path (DTNH projection in ``regularized_backward``).
 from __future__ import annotations
 
 import abc
-import copy
 import math
 import random
 import time
@@ -70,6 +69,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     patience: int = 5
+    early_stopping: bool = True  # False: train all epochs, keep the last (a refit for a chosen epoch count)
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
     objective: str = "accuracy"
     seed: int = 0
@@ -270,14 +270,15 @@ def _make_regularizer(cfg: TrainConfig, view: _SuffixView):
 class _EarlyStopping:
     """Keeps the best epoch's weights (objective, ties → lower val loss) and counts bad epochs."""
 
-    def __init__(self, objective: str, patience: int):
-        self.objective, self.patience = objective, patience
+    def __init__(self, objective: str, patience: int, enabled: bool = True):
+        self.objective, self.patience, self.enabled = objective, patience, enabled
         self.best: EpochMetrics | None = None
         self.best_epoch, self.bad_epochs, self.state = -1, 0, None
 
     def update(self, metrics: EpochMetrics, net: nn.Module) -> None:
         best, o = self.best, self.objective
-        if best is None or metrics.score(o) > best.score(o) + 1e-9 or (
+        # disabled: every epoch is "best", so the last one is kept and the val split decides nothing
+        if not self.enabled or best is None or metrics.score(o) > best.score(o) + 1e-9 or (
                 metrics.score(o) >= best.score(o) - 1e-9 and metrics.val_loss < best.val_loss):
             self.best, self.best_epoch, self.bad_epochs = metrics, metrics.epoch, 0
             self.state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -408,7 +409,7 @@ def train_model(
 
         set_seed(cfg.seed)  # a cache miss above consumed random numbers (loader seeds); a hit did not
         history: list[EpochMetrics] = []
-        stopper = _EarlyStopping(cfg.objective, cfg.patience)
+        stopper = _EarlyStopping(cfg.objective, cfg.patience, cfg.early_stopping)
         round_starts, round_idx = list(hooks.round_starts), 0
         with _console.progress(hooks.progress_label, total=cfg.epochs) as bar:
             for epoch in range(cfg.epochs):

@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from autotl import _console
     from autotl.data import scan_dataset
-    from autotl.dropout.strategy import DEFAULT_L2, DataDropout, clear_cache, parse_tau, register_activations
+    from autotl.activations import SharedActivations
+    from autotl.dropout.strategy import DEFAULT_L2, DataDropout, clear_cache, parse_tau
     from autotl.features import FeatureExtractor
-    from autotl.fit import default_cache_dir
+    from autotl.run import default_cache_dir
     from autotl.models import create_source_model, set_torch_threads
     from autotl.strategy import StrategyContext
     from autotl.train import TrainConfig, train_model
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if index.test:
         print("note: a test split exists; it is not read by this benchmark")
     source = create_source_model(args.model)
-    extractor = FeatureExtractor(source, cache_dir=default_cache_dir())
+    # same images, other labels: the relabelled copies are served from these lists' activations
+    extractor = SharedActivations(FeatureExtractor(source, cache_dir=default_cache_dir()), index.train, index.val)
     t0 = time.perf_counter()
     tr = extractor.extract(index.train, description="train features")
     va = extractor.extract(index.val, description="val features")
@@ -117,10 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         for rate in args.rates:
             noisy, flipped = _flip(index, rate, args.seed)
             noisy_y = np.array([s.label for s in noisy])
-            # same images, other labels: serve the cached features under the relabelled list
-            register_activations(extractor, noisy, {"labels": noisy_y, "pooled": tr.pooled.numpy(),
-                                                    "logits": tr.source_logits.numpy() if tr.source_logits is not None
-                                                    else np.zeros((len(noisy), 0), np.float32)}, slot="bench")
             clear_cache()
             influence_s = influence_cpu = float("nan")
             for tau in taus:

@@ -110,8 +110,8 @@ def limited_torch_threads(n: int):
 @pytest.fixture
 def single_thread(monkeypatch):
     """One torch thread, and ``fit`` is kept from resetting it."""
-    import autotl.fit
+    import autotl.run
 
-    monkeypatch.setattr(autotl.fit, "set_torch_threads", lambda: None)
+    monkeypatch.setattr(autotl.run, "set_torch_threads", lambda: None)
     with limited_torch_threads(1):
         yield

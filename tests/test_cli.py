@@ -50,7 +50,7 @@ def test_fit_then_predict_json(capsys, make_image_folder, tmp_path):
     data = make_image_folder(tmp_path / "d", classes={"red": 10, "blue": 10}, size=(48, 48))
     run_dir = tmp_path / "run"
     code, out, err = run(["fit", str(data), "--model", "test_efficientnet=random", "--out", str(run_dir),
-                          "--epochs", "3", "--json"], capsys)
+                          "--epochs", "3", "--no-search", "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)  # stdout holds exactly one JSON document
     for key in ("run_dir", "model_path", "card_path", "classes", "source_model", "weights_origin", "strategy",

@@ -21,6 +21,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from autotl.data import scan_dataset  # noqa: E402
 from autotl.errors import AutotlError  # noqa: E402
+from autotl.run import Run  # noqa: E402
 from autotl.search import parse_recipe, plan_search, run_worker  # noqa: E402
 from autotl.search._study import make_storage, open_study  # noqa: E402
 from autotl.train import TrainConfig  # noqa: E402
@@ -57,8 +58,9 @@ def _recipe(trials: int):
 
 def _create(url: str, name: str, data: Path, tmp_path: Path, target: int):
     """What `autotl fit --storage URL --study NAME` does before its first trial: create the study + worker attrs."""
-    plan = plan_search(scan_dataset(data), tmp_path / f"run-{name}", [MODEL], TrainConfig(epochs=2, batch_size=8, objective="accuracy"),
-                       device="cpu", trials=target, recipe=_recipe(target), storage=url, study_name=name)
+    run = Run.open(data, tmp_path / f"run-{name}", models=[MODEL], device="cpu")
+    plan = plan_search(run, TrainConfig(epochs=2, batch_size=8, objective="accuracy"), trials=target,
+                       recipe=_recipe(target), storage=url, study_name=name, cv_folds=2, cv_repeats=1)
     study, created = open_study(plan.settings, url, fingerprint=plan.fingerprint)
     assert created
     return plan
@@ -114,7 +116,7 @@ def test_two_workers_complete_the_study(pg, data, tmp_path):
     assert all(t.state == TrialState.FAIL for t in trials if t.user_attrs.get("surplus"))  # a lost race, not counted
     assert {t.user_attrs["worker"] for t in trials} == {d["worker_id"] for d in docs if d["trials"]}
     # each trial's summary went to the shared artefact store (default RUN_DIR/artifacts of the creating fit)
-    store = plan.run_dir / "artifacts"
+    store = plan.run.run_dir / "artifacts"
     assert docs[0]["artifacts"] == str(store.resolve())
     assert len([p for p in store.iterdir() if p.is_file()]) == len(counted)
     metas = optuna.artifacts.get_all_artifact_meta(counted[0], storage=make_storage(url))

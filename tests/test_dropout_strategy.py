@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from autotl import _console
+from autotl.activations import SharedActivations
 from autotl.data import scan_dataset
 from autotl.errors import AutotlError
 from autotl.features import FeatureExtractor
@@ -82,22 +83,23 @@ def feature_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def extractor(source, feature_cache):
-    return RecordingExtractor(source, cache_dir=feature_cache)
+def extractor(source, feature_cache, index):
+    # as a run sets it up: the one activation-sharing mechanism in front of the backbone's cache
+    return SharedActivations(RecordingExtractor(source, cache_dir=feature_cache), index.train, index.val)
 
 
 @pytest.fixture
 def reuse_source(monkeypatch, source):
     """fit / inspect_dropout get the module's already-loaded model instead of loading it again."""
-    import autotl.fit
     import autotl.models
+    import autotl.run
 
     def create(spec, **kwargs):
         assert str(spec) == MODEL
         return source
 
     monkeypatch.setattr(autotl.models, "create_source_model", create)
-    monkeypatch.setattr(autotl.fit, "create_source_model", create)
+    monkeypatch.setattr(autotl.run, "create_source_model", create)
 
 
 def index_of(root):
@@ -247,7 +249,7 @@ def test_fit_end_to_end_with_dropout(noisy_folder, reuse_source, monkeypatch, tm
 
     monkeypatch.setattr(FeatureExtractor, "_compute", counting)
     root, flipped = noisy_folder
-    result = fit(root, tmp_path / "run", models=[MODEL], epochs=1, strategy={"dropout_tau": 1.0})
+    result = fit(root, tmp_path / "run", models=[MODEL], epochs=1, strategy={"dropout_tau": 1.0}, search=False)
     notes = result.strategy["strategies"]["dropout"]
     assert notes["n_dropped"] > 0 and result.strategy["n_train"] == notes["n_kept"]
     assert (tmp_path / "run" / "dropped.csv").is_file() and (tmp_path / "run" / "influence.csv").is_file()

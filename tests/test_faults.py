@@ -35,7 +35,8 @@ import autotl.train  # noqa: E402
 from autotl.cli import main  # noqa: E402
 from autotl.data import scan_dataset  # noqa: E402
 from autotl.errors import AutotlError  # noqa: E402
-from autotl.search import parse_recipe, plan_search  # noqa: E402
+from autotl.run import Run  # noqa: E402
+from autotl.search import parse_recipe, plan_search, plan_selection  # noqa: E402
 from autotl.train import TrainConfig  # noqa: E402
 
 MODEL = "test_efficientnet=random"
@@ -56,7 +57,7 @@ def _args(data: Path, tmp_path: Path, trials: int, *extra: str) -> list[str]:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE)
     return ["fit", str(data), "--out", str(tmp_path / "run"), "--model", MODEL, "--recipe", str(recipe),
-            "--trials", str(trials), "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), *extra]
+            "--trials", str(trials), "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--cv-folds", "2", *extra]
 
 
 def _no_tmp(*dirs: Path) -> None:
@@ -128,9 +129,10 @@ def test_ctrl_c_or_disk_full_during_export_keeps_previous_model(data, tmp_path, 
 # ----------------------------------------------------------------------------------------- SIGKILL
 def test_sigkill_of_fit_then_resume_completes(data, tmp_path, capsys):
     args = _args(data, tmp_path, 3)
-    # the second trial hangs, so the process is surely mid-trial when it is killed
+    per_trial = len(plan_selection(scan_dataset(data), k=2).folds)  # train_model calls a trial (--cv-folds 2)
+    # the second trial hangs in its first fold, so the process is surely mid-trial when it is killed
     code = ("import sys, time, autotl.train as t; real = t.train_model; n = []\n"
-            "def slow(*a, **k):\n    n.append(1)\n    if len(n) == 2: time.sleep(600)\n    return real(*a, **k)\n"
+            f"def slow(*a, **k):\n    n.append(1)\n    if len(n) == {per_trial + 1}: time.sleep(600)\n    return real(*a, **k)\n"
             "t.train_model = slow\nfrom autotl.cli import main\nsys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
@@ -172,17 +174,18 @@ def _trial_states_read_only(db: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- OOM / NaN
 class _Bad:
-    """Wrap train_model: the 2nd call raises ``exc``, or (``exc is None``) returns a NaN validation score."""
+    """Wrap train_model: the ``at``-th call (the first fold of the second trial with 2 folds a trial)
+    raises ``exc``, or (``exc is None``) returns a NaN validation score."""
 
-    def __init__(self, exc):
-        self.exc, self.calls, self.real = exc, 0, autotl.train.train_model
+    def __init__(self, exc, at: int = 3):
+        self.exc, self.at, self.calls, self.real = exc, at, 0, autotl.train.train_model
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        if self.calls == 2 and self.exc is not None:
+        if self.calls == self.at and self.exc is not None:
             raise self.exc
         result = self.real(*args, **kwargs)
-        if self.calls == 2:
+        if self.calls == self.at:
             result.best.accuracy = float("nan")
         return result
 
@@ -195,9 +198,10 @@ def test_oom_or_nan_trial_is_failed_and_the_study_goes_on(data, tmp_path, monkey
     recipe = parse_recipe({"trials": 3, "sampler": {"n_startup_trials": 2}, "pruner": {"type": "none"},
                            "space": {"frozen_stages": ["all", -1], "lr": {"low": 0.001, "high": 0.03, "log": True},
                                      "epochs": 1}}, "t")
-    plan = plan_search(scan_dataset(data), tmp_path / "run", [MODEL], TrainConfig(epochs=1, batch_size=8, objective="accuracy"),
-                       device="cpu", cache_dir=tmp_path / "cache", trials=3, recipe=recipe)
-    trials = plan.run().study.get_trials()
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"), trials=3, recipe=recipe,
+                       cv_folds=2, cv_repeats=1)
+    trials = plan.run_trials().study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     error = trials[1].user_attrs["error"]
     assert ("out of memory" in error) if exc is not None else ("FloatingPointError" in error and "nan" in error)

@@ -285,7 +285,7 @@ def test_fit_with_retrieval_end_to_end(source, index, folders, tmp_path):
     data, pool_root = folders
     out = tmp_path / "run"
     res = fit(data, out, models=[MODEL], frozen_stages=-1, epochs=1, batch_size=8,
-              strategy={"retrieval_k": 2}, options={"source_pool": str(pool_root)})
+              strategy={"retrieval_k": 2}, options={"source_pool": str(pool_root)}, search=False)
     assert res.classes == ["cat", "dog"]
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     y = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})[0]

@@ -392,7 +392,7 @@ def test_report_of_a_real_tiny_fit(tmp_path, make_image_folder):
     from autotl.fit import fit
 
     data = make_image_folder(tmp_path / "data", classes={"cat": 10, "dog": 10, "fox": 10}, size=(40, 32))
-    res = fit(data, tmp_path / "run", models=["test_efficientnet=random"], epochs=2, batch_size=16)
+    res = fit(data, tmp_path / "run", models=["test_efficientnet=random"], epochs=2, batch_size=16, search=False)
     t0 = time.perf_counter()
     path = write_report(res.run_dir)
     took = time.perf_counter() - t0

@@ -16,6 +16,7 @@ from optuna.trial import TrialState  # noqa: E402
 import autotl.train  # noqa: E402
 from autotl.data import scan_dataset  # noqa: E402
 from autotl.errors import AutotlError  # noqa: E402
+from autotl.run import Run  # noqa: E402
 from autotl.search import (  # noqa: E402
     SearchInterrupted,
     list_recipes,
@@ -23,6 +24,7 @@ from autotl.search import (  # noqa: E402
     parse_duration,
     parse_recipe,
     plan_search,
+    plan_selection,
     resolve_frozen_relative,
 )
 from autotl.strategy import STRATEGIES, BaseStrategy  # noqa: E402
@@ -52,11 +54,14 @@ def data(tmp_path, make_image_folder):
     return make_image_folder(tmp_path / "data", {"cat": 8, "dog": 8}, splits=["train", "val"], size=(40, 32))
 
 
+FOLDS = 2  # cross-validation folds per trial in these tests (one partition): train_model runs twice a trial
+
+
 def _plan(data, tmp_path, *, trials=2, resume=False, recipe=None, **kw):
-    index = scan_dataset(data)
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
     base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
-    return plan_search(index, tmp_path / "run", [MODEL], base, device="cpu", cache_dir=tmp_path / "cache",
-                       trials=trials, recipe=recipe or _recipe(), resume=resume, **kw)
+    return plan_search(run, base, trials=trials, recipe=recipe or _recipe(), resume=resume, cv_folds=FOLDS,
+                       cv_repeats=1, **kw)
 
 
 def _trials(plan_or_study):
@@ -193,10 +198,10 @@ def test_strategy_params_join_the_space(tagger):
 def test_search_cache_strategies_and_resume(data, tmp_path, tagger):
     plan = _plan(data, tmp_path, trials=2, recipe=_recipe(tag=[0, 1]))
     cuts = plan.prefetch["cuts"]["test_efficientnet"]
-    assert cuts == [resolve_frozen_relative(-1, plan.objective.extractors["test_efficientnet"].num_stages)]
-    extractor = plan.objective.extractors["test_efficientnet"].extractor
+    assert cuts == [resolve_frozen_relative(-1, plan.run.extractors["test_efficientnet"].num_stages)]
+    extractor = plan.run.extractors["test_efficientnet"].extractor
     before = extractor.forward_batches
-    out = plan.run()
+    out = plan.run_trials()
     trials = _trials(out)
     assert [t.number for t in trials] == [0, 1] and all(t.state == TrialState.COMPLETE for t in trials)
     # the prefix was computed once, before the trials: no trial pushed a batch through the backbone,
@@ -204,42 +209,43 @@ def test_search_cache_strategies_and_resume(data, tmp_path, tagger):
     assert extractor.forward_batches == before
     assert [t.user_attrs["forward_batches"] for t in trials] == [0, 0]
     assert all(t.user_attrs["cached"] for t in trials)
-    assert all(t.intermediate_values for t in trials)  # per-epoch reports (what the pruner sees)
+    assert all(len(t.intermediate_values) == FOLDS for t in trials)  # per-fold reports (what the pruner sees)
     for t in trials:
         if t.params.get("tag"):
             assert t.user_attrs["strategies"]["tagger"]["kept"] == 8 and t.user_attrs["n_train"] == 8
     assert (tmp_path / "run" / "study.db").is_file()
 
     # resume: the same study, numbers continue, no duplicates
-    again = _plan(data, tmp_path, trials=4, resume=True, recipe=_recipe(tag=[0, 1])).run()
+    again = _plan(data, tmp_path, trials=4, resume=True, recipe=_recipe(tag=[0, 1])).run_trials()
     numbers = [t.number for t in _trials(again)]
     assert numbers == [0, 1, 2, 3]
     assert again.study._study_id == out.study._study_id and not again.created
 
     # nothing left to do: returns at once
-    done = _plan(data, tmp_path, trials=4, resume=True, recipe=_recipe(tag=[0, 1])).run()
+    done = _plan(data, tmp_path, trials=4, resume=True, recipe=_recipe(tag=[0, 1])).run_trials()
     assert done.stopped_by == "already_done" and len(_trials(done)) == 4
 
     # the study exists: a fresh start in the same place is refused, so is another recipe on resume
     with pytest.raises(AutotlError, match="already exists.*--resume"):
-        _plan(data, tmp_path, trials=5, recipe=_recipe(tag=[0, 1])).run()
+        _plan(data, tmp_path, trials=5, recipe=_recipe(tag=[0, 1])).run_trials()
     with pytest.raises(AutotlError, match="search space differs"):
-        _plan(data, tmp_path, trials=5, resume=True).run()
+        _plan(data, tmp_path, trials=5, resume=True).run_trials()
 
 
 def test_failing_trial_does_not_end_the_study(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(autotl.train, "train_model", _FailOn(2, FloatingPointError("non-finite training loss")))
-    out = _plan(data, tmp_path, trials=3).run()
+    # the first fold of the second trial fails
+    monkeypatch.setattr(autotl.train, "train_model", _FailOn(FOLDS + 1, FloatingPointError("non-finite training loss")))
+    out = _plan(data, tmp_path, trials=3).run_trials()
     states = [t.state for t in _trials(out)]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert "FloatingPointError" in _trials(out)[1].user_attrs["error"]
 
 
 def test_keyboard_interrupt_then_resume(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(autotl.train, "train_model", _FailOn(2, KeyboardInterrupt()))
+    monkeypatch.setattr(autotl.train, "train_model", _FailOn(FOLDS + 1, KeyboardInterrupt()))
     plan = _plan(data, tmp_path, trials=3)
     with pytest.raises(SearchInterrupted) as info:
-        plan.run()
+        plan.run_trials()
     assert isinstance(info.value, KeyboardInterrupt) and info.value.finished == 1
     study = optuna.load_study(study_name="autotl", storage=plan.url)
     t0, t1 = study.get_trials(deepcopy=False)
@@ -248,7 +254,7 @@ def test_keyboard_interrupt_then_resume(data, tmp_path, monkeypatch):
 
     study.ask()  # a trial left RUNNING, as by a process killed with SIGKILL
     monkeypatch.undo()
-    again = _plan(data, tmp_path, trials=3, resume=True).run()
+    again = _plan(data, tmp_path, trials=3, resume=True).run_trials()
     trials = _trials(again)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]  # interrupted trials do not count
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
@@ -256,24 +262,24 @@ def test_keyboard_interrupt_then_resume(data, tmp_path, monkeypatch):
 
 
 def test_resume_refused_when_data_changed(data, tmp_path, make_image_folder):
-    _plan(data, tmp_path, trials=1).run()
+    _plan(data, tmp_path, trials=1).run_trials()
     make_image_folder(tmp_path / "more", {"cat": 1}, size=(40, 32), seed=7)
     (tmp_path / "more" / "cat" / "cat_000.png").rename(data / "train" / "cat" / "extra.png")
     with pytest.raises(AutotlError, match="data changed"):
-        _plan(data, tmp_path, trials=2, resume=True).run()
+        _plan(data, tmp_path, trials=2, resume=True).run_trials()
 
 
 def test_resume_without_study_is_refused(data, tmp_path):
     with pytest.raises(AutotlError, match="no study"):
-        _plan(data, tmp_path, trials=2, resume=True).run()
+        _plan(data, tmp_path, trials=2, resume=True).run_trials()
 
 
 def test_storage_url_and_journal(data, tmp_path):
     journal = tmp_path / "elsewhere" / "study.log"
-    out = _plan(data, tmp_path, trials=1, storage=f"journal:{journal}", study_name="mine").run()
+    out = _plan(data, tmp_path, trials=1, storage=f"journal:{journal}", study_name="mine").run_trials()
     assert journal.is_file() and out.study_name == "mine" and len(_trials(out)) == 1
     with pytest.raises(AutotlError, match="--storage"):
-        _plan(data, tmp_path, trials=1, storage="not-a-url").run()
+        _plan(data, tmp_path, trials=1, storage="not-a-url").run_trials()
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -288,9 +294,10 @@ def test_cli_interrupt_resume_and_json(data, tmp_path, monkeypatch, capsys):
     )
     run = tmp_path / "run"
     args = ["fit", str(data), "--out", str(run), "--model", MODEL, "--recipe", str(recipe), "--batch-size", "8",
-            "--cache-dir", str(tmp_path / "cache")]
+            "--cache-dir", str(tmp_path / "cache"), "--cv-folds", str(FOLDS)]
+    per_trial = len(plan_selection(scan_dataset(data), k=FOLDS).folds)
 
-    monkeypatch.setattr(autotl.train, "train_model", _FailOn(2, KeyboardInterrupt()))
+    monkeypatch.setattr(autotl.train, "train_model", _FailOn(per_trial + 1, KeyboardInterrupt()))
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "resume with: autotl fit" in err and "--resume" in err and str(run) in err
@@ -304,8 +311,12 @@ def test_cli_interrupt_resume_and_json(data, tmp_path, monkeypatch, capsys):
     assert s["states"] == {"complete": 2, "fail": 1}
     assert [r["number"] for r in s["leaderboard"]][-1] == 1  # the interrupted trial sorts last
     assert {"number", "state", "value", "params", "seconds", "cached", "description"} <= set(s["leaderboard"][0])
-    assert s["best"]["params"]["frozen_stages"] in ("all", -1) and s["best"]["value"] == max(
-        r["value"] for r in s["leaderboard"] if r["state"] == "COMPLETE")
+    assert s["best"]["params"]["frozen_stages"] in ("all", -1)
+    # the one-standard-error rule: the selected trial is within one SE of the best mean
+    rule = s["selection_rule"]
+    assert rule["selected"] == s["best"]["number"] and s["best"]["value"] >= rule["bar"] - 1e-12
+    assert rule["best_mean"] == max(r["value"] for r in s["leaderboard"] if r["state"] == "COMPLETE")
+    assert s["best"]["n_folds"] == per_trial and s["selection"]["kind"] == "val-cv"
     assert s["leaderboard"][0]["baseline"] or s["leaderboard"][1]["baseline"]  # the enqueued plain-fit strategy ran
     assert set(doc["metrics"]) == {"val"} and doc["parity"]["passed"]
     assert Path(doc["model_path"]).is_file() and (run / "leaderboard.json").is_file()
@@ -314,7 +325,8 @@ def test_cli_interrupt_resume_and_json(data, tmp_path, monkeypatch, capsys):
     assert card["extra"]["search"]["best"]["params"] == s["best"]["params"]
     assert card["extra"]["search"]["storage"] == s["storage"]
     decided = card["extra"]["decided_by"]
-    assert decided["training"] == "train split" and "val" in decided["trial_selection"] and "accuracy" in decided["trial_selection"]
+    assert decided["training"].startswith("all labelled images") and "accuracy" in decided["trial_selection"]
+    assert "cross-validation over the val/ folder" in decided["trial_selection"]
     assert "no test split" in decided["test"]
 
 

@@ -99,7 +99,7 @@ def inspect_dropout(
     """
     from ..data import scan_dataset
     from ..features import FeatureExtractor
-    from ..fit import default_cache_dir
+    from ..run import default_cache_dir
     from ..models import create_source_model, set_torch_threads
     from ..train import pick_device
 

@@ -7,7 +7,8 @@ Before a trial trains, ``DataDropout.apply``:
    pass also computes the prefix activations the trial's training will read, when it caches them);
 2. fits the convex softmax head on the (centred, scaled) training features and scores every
    training image by the predicted reduction of the total validation loss if it were removed
-   (``influence_scores``; reference = the whole val split, or only the val images of
+   (``influence_scores``; reference = ``ctx.reference`` — a cross-validation fold's decision part, or the
+   val split —, or only its images of
    ``ctx.options["focus_class"]``);
 3. drops the images scoring above ``tau`` robust spreads (or the top ``tau`` fraction of the
    harmful ones, ``dropout_mode="fraction"``) and hands the kept samples to training.
@@ -43,7 +44,6 @@ __all__ = [
     "InfluenceOutcome",
     "compute_influence",
     "parse_tau",
-    "register_activations",
     "resolve_focus_class",
     "cache_stats",
     "clear_cache",
@@ -230,52 +230,6 @@ def _training_cuts(ctx: StrategyContext, n_images: int) -> list[int]:
     return []
 
 
-def register_activations(extractor, samples, arrays: dict[str, np.ndarray], *, slot: str = "dropout") -> bool:
-    """Make ``extractor.extract(samples)`` return ``arrays`` ("labels", "pooled", "logits", "cut<i>")
-    from memory, without a forward pass.  Only one list per ``slot`` is held per extractor (a later
-    call replaces the earlier one), so trials do not accumulate copies.
-
-    The extractor caches by the exact sample list (paths, labels), so a subset or a relabelled copy
-    of a list it has seen is otherwise a new key.  Returns False (and does nothing) for an extractor
-    without the in-memory cache this relies on.
-    """
-    try:
-        key = extractor._key(samples)
-        memory = extractor._memory
-    except (AttributeError, TypeError):
-        return False
-    slots = extractor.__dict__.setdefault("_registered_slots", {})
-    prev = slots.get(slot)
-    others = {v for name, v in slots.items() if name != slot}
-    if prev is not None and prev != key and prev not in others:
-        memory.pop(prev, None)
-    memory[key] = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    slots[slot] = key
-    return True
-
-
-def _share_with_training(extractor, full_samples, kept_idx: np.ndarray, kept_samples, cuts: Sequence[int]) -> bool:
-    """Serve the kept subset's activations from the full set's (in memory): no second forward pass.
-
-    Only for a plain ``FeatureExtractor``: wrappers (the search's ``SharedActivations``) already
-    serve subsets of the lists they know.
-    """
-    from ..features import FeatureExtractor
-
-    if not isinstance(extractor, FeatureExtractor):
-        return False
-    try:
-        full_key = extractor._key(full_samples)
-        arrays = {}
-        for what in ("labels", "pooled", "logits", *[f"cut{c}" for c in cuts]):
-            arr = extractor._load(full_key, what)
-            if arr is not None:
-                arrays[what] = np.asarray(arr)[kept_idx]
-    except (AttributeError, TypeError, KeyError):  # a different extractor: training extracts itself
-        return False
-    return register_activations(extractor, kept_samples, arrays, slot="dropout-kept")
-
-
 class DataDropout(BaseStrategy):
     """Drop the training images predicted to raise the validation loss (Wang, Huan & Zhu, Alg. A).
 
@@ -315,7 +269,7 @@ class DataDropout(BaseStrategy):
         min_keep = float(ctx.options.get("dropout_min_keep", 0.1))
         solver = str(ctx.options.get("dropout_solver", "auto"))
         samples = list(ctx.train_samples)
-        val = list(ctx.index.val)  # the reference; ctx.index.test is never read
+        val = list(ctx.reference)  # the influence reference (a fold's decision part, or val); test is never read
         if not val:
             raise AutotlError("data dropout needs validation images as the influence reference; add a val/ folder")
         # validation images that are also trained on (a refit on train+val) are the reference: they
@@ -340,16 +294,15 @@ class DataDropout(BaseStrategy):
             keep_all = np.ones(len(samples), dtype=bool)
             keep_all[np.flatnonzero(~in_val)] = keep
             kept = [samples[i] for i in np.flatnonzero(keep_all)]
-        elif len(kept) < len(train):
-            _share_with_training(ctx.extractor, train, kept_idx, kept, cuts)
         ctx.train_samples = kept
 
         ctx.notes[self.name] = dropout_notes(report, outcome, classes, tau=tau, mode=mode, focus=focus,
                                              n_val=len(val), min_keep=min_keep)
+        ctx.notes[self.name]["decided_by"] = f"{ctx.reference_name} (influence reference)"
         if in_val.any():
             ctx.notes[self.name]["val_images_trained_on_not_scored"] = int(in_val.sum())
         log(f"data dropout: {report.n_dropped}/{report.n_total} training images dropped "
-            f"(tau={tau:g} {mode}, reference: {res.n_reference} val images"
+            f"(tau={tau:g} {mode}, reference: {res.n_reference} images of the {ctx.reference_name}"
             + (f" of class {classes[focus]!r}" if focus is not None else "")
             + (", influence cached" if outcome.cached else f", influence {outcome.seconds:.1f}s") + ")")
         if ctx.final:

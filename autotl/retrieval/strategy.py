@@ -44,7 +44,7 @@ def retrieval_cache_dir(ctx: StrategyContext) -> Path:
         return Path(explicit)
     base = getattr(ctx.extractor, "cache_dir", None)
     if base is None:
-        from ..fit import default_cache_dir
+        from ..run import default_cache_dir
 
         base = default_cache_dir()
     return Path(base) / "retrieval"

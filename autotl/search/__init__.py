@@ -4,16 +4,19 @@ The space is declared in ``recipes/*.yaml`` (see ``autotl.search._recipe`` for t
 model (top-k candidates), frozen stages (relative to the end), learning rate, epochs, regulariser
 (none / L2-SP / feature-map KD), its coefficients, DTNH, decay — and every parameter of a registered
 strategy (``autotl.strategy.STRATEGIES``). A seeded multivariate TPE sampler proposes trials, a
-median or Hyperband pruner stops weak ones from their per-epoch validation score, every trial
-reads the frozen prefix from one shared activation cache per source model, and the study lives in
+median or Hyperband pruner stops weak ones from the running mean of their fold scores, every trial
+is scored by cross-validation on images that decided nothing about it (``_folds``), the winner is
+chosen by the one-standard-error rule (``_select``), every trial reads the frozen prefix from one
+shared activation cache per source model (``autotl.activations``), and the study lives in
 ``RUN_DIR/study.db`` (or any ``--storage`` URL) so ``--resume`` continues it.
 
-Entry point: ``autotl.fit(..., trials=N | recipe=NAME)`` / ``autotl fit DIR --trials N``.
+Entry point: ``autotl.fit(DIR)`` / ``autotl fit DIR`` (searching is the default).
 """
 
-from ._cache import SharedActivations
 from ._distributed import WorkerResult, heartbeat_kwargs, recipe_from_json, run_worker, study_progress
-from ._fit import SearchPlan, plan_search, prefix_cuts, refit_best, search_fit
+from ._fit import SearchPlan, plan_search, prefix_cuts, refit_best, search, with_pool_dimension
+from ._folds import Fold, Selection, plan_selection, stratified_folds
+from ._select import complexity, select_one_se
 from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective, TrialFailed
 from ._plots import save_plots
@@ -39,15 +42,15 @@ from ._study import (
     make_sampler,
     make_storage,
     run_study,
-    select_best,
     storage_url,
 )
 
 __all__ = [
     "Condition", "Dimension", "Recipe", "list_recipes", "load_recipe", "parse_duration", "parse_recipe", "recipe_dirs",
-    "resolve_frozen_relative", "SharedActivations", "Objective", "TrialFailed", "SearchSettings", "SearchOutcome",
-    "SearchInterrupted", "run_study", "select_best", "finished_trials", "make_pruner", "make_sampler", "make_storage",
+    "resolve_frozen_relative", "Objective", "TrialFailed", "SearchSettings", "SearchOutcome",
+    "SearchInterrupted", "run_study", "finished_trials", "make_pruner", "make_sampler", "make_storage",
     "storage_url", "DEFAULT_STUDY", "STUDY_FILE", "trial_rows", "leaderboard_table", "describe_strategy", "save_plots",
-    "search_fit", "prefix_cuts", "SearchPlan", "plan_search", "refit_best",
+    "search", "prefix_cuts", "SearchPlan", "plan_search", "refit_best", "with_pool_dimension",
+    "Fold", "Selection", "plan_selection", "stratified_folds", "complexity", "select_one_se",
     "WorkerResult", "run_worker", "heartbeat_kwargs", "recipe_from_json", "study_progress",
 ]

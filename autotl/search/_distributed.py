@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -91,20 +90,21 @@ def rdb_url(url: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- study attrs
-def worker_attrs(index, run_dir: Path, models: list[str], base, *, target: int, seed: int,
-                 options: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
-    """What a worker needs to rebuild the objective (stored as the study's ``worker`` user attr)."""
-    m = re.match(r"stratified ([0-9.eE+-]+)% val", index.split or "")
+def worker_attrs(run, base, *, target: int, options: dict[str, Any], fixed: dict[str, Any],
+                 cv_folds: int, cv_repeats: int | None) -> dict[str, Any]:
+    """What a worker needs to rebuild the objective (the study's ``worker`` user attr, plain JSON)."""
     return {
-        "data_dir": str(Path(index.root).resolve()),
-        "val_fraction": float(m.group(1)) / 100 if m else 0.1,
-        "seed": int(seed),
-        "models": [str(x) for x in models],
+        "data_dir": str(Path(run.index.root).resolve()),
+        "val_fraction": float(run.val_fraction),
+        "seed": int(run.seed),
+        "models": [str(s.spec) for s in run.sources.values()],
         "base": base.to_dict(),
         "options": _plain(options),
         "fixed": _plain(fixed),
         "target": int(target),
-        "artifacts": str((Path(run_dir) / "artifacts").resolve()),
+        "cv_folds": int(cv_folds),
+        "cv_repeats": cv_repeats,
+        "artifacts": str((Path(run.run_dir) / "artifacts").resolve()),
     }
 
 
@@ -230,7 +230,8 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     from optuna.artifacts import FileSystemArtifactStore
 
     from ..data import scan_dataset
-    from ..train import TrainConfig, pick_device
+    from ..run import Run
+    from ..train import TrainConfig
     from ._fit import _log_trial, plan_search
     from ._objective import TrialFailed
     from ._study import make_sampler, open_study, quiet_optuna
@@ -253,9 +254,10 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     base = TrainConfig(**w["base"])
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     run_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"autotl-worker-{study_name}-"))
-    plan = plan_search(index, run_dir, w["models"], base, device=pick_device(device), cache_dir=cache_dir,
-                       trials=w["target"], recipe=recipe, resume=True, storage=url, study_name=study_name,
-                       fixed=w["fixed"], options=w["options"], seed=w["seed"])
+    run = Run.open(data, run_dir, models=w["models"], val_fraction=w["val_fraction"], seed=w["seed"], device=device,
+                   cache_dir=cache_dir, index=index)
+    plan = plan_search(run, base, trials=w["target"], recipe=recipe, resume=True, storage=url, study_name=study_name,
+                       fixed=w["fixed"], options=w["options"], cv_folds=w["cv_folds"], cv_repeats=w["cv_repeats"])
     study, _ = open_study(plan.settings, url, fingerprint=plan.fingerprint)
     # every worker proposes from its own seed (the same seed in two workers would replay the same trials)
     study.sampler = make_sampler(recipe, w["seed"] + os.getpid() * 7919 + time.time_ns() % 100_003,
@@ -303,7 +305,7 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     result = WorkerResult(study_name, url, worker_id, artifacts=str(art_dir))
     _console.log(f"worker {worker_id} joined study {study_name!r} in {url}: target {target} trial(s)"
                  + (f", at most {trials} of its own" if trials else ""))
-    log_cb = _log_trial(objective, base.objective)
+    log_cb = _log_trial(base.objective)
     while True:
         if trials is not None and len(result.trials) >= trials:
             result.stopped_by = "own_trials"

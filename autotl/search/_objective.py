@@ -1,8 +1,10 @@
-"""One trial: recipe parameters → strategies → ``train_model`` on the shared cache → val score."""
+"""One trial: recipe parameters → strategies → ``train_model`` per fold on the shared cache → mean score."""
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +14,13 @@ import torch
 
 from ..data import DatasetIndex
 from ..errors import AutotlError
+from ..evaluation import evaluate
+from ..run import Run
 from ..models import SourceModel
 from ..strategy import StrategyContext, apply_strategies, config_from_params
 from .. import train as _train
 from ..train import TrainConfig, should_cache
+from ._folds import Fold, Selection
 from ._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
 
 
@@ -49,35 +54,61 @@ class TrialSetup:
 
 @dataclass
 class Objective:
-    """The Optuna objective of a strategy search (callable on a trial, returns the val objective)."""
+    """The Optuna objective of a strategy search: a trial's cross-validated score (see ``_folds``).
 
-    index: DatasetIndex
+    Every fold trains the trial's strategy on its training part, early-stops it (and takes the data
+    dropout reference) on its decision part, and scores it on its scoring part, which decided
+    nothing. The trial's value is the mean over folds; its standard error, the per-fold scores and
+    best epochs, and the (optimistic) decision-part score go to the trial's user attributes.
+    """
+
+    run: Run
     recipe: Recipe
-    sources: dict[str, SourceModel]  # candidate label -> model
-    extractors: dict[str, Any]  # candidate label -> SharedActivations (one per source, all trials)
     base: TrainConfig
-    run_dir: Path
-    device: torch.device
+    selection: Selection
     options: dict[str, Any] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)  # fixed parameter values (fit's ``strategy=``)
-    deadline: float | None = None  # time.monotonic(): trials stop at the first epoch past it
+    deadline: float | None = None  # time.monotonic(): the budget; set by run_study
+    overrun_s: float = 30.0  # a trial started in budget stops this long past it (its score is then dropped)
     started: list[int] = field(default_factory=list)  # trial numbers started by this process
 
     @property
     def candidates(self) -> list[str]:
-        return list(self.sources)
+        return self.run.labels
+
+    @property
+    def index(self) -> DatasetIndex:
+        return self.run.index
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
 
     def setup(self, params: dict[str, Any]) -> TrialSetup:
         """Trial parameters (by target) → source, extractor and a TrainConfig (frozen resolved)."""
         label = params.get(MODEL, self.candidates[0])
-        if label not in self.sources:
+        if label not in self.run.sources:
             raise AutotlError(f"model {label!r} of this study is not among the candidates ({', '.join(self.candidates)}); "
                               "resume with the same --model list")
-        extractor = self.extractors[label]
+        extractor = self.run.extractors[label]
         cfg = config_from_params(params, self.base)
         cfg.frozen_stages = resolve_frozen_relative(params.get(FROZEN, self.base.frozen_stages), extractor.num_stages)
         cfg.objective = self.base.objective
-        return TrialSetup(params, self.sources[label], extractor, cfg)
+        return TrialSetup(params, self.run.sources[label], extractor, cfg)
+
+    def train_fold(self, setup: TrialSetup, params: dict[str, Any], fold: Fold, *, deadline: float | None = None):
+        """(TrainResult, strategy notes) of one fold: strategies see the fold's training and decision parts only."""
+        ctx = StrategyContext(self.index, setup.source, setup.extractor, self.run_dir, copy.deepcopy(setup.config),
+                              list(fold.train), train_fn=_train.train_model, options=dict(self.options), final=False,
+                              reference=list(fold.decide), reference_name="fold's decision part")
+        apply_strategies(ctx, params)
+        result = ctx.train_fn(setup.source, ctx.train_samples, list(fold.decide), len(self.index.classes), ctx.config,
+                              extractor=setup.extractor, device=self.device, deadline=deadline)
+        return result, ctx.notes
 
     def __call__(self, trial) -> float:
         import optuna
@@ -85,8 +116,7 @@ class Objective:
         self.started.append(trial.number)
         t0 = time.monotonic()
         objective = self.base.objective
-        setup = None
-        fb0 = sum(e.forward_batches for e in self.extractors.values())
+        fb0 = self.run.forward_batches()
         status = "error"
         try:
             params = {**self.fixed, **self.recipe.sample(trial, self.candidates)}
@@ -95,24 +125,36 @@ class Objective:
             trial.set_user_attr("num_stages", setup.extractor.num_stages)
             trial.set_user_attr("cached", should_cache(setup.extractor, len(self.index.train) + len(self.index.val),
                                                        setup.config.frozen_stages, setup.config.use_cache))
-            ctx = StrategyContext(self.index, setup.source, setup.extractor, self.run_dir, setup.config,
-                                  list(self.index.train), train_fn=_train.train_model, options=dict(self.options), final=False)
-            apply_strategies(ctx, params)
-
-            def on_epoch(m) -> None:
-                trial.report(m.score(objective), m.epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"epoch {m.epoch}: {objective} {m.score(objective):.4f} below the pruner's bar")
-
-            result = ctx.train_fn(setup.source, ctx.train_samples, self.index.val, len(self.index.classes), ctx.config,
-                                  extractor=setup.extractor, device=self.device, on_epoch=on_epoch, deadline=self.deadline)
-            best = result.best
-            value = best.score(objective)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"validation {objective} is {value}")
-            for k, v in {"accuracy": best.accuracy, "macro_f1": best.macro_f1, "val_loss": best.val_loss,
-                         "best_epoch": result.best_epoch, "epochs_run": len(result.history), "cached": result.cached,
-                         "n_train": result.n_train, "strategies": _jsonable(ctx.notes)}.items():
+            hard = self.deadline + self.overrun_s if self.deadline is not None else None
+            scores, decide_scores, epochs, n_train, notes = [], [], [], [], {}
+            for i, fold in enumerate(self.selection.folds):
+                if hard is not None and time.monotonic() > hard:
+                    raise optuna.TrialPruned(f"time budget spent after {i} of {len(self.selection.folds)} folds")
+                result, notes = self.train_fold(setup, params, fold, deadline=hard)
+                m = evaluate(result.net, setup.extractor, fold.score, len(self.index.classes), confusion=False)
+                for what, v in (("validation", result.best.score(objective)), ("held-out", m[objective])):
+                    if not math.isfinite(v):
+                        raise FloatingPointError(f"fold {i}: {what} {objective} is {v}")
+                scores.append(m[objective])
+                decide_scores.append(result.best.score(objective))
+                epochs.append(result.best_epoch)
+                n_train.append(result.n_train)
+                trial.report(statistics.fmean(scores), i)
+                if i + 1 < len(self.selection.folds) and trial.should_prune():
+                    raise optuna.TrialPruned(f"fold {i}: mean {objective} {statistics.fmean(scores):.4f} below the pruner's bar")
+            value = statistics.fmean(scores)
+            std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            if len(scores) > 1:
+                se = std / math.sqrt(len(scores))
+            else:  # one holdout split: the binomial error of a proportion on its scoring images
+                n = max(1, len(self.selection.folds[0].score))
+                se = math.sqrt(max(value * (1 - value), 0.0) / n)
+            for k, v in {"value_std": std, "value_se": se, "n_folds": len(scores), "fold_scores": scores,
+                         "decide_score": statistics.fmean(decide_scores), "best_epochs": epochs,
+                         "best_epoch": int(statistics.median_low(epochs)), "epochs_run": len(result.history),
+                         "cached": result.cached, "n_train": int(statistics.fmean(n_train)),
+                         "accuracy" if objective == "accuracy" else "macro_f1": value,
+                         "strategies": _jsonable(notes)}.items():
                 trial.set_user_attr(k, _jsonable(v))
             status = "ok"
             return value
@@ -130,7 +172,7 @@ class Objective:
         finally:
             _safe_attrs(trial, {
                 "seconds": round(time.monotonic() - t0, 3),
-                "forward_batches": sum(e.forward_batches for e in self.extractors.values()) - fb0,
+                "forward_batches": self.run.forward_batches() - fb0,
                 "interrupted": status == "interrupted",
             })
 

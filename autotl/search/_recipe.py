@@ -32,6 +32,8 @@ the stages a model has.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -525,6 +527,20 @@ def parse_recipe(doc: Any, source: str = "<recipe>", name: str | None = None) ->
         name=str(doc.get("name") or name or Path(source).stem), source=source, description=str(doc.get("description") or ""),
         trials=trials, time_budget=budget, sampler=sampler, pruner=pruner, baselines=baselines, dimensions=dim_list,
     )
+
+
+def add_dimensions(recipe: Recipe, space: Mapping[str, Any]) -> Recipe:
+    """``recipe`` with more dimensions appended (validated like the recipe's own; ``when`` may name
+    the recipe's dimensions). Its fingerprint changes, so a resumed study must add the same ones."""
+    fields, strategy_params = _train_fields(), _strategy_params()
+    dims = {d.name: d for d in recipe.dimensions}
+    for key, spec in space.items():
+        if key in dims:
+            raise AutotlError(f"{recipe.source}: dimension {key!r} is already in the recipe")
+        dims[key] = _parse_dimension(recipe.source, str(key), spec, fields, strategy_params, dims)
+    dim_list = list(dims.values())
+    _check_exclusive(recipe.source, dim_list)
+    return dataclasses.replace(recipe, dimensions=dim_list)
 
 
 # --------------------------------------------------------------------------------------- files

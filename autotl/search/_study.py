@@ -69,6 +69,14 @@ def storage_url(run_dir: Path, storage: str | None) -> str:
     return f"sqlite:///{(Path(run_dir) / STUDY_FILE).resolve()}"
 
 
+def shown_url(url: str) -> str:
+    """``url`` with any password masked: what the card, the report and logs may show (they are
+    world-readable files, unlike the storage itself)."""
+    import re
+
+    return re.sub(r"(://[^/:@]+):[^@/]*@", r"\1:***@", str(url))
+
+
 def is_own_storage(run_dir: Path, url: str) -> bool:
     return url == storage_url(run_dir, None)
 
@@ -85,7 +93,7 @@ def make_storage(url: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
-        raise AutotlError(f"--storage {url}: give an Optuna storage URL (sqlite:///path.db, postgresql://...) "
+        raise AutotlError(f"--storage {shown_url(url)}: give an Optuna storage URL (sqlite:///path.db, postgresql://...) "
                           "or a journal file (journal:path or path.log)")
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
@@ -98,7 +106,7 @@ def make_storage(url: str):
     except AutotlError:
         raise
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
-        raise AutotlError(f"--storage {url}: cannot open ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+        raise AutotlError(f"--storage {shown_url(url)}: cannot open ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
 
 
 @contextlib.contextmanager
@@ -170,16 +178,6 @@ def fail_running(study, numbers: set[int] | None = None) -> list[int]:
     return out
 
 
-def select_best(study):
-    """The best COMPLETE trial: highest value, then lowest validation loss, then earliest."""
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not done:
-        return None
-    return max(done, key=lambda t: (t.value, -float(t.user_attrs.get("val_loss") or 0.0), -t.number))
-
-
 # --------------------------------------------------------------------------------------- study
 def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any]) -> tuple[Any, bool]:
     """Create the study, or load it for ``--resume`` after checking it matches this run.
@@ -194,10 +192,10 @@ def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any
         names = optuna.get_all_study_names(storage)
         exists = settings.study_name in names
         if exists and not settings.resume:
-            raise AutotlError(f"study {settings.study_name!r} already exists in {url}; add --resume to continue it, "
+            raise AutotlError(f"study {settings.study_name!r} already exists in {shown_url(url)}; add --resume to continue it, "
                               "or give another --out / --study")
         if not exists and settings.resume:
-            raise AutotlError(f"--resume: no study {settings.study_name!r} in {url}; run without --resume to start one "
+            raise AutotlError(f"--resume: no study {settings.study_name!r} in {shown_url(url)}; run without --resume to start one "
                               f"(studies there: {', '.join(names) or 'none'})")
         n_existing = 0
         if exists:
@@ -237,7 +235,7 @@ def _check_resume(study, fingerprint: dict[str, Any], url: str) -> None:
         have = attrs.get(key)
         if have is not None and have != want:
             why = _RESUME_WHAT.get(key, f"{key} differs")
-            raise AutotlError(f"--resume: study {study.study_name!r} in {url}: {why}")
+            raise AutotlError(f"--resume: study {study.study_name!r} in {shown_url(url)}: {why}")
 
 
 def run_study(objective: Objective, settings: SearchSettings, url: str, *, fingerprint: dict[str, Any],
@@ -262,7 +260,7 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     objective.deadline = start + budget if budget else None
     what = f"{remaining} trial(s)" + (f" (of {settings.trials}; {done} done)" if done else "")
     _console.log(f"searching {what} with recipe [bold]{settings.recipe.name}[/]"
-                 + (f", time budget {budget:.0f}s" if budget else "") + f" — study {settings.study_name!r} in {url}")
+                 + (f", time budget {budget:.0f}s" if budget else "") + f" — study {settings.study_name!r} in {shown_url(url)}")
     callbacks = [on_trial] if on_trial is not None else []
     if not is_own_storage(objective.run_dir, url):  # workers may share the study: stop at its target
         from ._distributed import stop_at_target
@@ -279,7 +277,7 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
         finished = len(finished_trials(study))
         raise SearchInterrupted(
             f"search interrupted: {finished} of {settings.trials} trials finished, the running one was marked failed; "
-            f"study {settings.study_name!r} is kept in {url}",
+            f"study {settings.study_name!r} is kept in {shown_url(url)}",
             run_dir=objective.run_dir, study_name=settings.study_name, storage=url, finished=finished,
         ) from None
     seconds = time.monotonic() - start

@@ -1,0 +1,157 @@
+"""Honest selection: which labelled images train, decide and score each trial.
+
+One small validation split used to decide early stopping, the data-dropout reference *and* the
+ranking of trials flatters the search: the winner is whatever happened to fit that split. Here no
+image both decides something about a trial and scores it:
+
+- ``cv`` (no ``val/`` folder, fewer than ``CV_MAX_IMAGES`` labelled images): stratified k-fold over
+  all labelled images (repeated with a new partition when tiny). Fold j scores on its held-out
+  part; its other images are split into a training part and a *decision* part (early stopping and
+  the dropout reference: cross-fitting).
+- ``val-cv`` (the user gave a ``val/`` folder): that folder is trusted — it may be cleaner than
+  ``train/`` (noisy labels), and then only it can tell a good dropout from a bad one — so it is
+  cross-fitted on its own: fold j scores on part j of val and decides on the rest of val; every
+  fold trains on ``train/``.
+- ``holdout`` (many images): one stratified split into a decision part and a scoring part (of
+  val when given, else of all labelled images).
+
+After the search the winner is refitted on *all* labelled images for the epoch count its folds
+chose, so no split is wasted on the final model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..data import DatasetIndex, Sample
+
+CV_MAX_IMAGES = 2000  # at or above: one holdout split is precise enough and k times cheaper
+DEFAULT_FOLDS = 5
+TINY_IMAGES = 200  # below: repeat the k-fold partition (a fold of 8 images is a coarse estimate)
+DECIDE_FRACTION = 0.2  # share of a cv fold's training part that decides early stopping and dropout
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One train / decide / score partition (disjoint lists of samples)."""
+
+    train: tuple[Sample, ...]
+    decide: tuple[Sample, ...]  # early stopping + data-dropout reference
+    score: tuple[Sample, ...]  # the trial's score on this fold; decides nothing else
+
+
+@dataclass
+class Selection:
+    """How trials are scored: the folds and what they mean, for the card and the report."""
+
+    kind: str  # "cv" | "val-cv" | "holdout"
+    folds: list[Fold]
+    k: int
+    repeats: int
+    seed: int
+    decided_by: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "k": self.k, "repeats": self.repeats, "n_folds": len(self.folds), "seed": self.seed,
+            "fold_sizes": [{"train": len(f.train), "decide": len(f.decide), "score": len(f.score)} for f in self.folds],
+            "decided_by": self.decided_by,
+        }
+
+
+def _by_class(samples: Sequence[Sample]) -> dict[int, list[Sample]]:
+    out: dict[int, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.label, []).append(s)
+    return out
+
+
+def stratified_folds(samples: Sequence[Sample], k: int, rng: np.random.Generator) -> list[list[Sample]]:
+    """``k`` disjoint folds covering ``samples``, each class spread as evenly as its count allows.
+
+    Each class's remainder starts where the previous class's ended, so fold sizes differ by at
+    most one even with many small classes."""
+    folds: list[list[Sample]] = [[] for _ in range(k)]
+    offset = 0
+    for _, members in sorted(_by_class(samples).items()):
+        order = rng.permutation(len(members))
+        for i, j in enumerate(order):
+            folds[(offset + i) % k].append(members[j])
+        offset += len(members)
+    return folds
+
+
+def stratified_split(samples: Sequence[Sample], fraction: float, rng: np.random.Generator) -> tuple[list[Sample], list[Sample]]:
+    """(rest, part): ``part`` holds ``fraction`` of every class (at least one image where a class
+    has two or more, so every class can stop early and be referenced)."""
+    rest, part = [], []
+    for _, members in sorted(_by_class(samples).items()):
+        order = rng.permutation(len(members))
+        n = int(round(fraction * len(members)))
+        n = min(len(members) - 1, max(1, n)) if len(members) >= 2 else 0
+        part += [members[j] for j in order[:n]]
+        rest += [members[j] for j in order[n:]]
+    return rest, part
+
+
+def _folds_for(min_count: int, k: int) -> int:
+    return max(2, min(k, min_count))
+
+
+def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS, max_cv: int = CV_MAX_IMAGES,
+                   repeats: int | None = None) -> Selection:
+    """The folds that score trials for this data set (deterministic in ``seed``)."""
+    train, val = list(index.train), list(index.val)
+    labelled = train + val
+    trusted_val = index.split == "folders" and bool(val)
+    n = len(labelled)
+    if n >= max_cv:
+        rng = np.random.default_rng([seed, 0x5E1])
+        if trusted_val:
+            decide, score = stratified_split(val, 0.5, rng)
+            folds = [Fold(tuple(train), tuple(decide), tuple(score))]
+            what = "half of the val/ folder"
+        else:
+            rest, score = stratified_split(labelled, 0.1, rng)
+            fit_part, decide = stratified_split(rest, 1 / 9, rng)
+            folds = [Fold(tuple(fit_part), tuple(decide), tuple(score))]
+            what = "a stratified 10% of the labelled images"
+        return Selection("holdout", folds, 1, 1, seed, {
+            "trial_training": "train/ folder" if trusted_val else "80% of the labelled images",
+            "early_stopping_and_dropout_reference": "the other half of the val/ folder" if trusted_val else
+                                                     "another stratified 10% of the labelled images",
+            "trial_ranking": f"{what}, used for nothing else (one-standard-error rule toward the simpler strategy)",
+        })
+    pool = val if trusted_val else labelled
+    counts = [len(m) for m in _by_class(pool).values()]
+    kk = _folds_for(min(counts), k)
+    reps = repeats if repeats is not None else (2 if n < TINY_IMAGES else 1)
+    folds = []
+    for r in range(reps):
+        rng = np.random.default_rng([seed, 0xCF, r])
+        parts = stratified_folds(pool, kk, rng)
+        for j in range(kk):
+            others = [s for i, p in enumerate(parts) if i != j for s in p]
+            if trusted_val:
+                folds.append(Fold(tuple(train), tuple(others), tuple(parts[j])))
+            else:
+                fit_part, decide = stratified_split(others, DECIDE_FRACTION, rng)
+                folds.append(Fold(tuple(fit_part), tuple(decide), tuple(parts[j])))
+    rep = f", {reps} partitions" if reps > 1 else ""
+    if trusted_val:
+        return Selection("val-cv", folds, kk, reps, seed, {
+            "trial_training": "train/ folder (every fold)",
+            "early_stopping_and_dropout_reference": f"the other {kk - 1} parts of the val/ folder (cross-fitted)",
+            "trial_ranking": f"{kk}-fold cross-validation over the val/ folder{rep}: each val image scores only in the "
+                             "fold where it decided nothing; mean score, one-standard-error rule toward the simpler strategy",
+        })
+    return Selection("cv", folds, kk, reps, seed, {
+        "trial_training": f"{kk - 1} of {kk} stratified folds of all labelled images, less their decision part",
+        "early_stopping_and_dropout_reference": f"a stratified {DECIDE_FRACTION:.0%} of each fold's training images (cross-fitted)",
+        "trial_ranking": f"stratified {kk}-fold cross-validation over all labelled images{rep}: each image scores only in the "
+                         "fold that never trained, stopped or referenced on it; mean score, one-standard-error rule "
+                         "toward the simpler strategy",
+    })

@@ -1,0 +1,201 @@
+"""Honest selection (issue 10): folds that never let an image both decide and score, the one-SE rule,
+the objective's wiring of each fold's parts, search as the default and --no-search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import autotl.train
+from autotl.data import scan_dataset
+from autotl.errors import AutotlError
+from autotl.run import Run
+from autotl.search import parse_recipe, plan_search, plan_selection, select_one_se, stratified_folds
+from autotl.search._folds import CV_MAX_IMAGES
+from autotl.train import TrainConfig
+
+MODEL = "test_efficientnet=random"
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _paths(samples) -> set:
+    return {s.path for s in samples}
+
+
+def _assert_honest(selection, labelled) -> None:
+    """Each fold: train, decide and score pairwise disjoint; nothing outside the labelled images."""
+    for i, fold in enumerate(selection.folds):
+        tr, de, sc = _paths(fold.train), _paths(fold.decide), _paths(fold.score)
+        assert not sc & tr, f"fold {i}: scoring images in training"
+        assert not sc & de, f"fold {i}: scoring images decide early stopping / the dropout reference"
+        assert not tr & de, f"fold {i}: decision images are trained on"
+        assert (tr | de | sc) <= _paths(labelled) and sc and de and tr
+
+
+@pytest.fixture
+def pooled(tmp_path, make_image_folder):
+    """No val/ folder: a 10 % val split is made, and cross-validation pools all labelled images."""
+    return scan_dataset(make_image_folder(tmp_path / "pooled", {"a": 12, "b": 9, "c": 7}, size=(16, 16)))
+
+
+@pytest.fixture
+def folders(tmp_path, make_image_folder):
+    return scan_dataset(make_image_folder(tmp_path / "folders", {"a": [10, 6], "b": [10, 5]}, splits=["train", "val"],
+                                          size=(16, 16)))
+
+
+def test_cv_folds_never_score_what_decided(pooled):
+    sel = plan_selection(pooled, seed=3, k=5)
+    labelled = pooled.train + pooled.val
+    assert sel.kind == "cv" and sel.repeats == 2 and len(sel.folds) == 2 * sel.k  # tiny: two partitions
+    _assert_honest(sel, labelled)
+    # within one partition every labelled image scores exactly once
+    for r in range(sel.repeats):
+        part = sel.folds[r * sel.k:(r + 1) * sel.k]
+        scored = [s.path for f in part for s in f.score]
+        assert sorted(scored) == sorted(s.path for s in labelled)
+    # every fold's decision part holds every class (early stopping and dropout see each class)
+    assert all({s.label for s in f.decide} == {0, 1, 2} for f in sel.folds)
+    # deterministic in the seed, different for another seed
+    assert plan_selection(pooled, seed=3).folds == sel.folds
+    assert plan_selection(pooled, seed=4).folds != sel.folds
+
+
+def test_val_folder_is_trusted_and_cross_fitted(folders):
+    sel = plan_selection(folders, seed=0, k=5)
+    assert sel.kind == "val-cv" and sel.k == 5  # the smallest val class has 5 images
+    _assert_honest(sel, folders.train + folders.val)
+    for fold in sel.folds:
+        assert list(fold.train) == folders.train  # train/ only trains
+        assert _paths(fold.decide) | _paths(fold.score) == _paths(folders.val)  # val/ decides and scores, cross-fitted
+
+
+def test_holdout_for_large_data(pooled, folders):
+    for index, kind in ((pooled, "holdout"), (folders, "holdout")):
+        sel = plan_selection(index, max_cv=10)
+        assert sel.kind == kind and len(sel.folds) == 1
+        _assert_honest(sel, index.train + index.val)
+    assert CV_MAX_IMAGES == 2000
+
+
+def test_stratified_folds_balance_small_classes():
+    import numpy as np
+
+    samples = [SimpleNamespace(path=Path(f"{c}{i}"), label=c) for c in range(7) for i in range(3)]
+    folds = stratified_folds(samples, 5, np.random.default_rng(0))
+    sizes = sorted(len(f) for f in folds)
+    assert sizes[-1] - sizes[0] <= 1 and sum(sizes) == 21
+
+
+# ----------------------------------------------------------------------------------------- one-SE rule
+def _trial(number, value, se, *, frozen, dropout=None, seconds=1.0):
+    params = {"frozen_stages": "all" if frozen == 9 else -1, "dropout_tau": dropout, "model": "m"}
+    return SimpleNamespace(number=number, value=value, state=SimpleNamespace(name="COMPLETE"), params=params,
+                           user_attrs={"value_se": se, "frozen": frozen, "num_stages": 9, "seconds": seconds})
+
+
+def test_one_se_rule_prefers_the_simpler_within_noise():
+    probe = _trial(0, 0.80, 0.03, frozen=9)
+    finetune = _trial(1, 0.82, 0.03, frozen=8)  # better by less than one SE
+    with_dropout = _trial(2, 0.81, 0.03, frozen=9, dropout=1.0)
+    winner, how = select_one_se([finetune, with_dropout, probe], lambda t: t.params, ["m"])
+    assert winner is probe and how["best_mean_trial"] == 1 and how["within_one_se"] == [0, 1, 2]
+
+
+def test_one_se_rule_keeps_a_clear_win():
+    probe = _trial(0, 0.80, 0.01, frozen=9)
+    dropout = _trial(1, 0.90, 0.01, frozen=9, dropout=1.0)  # noisy labels: dropout wins by 10 SE
+    winner, how = select_one_se([probe, dropout], lambda t: t.params, ["m"])
+    assert winner is dropout and how["within_one_se"] == [1]
+    assert select_one_se([], lambda t: t.params) == (None, {})
+
+
+# ----------------------------------------------------------------------------------------- objective wiring
+def test_objective_trains_decides_and_scores_on_each_fold_part(tmp_path, make_image_folder, monkeypatch):
+    """train_model gets the fold's training part and early-stops on its decision part; the dropout
+    reference is the decision part; the score comes from the scoring part, which decided nothing."""
+    import autotl.search._objective as objective_mod
+    from autotl.strategy import StrategyContext
+
+    data = make_image_folder(tmp_path / "d", {"cat": 10, "dog": 10}, size=(32, 32))
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": ["all"], "epochs": 1,
+                                                                            "dropout_tau": [0.0]}}, "t")
+    plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"), trials=1, recipe=recipe,
+                       cv_folds=3, cv_repeats=1)
+    calls, scored, references = [], [], []
+    real_train, real_eval = autotl.train.train_model, objective_mod.evaluate
+    real_init = StrategyContext.__post_init__
+
+    def train(source, train_samples, val_samples, *a, **k):
+        calls.append((list(train_samples), list(val_samples)))
+        return real_train(source, train_samples, val_samples, *a, **k)
+
+    def evaluate(net, extractor, samples, *a, **k):
+        scored.append(list(samples))
+        return real_eval(net, extractor, samples, *a, **k)
+
+    def init(self):
+        real_init(self)
+        references.append(list(self.reference))
+
+    monkeypatch.setattr(autotl.train, "train_model", train)
+    monkeypatch.setattr(objective_mod, "evaluate", evaluate)
+    monkeypatch.setattr(StrategyContext, "__post_init__", init)
+    trial = plan.run_trials().study.get_trials()[0]
+    folds = plan.selection.folds
+    assert len(calls) == len(scored) == len(references) == len(folds) == 3
+    for (tr, val), score, ref, fold in zip(calls, scored, references, folds):
+        assert _paths(val) == _paths(fold.decide) and _paths(ref) == _paths(fold.decide)
+        assert _paths(tr) <= _paths(fold.train)  # dropout may have dropped some
+        assert score == list(fold.score)
+        assert not _paths(score) & (_paths(tr) | _paths(val) | _paths(ref))
+    assert trial.user_attrs["n_folds"] == 3 and len(trial.user_attrs["fold_scores"]) == 3
+    assert trial.value == pytest.approx(sum(trial.user_attrs["fold_scores"]) / 3)
+
+
+# ----------------------------------------------------------------------------------------- search is the default
+@pytest.mark.slow
+def test_time_budget_alone_starts_a_search_and_no_search_does_not(tmp_path, make_image_folder, capsys):
+    from autotl.cli import main
+
+    data = make_image_folder(tmp_path / "d", {"cat": 6, "dog": 6}, size=(32, 32))
+    common = ["--model", MODEL, "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--json", "--epochs", "2"]
+    assert main(["fit", str(data), "--out", str(tmp_path / "s"), "--time-budget", "5s", "--cv-folds", "2", *common]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["search"] is not None and doc["search"]["time_budget_s"] == 5 and doc["search"]["n_trials"] >= 1
+    assert (tmp_path / "s" / "study.db").is_file()
+    assert doc["search"]["refit_on"].startswith("all labelled")
+
+    assert main(["fit", str(data), "--out", str(tmp_path / "p"), "--no-search", *common]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["search"] is None and not (tmp_path / "p" / "study.db").exists()
+    assert doc["strategy"]["frozen_stages"] == doc["strategy"]["num_stages"]  # the plain linear probe
+
+    assert main(["fit", str(data), "--out", str(tmp_path / "x"), "--no-search", "--trials", "3", *common]) == 2
+    assert "--no-search with --trials" in capsys.readouterr().err
+
+
+def test_default_search_budget_is_automatic_and_printed(tmp_path, make_image_folder, monkeypatch):
+    """Plain fit (no flags) searches under the automatic budget, which is printed before it starts."""
+    import autotl.fit
+    import autotl.search
+
+    data = make_image_folder(tmp_path / "d", {"cat": 5, "dog": 5}, size=(16, 16))
+    seen = {}
+
+    def fake_search(run, base, **kw):
+        seen.update(kw)
+        raise AutotlError("stop here")
+
+    monkeypatch.setattr(autotl.search, "search", fake_search)
+    with pytest.raises(AutotlError, match="stop here"):
+        autotl.fit.fit(data, tmp_path / "run", models=[MODEL], cache_dir=tmp_path / "cache")
+    assert seen["time_budget"] == pytest.approx(60 + 0.18 * 10) and seen["trials"] is None
+    with pytest.raises(AutotlError, match="stop here"):
+        autotl.fit.fit(data, tmp_path / "run2", models=[MODEL], cache_dir=tmp_path / "cache", trials=3)
+    assert seen["time_budget"] is None and seen["trials"] == 3  # --trials alone: no time limit
