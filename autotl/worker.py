@@ -26,7 +26,8 @@ def join_study(
     workers read from their environment too); the rest is ``autotl.search.run_worker``'s.
     """
     from .models import set_torch_threads
-    from .search._distributed import ENV_GRACE, ENV_INTERVAL, ENV_RETRY, run_worker
+    from .search._distributed import ENV_GRACE, ENV_INTERVAL, ENV_RETRY
+    from .search._worker import run_worker
 
     for env, value in ((ENV_INTERVAL, heartbeat), (ENV_GRACE, grace), (ENV_RETRY, max_retry)):
         if value is not None:

@@ -36,6 +36,7 @@ from autotl.cli import main  # noqa: E402
 from autotl.data import scan_dataset  # noqa: E402
 from autotl.errors import AutotlError  # noqa: E402
 from autotl.run import Run  # noqa: E402
+from autotl.search._distributed import interrupted_numbers, is_interrupted  # noqa: E402
 from autotl.search import parse_recipe, plan_search, plan_selection  # noqa: E402
 from autotl.train import TrainConfig  # noqa: E402
 
@@ -153,8 +154,9 @@ def test_sigkill_of_fit_then_resume_completes(data, tmp_path, capsys):
     assert main(args + ["--resume", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["search"]["states"] == {"complete": 3, "fail": 1}  # only the killed trial is lost
-    trials = _study(tmp_path).get_trials()
-    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs.get("interrupted")
+    study = _study(tmp_path)
+    trials = study.get_trials()
+    assert trials[1].state == TrialState.FAIL and is_interrupted(trials[1], interrupted_numbers(study))
     assert Path(doc["model_path"]).is_file()
 
 

@@ -17,6 +17,7 @@ import autotl.train  # noqa: E402
 from autotl.data import scan_dataset  # noqa: E402
 from autotl.errors import AutotlError  # noqa: E402
 from autotl.run import Run  # noqa: E402
+from autotl.search._distributed import interrupted_numbers, is_interrupted  # noqa: E402
 from autotl.search import (  # noqa: E402
     SearchInterrupted,
     list_recipes,
@@ -258,7 +259,7 @@ def test_keyboard_interrupt_then_resume(data, tmp_path, monkeypatch):
     trials = _trials(again)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]  # interrupted trials do not count
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
-    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["interrupted"]
+    assert trials[2].state == TrialState.FAIL and is_interrupted(trials[2], interrupted_numbers(again.study))
 
 
 def test_resume_refused_when_data_changed(data, tmp_path, make_image_folder):

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
 
+from ..search._distributed import interrupted_numbers, is_interrupted
+
 STUDY_FILE = "study.db"
 _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
@@ -118,6 +120,7 @@ def load_trials(run_dir: Path, search: dict[str, Any] | None, leaderboard: list[
                          + ("; trials come from leaderboard.json" if by_number else ""))
     if study is not None:
         rows = []
+        cut = interrupted_numbers(study)
         for t in study.get_trials(deepcopy=False):
             lb = by_number.get(t.number, {})
             ua = t.user_attrs
@@ -131,7 +134,7 @@ def load_trials(run_dir: Path, search: dict[str, Any] | None, leaderboard: list[
                 "seconds": dur, "epochs_run": lb.get("epochs_run") or (len(t.intermediate_values) or None),
                 "description": lb.get("description"), "value_std": lb.get("value_std"), "n_folds": lb.get("n_folds"),
                 "baseline": bool(ua.get("baseline")),
-                "interrupted": bool(ua.get("interrupted")), "error": ua.get("error"),
+                "interrupted": is_interrupted(t, cut), "error": ua.get("error"),
                 "intermediate": dict(t.intermediate_values),
             })
         source = f"study '{name}' in {url} (opened read-only)"

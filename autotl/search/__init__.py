@@ -13,7 +13,8 @@ shared activation cache per source model (``autotl.activations``), and the study
 Entry point: ``autotl.fit(DIR)`` / ``autotl fit DIR`` (searching is the default).
 """
 
-from ._distributed import WorkerResult, heartbeat_kwargs, recipe_from_json, run_worker, study_progress
+from ._distributed import heartbeat_kwargs, recipe_from_json, study_progress
+from ._worker import WorkerResult, run_worker
 from ._fit import SearchPlan, plan_search, prefix_cuts, refit_best, search, with_pool_dimension
 from ._folds import Fold, Selection, plan_selection, stratified_folds
 from ._select import complexity, select_one_se

@@ -20,19 +20,12 @@ Settings (environment, so that ``fit`` and ``worker`` processes agree without ne
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-import sys
-import tempfile
-import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import _console
 from ..errors import AutotlError
 
 WORKER_ATTR = "worker"
@@ -148,14 +141,33 @@ def retried_numbers(trials) -> set[int]:
     return out
 
 
+INTERRUPTED_ATTR = "interrupted_trials"  # study user attr: numbers of trials failed because they were cut off
+
+
+def interrupted_numbers(study) -> set[int]:
+    """Trials cut off by Ctrl-C or a kill: marked on the trial itself when its own process saw the
+    interrupt, else (failed afterwards by another process, through Optuna's public ``tell``, which
+    cannot write a finished trial's attributes) listed in the study's ``interrupted_trials``."""
+    return {int(n) for n in study.user_attrs.get(INTERRUPTED_ATTR, ())}
+
+
+def is_interrupted(trial, interrupted: set[int]) -> bool:
+    return bool(trial.user_attrs.get("interrupted")) or trial.number in interrupted
+
+
+def mark_interrupted(study, numbers) -> None:
+    if numbers:
+        study.set_user_attr(INTERRUPTED_ATTR, sorted(interrupted_numbers(study) | {int(n) for n in numbers}))
+
+
 def study_progress(study) -> dict[str, int]:
     """``done`` (complete + pruned + failed, less interrupted/surplus/retried), ``running``, ``waiting``."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
+    retried, cut = retried_numbers(trials), interrupted_numbers(study)
     done = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-               and not t.user_attrs.get("interrupted") and t.number not in retried)
+               and not is_interrupted(t, cut) and t.number not in retried)
     return {"done": done, "running": sum(t.state == TrialState.RUNNING for t in trials),
             "waiting": sum(t.state == TrialState.WAITING for t in trials),
             "complete": sum(t.state == TrialState.COMPLETE for t in trials)}
@@ -167,11 +179,13 @@ def _surplus(study, trial, target: int) -> bool:
     already make the target (a re-queued trial of a dead worker is never surplus)."""
     from optuna.trial import TrialState
 
-    if study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial") is not None:
+    trials = study.get_trials(deepcopy=False)
+    me = next((t for t in trials if t.number == trial.number), None)
+    if me is not None and me.system_attrs.get("failed_trial") is not None:
         return False
     p = study_progress(study)
-    before = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                 if t.number < trial.number and not t.user_attrs.get("surplus"))
+    before = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < trial.number
+                 and not t.user_attrs.get("surplus"))
     return p["done"] + before >= target
 
 
@@ -181,152 +195,6 @@ def fail_stale(study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
-
-# --------------------------------------------------------------------------------------- worker
-@dataclass
-class WorkerResult:
-    study_name: str
-    storage: str
-    worker_id: str
-    trials: list[int] = field(default_factory=list)  # trial numbers this worker ran
-    stopped_by: str = "target"  # "target" | "own_trials"
-    progress: dict[str, int] = field(default_factory=dict)
-    artifacts: str = ""
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"study_name": self.study_name, "storage": self.storage, "worker_id": self.worker_id,
-                "trials": self.trials, "stopped_by": self.stopped_by, "progress": self.progress,
-                "artifacts": self.artifacts, "seconds": round(self.seconds, 2)}
-
-
-def load_worker_study(url: str, study_name: str):
-    """The study and its ``worker`` attrs, or an AutotlError saying what is missing."""
-    import optuna
-
-    from ._study import make_storage, quiet_optuna
-
-    storage = make_storage(url)
-    with quiet_optuna():
-        names = optuna.get_all_study_names(storage)
-        if study_name not in names:
-            raise AutotlError(f"--study {study_name}: no such study in {url} (studies there: {', '.join(names) or 'none'}); "
-                              "create it first with `autotl fit DIR --storage URL --study NAME --trials N`")
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    attrs = study.user_attrs
-    if WORKER_ATTR not in attrs or "recipe" not in attrs:
-        raise AutotlError(f"--study {study_name}: this study in {url} was not created by `autotl fit` with a search "
-                          "(no worker settings in its user attributes)")
-    return study, attrs
-
-
-def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | None = None, trials: int | None = None,
-               artifacts: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-               device: str | None = "auto", cache_dir: str | os.PathLike | None = None,
-               poll: float | None = None) -> WorkerResult:
-    """Join study ``study_name`` in ``storage`` and run trials until it has its target (or ``trials`` of our own)."""
-    import optuna
-    from optuna.artifacts import FileSystemArtifactStore
-
-    from ..data import scan_dataset
-    from ..run import Run
-    from ..train import TrainConfig
-    from ._fit import _log_trial, plan_search
-    from ._objective import TrialFailed
-    from ._study import make_sampler, open_study, quiet_optuna
-
-    start = time.monotonic()
-    if trials is not None and trials < 1:
-        raise AutotlError(f"--trials {trials}: give at least 1")
-    url = str(storage)
-    probe, attrs = load_worker_study(url, study_name)
-    w = attrs[WORKER_ATTR]
-    data = Path(data_dir) if data_dir is not None else Path(w["data_dir"])
-    if not data.is_dir():
-        raise AutotlError(f"--data {data}: not a folder on this host; give the study's data folder "
-                          f"(created from {w['data_dir']}) with --data")
-    index = scan_dataset(data, val_fraction=w["val_fraction"], seed=w["seed"])
-    if index.fingerprint() != attrs.get("data_fingerprint"):
-        raise AutotlError(f"--data {data}: differs from the data study {study_name!r} was created with "
-                          "(files added, removed, edited or re-split); give the same data folder")
-    recipe = recipe_from_json(attrs["recipe"])
-    base = TrainConfig(**w["base"])
-    worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    run_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"autotl-worker-{study_name}-"))
-    run = Run.open(data, run_dir, models=w["models"], val_fraction=w["val_fraction"], seed=w["seed"], device=device,
-                   cache_dir=cache_dir, index=index)
-    plan = plan_search(run, base, trials=w["target"], recipe=recipe, resume=True, storage=url, study_name=study_name,
-                       fixed=w["fixed"], options=w["options"], cv_folds=w["cv_folds"], cv_repeats=w["cv_repeats"])
-    study, _ = open_study(plan.settings, url, fingerprint=plan.fingerprint)
-    # every worker proposes from its own seed (the same seed in two workers would replay the same trials)
-    study.sampler = make_sampler(recipe, w["seed"] + os.getpid() * 7919 + time.time_ns() % 100_003,
-                                 len(study.get_trials(deepcopy=False)))
-    target = int(w["target"])
-    art_dir = Path(artifacts) if artifacts is not None else Path(w["artifacts"])
-    art_dir.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(str(art_dir))
-    objective = plan.objective
-    poll = poll if poll is not None else max(0.2, min(5.0, heartbeat_kwargs()["heartbeat_interval"] / 2))
-
-    def guarded(trial):
-        trial.set_user_attr("worker", worker_id)
-        if _surplus(study, trial, target):
-            trial.set_user_attr("interrupted", True)
-            trial.set_user_attr("surplus", True)
-            raise TrialFailed("surplus trial: the study reached its target while this one started")
-        outcome: dict[str, Any] = {"outcome": "error", "value": None}
-        try:
-            outcome["value"] = objective(trial)
-            outcome["outcome"] = "complete"
-            return outcome["value"]
-        except optuna.TrialPruned:
-            outcome["outcome"] = "pruned"
-            raise
-        finally:
-            if outcome["outcome"] != "error" or not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                upload(trial, outcome)
-
-    def upload(trial, outcome: dict[str, Any]) -> None:
-        """The trial's summary to the shared artefact store (while the trial still runs: Optuna links it then)."""
-        summary = {"number": trial.number, **outcome, "params": trial.params, "user_attrs": trial.user_attrs,
-                   "worker": worker_id}
-        tmp = run_dir / f"trial-{trial.number}.json"
-        try:
-            tmp.write_text(json.dumps(summary, indent=2, default=str))
-            optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(tmp), study_or_trial=trial,
-                                             mimetype="application/json")
-        except Exception as exc:  # noqa: BLE001 - a full artefact disk must not lose the trial
-            _console.log(f"[yellow]could not upload the artefact of trial {trial.number}: {type(exc).__name__}: {exc}[/]")
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-    result = WorkerResult(study_name, url, worker_id, artifacts=str(art_dir))
-    _console.log(f"worker {worker_id} joined study {study_name!r} in {url}: target {target} trial(s)"
-                 + (f", at most {trials} of its own" if trials else ""))
-    log_cb = _log_trial(base.objective)
-    while True:
-        if trials is not None and len(result.trials) >= trials:
-            result.stopped_by = "own_trials"
-            break
-        fail_stale(study)
-        p = study_progress(study)
-        if p["done"] >= target:
-            result.stopped_by = "target"
-            break
-        if p["done"] + p["running"] >= target and not p["waiting"]:
-            time.sleep(poll)  # the last trials run elsewhere; take over if one of them goes stale
-            continue
-        n_before = len(objective.started)
-        with quiet_optuna():
-            study.optimize(guarded, n_trials=1, catch=(TrialFailed,), callbacks=[log_cb])
-        result.trials += objective.started[n_before:]
-    result.progress = study_progress(study)
-    result.seconds = time.monotonic() - start
-    _console.log(f"worker {worker_id} done ({result.stopped_by}): ran {len(result.trials)} trial(s); "
-                 f"study has {result.progress['done']}/{target} finished")
-    return result
 
 
 def stop_at_target(target: int):

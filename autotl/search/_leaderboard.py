@@ -62,6 +62,9 @@ def describe_strategy(params: dict[str, Any], *, frozen: int | None = None, num_
 
 def trial_rows(study, recipe: Recipe, candidates: list[str], objective: str) -> list[dict[str, Any]]:
     """Every trial as a plain dict, best first (complete by value, then pruned, then failed)."""
+    from ._distributed import interrupted_numbers, is_interrupted
+
+    cut = interrupted_numbers(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         try:
@@ -75,7 +78,9 @@ def trial_rows(study, recipe: Recipe, candidates: list[str], objective: str) -> 
             "frozen": ua.get("frozen"), "num_stages": ua.get("num_stages"), "best_epoch": ua.get("best_epoch"),
             "epochs_run": ua.get("epochs_run") or (len(t.intermediate_values) or None), "seconds": ua.get("seconds"),
             "cached": ua.get("cached"), "forward_batches": ua.get("forward_batches"), "baseline": bool(ua.get("baseline")),
-            "interrupted": bool(ua.get("interrupted")), "error": ua.get("error"),
+            "interrupted": is_interrupted(t, cut), "error": ua.get("error"),
+            "value_std": ua.get("value_std"), "value_se": ua.get("value_se"), "n_folds": ua.get("n_folds"),
+            "decide_score": ua.get("decide_score"),
         }
         if t.state.name == "PRUNED" and row["value"] is None and t.intermediate_values:
             row["value"] = t.intermediate_values[max(t.intermediate_values)]
@@ -90,7 +95,7 @@ def trial_rows(study, recipe: Recipe, candidates: list[str], objective: str) -> 
 def leaderboard_table(rows: list[dict[str, Any]], *, objective: str, top: int = 20, best: int | None = None,
                       show_model: bool = False) -> Table:
     """The best ``top`` trials; ``*`` marks enqueued baselines, the selected trial is green."""
-    table = Table(title=f"trials by validation {objective}", title_justify="left", header_style="bold",
+    table = Table(title=f"trials by held-out {objective} (mean ± std over folds)", title_justify="left", header_style="bold",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for name, justify in (("trial", "right"), ("state", "left"), ({"macro_f1": "F1"}.get(objective, "acc"), "right")):
         table.add_column(name, justify=justify, no_wrap=True)
@@ -110,6 +115,8 @@ def leaderboard_table(rows: list[dict[str, Any]], *, objective: str, top: int = 
         frozen = f"{r['frozen']}/{r['num_stages']}" if r["frozen"] is not None else str(p.get(FROZEN, "?"))
         epochs = f"{r['epochs_run'] or '?'}/{p.get('epochs', '?')}"
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
+        if r["value"] is not None and r.get("value_std") is not None and r["state"] == "COMPLETE":
+            value += f" ± {r['value_std']:.3f}"
         state = ("cut off" if r["interrupted"] else short.get(r["state"], r["state"].lower())) + ("*" if r["baseline"] else "")
         style = "bold green" if r["number"] == best else ("dim" if r["state"] != "COMPLETE" else None)
         lr = p.get("lr")

@@ -160,21 +160,29 @@ def finished_trials(study) -> list:
     """Trials that count towards ``--trials``: complete, pruned or failed — not those cut off by Ctrl-C."""
     from optuna.trial import TrialState
 
+    from ._distributed import interrupted_numbers, is_interrupted
+
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False) if t.state in done and not t.user_attrs.get("interrupted")]
+    cut = interrupted_numbers(study)
+    return [t for t in study.get_trials(deepcopy=False) if t.state in done and not is_interrupted(t, cut)]
 
 
 def fail_running(study, numbers: set[int] | None = None) -> list[int]:
-    """Mark RUNNING trials (all, or those in ``numbers``) FAIL + interrupted: left by Ctrl-C or a kill."""
+    """Mark RUNNING trials (all, or those in ``numbers``) FAIL and interrupted: left by Ctrl-C or a kill.
+    Public Optuna API only: ``study.tell(..., state=FAIL, skip_if_finished=True)``, and the numbers
+    go to the study's ``interrupted_trials`` attribute."""
     from optuna.trial import TrialState
+
+    from ._distributed import mark_interrupted
 
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if numbers is None or t.number in numbers:
             with contextlib.suppress(Exception):
-                study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 out.append(t.number)
+    with contextlib.suppress(Exception):
+        mark_interrupted(study, out)
     return out
 
 
