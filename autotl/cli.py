@@ -250,7 +250,7 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Generate a small image set, search how to transfer on it for a minute, export; offline (a smoke test of the install)."""
+    """Generate a small image set, search how to transfer on it for 45 s, export; offline (a smoke test of the install)."""
     from .demo import demo as demo_api
 
     _console.set_quiet(as_json)

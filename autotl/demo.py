@@ -36,7 +36,7 @@ def make_demo_dataset(root: str | Path, per_class: int = 24, size: int = 96, see
     return root
 
 
-DEMO_BUDGET = "60s"
+DEMO_BUDGET = "45s"
 
 
 def demo(out: str | Path | None = None, *, time_budget: str | float | None = DEMO_BUDGET, search: bool = True,
