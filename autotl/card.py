@@ -61,7 +61,7 @@ class ModelCard:
     source_model: dict = field(default_factory=dict)  # {"name", "weights_origin", ...}
     frozen_stages: int | None = None
     metrics: dict = field(default_factory=dict)  # {"val": {...}, "test": {...}}
-    strategy: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # TrainConfig, stages, what each strategy did
     data: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
     autotl_version: str = __version__
@@ -158,7 +158,7 @@ def _problem(d: Any) -> str | None:
     crop_mode = pre.get("crop_mode") or "center"
     if crop_mode not in CROP_MODES:
         return f"'preprocessing.crop_mode' must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}"
-    for key in ("source_model", "metrics", "strategy", "data", "parity", "extra"):
+    for key in ("source_model", "metrics", "training", "data", "parity", "extra"):
         if d.get(key) is not None and not isinstance(d[key], Mapping):
             return f"'{key}' must be an object"
     return None

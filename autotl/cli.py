@@ -136,11 +136,11 @@ def fit(
                               out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, show=not as_json)
         _emit(ins.to_json(), as_json)
         return
-    strategy = {k: v for k, v in {"dropout_tau": dropout_tau, "retrieval_k": retrieval_k, "retrieval_bank": retrieval_bank,
+    fixed_params = {k: v for k, v in {"dropout_tau": dropout_tau, "retrieval_k": retrieval_k, "retrieval_bank": retrieval_bank,
                                   "source_loss_weight": source_loss_weight}.items() if v is not None}
     options = {k: v for k, v in {"focus_class": focus_class, "source_pool": str(source_pool) if source_pool else None}.items() if v}
     try:
-        result = fit_api(data_dir, out, models=model, strategy=strategy or None, options=options or None, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
+        result = fit_api(data_dir, out, models=model, fixed_params=fixed_params or None, options=options or None, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
                          batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
                          storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds)

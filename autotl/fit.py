@@ -44,7 +44,7 @@ class FitResult:
     classes: list[str]
     source_model: str
     weights_origin: str
-    strategy: dict[str, Any]
+    training: dict[str, Any]  # what was trained: TrainConfig, stages, strategy notes (the card's "training")
     metrics: dict[str, dict[str, Any]]
     parity: dict[str, Any]
     data: dict[str, Any]
@@ -83,7 +83,7 @@ def fit(
     device: str | None = "auto",
     cache_dir: str | os.PathLike | None = None,
     config: TrainConfig | None = None,
-    strategy: dict[str, Any] | None = None,
+    fixed_params: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
 ) -> FitResult:
     """Fit a classifier on a class-per-folder image set and export a verified ONNX model (``autotl fit``).
@@ -94,7 +94,7 @@ def fit(
     size when neither it nor ``trials`` is given), each trial scored by cross-validation on images
     that decided nothing about it (``autotl.search._folds``), the winner chosen by the one-standard-
     error rule and refitted on all labelled images. ``search=False`` trains the one strategy the
-    arguments describe (a linear probe by default), early-stopped on val. ``strategy`` fixes strategy
+    arguments describe (a linear probe by default), early-stopped on val. ``fixed_params`` fixes search
     parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` sets run-wide ones (e.g.
     ``{"source_pool": "pool/"}``: the search then also varies retrieval K). ``resume`` continues an
     interrupted study in the same run folder; Ctrl-C raises ``autotl.search.SearchInterrupted``.
@@ -114,10 +114,10 @@ def fit(
             _console.log(f"search time budget [bold]{budget:.0f}s[/] (automatic for {_n_labelled(run.index)} labelled "
                          f"images on {run.device.type}; --time-budget to change, --no-search for one plain fit)")
         final = search_strategies(run, base, trials=trials, time_budget=budget, recipe=recipe, resume=resume,
-                                  storage=storage, study_name=study, top_k=top_k, fixed=dict(strategy or {}),
+                                  storage=storage, study_name=study, top_k=top_k, fixed=dict(fixed_params or {}),
                                   options=options, cv_folds=cv_folds, objective_reason=_objective_reason(base, objective, config))
     else:
-        final = train_given_strategy(run, base, dict(strategy or {}), dict(options or {}))
+        final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
     return publish(run, final, scoring=scoring.to_json())
 
 
@@ -197,14 +197,14 @@ def score_candidates(run: Run, base: TrainConfig, *, sample: int | None = None):
     return report
 
 
-def train_given_strategy(run: Run, base: TrainConfig, strategy: dict[str, Any], options: dict[str, Any]) -> FinalModel:
+def train_given_strategy(run: Run, base: TrainConfig, params: dict[str, Any], options: dict[str, Any]) -> FinalModel:
     """``--no-search``: the one strategy the flags describe, on train, early-stopped on val."""
     label = run.labels[0]
     source, extractor = run.sources[label], run.extractors[label]
     _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {run.device}")
     index = run.index
     ctx = StrategyContext(index, source, extractor, run.run_dir, base, list(index.train), options=options, final=True)
-    apply_strategies(ctx, strategy)
+    apply_strategies(ctx, params)
     result = ctx.train_fn(source, ctx.train_samples, index.val, len(index.classes), ctx.config, extractor=extractor,
                           device=run.device)
     decided = {
@@ -212,7 +212,7 @@ def train_given_strategy(run: Run, base: TrainConfig, strategy: dict[str, Any], 
         "early_stopping_and_model_selection": "val split",
         "test": "reported only, never used for a decision" if index.test else "no test split given",
     }
-    return FinalModel(result, source, extractor, decided, {"strategies": ctx.notes, **strategy})
+    return FinalModel(result, source, extractor, decided, {"strategies": ctx.notes, **params})
 
 
 def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, val_samples) -> dict[str, Any]:
@@ -252,11 +252,11 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
     if index.test:
         metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
     parity = export_and_verify(result.net, source, run_dir, index.val)
-    strategy = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
+    training = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
                 "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
-                "n_train": result.n_train, **final.strategy}
+                "n_train": result.n_train, **final.notes}
     decided = dict(final.decided_by)
-    for name, note in (final.strategy.get("strategies") or {}).items():
+    for name, note in (final.notes.get("strategies") or {}).items():
         if isinstance(note, dict) and note.get("decided_by"):
             decided[f"strategy_{name}"] = note["decided_by"]
     card = ModelCard(
@@ -265,7 +265,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
         source_model={"name": source.label, "weights_origin": source.weights_origin},
         frozen_stages=result.net.frozen,
         metrics={k: {kk: vv for kk, vv in v.items() if kk != "confusion"} for k, v in metrics.items()},
-        strategy=strategy,
+        training=training,
         data={**{k: v for k, v in index.to_json().items() if k != "skipped"}, "n_skipped": len(index.skipped)},
         parity=parity,
         extra={"decided_by": decided, **({"search": final.search} if final.search else {})},
@@ -278,7 +278,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
     atomic_write_json(run_dir / "data.json", index.to_json())
     res = FitResult(
         run_dir=run_dir, model_path=run_dir / "model.onnx", card_path=card_path, classes=classes,
-        source_model=source.label, weights_origin=source.weights_origin, strategy=strategy, metrics=metrics,
+        source_model=source.label, weights_origin=source.weights_origin, training=training, metrics=metrics,
         parity=parity, data=index.to_json(), seconds=run.seconds(), search=final.search, scoring=scoring,
     )
     atomic_write_json(run_dir / "result.json", res.to_json())

@@ -53,7 +53,7 @@ class FinalModel:
     source: SourceModel
     extractor: SharedActivations
     decided_by: dict[str, str]
-    strategy: dict[str, Any] = field(default_factory=dict)  # search params / words / strategy notes
+    notes: dict[str, Any] = field(default_factory=dict)  # search params, the strategy in words, what each strategy did
     search: dict[str, Any] | None = None
 
 

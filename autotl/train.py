@@ -58,7 +58,7 @@ OBJECTIVES = ("accuracy", "macro_f1")
 
 @dataclass
 class TrainConfig:
-    """One transfer strategy's training settings (the search varies these)."""
+    """Training settings of one run: what is frozen, optimiser, schedule, regulariser (the search varies these)."""
 
     frozen_stages: int | str = "all"
     epochs: int = 15

@@ -10,8 +10,12 @@ import autotl
 data = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/cats_vs_dogs"
 out = sys.argv[2] if len(sys.argv) > 2 else "runs/example"
 
-result = autotl.fit(data, out, models=["tf_efficientnet_lite0"], frozen_stages="all")
-print(f"val accuracy {result.metrics['val']['accuracy']:.4f}; ONNX model at {result.model_path}")
+# As `autotl fit DIR --time-budget 3m`: rank the packaged models, search how to transfer (each trial
+# cross-validated), refit the winner on all labelled images, export. `search=False` = one linear probe.
+result = autotl.fit(data, out, time_budget="3m")
+best = result.search["best"]
+print(f"selected: {best['description']}")
+print(f"cross-validated accuracy {best['value']:.4f} ± {best['value_std']:.4f}; ONNX model at {result.model_path}")
 
 # Prediction needs only onnxruntime, numpy and pillow.
 preds = autotl.predict(result.model_path, [data], top_k=1)

@@ -53,7 +53,7 @@ def test_fit_then_predict_json(capsys, make_image_folder, tmp_path):
                           "--epochs", "3", "--no-search", "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)  # stdout holds exactly one JSON document
-    for key in ("run_dir", "model_path", "card_path", "classes", "source_model", "weights_origin", "strategy",
+    for key in ("run_dir", "model_path", "card_path", "classes", "source_model", "weights_origin", "training",
                 "metrics", "parity", "data", "seconds"):
         assert key in doc
     assert doc["classes"] == ["blue", "red"]

@@ -249,12 +249,12 @@ def test_fit_end_to_end_with_dropout(noisy_folder, reuse_source, monkeypatch, tm
 
     monkeypatch.setattr(FeatureExtractor, "_compute", counting)
     root, flipped = noisy_folder
-    result = fit(root, tmp_path / "run", models=[MODEL], epochs=1, strategy={"dropout_tau": 1.0}, search=False)
-    notes = result.strategy["strategies"]["dropout"]
-    assert notes["n_dropped"] > 0 and result.strategy["n_train"] == notes["n_kept"]
+    result = fit(root, tmp_path / "run", models=[MODEL], epochs=1, fixed_params={"dropout_tau": 1.0}, search=False)
+    notes = result.training["strategies"]["dropout"]
+    assert notes["n_dropped"] > 0 and result.training["n_train"] == notes["n_kept"]
     assert (tmp_path / "run" / "dropped.csv").is_file() and (tmp_path / "run" / "influence.csv").is_file()
     card = json.loads((tmp_path / "run" / "model.json").read_text())
-    assert card["strategy"]["strategies"]["dropout"]["decided_by"].startswith("val split")
+    assert card["training"]["strategies"]["dropout"]["decided_by"].startswith("val split")
     # one pass over the full train list (shared by dropout and training: the kept subset is served
     # from it), val and test (for the report) once each; never a pass over the kept subset
     sizes = [n for n, _ in passes]

@@ -285,12 +285,12 @@ def test_fit_with_retrieval_end_to_end(source, index, folders, tmp_path):
     data, pool_root = folders
     out = tmp_path / "run"
     res = fit(data, out, models=[MODEL], frozen_stages=-1, epochs=1, batch_size=8,
-              strategy={"retrieval_k": 2}, options={"source_pool": str(pool_root)}, search=False)
+              fixed_params={"retrieval_k": 2}, options={"source_pool": str(pool_root)}, search=False)
     assert res.classes == ["cat", "dog"]
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     y = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})[0]
     assert y.shape == (1, 2)  # the target classes only: the source head is not exported
-    notes = res.strategy["strategies"]["retrieval"]
+    notes = res.training["strategies"]["retrieval"]
     assert notes["joint"] and notes["k0"] == 2 and notes["pool_images"] == sum(POOL_CLASSES.values())
     assert notes["pool_skipped"] == 1 and (out / "retrieval.jpg").is_file()
 

@@ -75,7 +75,7 @@ def _card(**kw) -> ModelCard:
         source_model={"name": "test_efficientnet", "weights_origin": "random"},
         frozen_stages=2,
         metrics={"val": {"accuracy": 0.9}, "test": {"accuracy": 0.85}},
-        strategy={"regularizer": "l2sp"},
+        training={"regularizer": "l2sp"},
         data={"root": "data", "n_train": 10},
         parity={"passed": True, "max_abs_diff": 1e-6},
     )

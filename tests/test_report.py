@@ -85,7 +85,7 @@ def make_fake_run(run: Path, *, study: bool = True) -> Path:
                "counts": counts, "fingerprint": "f" * 64,
                "skipped": [{"path": str(data / "train" / "class0" / EVIL_FILE), "reason": "cannot identify image file"},
                            {"path": str(data / "train" / "class1" / "empty.jpg"), "reason": "empty file (0 bytes)"}]}
-    strategy = {"frozen_stages": 6, "num_stages": 7, "stage_names": ["stem", "s1", "s2", "s3", "s4", "s5", "head"],
+    training = {"frozen_stages": 6, "num_stages": 7, "stage_names": ["stem", "s1", "s2", "s3", "s4", "s5", "head"],
                 "lr": 0.001, "epochs": 4, "batch_size": 64, "optimizer": "adamw", "weight_decay": 1e-4,
                 "label_smoothing": 0.1, "backbone_lr_ratio": 0.1, "objective": "accuracy", "regularizer": "l2sp",
                 "reg_lambda": 0.01, "reg_beta": 0.001, "reg_decay": 1.0, "dtnh": False, "best_epoch": 2, "n_train": 41,
@@ -115,12 +115,12 @@ def make_fake_run(run: Path, *, study: bool = True) -> Path:
                                                   "std": [0.5] * 3, "crop_pct": 0.875, "crop_mode": "center"},
             "source_model": {"name": "tiny_net", "weights_origin": "random"}, "frozen_stages": 6,
             "metrics": {k: {kk: vv for kk, vv in v.items() if kk != "confusion"} for k, v in metrics.items()},
-            "strategy": strategy, "data": {k: v for k, v in dataset.items() if k != "skipped"} | {"n_skipped": 2},
+            "training": training, "data": {k: v for k, v in dataset.items() if k != "skipped"} | {"n_skipped": 2},
             "parity": parity, "autotl_version": "0.1.0", "created": "2026-01-01T00:00:00+00:00",
             "extra": {"decided_by": {"training": "train split", "test": "reported only"}, "search": search}}
     _write_json(run / "model.json", card)
     _write_json(run / "result.json", {"run_dir": str(run), "classes": CLASSES, "source_model": "tiny_net",
-                                      "strategy": strategy, "metrics": metrics, "parity": parity, "data": dataset,
+                                      "training": training, "metrics": metrics, "parity": parity, "data": dataset,
                                       "seconds": 42.0, "search": search})
     _write_json(run / "data.json", dataset)
     _write_json(run / "leaderboard.json", leaderboard)

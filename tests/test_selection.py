@@ -174,7 +174,7 @@ def test_time_budget_alone_starts_a_search_and_no_search_does_not(tmp_path, make
     assert main(["fit", str(data), "--out", str(tmp_path / "p"), "--no-search", *common]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["search"] is None and not (tmp_path / "p" / "study.db").exists()
-    assert doc["strategy"]["frozen_stages"] == doc["strategy"]["num_stages"]  # the plain linear probe
+    assert doc["training"]["frozen_stages"] == doc["training"]["num_stages"]  # the plain linear probe
 
     assert main(["fit", str(data), "--out", str(tmp_path / "x"), "--no-search", "--trials", "3", *common]) == 2
     assert "--no-search with --trials" in capsys.readouterr().err

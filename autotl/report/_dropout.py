@@ -12,7 +12,7 @@ MAX_DROPPED = 24  # thumbnails of the most harmful dropped images
 def dropout_section(doc: Doc) -> str:
     run = doc.run
     rows = read_csv(run, "dropped.csv")
-    info = ((run.strategy.get("strategies") or {}).get("dropout")) if isinstance(run.strategy.get("strategies"), dict) else None
+    info = ((run.training.get("strategies") or {}).get("dropout")) if isinstance(run.training.get("strategies"), dict) else None
     if rows is None:
         return omitted("dropout", "Data dropout", "not in this run: no dropped.csv (data dropout was not used; try "
                         "<code>autotl dropout DATA</code> or a recipe with <code>dropout_tau</code>)")

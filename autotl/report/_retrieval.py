@@ -18,7 +18,7 @@ def retrieval_section(doc: Doc) -> str:
     if rows is None:
         return omitted("retrieval", "Retrieved neighbours", "not in this run: no retrieval.csv (selective joint fine-tuning "
                         "with a source pool was not used)")
-    info = (run.strategy.get("strategies") or {}).get("retrieval") if isinstance(run.strategy.get("strategies"), dict) else None
+    info = (run.training.get("strategies") or {}).get("retrieval") if isinstance(run.training.get("strategies"), dict) else None
     body = []
     targets: dict[str, dict] = {}
     pool_images = set()

@@ -36,8 +36,9 @@ class RunFolder:
         return None
 
     @property
-    def strategy(self) -> dict:
-        return self._pick("strategy") or {}
+    def training(self) -> dict:
+        # "strategy" is what cards of autotl 0.1 called it
+        return self._pick("training") or self._pick("strategy") or {}
 
     @property
     def metrics(self) -> dict:

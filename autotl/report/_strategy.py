@@ -60,7 +60,7 @@ def strategy_notes(strategy: dict) -> list[str]:
 
 def strategy_section(doc: Doc) -> str:
     run = doc.run
-    s = run.strategy
+    s = run.training
     if not s:
         return omitted("strategy", "Best strategy", "not in this run: no model.json / result.json")
     body = [f'<div class="words">{esc(strategy_words(s, run.model_name))}</div>']

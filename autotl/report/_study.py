@@ -3,15 +3,14 @@ records (else ``RUN_DIR/study.db``), with ``leaderboard.json`` as the fallback; 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 from ..search._distributed import interrupted_numbers, is_interrupted
+from ..search._study import quiet_optuna
 
 STUDY_FILE = "study.db"
 _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
@@ -33,19 +32,6 @@ class Trials:
     study: Any = None  # optuna.Study when the storage could be opened
     notes: list[str] = field(default_factory=list)
 
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    import optuna
-
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        optuna.logging.set_verbosity(level)
 
 
 def _readonly_storage(url: str, run_dir: Path):
@@ -83,7 +69,7 @@ def open_study(url: str, study_name: str | None, run_dir: Path):
     """(study, name) opened read-only; raises with a short reason when it cannot be."""
     import optuna
 
-    with _quiet():
+    with quiet_optuna(all_warnings=True):
         storage = _readonly_storage(url, run_dir)
         if study_name is None:
             names = optuna.get_all_study_names(storage)
@@ -173,7 +159,7 @@ def plotly_figures(study) -> tuple[list[tuple[str, str, str]], list[str]]:
         return out, ["no completed trial yet: no plots"]
     for key, title, fn in PLOTS:
         try:
-            with _quiet():
+            with quiet_optuna(all_warnings=True):
                 fig = getattr(vis, fn)(study)
             fig.update_layout(title_text="", height=360, margin={"l": 60, "r": 30, "t": 30, "b": 50})
             div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{key}",
@@ -189,7 +175,7 @@ def param_importances(study) -> dict[str, float] | None:
     try:
         import optuna
 
-        with _quiet():
+        with quiet_optuna(all_warnings=True):
             return dict(optuna.importance.get_param_importances(study))
     except Exception:  # noqa: BLE001
         return None

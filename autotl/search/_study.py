@@ -110,15 +110,16 @@ def make_storage(url: str):
 
 
 @contextlib.contextmanager
-def quiet_optuna() -> Iterator[None]:
-    """Optuna's own per-trial log lines duplicate ours; keep only its errors."""
+def quiet_optuna(*, all_warnings: bool = False) -> Iterator[None]:
+    """Optuna's own per-trial log lines duplicate ours; keep only its errors. Its experimental-feature
+    warnings are silenced too (all warnings with ``all_warnings``: the report reading a study)."""
     import optuna
 
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", Warning if all_warnings else optuna.exceptions.ExperimentalWarning)
             yield
     finally:
         optuna.logging.set_verbosity(level)
