@@ -159,7 +159,7 @@ def scan_dataset(
 
     skipped: list[tuple[Path, str]] = []
     top = _list_dir(root, skipped)
-    dirs = {e.name.lower(): Path(e.path) for e in top if _is_dir(e)}
+    dirs = {e.name.lower(): Path(e.path) for e in top if is_folder_entry(e)}
     train_dir = dirs.get("train")
     val_dirs = [dirs[n] for n in _VAL_NAMES if n in dirs]
     test_dir = dirs.get("test")
@@ -191,8 +191,8 @@ def scan_dataset(
             _skip_loose_images(entries, skipped)
             found[subset] = {}
             for e in entries:
-                if _is_dir(e):
-                    found[subset][e.name] = _walk_images(Path(e.path), skipped)
+                if is_folder_entry(e):
+                    found[subset][e.name] = walk_images(Path(e.path), skipped)
                     class_dirs[(subset, e.name)] = Path(e.path)
         class_root = train_dir
     else:
@@ -205,8 +205,8 @@ def scan_dataset(
         _skip_loose_images(top, skipped)
         found["train"] = {}
         for e in top:
-            if _is_dir(e):
-                found["train"][e.name] = _walk_images(Path(e.path), skipped)
+            if is_folder_entry(e):
+                found["train"][e.name] = walk_images(Path(e.path), skipped)
                 class_dirs[("train", e.name)] = Path(e.path)
         class_root = root
 
@@ -318,7 +318,8 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _is_dir(entry: os.DirEntry) -> bool:
+def is_folder_entry(entry: os.DirEntry) -> bool:
+    """A visible, non-junk folder (or a symlink to one): what may hold a class or its images."""
     if _hidden(entry.name) or entry.name.lower() in _JUNK_DIRS:
         return False
     try:
@@ -356,7 +357,7 @@ def _skip_loose_images(entries: list[os.DirEntry], skipped: list[tuple[Path, str
             skipped.append((Path(e.path), "not inside a class folder"))
 
 
-def _walk_images(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+def walk_images(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
     """Image files under ``folder`` (recursively, following symlinked folders once), sorted."""
     out: list[Path] = []
     seen = {os.path.realpath(folder)}
@@ -364,7 +365,7 @@ def _walk_images(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
     while stack:
         d = stack.pop()
         for e in _list_dir(d, skipped):
-            if _is_dir(e):
+            if is_folder_entry(e):
                 real = os.path.realpath(e.path)
                 if real not in seen:
                     seen.add(real)
@@ -375,11 +376,11 @@ def _walk_images(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
 
 
 def _has_subdirs(folder: Path) -> bool:
-    return any(_is_dir(e) for e in _list_dir(folder, []))
+    return any(is_folder_entry(e) for e in _list_dir(folder, []))
 
 
 def _has_images(folder: Path) -> bool:
-    return bool(_walk_images(folder, []))
+    return bool(walk_images(folder, []))
 
 
 def _check_duplicates(found: dict[str, dict[str, list[Path]]]) -> None:

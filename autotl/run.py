@@ -39,9 +39,10 @@ def default_candidates() -> list[str]:
     return list_packaged_models() or [DEFAULT_MODEL]
 
 
-def default_run_dir(data_dir: Path) -> Path:
+def default_run_dir(data_dir: str | os.PathLike, kind: str = "") -> Path:
+    """``runs/<data>[-<kind>]-<time>``: where a command writes when no ``--out`` is given."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{data_dir.resolve().name}-{stamp}"
+    return Path("runs") / "-".join(p for p in (Path(data_dir).resolve().name, kind, stamp) if p)
 
 
 @dataclass

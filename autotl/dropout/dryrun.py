@@ -7,7 +7,6 @@ output folder and, on request, a cleaned copy of the data set (hard links, or co
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import shutil
 import time
@@ -63,11 +62,6 @@ class DropoutInspection:
         }
 
 
-def _default_out(data_dir: Path) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{data_dir.resolve().name}-dropout-{stamp}"
-
-
 def inspect_dropout(
     data_dir: str | os.PathLike,
     *,
@@ -99,7 +93,7 @@ def inspect_dropout(
     """
     from ..data import scan_dataset
     from ..features import FeatureExtractor
-    from ..run import default_cache_dir
+    from ..run import default_cache_dir, default_run_dir
     from ..models import create_source_model, set_torch_threads
     from ..train import pick_device
 
@@ -116,7 +110,7 @@ def inspect_dropout(
     if not index.val:
         raise AutotlError(f"{data_dir}: no validation images; the influence reference needs a val split")
     clean_dir = _check_clean_dir(write_clean, index.root) if write_clean is not None else None
-    out_dir = Path(out) if out is not None else _default_out(data_dir)
+    out_dir = Path(out) if out is not None else default_run_dir(data_dir, "dropout")
     out_dir.mkdir(parents=True, exist_ok=True)
     _console.log(index.summary_table())
 

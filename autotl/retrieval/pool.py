@@ -28,13 +28,13 @@ import numpy as np
 from .._console import log, progress
 from .._images import UnreadableImageError, check_image, is_image_path
 from .._io import atomic_write_json
+from ..data import is_folder_entry, walk_images
 from ..data import Sample
 from ..errors import AutotlError
 
 __all__ = ["SourcePool", "scan_pool", "imagenet_wnids", "pool_class_weights"]
 
 _WNID = re.compile(r"^n\d{8}$")
-_JUNK_DIRS = {"__macosx", "@eadir", "__pycache__"}
 _CHECK_FORMAT = "autotl.retrieval.pool-check/v1"
 
 
@@ -94,38 +94,6 @@ def imagenet_wnids() -> list[str] | None:
         return None
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _walk(folder: Path) -> list[Path]:
-    out: list[Path] = []
-    seen = {os.path.realpath(folder)}
-    stack = [folder]
-    while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                entries = [e for e in it if not _hidden(e.name)]
-        except OSError:
-            continue
-        for e in entries:
-            try:
-                is_dir = e.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                if e.name.lower() in _JUNK_DIRS:
-                    continue
-                real = os.path.realpath(e.path)
-                if real not in seen:
-                    seen.add(real)
-                    stack.append(Path(e.path))
-            elif is_image_path(e.name):
-                out.append(Path(e.path))
-    return sorted(out)
-
-
 def _check_one(path: Path) -> str | None:
     try:
         check_image(path)
@@ -149,10 +117,10 @@ def scan_pool(root: str | os.PathLike, *, verify: bool = True, cache_dir: str | 
         raise AutotlError(f"--source-pool {root}: is not a folder; give a folder with one sub-folder of images per source class")
     try:
         with os.scandir(root) as it:
-            dirs = sorted(e.name for e in it if not _hidden(e.name) and e.name.lower() not in _JUNK_DIRS and e.is_dir())
+            dirs = sorted(e.name for e in it if is_folder_entry(e))
     except OSError as exc:
         raise AutotlError(f"--source-pool {root}: cannot list the folder ({exc.strerror or exc}); check its permissions") from exc
-    found = {d: _walk(root / d) for d in dirs}
+    found = {d: walk_images(root / d, []) for d in dirs}  # an unlistable sub-folder holds no images
     classes = [d for d in dirs if found[d]]
     files = [(p, ci) for ci, c in enumerate(classes) for p in found[c]]
     if not files:

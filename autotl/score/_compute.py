@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import time
@@ -190,8 +189,9 @@ def default_models() -> list[str]:
 
 def default_score_dir(data_dir: str | os.PathLike) -> Path:
     """Where ``autotl score`` saves when no --out is given: ``runs/<data>-score-<time>``."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{Path(data_dir).resolve().name}-score-{stamp}"
+    from ..run import default_run_dir
+
+    return default_run_dir(data_dir, "score")
 
 
 def parse_priors(values: Sequence[str]) -> dict[str, str]:
