@@ -199,3 +199,20 @@ def test_default_search_budget_is_automatic_and_printed(tmp_path, make_image_fol
     with pytest.raises(AutotlError, match="stop here"):
         autotl.fit.fit(data, tmp_path / "run2", models=[MODEL], cache_dir=tmp_path / "cache", trials=3)
     assert seen["time_budget"] is None and seen["trials"] == 3  # --trials alone: no time limit
+
+
+def test_standard_error_is_not_zero_for_a_perfect_score_on_few_images(pooled):
+    """A trial scoring 1.0 on every fold of 28 images is not certain: its SE has a binomial floor,
+    so a simpler trial one image behind is within one SE and is selected (two behind is not)."""
+    sel = plan_selection(pooled, k=5)
+    se = sel.standard_error([1.0] * len(sel.folds))
+    n = sel.n_scored
+    assert n == len(pooled.train) + len(pooled.val)
+    assert se == pytest.approx(((n + 2) / (n + 4) * (2 / (n + 4)) / (n + 4)) ** 0.5)  # Agresti–Coull
+    assert sel.standard_error([0.5, 1.0, 0.5, 1.0, 0.5] * sel.repeats) > se  # spread dominates when large
+    perfect = _trial(1, 1.0, se, frozen=8, dropout=2.0)
+    probe = _trial(0, 1.0 - 1 / n, se, frozen=9)
+    winner, _ = select_one_se([perfect, probe], lambda t: t.params, ["m"])
+    assert winner is probe
+    worse = _trial(0, 1.0 - 2 / n, se, frozen=9)
+    assert select_one_se([perfect, worse], lambda t: t.params, ["m"])[0] is perfect

@@ -21,6 +21,8 @@ chose, so no split is wasted on the final model.
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -54,9 +56,26 @@ class Selection:
     seed: int
     decided_by: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def n_scored(self) -> int:
+        """Distinct images that score trials (each once per partition)."""
+        return len({s.path for f in self.folds for s in f.score})
+
+    def standard_error(self, fold_scores: Sequence[float]) -> float:
+        """Standard error of a trial's mean score: the larger of the spread over folds (per partition:
+        repeated partitions reuse the same images, so they are not independent) and the binomial
+        error of a proportion measured on ``n_scored`` images, Agresti–Coull style (two successes
+        and two failures added), so that a perfect score on 40 images is not taken as certain."""
+        mean = sum(fold_scores) / len(fold_scores)
+        spread = statistics.stdev(fold_scores) / math.sqrt(self.k) if len(fold_scores) > 1 else 0.0
+        n = max(1, self.n_scored) + 4
+        p = (mean * (n - 4) + 2) / n
+        return max(spread, math.sqrt(p * (1 - p) / n))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind, "k": self.k, "repeats": self.repeats, "n_folds": len(self.folds), "seed": self.seed,
+            "n_scored": self.n_scored,
             "fold_sizes": [{"train": len(f.train), "decide": len(f.decide), "score": len(f.score)} for f in self.folds],
             "decided_by": self.decided_by,
         }

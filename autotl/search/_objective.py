@@ -144,11 +144,7 @@ class Objective:
                     raise optuna.TrialPruned(f"fold {i}: mean {objective} {statistics.fmean(scores):.4f} below the pruner's bar")
             value = statistics.fmean(scores)
             std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            if len(scores) > 1:
-                se = std / math.sqrt(len(scores))
-            else:  # one holdout split: the binomial error of a proportion on its scoring images
-                n = max(1, len(self.selection.folds[0].score))
-                se = math.sqrt(max(value * (1 - value), 0.0) / n)
+            se = self.selection.standard_error(scores)
             for k, v in {"value_std": std, "value_se": se, "n_folds": len(scores), "fold_scores": scores,
                          "decide_score": statistics.fmean(decide_scores), "best_epochs": epochs,
                          "best_epoch": int(statistics.median_low(epochs)), "epochs_run": len(result.history),
