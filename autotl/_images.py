@@ -68,7 +68,8 @@ def load_rgb(path: str | os.PathLike, *, draft_size: tuple[int, int] | None = No
                 except Exception:  # draft is an optimisation only
                     pass
             _decode(opened, path)
-            out = _to_rgb(_exif_upright(opened), path)
+            bits = _declared_bits(opened)  # read before the EXIF transpose: its copy has no TIFF tags
+            out = _to_rgb(_exif_upright(opened), path, bits=bits)
             if out is opened:  # detach from the file handle that the with-block closes
                 out = opened.copy()
     except UnreadableImageError:
@@ -141,7 +142,7 @@ def _exif_upright(img: Image.Image) -> Image.Image:
     return img if out is None else out
 
 
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+def _to_rgb(img: Image.Image, path: Path, *, bits: int | None = None) -> Image.Image:
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
@@ -150,7 +151,7 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
     if mode in _DIRECT_MODES:
         return img.convert("RGB")
     if mode in _INT16_MODES or mode in ("I", "F"):
-        return _grey_array_to_rgb(_scaled_to_uint8(img))
+        return _grey_array_to_rgb(_scaled_to_uint8(img, bits if bits is not None else _declared_bits(img)))
     if mode in ("LAB", "HSV"):
         try:
             return img.convert("RGB")
@@ -165,7 +166,7 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _scaled_to_uint8(img: Image.Image) -> np.ndarray:
+def _scaled_to_uint8(img: Image.Image, bits: int | None = None) -> np.ndarray:
     """High-bit-depth greyscale -> uint8 by rescaling its value range (never by clipping)."""
     mode = img.mode
     if mode in _INT16_MODES:
@@ -181,17 +182,25 @@ def _scaled_to_uint8(img: Image.Image) -> np.ndarray:
         if lo >= 0.0 and hi <= 255.0:
             return np.rint(arr).astype(np.uint8)
         return _minmax(arr)
-    # mode "I": 32-bit signed. Use the declared bit depth when the file states one (TIFF),
-    # otherwise assume 16-bit data (old Pillow opened 16-bit PNGs as "I") when it fits.
+    # mode "I": 32-bit signed. A declared depth of at most 16 bits (TIFF BitsPerSample) is the
+    # range. A 32-bit container says nothing about the data's depth: the values decide, by the
+    # smallest usual depth that holds them (0-255: 8-bit data, shown as is, not divided by 65535
+    # into black; up to 65535: 16-bit; beyond, or negative: min-max). Without a declared depth
+    # (old Pillow opened 16-bit PNGs as "I") values up to 65535 are 16-bit data.
     arr = arr.astype(np.int64)
     lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-    bits = _declared_bits(img)
-    if bits is not None and bits <= 16 and lo >= 0:
+    if lo < 0:
+        return _minmax(arr.astype(np.float64))
+    if bits is not None and bits <= 16:
         top = (1 << bits) - 1
-    elif lo >= 0 and hi <= 65535:
+    elif bits is not None and hi <= 255:
+        top = 255
+    elif hi <= 65535:
         top = 65535
     else:
         return _minmax(arr.astype(np.float64))
+    if top == 255:
+        return np.clip(arr, 0, 255).astype(np.uint8)
     return ((np.clip(arr, 0, top) * 255 + top // 2) // top).astype(np.uint8)
 
 

@@ -131,6 +131,8 @@ def fit(
     if dry_run_dropout:
         from .dropout.dryrun import DEFAULT_INSPECT_TAU, inspect_dropout
 
+        _dry_run_alone(locals())
+
         ins = inspect_dropout(data_dir, model=model[0] if model else "tf_efficientnet_lite0",
                               tau=DEFAULT_INSPECT_TAU if dropout_tau is None else dropout_tau, focus_class=focus_class,
                               out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, show=not as_json)
@@ -155,9 +157,31 @@ def fit(
             "--source-loss-weight": source_loss_weight})
         _emit({"interrupted": True, "run_dir": str(exc.run_dir), "study_name": exc.study_name, "storage": exc.storage,
                "finished_trials": exc.finished, "resume": command}, as_json)
-        sys.stderr.write(f"interrupted: {exc.finished} trial(s) finished, the running one marked failed; resume with: {command}\n")
+        sys.stderr.write(_console.clean_text(f"interrupted: {exc.finished} trial(s) finished, the running one marked failed; "
+                                             f"resume with: {command}") + "\n")
         raise typer.Exit(130) from None
     _emit(result.to_json(), as_json)
+
+
+_DRY_RUN_USES = {"data_dir", "out", "model", "dropout_tau", "focus_class", "val_fraction", "seed", "device", "cache_dir",
+                 "dry_run_dropout", "as_json"}
+
+
+def _dry_run_alone(values: dict[str, Any]) -> None:
+    """``fit --dry-run-dropout`` only scores the training images: refuse the flags it would ignore."""
+    ignored = []
+    for name, param in inspect.signature(fit).parameters.items():
+        info = param.default
+        if name in _DRY_RUN_USES or not isinstance(info, typer.models.OptionInfo) or name not in values:
+            continue
+        if values[name] != info.default:
+            ignored.append(next((d for d in info.param_decls if d.startswith("--")), "--" + name.replace("_", "-")))
+    if len(values.get("model") or []) > 1:
+        ignored.insert(0, "a second --model")
+    if ignored:
+        raise AutotlError(f"--dry-run-dropout with {', '.join(ignored)}: the dry run only scores the training images with "
+                          "one --model (and --dropout-tau, --focus-class, --out, --val-fraction, --seed, --device); drop "
+                          "the others, or drop --dry-run-dropout to fit")
 
 
 def _option_defaults(command) -> dict[str, Any]:
@@ -200,9 +224,11 @@ def predict(
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file."),
 ) -> None:
     """Classify images with an exported model (onnxruntime only; no torch)."""
+    from .options import check_predict_options
     from .predict import predict as predict_api
 
     _console.set_quiet(as_json)
+    check_predict_options(top_k=top_k, csv=csv)  # before the model loads
     result = predict_api(model_path, paths, top_k=top_k)
     if csv:
         result.to_csv(csv)
@@ -210,6 +236,11 @@ def predict(
         _emit(result.to_json(), True)
     else:
         _console.console.print(result.table())
+    if not result.predictions and result.errors:  # nothing classified: a failure, not an empty success
+        first = result.errors[0]
+        more = f" (and {len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
+        raise AutotlError(f"none of the {len(result.errors)} image(s) could be read: {first['path']}: {first['reason']}{more}; "
+                          "pass readable image files (JPEG, PNG, BMP, WebP, TIFF)")
 
 
 @app.command()
@@ -220,6 +251,10 @@ def info(
     """Show the environment (versions, device, offline weights, cache) or a model card."""
     if run is not None:
         from .card import ModelCard, card_path_for
+
+        if not run.exists():
+            raise AutotlError(f"{run}: no such run folder or model file; give a run folder (the --out of `autotl fit`) "
+                              "or its model.onnx")
 
         card = ModelCard.load(run / "model.json" if run.is_dir() else card_path_for(run))
         doc = card.to_json()
@@ -331,7 +366,9 @@ def report(
     if as_json:
         _emit({"report": str(path)}, True)
     else:
-        _console.log(f"wrote {path}")
+        from rich.markup import escape
+
+        _console.log(escape(f"wrote {path}"))
     if open_browser:
         import webbrowser
 
@@ -380,28 +417,61 @@ def score(
     console.print(f"best: {ranked.ranking()[0]}; saved {out / 'scoring.json'} and {out / 'datl'}/", markup=False)
 
 
+def _click_exceptions() -> dict[str, tuple[type, ...]]:
+    """The exception classes of the click that this typer uses: its own copy (``typer._click``, typer
+    0.2x) and/or the ``click`` package (older typer); each kind as a tuple of both where present."""
+    modules = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            modules.append(import_module(name))
+        except ImportError:
+            pass
+    kinds: dict[str, tuple[type, ...]] = {}
+    for kind in ("ClickException", "UsageError", "NoArgsIsHelpError", "Abort", "Exit"):
+        kinds[kind] = tuple(getattr(m, kind) for m in modules if isinstance(getattr(m, kind, None), type))
+    kinds["Exit"] += (typer.Exit,)
+    kinds["Abort"] += (typer.Abort,)
+    return kinds
+
+
+def _usage_line(exc: Exception) -> str:
+    """A click usage error as one line: its message and where the help is (no usage block, no traceback)."""
+    try:
+        message = exc.format_message()
+    except Exception:  # noqa: BLE001 - a message is all we need
+        message = str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = f"; see `{ctx.command_path} --help`" if ctx is not None and getattr(ctx, "command_path", None) else ""
+    message = " ".join(str(message).split())
+    return _console.clean_text(f"{message.rstrip('.')}{where}" if where else message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2 (usage errors: 2; no traceback)."""
+    kinds = _click_exceptions()
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int):  # click returns typer.Exit's code when standalone_mode is off
             return rc
     except AutotlError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {_console.clean_text(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-    except typer.Exit as exc:
-        return exc.exit_code
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # click's own: usage errors, help shown for a bare `autotl`, Exit, Abort
+        if kinds["NoArgsIsHelpError"] and isinstance(exc, kinds["NoArgsIsHelpError"]):
+            exc.show()  # the help, as typer prints it for a bare `autotl` (exit code 2, like click 8.2)
+            return int(getattr(exc, "exit_code", 2))
+        if isinstance(exc, kinds["Exit"]):
+            return int(getattr(exc, "exit_code", 0) or 0)
+        if isinstance(exc, kinds["Abort"]):
+            sys.stderr.write("aborted\n")
             return 130
+        if isinstance(exc, kinds["ClickException"]):
+            sys.stderr.write(f"error: {_usage_line(exc)}\n")
+            code = getattr(exc, "exit_code", 2)
+            return 2 if isinstance(exc, kinds["UsageError"]) or not isinstance(code, int) or code == 1 else code
         raise
     return 0
 

@@ -24,6 +24,7 @@ from .errors import AutotlError
 from .evaluation import evaluate
 from .features import ImageDataset, eval_transform
 from .models import ModelSpec, SourceModel
+from .options import check_fit_options
 from .run import FinalModel, Run, default_cache_dir
 from .strategy import StrategyContext, apply_strategies
 from .train import TrainConfig
@@ -99,6 +100,7 @@ def fit(
     ``{"source_pool": "pool/"}``: the search then also varies retrieval K). ``resume`` continues an
     interrupted study in the same run folder; Ctrl-C raises ``autotl.search.SearchInterrupted``.
     """
+    check_fit_options(**locals())  # every flag checked before any work starts (autotl/options.py)
     searching = _wants_search(search, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
                               storage=storage, study=study)
     run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from autotl._console import progress
+from autotl._csv import safe_row
 from autotl._images import IMAGE_EXTENSIONS, UnreadableImageError, is_image_path, load_rgb
 from autotl._io import atomic_write_text
 from autotl.card import ModelCard, card_path_for
@@ -257,17 +258,21 @@ class PredictionResult:
             for t in top:
                 row += [t["label"], _fmt_prob(t["prob"])]
             row += [""] * (len(header) - 1 - len(row))
-            writer.writerow(row + [""])
+            writer.writerow(safe_row(row + [""]))
         for e in self.errors:
-            writer.writerow([e["path"]] + [""] * (len(header) - 2) + [e["reason"]])
+            writer.writerow(safe_row([e["path"]] + [""] * (len(header) - 2) + [e["reason"]]))
         return buf.getvalue()
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Columns: path, label, prob, top1_label, top1_prob, ..., error (rows for unreadable images too)."""
+        from autotl.options import check_out_file
+
+        check_out_file("--csv", path, "predictions.csv")
         return atomic_write_text(path, self.csv_text())
 
     def table(self, max_rows: int | None = None):
         """A rich Table: path, label, prob, the other top-k, and unreadable images with their reason."""
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title=f"predictions ({len(self.predictions)} images, {len(self.errors)} unreadable)")
@@ -279,11 +284,11 @@ class PredictionResult:
         for p in rows:
             top = p["top"]
             rest = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in top[1:])
-            table.add_row(p["path"], top[0]["label"], f"{top[0]['prob']:.3f}", rest)
+            table.add_row(escape(p["path"]), escape(top[0]["label"]), f"{top[0]['prob']:.3f}", escape(rest))
         if max_rows is not None and len(self.predictions) > max_rows:
             table.add_row(f"... {len(self.predictions) - max_rows} more", "", "", "")
         for e in self.errors:
-            table.add_row(e["path"], "[red]unreadable", "", f"[red]{e['reason']}")
+            table.add_row(escape(e["path"]), "[red]unreadable", "", f"[red]{escape(e['reason'])}")
         return table
 
 
@@ -398,4 +403,7 @@ class Predictor:
 def predict(model_path: str | os.PathLike, paths: str | os.PathLike | Iterable[str | os.PathLike],
             top_k: int = 5, batch_size: int = 32) -> PredictionResult:
     """Classify image files / folders with an exported ``model.onnx`` (or its folder)."""
+    from autotl.options import check_predict_options
+
+    check_predict_options(top_k=top_k, batch_size=batch_size)
     return Predictor(model_path).predict_paths(paths, top_k=top_k, batch_size=batch_size)

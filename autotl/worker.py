@@ -25,6 +25,10 @@ def join_study(
     ``AUTOTL_GRACE_PERIOD`` and ``AUTOTL_MAX_RETRY`` (the stale-trial rules the study's other
     workers read from their environment too); the rest is ``autotl.search.run_worker``'s.
     """
+    from .options import check_worker_options
+
+    check_worker_options(storage=storage, study=study, data_dir=data_dir, trials=trials, artifacts=artifacts, out=out,
+                         device=device, cache_dir=cache_dir, heartbeat=heartbeat, grace=grace, max_retry=max_retry)
     from .models import set_torch_threads
     from .search._distributed import ENV_GRACE, ENV_INTERVAL, ENV_RETRY
     from .search._worker import run_worker

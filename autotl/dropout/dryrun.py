@@ -97,6 +97,11 @@ def inspect_dropout(
     from ..models import create_source_model, set_torch_threads
     from ..train import pick_device
 
+    from ..options import check_dropout_options
+
+    check_dropout_options(tau=tau, mode=mode, focus_class=focus_class, out=out, l2=l2, min_keep_fraction=min_keep_fraction,
+                          val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, top=top,
+                          write_clean=write_clean)
     t_start = time.perf_counter()
     tau_value = parse_tau(tau)
     if mode not in ("spread", "fraction"):
@@ -147,16 +152,18 @@ def inspect_dropout(
 
 
 def _show(ins: DropoutInspection, rows: list[dict], top: int) -> None:
+    from rich.markup import escape  # class names and paths are the user's: never markup
+
     s = ins.summary
     ref = f"{s['n_reference']} val images" + (f" of class '{s['focus_class']}'" if s["focus_class"] else "")
     tau = "off" if s["tau"] is None else f"{s['tau']:g} ({s['mode']})"
     title = f"most harmful training images of {ins.data_dir} (influence on {ref}; > 0: removing it lowers the val loss)"
-    _console.log(harmful_table(rows, top=top, title=title, root=ins.data_dir))
-    per_class = ", ".join(f"{k}: {v}" for k, v in s["dropped_per_class"].items())
+    _console.log(harmful_table(rows, top=top, title=escape(title), root=ins.data_dir))
+    per_class = escape(", ".join(f"{k}: {v}" for k, v in s["dropped_per_class"].items()))
     _console.log(f"tau {tau}: would drop [bold]{s['n_dropped']}[/] of {s['n_total']} training images ({per_class}); "
                  f"{s['n_harmful']} score > 0; influence {ins.seconds['head_fit'] + ins.seconds['influence']:.1f}s "
                  f"({s['solver']}); decided by the {DECIDED_BY}")
-    _console.log(f"wrote {ins.files.get('dropped_csv')}" + (f", {ins.clean_dir}" if ins.clean_dir else ""))
+    _console.log(escape(f"wrote {ins.files.get('dropped_csv')}" + (f", {ins.clean_dir}" if ins.clean_dir else "")))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .._csv import safe_row
 from .._io import atomic_path, atomic_write_text
 from ..data import Sample
 from .influence import InfluenceResult
@@ -58,7 +59,7 @@ def _csv_text(rows: list[dict], columns: Sequence[str]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow(safe_row({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}))
     return buf.getvalue()
 
 

@@ -124,8 +124,11 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     ``svg`` (static SVG only: small and script-free). Raises ``AutotlError`` when ``run_dir`` is
     not a run folder. Returns the path written.
     """
+    from ..options import check_report_options
+
     if plots not in PLOT_MODES:
         raise AutotlError(f"--plots {plots!r}: use one of {', '.join(PLOT_MODES)}")
+    check_report_options(out=out)
     run = load_run(run_dir)
     html_doc, _ = build_html(run, plots=plots)
     path = Path(out) if out is not None else run.dir / REPORT_NAME

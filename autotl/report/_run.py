@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._csv import read_row
 from ..errors import AutotlError
 
 #: Files whose presence makes a folder a run folder the report can describe.
@@ -105,7 +106,7 @@ def read_csv(run: RunFolder, name: str) -> list[dict[str, str]] | None:
         return None
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+            return [read_row(row) for row in csv.DictReader(fh)]  # undo the '=... guard of the writers
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         run.problems.append(f"{name}: cannot be read ({type(exc).__name__}: {str(exc)[:120]})")
         return None

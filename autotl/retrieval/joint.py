@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import _console
+from .._csv import safe_row
 from .._images import load_rgb
 from .._io import atomic_path
 from ..data import Sample
@@ -427,6 +428,6 @@ def write_retrieval_csv(path: str | os.PathLike, targets: Sequence[Sample], pool
                     j = int(knn.indices[i, r])
                     joined = int((counts[:, i] <= r).sum())  # first round whose count exceeds r
                     d = float(knn.distances[i, r])
-                    w.writerow([os.fspath(t.path), tclass, r + 1, os.fspath(pool.samples[j].path),
-                                pool.classes[pool.samples[j].label], "" if math.isnan(d) else f"{d:.6g}", joined])
+                    w.writerow(safe_row([os.fspath(t.path), tclass, r + 1, os.fspath(pool.samples[j].path),
+                                         pool.classes[pool.samples[j].label], "" if math.isnan(d) else f"{d:.6g}", joined]))
     return path

@@ -166,6 +166,11 @@ def score_models(
         raise AutotlError(f"{index.root}: the training split has {len(train)} images in {len(present)} class(es); "
                           "scoring needs images of at least two classes")
     exts = _resolve_extractors(sources, extractors, cache_dir, device, batch_size)
+    from ..options import check_frozen_stages
+
+    for source, ext in zip(sources, exts):  # --frozen-stages against each model, before any feature pass
+        for c in cuts:
+            check_frozen_stages(int(c), ext.num_stages, source.label)
     rows = [_score_one(source, ext, train, cuts, prior_files.get(source.label, prior_files.get("*")), top)
             for source, ext in zip(sources, exts)]
     rows = rank_rows(rows, rule)
@@ -235,7 +240,10 @@ def score(
     from ..models import create_source_model, set_torch_threads
     from ..train import pick_device
 
+    from ..options import check_score_options
+
     _check_options(rule, top)  # before the models load: a typo costs nothing
+    check_score_options(out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, cuts=cuts)
     set_torch_threads()
     index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
     _console.log(index.summary_table())

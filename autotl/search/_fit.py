@@ -181,8 +181,22 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
     best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of, candidates)
     if best_trial is None:
         errors = [r["error"] for r in rows if r.get("error")]
-        raise AutotlError(f"no trial of study {settings.study_name!r} completed ({len(rows)} trials"
-                          + (f"; first error: {errors[0]}" if errors else "") + "); widen --time-budget or check the recipe")
+        if errors:  # the trials broke: more time would not help; say what broke and what to change
+            import re
+
+            low = " ".join(errors).lower()
+            fix = ("lower --batch-size or give a smaller --model" if "out of memory" in low or "memoryerror" in low
+                   else "lower the learning rates (--lr, the recipe's lr range)" if re.search(r"\bnan\b|\binf\b|not finite", low)
+                   else "fix what the error names (a flag, a file, the recipe's space), or narrow the recipe to strategies that run")
+            kinds = sorted({e.split(":", 1)[0] for e in errors})
+            raise AutotlError(f"no trial of study {settings.study_name!r} completed: {len(errors)} of {len(rows)} trial(s) "
+                              f"failed with an error ({', '.join(kinds)}; first: {errors[0][:300]}); {fix}, then run again "
+                              "(each trial's error is in the log above)")
+        if not rows:
+            raise AutotlError(f"no trial of study {settings.study_name!r} ran: the time budget ended before the first trial "
+                              "started; widen --time-budget (or give --trials)")
+        raise AutotlError(f"no trial of study {settings.study_name!r} completed ({len(rows)} trial(s), none failed with an "
+                          "error: pruned or cut off by the time budget); widen --time-budget, or give --trials, or check the recipe")
     _console.log(leaderboard_table(rows, objective=base.objective, best=best_trial.number, show_model=len(candidates) > 1))
     if rule["best_mean_trial"] != best_trial.number:
         _console.log(f"trial {best_trial.number} is within one standard error ({rule['best_se']:.3f}) of the best mean "
