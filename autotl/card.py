@@ -8,6 +8,7 @@ predict path loads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -67,6 +68,9 @@ class ModelCard:
     autotl_version: str = __version__
     created: str = field(default_factory=_utc_now)  # ISO 8601 date-time, UTC
     extra: dict = field(default_factory=dict)
+    # sha256 of the model file this card describes: predict refuses a model that is not it (a model
+    # and a card from two runs, e.g. a fit interrupted between writing them)
+    model_sha256: str = ""
 
     def __post_init__(self) -> None:
         self.classes = [str(c) for c in self.classes]
@@ -162,6 +166,23 @@ def _problem(d: Any) -> str | None:
         if d.get(key) is not None and not isinstance(d[key], Mapping):
             return f"'{key}' must be an object"
     return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_model_matches(card: "ModelCard", model_path: str | os.PathLike, card_path: str | os.PathLike) -> None:
+    """``AutotlError`` unless ``model_path`` is the file ``card`` was written for (cards without a
+    hash, from autotl 0.1, are trusted)."""
+    if card.model_sha256 and file_sha256(model_path) != card.model_sha256:
+        raise AutotlError(f"{model_path} is not the model its card {card_path} describes (the two come from different "
+                          "runs: a fit was interrupted between writing them); run the same `autotl fit` again, "
+                          "with --resume for a search")
 
 
 def card_path_for(onnx_path: str | os.PathLike) -> Path:

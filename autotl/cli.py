@@ -97,6 +97,7 @@ def fit(
     batch_size: int = typer.Option(64, help="Mini-batch size."),
     objective: Optional[str] = typer.Option(None, help="accuracy or macro_f1 (default: macro_f1 when classes are imbalanced)."),
     val_fraction: float = typer.Option(0.1, help="Validation share per class when there is no val/ folder."),
+    duplicates: str = typer.Option("warn", "--duplicates", help="Byte-identical images across splits: warn (list them), drop (remove the val/test copies) or error."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation and data order."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
@@ -106,6 +107,7 @@ def fit(
     cv_folds: int = typer.Option(5, "--cv-folds", help="Search: folds of the cross-validation that scores each trial (small data sets)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough or a .yaml file (default: default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted study of --out (same data, recipe and models)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the finished run in --out (kept until the new one is published)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the study (default sqlite:///OUT/study.db)."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default 'autotl')."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Search: candidate source models among --model (default: the recipe's or all)."),
@@ -144,13 +146,13 @@ def fit(
     try:
         result = fit_api(data_dir, out, models=model, fixed_params=fixed_params or None, options=options or None, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
                          batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
-                         cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
+                         cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume, overwrite=overwrite, duplicates=duplicates,
                          storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds)
     except SearchInterrupted as exc:
         command = _resume_command(exc.run_dir, data_dir, {
             "--model": model, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
             "--study": study, "--top-k": top_k, "--cv-folds": cv_folds, "--objective": objective,
-            "--seed": seed, "--val-fraction": val_fraction, "--cache-dir": cache_dir, "--device": device,
+            "--seed": seed, "--val-fraction": val_fraction, "--duplicates": duplicates, "--cache-dir": cache_dir, "--device": device,
             "--batch-size": batch_size, "--frozen-stages": frozen_stages, "--epochs": epochs, "--lr": lr,
             "--dropout-tau": dropout_tau, "--focus-class": focus_class,
             "--source-pool": source_pool, "--retrieval-k": retrieval_k, "--retrieval-bank": retrieval_bank,

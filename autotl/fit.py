@@ -70,6 +70,7 @@ def fit(
     time_budget: str | float | None = None,
     recipe: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     storage: str | None = None,
     study: str | None = None,
     top_k: int | None = None,
@@ -80,6 +81,7 @@ def fit(
     batch_size: int = 64,
     objective: str | None = None,
     val_fraction: float = 0.1,
+    duplicates: str = "warn",
     seed: int = 0,
     device: str | None = "auto",
     cache_dir: str | os.PathLike | None = None,
@@ -98,12 +100,15 @@ def fit(
     arguments describe (a linear probe by default), early-stopped on val. ``fixed_params`` fixes search
     parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` sets run-wide ones (e.g.
     ``{"source_pool": "pool/"}``: the search then also varies retrieval K). ``resume`` continues an
-    interrupted study in the same run folder; Ctrl-C raises ``autotl.search.SearchInterrupted``.
+    interrupted study in the same run folder; ``overwrite`` replaces a finished run there (which is
+    otherwise refused). ``duplicates`` (warn, drop, error): what the scan does with byte-identical
+    images across splits (see ``autotl.data.scan_dataset``). Ctrl-C raises ``autotl.search.SearchInterrupted``.
     """
     check_fit_options(**locals())  # every flag checked before any work starts (autotl/options.py)
     searching = _wants_search(search, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
                               storage=storage, study=study)
-    run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir)
+    run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir,
+                   resume=resume, overwrite=overwrite, duplicates=duplicates)
     base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
                         seed=seed, objective=objective)
     scoring = score_candidates(run, base, sample=SCORING_SAMPLE if searching else None)
@@ -246,7 +251,7 @@ def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, 
 
 def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitResult:
     """Evaluate, export, verify and describe the final model; write the card, ``result.json`` and the report."""
-    from .card import ModelCard
+    from .card import ModelCard, file_sha256
 
     index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
     classes = index.classes
@@ -254,6 +259,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
     if index.test:
         metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
     parity = export_and_verify(result.net, source, run_dir, index.val)
+    model_sha256 = file_sha256(run_dir / "model.onnx")
     training = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
                 "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
                 "n_train": result.n_train, **final.notes}
@@ -268,9 +274,12 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
         frozen_stages=result.net.frozen,
         metrics={k: {kk: vv for kk, vv in v.items() if kk != "confusion"} for k, v in metrics.items()},
         training=training,
-        data={**{k: v for k, v in index.to_json().items() if k != "skipped"}, "n_skipped": len(index.skipped)},
+        # the lists of skipped files and duplicates live in data.json; the card keeps their counts
+        data={**{k: v for k, v in index.to_json().items() if k not in ("skipped", "duplicates")},
+              "n_skipped": len(index.skipped)},
         parity=parity,
         extra={"decided_by": decided, **({"search": final.search} if final.search else {})},
+        model_sha256=model_sha256,
     )
     card_path = run_dir / "model.json"
     card.save(card_path)
@@ -284,6 +293,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
         parity=parity, data=index.to_json(), seconds=run.seconds(), search=final.search, scoring=scoring,
     )
     atomic_write_json(run_dir / "result.json", res.to_json())
+    run.drop_replaced()  # --overwrite: the new run is complete, the old one can go
     from .report import try_write_report
 
     try_write_report(run_dir)

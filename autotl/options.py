@@ -303,7 +303,8 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
                       study: Any = None, top_k: Any = None, cv_folds: Any = 5, frozen_stages: Any = "all",
                       epochs: Any = 15, lr: Any = 3e-3, batch_size: Any = 64, objective: Any = None,
                       val_fraction: Any = 0.1, seed: Any = 0, device: Any = "auto", cache_dir: Any = None,
-                      config: Any = None, fixed_params: Any = None, options: Any = None, **_other: Any) -> None:
+                      config: Any = None, fixed_params: Any = None, options: Any = None, duplicates: Any = "warn",
+                      **_other: Any) -> None:
     """Every ``autotl.fit.fit`` argument that can be checked without reading the data or loading a
     model (called with ``fit``'s ``locals()``; arguments it does not know are left to ``fit``)."""
     if data_dir is None or (isinstance(data_dir, str) and not data_dir.strip()):
@@ -320,6 +321,10 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
     check_seed("--seed", seed)
     check_device("--device", device)
     _check_cache_dir(cache_dir)
+    from .duplicates import DUPLICATE_MODES
+
+    if duplicates not in DUPLICATE_MODES:
+        raise AutotlError(f"--duplicates {duplicates!r}: use one of {', '.join(DUPLICATE_MODES)} (e.g. drop)")
     if models:
         if isinstance(models, str):
             raise AutotlError(f"models={models!r}: give a list of model names (e.g. [{models!r}])")

@@ -22,7 +22,7 @@ from autotl._console import progress
 from autotl._csv import safe_row
 from autotl._images import IMAGE_EXTENSIONS, UnreadableImageError, is_image_path, load_rgb
 from autotl._io import atomic_write_text
-from autotl.card import ModelCard, card_path_for
+from autotl.card import ModelCard, card_path_for, check_model_matches
 from autotl.errors import AutotlError
 
 __all__ = ["preprocess", "preprocess_batch", "softmax", "expand_image_paths", "Predictor", "PredictionResult", "predict"]
@@ -315,7 +315,9 @@ class Predictor:
         if not path.is_file():
             raise AutotlError(f"model file {path} not found; pass the model.onnx written by autotl (or its folder)")
         self.onnx_path = path
-        self.card = ModelCard.load(card_path if card_path is not None else card_path_for(path))
+        card_file = card_path if card_path is not None else card_path_for(path)
+        self.card = ModelCard.load(card_file)
+        check_model_matches(self.card, path, card_file)
         self._prep = _prep(self.card.preprocessing)  # validated by the card already
 
         options = ort.SessionOptions()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from . import _console
+from ._io import atomic_write_json
+from ._version import __version__
 from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
 from .errors import AutotlError
@@ -45,6 +48,55 @@ def default_run_dir(data_dir: str | os.PathLike, kind: str = "") -> Path:
     return Path("runs") / "-".join(p for p in (Path(data_dir).resolve().name, kind, stamp) if p)
 
 
+RUN_MARKER = "autotl-run.json"  # written into every run folder: what makes a folder autotl's to replace
+_PUBLISHED = ("model.json", "model.onnx")  # a folder holding these holds a finished run
+
+
+def is_run_folder(path: Path) -> bool:
+    """autotl made this folder (its marker, or the files of a run from autotl 0.1)."""
+    return (path / RUN_MARKER).is_file() or any((path / f).exists() for f in (*_PUBLISHED, "study.db", "result.json"))
+
+
+def check_run_folder(out: Path, data_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a ``--out`` autotl must not write to, before any work starts: a file; the data folder,
+    a folder inside it or one holding it (the next scan would see the run's files as a class); a
+    folder of other files; a finished run, unless ``--resume`` continues it or ``--overwrite``
+    replaces it. A run interrupted before it published (no model yet) is simply continued."""
+    out_r, data_r = out.resolve(), data_dir.resolve()
+    if out_r == data_r or data_r in out_r.parents or out_r in data_r.parents:
+        raise AutotlError(f"--out {out}: is the data folder {data_dir} or overlaps it; give a run folder outside the data "
+                          "(e.g. runs/NAME)")
+    if out.exists() and not out.is_dir():
+        raise AutotlError(f"--out {out}: is a file, not a folder; give a new or empty folder (e.g. runs/NAME)")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_run_folder(out):
+            raise AutotlError(f"--out {out}: holds files that are not an autotl run; give a new or empty folder "
+                              "(autotl replaces only its own runs)")
+        if any((out / f).exists() for f in _PUBLISHED) and not (resume or overwrite):
+            raise AutotlError(f"--out {out}: holds an earlier run (model.json); add --overwrite to replace it, "
+                              "--resume to continue its search, or give another --out")
+    parent = next((p for p in (out_r, *out_r.parents) if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise AutotlError(f"--out {out}: cannot write there ({parent} is not writable); give a folder you can write to")
+
+
+def prepare_run_folder(out: Path, data_dir: Path, *, overwrite: bool) -> None:
+    """Create the run folder (after ``check_run_folder``). ``--overwrite`` first moves a finished run
+    aside (``Run.drop_replaced`` deletes it once the new run is published), so an interrupted
+    overwrite loses nothing and no file of the old run is mixed into the new one."""
+    if overwrite and any((out / f).exists() for f in _PUBLISHED):
+        moved = out.with_name(f"{out.name}.replaced-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
+        os.replace(out, moved)
+        _console.log(f"the earlier run in {out} is kept in {moved} until this one is published")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AutotlError(f"--out {out}: cannot create it ({exc.strerror or exc}); give a folder you can write to") from None
+    if not (out / RUN_MARKER).is_file():
+        atomic_write_json(out / RUN_MARKER, {"autotl": __version__, "data_dir": str(data_dir.resolve()),
+                                             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+
+
 @dataclass
 class FinalModel:
     """The model a run publishes: trained by the one strategy the flags describe, or refitted from
@@ -70,21 +122,31 @@ class Run:
     extractors: dict[str, SharedActivations]  # label -> the one activation cache of that model
     seed: int = 0
     val_fraction: float = 0.1  # of the automatic val split (recorded for workers rebuilding the same split)
+    duplicates: str = "warn"  # what the scan did with byte-identical copies (workers scan the same way)
     start: float = field(default_factory=time.monotonic)
+
+    def drop_replaced(self) -> None:
+        """After publishing: delete the runs --overwrite moved aside (also those of an overwrite
+        that was interrupted before, which this run completes)."""
+        for old in self.run_dir.parent.glob(f"{self.run_dir.name}.replaced-*"):
+            if old.is_dir() and is_run_folder(old):
+                shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
              models: Sequence[str | ModelSpec] = (), val_fraction: float = 0.1, seed: int = 0,
              device: str | torch.device | None = "auto", cache_dir: str | os.PathLike | None = None,
-             index: DatasetIndex | None = None) -> "Run":
+             index: DatasetIndex | None = None, resume: bool = False, overwrite: bool = False,
+             duplicates: str = "warn") -> "Run":
         start = time.monotonic()
         set_torch_threads()
         data_dir = Path(data_dir)
-        if index is None:
-            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
-            _console.log(index.summary_table())
         run_dir = Path(out) if out is not None else default_run_dir(data_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_folder(run_dir, data_dir, resume=resume, overwrite=overwrite)
+        if index is None:
+            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates)
+            _console.log(index.summary_table())
+        prepare_run_folder(run_dir, data_dir, overwrite=overwrite)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         loaded = [create_source_model(m) for m in (list(models) or default_candidates())]
@@ -93,7 +155,7 @@ class Run:
             raise AutotlError("--model: the same model is given twice; give each candidate once")
         extractors = {label: SharedActivations(FeatureExtractor(s, device=dev, cache_dir=cache), index.train, index.val,
                                                index.test) for label, s in sources.items()}
-        return cls(index, run_dir, dev, cache, sources, extractors, seed, float(val_fraction), start)
+        return cls(index, run_dir, dev, cache, sources, extractors, seed, float(val_fraction), duplicates, start)
 
     @property
     def labels(self) -> list[str]:

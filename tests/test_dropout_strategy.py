@@ -238,8 +238,11 @@ def test_fit_end_to_end_with_dropout(noisy_folder, reuse_source, monkeypatch, tm
     from autotl.fit import fit
 
     # ONNX export + parity is tested in test_export.py and costs ~30 s on a busy CPU: not the subject here
-    monkeypatch.setattr(autotl.fit, "export_and_verify",
-                        lambda net, source, run_dir, val: {"passed": True, "max_abs_diff": 0.0, "skipped": "test"})
+    def export(net, source, run_dir, val):  # a stand-in model file (the card records its hash)
+        (run_dir / "model.onnx").write_bytes(b"stand-in")
+        return {"passed": True, "max_abs_diff": 0.0, "skipped": "test"}
+
+    monkeypatch.setattr(autotl.fit, "export_and_verify", export)
     passes = []
     original = FeatureExtractor._compute
 

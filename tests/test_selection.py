@@ -216,3 +216,19 @@ def test_standard_error_is_not_zero_for_a_perfect_score_on_few_images(pooled):
     assert winner is probe
     worse = _trial(0, 1.0 - 2 / n, se, frozen=9)
     assert select_one_se([perfect, worse], lambda t: t.params, ["m"])[0] is perfect
+
+
+def test_identical_copies_stay_in_one_fold(tmp_path, make_image_folder):
+    """Byte-identical files (listed by the scan) never score a fold their twin trained or decided on."""
+    import shutil as _shutil
+
+    root = make_image_folder(tmp_path / "dups", {"a": 12, "b": 12}, size=(16, 16))
+    for i in range(4):  # four byte-identical copies inside class a
+        _shutil.copyfile(root / "a" / "a_000.png", root / "a" / f"copy{i}.png")
+    index = scan_dataset(root, duplicates="warn")
+    groups = [set(g) for g in index.duplicate_groups()]
+    assert groups and max(len(g) for g in groups) >= 2
+    for fold in plan_selection(index, seed=1).folds:
+        for g in groups:
+            sides = [bool(g & _paths(part)) for part in (fold.score, fold.train + fold.decide)]
+            assert not all(sides), "copies on both sides of a fold"

@@ -89,6 +89,7 @@ def worker_attrs(run, base, *, target: int, options: dict[str, Any], fixed: dict
     return {
         "data_dir": str(Path(run.index.root).resolve()),
         "val_fraction": float(run.val_fraction),
+        "duplicates": run.duplicates,
         "seed": int(run.seed),
         "models": [str(s.spec) for s in run.sources.values()],
         "base": base.to_dict(),

@@ -116,6 +116,24 @@ def stratified_split(samples: Sequence[Sample], fraction: float, rng: np.random.
     return rest, part
 
 
+def keep_together(parts: list[list[Sample]], groups: Sequence[Sequence[Any]]) -> list[list[Sample]]:
+    """Move byte-identical copies (``groups`` of paths) into the part of their first member: a copy
+    scoring a fold its twin trained on would flatter that fold."""
+    where = {s.path: i for i, part in enumerate(parts) for s in part}
+    target: dict[Any, int] = {}
+    for group in groups:
+        present = [p for p in group if p in where]
+        for p in present[1:]:
+            target[p] = where[present[0]]
+    if not target:
+        return parts
+    out: list[list[Sample]] = [[] for _ in parts]
+    for i, part in enumerate(parts):
+        for s in part:
+            out[target.get(s.path, i)].append(s)
+    return out
+
+
 def _folds_for(min_count: int, k: int) -> int:
     return max(2, min(k, min_count))
 
@@ -148,10 +166,11 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
     counts = [len(m) for m in _by_class(pool).values()]
     kk = _folds_for(min(counts), k)
     reps = repeats if repeats is not None else (2 if n < TINY_IMAGES else 1)
+    groups = index.duplicate_groups() if hasattr(index, "duplicate_groups") else []
     folds = []
     for r in range(reps):
         rng = np.random.default_rng([seed, 0xCF, r])
-        parts = stratified_folds(pool, kk, rng)
+        parts = keep_together(stratified_folds(pool, kk, rng), groups)
         for j in range(kk):
             others = [s for i, p in enumerate(parts) if i != j for s in p]
             if trusted_val:

@@ -83,7 +83,7 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     if not data.is_dir():
         raise AutotlError(f"--data {data}: not a folder on this host; give the study's data folder "
                           f"(created from {w['data_dir']}) with --data")
-    index = scan_dataset(data, val_fraction=w["val_fraction"], seed=w["seed"])
+    index = scan_dataset(data, val_fraction=w["val_fraction"], seed=w["seed"], duplicates=w.get("duplicates", "warn"))
     if index.fingerprint() != attrs.get("data_fingerprint"):
         raise AutotlError(f"--data {data}: differs from the data study {study_name!r} was created with "
                           "(files added, removed, edited or re-split); give the same data folder")
