@@ -5,8 +5,10 @@ Read top-down in :func:`fit`; each step is one call into one module, all sharing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +21,7 @@ import torch
 from . import _console
 from ._io import atomic_write_json
 from ._version import __version__
+from .card import CARD_NAME, ModelCard, file_sha256
 from .data import DatasetIndex
 from .errors import AutotlError
 from .evaluation import evaluate
@@ -249,16 +252,43 @@ def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, 
     return report.to_json()
 
 
+PREVIOUS_CARD = "model.json.previous"
+
+
+@contextlib.contextmanager
+def _card_set_aside(run_dir: Path):
+    """While model.onnx is being replaced, the card of the previous model is not beside it: a model
+    is never next to a card that does not describe it, whenever an interrupt comes. If the export
+    fails or is interrupted and the previous model is still there, its card is put back."""
+    card, aside, model = run_dir / CARD_NAME, run_dir / PREVIOUS_CARD, run_dir / "model.onnx"
+    if not card.exists():
+        yield
+        return
+    before = model.stat().st_mtime_ns if model.exists() else None
+    os.replace(card, aside)
+    try:
+        yield
+    except BaseException:
+        try:
+            recorded = json.loads(aside.read_text(encoding="utf-8")).get("model_sha256")
+            same = model.exists() and (file_sha256(model) == recorded if recorded else model.stat().st_mtime_ns == before)
+        except (OSError, ValueError):
+            same = False
+        if same:
+            os.replace(aside, card)
+        raise
+
+
 def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitResult:
     """Evaluate, export, verify and describe the final model; write the card, ``result.json`` and the report."""
-    from .card import ModelCard, file_sha256
 
     index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
     classes = index.classes
     metrics = {"val": evaluate(result.net, final.extractor, index.val, len(classes))}
     if index.test:
         metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
-    parity = export_and_verify(result.net, source, run_dir, index.val)
+    with _card_set_aside(run_dir):
+        parity = export_and_verify(result.net, source, run_dir, index.val)
     model_sha256 = file_sha256(run_dir / "model.onnx")
     training = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
                 "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
@@ -281,8 +311,9 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
         extra={"decided_by": decided, **({"search": final.search} if final.search else {})},
         model_sha256=model_sha256,
     )
-    card_path = run_dir / "model.json"
+    card_path = run_dir / CARD_NAME
     card.save(card_path)
+    (run_dir / PREVIOUS_CARD).unlink(missing_ok=True)
     atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.root),
                                                  "source_model": str(source.spec), "train_config": result.config.to_dict()})
     atomic_write_json(run_dir / "history.json", [asdict(h) for h in result.history])

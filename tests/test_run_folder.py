@@ -100,3 +100,47 @@ def test_a_model_beside_a_card_of_another_run_is_refused(data, tmp_path, make_im
     shutil.copyfile(b / "model.onnx", a / "model.onnx")
     with pytest.raises(AutotlError, match="is not the model its card"):
         Predictor(a)
+
+
+def test_no_interrupt_leaves_a_model_beside_a_card_that_does_not_describe_it(data, tmp_path, monkeypatch, no_export):
+    """Interrupts injected (a) while model.onnx is written and (b) between model.onnx and model.json,
+    into a run folder that already holds a published model (a resumed run): afterwards either the
+    old pair is intact, or there is no card at all — never the new model beside the old card."""
+    from autotl.card import check_model_matches
+
+    out = tmp_path / "run"
+    _fit(data, out)
+    old_model, old_card = (out / "model.onnx").read_bytes(), (out / "model.json").read_text()
+
+    def interrupted_export(net, source, run_dir, val):
+        raise KeyboardInterrupt  # before the new model file is in place
+
+    monkeypatch.setattr(autotl.fit, "export_and_verify", interrupted_export)
+    # (a) the old card is put back beside the untouched old model
+    run, final = _published_parts(data, out)
+    with pytest.raises(KeyboardInterrupt):
+        autotl.fit.publish(run, final)
+    assert (out / "model.onnx").read_bytes() == old_model and (out / "model.json").read_text() == old_card
+
+    # (b) the new model is written, then the interrupt comes before its card
+    def new_model_then_interrupt(net, source, run_dir, val):
+        (run_dir / "model.onnx").write_bytes(b"a different model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autotl.fit, "export_and_verify", new_model_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        autotl.fit.publish(run, final)
+    assert not (out / "model.json").exists()  # no card rather than a wrong one
+    card = ModelCard.load(out / "model.json.previous")
+    with pytest.raises(AutotlError, match="not the model"):
+        check_model_matches(card, out / "model.onnx", out / "model.json.previous")
+
+
+def _published_parts(data, out):
+    """A Run and FinalModel for ``publish``, as fit builds them (into the existing run folder)."""
+    from autotl.fit import _base_config, train_given_strategy
+    from autotl.run import Run
+
+    run = Run.open(data, out, models=[MODEL], device="cpu", cache_dir=out.parent / "cache", resume=True)
+    base = _base_config(run.index, None, frozen_stages="all", epochs=1, lr=3e-3, batch_size=8, seed=0, objective=None)
+    return run, train_given_strategy(run, base, {}, {})
