@@ -1,6 +1,6 @@
 """Small-data suite: held-out error of the linear probe, a timm-style full fine-tune and default `autotl fit`.
 
-    nice python bench/suite.py [--tasks cvd20 cvd20-64px cvd100-noisy40 fmnist20 imagenette10] [--seeds 0 1 2]
+    nice python bench/suite.py [--tasks cvd20 ...] [--seeds 0 1 2] [--name suite]
 
 Each task is built from ``../shared/data`` (and the Debian package ``dataset-fashion-mnist``) for
 each seed: a fresh sample of training images written to a work folder, and a *test* folder of other
