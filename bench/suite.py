@@ -9,8 +9,8 @@ reference, trial ranking) — it is read once, after the model is exported, to s
 
 - ``cvd20`` / ``cvd20-64px``: Cats vs Dogs, 20 training images per class (full size / down-sampled
   to 64 px); one class-per-folder set (autotl cross-validates over all 40).
-- ``cvd100-noisy40`` / ``cvd100-noisy40-val100``: 100 per class in ``train/`` with 40 % of the
-  labels flipped, and a clean ``val/`` folder of 20 / 100 per class (the user's trusted split).
+- ``cvd100-noisy40``: 100 per class in ``train/`` with 40 % of the labels flipped, and a clean
+  ``val/`` folder of 20 per class (the user's trusted split).
 - ``fmnist20``: Fashion-MNIST, 10 classes × 20 images (28 px greyscale).
 - ``imagenette10``: 10-way, 10 images per class of the Imagenette pool (ImageNet classes).
 
@@ -51,7 +51,6 @@ TASKS = {
     "cvd20": {"source": "cvd", "per_class": 20, "test_per_class": 100},
     "cvd20-64px": {"source": "cvd", "per_class": 20, "test_per_class": 100, "px": 64},
     "cvd100-noisy40": {"source": "cvd", "per_class": 100, "test_per_class": 100, "noise": 0.4, "clean_val": 20},
-    "cvd100-noisy40-val100": {"source": "cvd", "per_class": 100, "test_per_class": 100, "noise": 0.4, "clean_val": 100},
     "fmnist20": {"source": "fmnist", "per_class": 20, "test_per_class": 30},
     "imagenette10": {"source": "imagenette", "per_class": 10, "test_per_class": 30},
 }
