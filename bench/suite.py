@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import shutil
 import statistics
@@ -212,6 +213,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--name", default="suite", help="results file name (bench/results/NAME.json)")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="JSON-lines file of measured (task, seed) rows: rows found there are not run again, and "
+                             "every new row is appended as soon as it is measured (an interrupted suite resumes)")
     args = parser.parse_args()
 
     from autotl import _console
@@ -222,6 +226,12 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="autotl-suite-"))
     cache = work / "feature-cache"
     runs, skipped = [], {}
+    done = {}
+    if args.rows is not None and args.rows.is_file():
+        for line in args.rows.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[(row["task"], row["seed"])] = row
     for task in args.tasks:
         why = available(task)
         if why:
@@ -229,6 +239,9 @@ def main() -> int:
             print(f"skipped {task}: {why}")
             continue
         for seed in args.seeds:
+            if (task, seed) in done:
+                runs.append(done[(task, seed)])
+                continue
             root = work / f"{task}-s{seed}"
             if root.exists():
                 shutil.rmtree(root)
@@ -238,6 +251,9 @@ def main() -> int:
             row["probe"] = run_probe(data, test, root / "run-probe", seed, cache)
             row["finetune"] = run_finetune(data, test, seed, row["autotl"]["wall_s"])
             runs.append(row)
+            if args.rows is not None:
+                with args.rows.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
             print(f"{task} seed {seed}: " + ", ".join(
                 f"{m} val {row[m]['val']:.3f} test {row[m]['test']:.3f} ({row[m]['wall_s']:.0f}s)"
                 for m in ("probe", "finetune", "autotl")) + f"; autotl chose: {row['autotl']['selected']}", flush=True)
