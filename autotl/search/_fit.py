@@ -200,7 +200,7 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
     _console.log(leaderboard_table(rows, objective=base.objective, best=best_trial.number, show_model=len(candidates) > 1))
     if rule["best_mean_trial"] != best_trial.number:
         _console.log(f"trial {best_trial.number} is within one standard error ({rule['best_se']:.3f}) of the best mean "
-                     f"(trial {rule['best_mean_trial']}, {rule['best_mean']:.4f}) and simpler: it is selected")
+                     f"(trial {rule['best_mean_trial']}, {rule['best_mean']:.4f}) and simpler (or on a higher-ranked model): it is selected")
 
     params = params_of(best_trial)
     setup = objective.setup(params)
