@@ -169,19 +169,13 @@ def _objective_reason(cfg: TrainConfig, objective: str | None, config: TrainConf
 
 
 def _stratified_sample(samples, n: int, seed: int) -> list:
-    """At most ``n`` samples, every class in proportion (at least one each)."""
+    """At most ``n`` samples, every class in proportion (at least one each where it has two)."""
+    from .search._folds import stratified_split
+
     samples = list(samples)
     if len(samples) <= n:
         return samples
-    rng = np.random.default_rng([seed, 0x5C0])
-    by_class: dict[int, list] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    out = []
-    for members in by_class.values():
-        k = max(1, round(n * len(members) / len(samples)))
-        out += [members[i] for i in sorted(rng.choice(len(members), size=min(k, len(members)), replace=False))]
-    return out
+    return stratified_split(samples, n / len(samples), np.random.default_rng([seed, 0x5C0]))[1]
 
 
 def score_candidates(run: Run, base: TrainConfig, *, sample: int | None = None):

@@ -25,6 +25,7 @@ from .data import DatasetIndex, scan_dataset
 from .errors import AutotlError
 from .features import FeatureExtractor
 from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, list_packaged_models, set_torch_threads
+from .options import check_out_dir
 from .train import pick_device
 
 
@@ -58,7 +59,8 @@ def is_run_folder(path: Path) -> bool:
 
 
 def check_run_folder(out: Path, data_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a ``--out`` autotl must not write to, before any work starts: a file; the data folder,
+    """Refuse a ``--out`` autotl must not write to, before any work starts: what ``check_out_dir``
+    refuses (a file, an unwritable place); the data folder,
     a folder inside it or one holding it (the next scan would see the run's files as a class); a
     folder of other files; a finished run, unless ``--resume`` continues it or ``--overwrite``
     replaces it. A run interrupted before it published (no model yet) is simply continued."""
@@ -66,8 +68,7 @@ def check_run_folder(out: Path, data_dir: Path, *, resume: bool, overwrite: bool
     if out_r == data_r or data_r in out_r.parents or out_r in data_r.parents:
         raise AutotlError(f"--out {out}: is the data folder {data_dir} or overlaps it; give a run folder outside the data "
                           "(e.g. runs/NAME)")
-    if out.exists() and not out.is_dir():
-        raise AutotlError(f"--out {out}: is a file, not a folder; give a new or empty folder (e.g. runs/NAME)")
+    check_out_dir("--out", out)  # not a file, writable or creatable (the same check every --out gets)
     if out.is_dir() and any(out.iterdir()):
         if not is_run_folder(out):
             raise AutotlError(f"--out {out}: holds files that are not an autotl run; give a new or empty folder "
@@ -75,9 +76,6 @@ def check_run_folder(out: Path, data_dir: Path, *, resume: bool, overwrite: bool
         if any((out / f).exists() for f in _PUBLISHED) and not (resume or overwrite):
             raise AutotlError(f"--out {out}: holds an earlier run (model.json); add --overwrite to replace it, "
                               "--resume to continue its search, or give another --out")
-    parent = next((p for p in (out_r, *out_r.parents) if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
-        raise AutotlError(f"--out {out}: cannot write there ({parent} is not writable); give a folder you can write to")
 
 
 def prepare_run_folder(out: Path, data_dir: Path, *, overwrite: bool) -> None:

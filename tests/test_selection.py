@@ -232,3 +232,16 @@ def test_identical_copies_stay_in_one_fold(tmp_path, make_image_folder):
         for g in groups:
             sides = [bool(g & _paths(part)) for part in (fold.score, fold.train + fold.decide)]
             assert not all(sides), "copies on both sides of a fold"
+
+
+def test_a_source_pool_adds_retrieval_k_to_a_recipe_without_it():
+    from autotl.search import load_recipe, with_pool_dimension
+
+    recipe = load_recipe("default")
+    assert recipe.dimension("retrieval_k") is None
+    widened = with_pool_dimension(recipe)
+    dim = widened.dimension("retrieval_k")
+    assert dim is not None and 0 in dim.choices  # the search can leave retrieval off
+    assert not dim.active({"frozen_stages": "all"}) and dim.active({"frozen_stages": -1})  # joint fine-tuning needs a trainable backbone
+    assert widened.fingerprint() != recipe.fingerprint()
+    assert with_pool_dimension(load_recipe("retrieval")).dimension("retrieval_k") == load_recipe("retrieval").dimension("retrieval_k")

@@ -20,7 +20,7 @@ from ._folds import DEFAULT_FOLDS, Selection, plan_selection
 from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective
 from ._plots import save_plots
-from ._recipe import Recipe, load_recipe, parse_duration, resolve_frozen_relative
+from ._recipe import Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative
 from ._select import select_one_se
 from ._study import DEFAULT_STUDY, SearchOutcome, SearchSettings, run_study, shown_url, storage_url
 
@@ -81,8 +81,6 @@ class SearchPlan:
 def with_pool_dimension(recipe: Recipe) -> Recipe:
     """A source pool adds retrieval K to a recipe that does not search it (0 = off, so the search can
     leave retrieval off); joint fine-tuning needs a trainable backbone, so only for fine-tunes."""
-    from ._recipe import add_dimensions
-
     if recipe.dimension("retrieval_k") is not None:
         return recipe
     spec: dict[str, Any] = {"choices": [0, 2, 4, 8]}
