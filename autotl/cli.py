@@ -105,6 +105,7 @@ def fit(
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Search: trials in the study in total (default: the recipe's)."),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Search: stop after this long (90s, 20m, 1h; whichever of trials/budget ends first; default: automatic from the data size unless --trials is given)."),
     cv_folds: int = typer.Option(5, "--cv-folds", help="Search: folds of the cross-validation that scores each trial (small data sets)."),
+    ensemble: bool = typer.Option(True, "--ensemble/--no-ensemble", help="Search: publish a greedy ensemble of trials (one ONNX graph) when it beats the selected trial out of fold."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough or a .yaml file (default: default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted study of --out (same data, recipe and models)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the finished run in --out (kept until the new one is published)."),
@@ -147,11 +148,12 @@ def fit(
         result = fit_api(data_dir, out, models=model, fixed_params=fixed_params or None, options=options or None, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
                          batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume, overwrite=overwrite, duplicates=duplicates,
-                         storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds)
+                         storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds,
+                         ensemble=ensemble)
     except SearchInterrupted as exc:
         command = _resume_command(exc.run_dir, data_dir, {
             "--model": model, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
-            "--study": study, "--top-k": top_k, "--cv-folds": cv_folds, "--objective": objective,
+            "--study": study, "--top-k": top_k, "--cv-folds": cv_folds, "--no-ensemble": not ensemble, "--objective": objective,
             "--seed": seed, "--val-fraction": val_fraction, "--duplicates": duplicates, "--cache-dir": cache_dir, "--device": device,
             "--batch-size": batch_size, "--frozen-stages": frozen_stages, "--epochs": epochs, "--lr": lr,
             "--dropout-tau": dropout_tau, "--focus-class": focus_class,

@@ -19,3 +19,17 @@ def evaluate(net, extractor, samples: Sequence[Sample], num_classes: int, *, con
     if confusion:
         m["confusion"] = confusion_matrix(logits, acts.labels, num_classes)
     return m
+
+
+def evaluate_ensemble(members, samples: Sequence[Sample], num_classes: int, *, confusion: bool = True) -> dict[str, Any]:
+    """``evaluate`` for an ensemble (``autotl.ensemble.EnsembleMember`` list), as its graph computes it."""
+    from .ensemble import ensemble_logits
+
+    if not samples:
+        return {}
+    logits, labels = ensemble_logits(members, samples)
+    m = classification_metrics(logits, labels, num_classes)
+    m["n"] = len(samples)
+    if confusion:
+        m["confusion"] = confusion_matrix(logits, labels, num_classes)
+    return m

@@ -55,11 +55,13 @@ def eval_transform(data_config: dict):
     return create_transform(**data_config, is_training=False)
 
 
-def train_transform(data_config: dict):
+def train_transform(data_config: dict, *, rand_augment: int = 0):
+    """timm's standard training augmentation (random resized crop, flip, colour jitter); with
+    ``rand_augment`` > 0 also timm's RandAugment at that magnitude (2 ops, magnitude std 0.5)."""
     from timm.data import create_transform
 
-    # timm's standard training augmentation (random resized crop, flip, colour jitter)
-    return create_transform(**data_config, is_training=True)
+    extra = {"auto_augment": f"rand-m{int(rand_augment)}-n2-mstd0.5"} if rand_augment > 0 else {}
+    return create_transform(**data_config, is_training=True, **extra)
 
 
 def loader_workers(device: torch.device) -> int:

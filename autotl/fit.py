@@ -24,7 +24,7 @@ from ._version import __version__
 from .card import CARD_NAME, ModelCard, file_sha256
 from .data import DatasetIndex
 from .errors import AutotlError
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_ensemble
 from .features import ImageDataset, eval_transform
 from .models import ModelSpec, SourceModel
 from .options import check_fit_options
@@ -78,6 +78,7 @@ def fit(
     study: str | None = None,
     top_k: int | None = None,
     cv_folds: int = 5,
+    ensemble: bool = True,
     frozen_stages: int | str = "all",
     epochs: int = 15,
     lr: float = 3e-3,
@@ -104,7 +105,9 @@ def fit(
     parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` sets run-wide ones (e.g.
     ``{"source_pool": "pool/"}``: the search then also varies retrieval K). ``resume`` continues an
     interrupted study in the same run folder; ``overwrite`` replaces a finished run there (which is
-    otherwise refused). ``duplicates`` (warn, drop, error): what the scan does with byte-identical
+    otherwise refused). ``ensemble``: after the search, greedy ensemble selection over the trials'
+    out-of-fold predictions may publish several refitted trials as one averaged graph (only when it
+    is better out of fold than the selected trial). ``duplicates`` (warn, drop, error): what the scan does with byte-identical
     images across splits (see ``autotl.data.scan_dataset``). Ctrl-C raises ``autotl.search.SearchInterrupted``.
     """
     check_fit_options(**locals())  # every flag checked before any work starts (autotl/options.py)
@@ -125,7 +128,7 @@ def fit(
                          f"images on {run.device.type}; --time-budget to change, --no-search for one plain fit)")
         final = search_strategies(run, base, trials=trials, time_budget=budget, recipe=recipe, resume=resume,
                                   storage=storage, study_name=study, top_k=top_k, fixed=dict(fixed_params or {}),
-                                  options=options, cv_folds=cv_folds, objective_reason=_objective_reason(base, objective, config))
+                                  options=options, cv_folds=cv_folds, ensemble=ensemble, objective_reason=_objective_reason(base, objective, config))
     else:
         final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
     return publish(run, final, scoring=scoring.to_json())
@@ -278,11 +281,32 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
 
     index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
     classes = index.classes
-    metrics = {"val": evaluate(result.net, final.extractor, index.val, len(classes))}
-    if index.test:
-        metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
+    if final.members:  # the ensemble is the model: metrics, export and parity are of its one graph
+        from .ensemble import ensemble_net, latency_ms
+
+        net = ensemble_net(final.members)
+        metrics = {"val": evaluate_ensemble(final.members, index.val, len(classes))}
+        if index.test:
+            metrics["test"] = evaluate_ensemble(final.members, index.test, len(classes))
+        ensemble_card = {
+            **((final.search or {}).get("ensemble") or {}),
+            "members": [{"name": m.name, "model": m.source.label, "weight": round(m.weight, 4), "description": m.description,
+                         "frozen_stages": m.result.net.frozen} for m in final.members],
+            "latency_ms_batch1_pytorch_cpu": {"single": latency_ms(result.net, source.data_config),
+                                               "ensemble": latency_ms(net, source.data_config)},
+            "input": f"preprocessed for {source.label} (the primary member); other input sizes are resized in the graph",
+            # reported only (decides nothing): what the selected trial alone would have scored
+            "single_model_metrics": {k: {kk: vv for kk, vv in evaluate(result.net, final.extractor, split, len(classes),
+                                                                      confusion=False).items()}
+                                     for k, split in (("val", index.val), ("test", index.test)) if split},
+        }
+    else:
+        net, ensemble_card = result.net, None
+        metrics = {"val": evaluate(result.net, final.extractor, index.val, len(classes))}
+        if index.test:
+            metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
     with _card_set_aside(run_dir):
-        parity = export_and_verify(result.net, source, run_dir, index.val)
+        parity = export_and_verify(net, source, run_dir, index.val)
     model_sha256 = file_sha256(run_dir / "model.onnx")
     training = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
                 "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
@@ -302,7 +326,8 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
         data={**{k: v for k, v in index.to_json().items() if k not in ("skipped", "duplicates")},
               "n_skipped": len(index.skipped)},
         parity=parity,
-        extra={"decided_by": decided, **({"search": final.search} if final.search else {})},
+        extra={"decided_by": decided, **({"search": final.search} if final.search else {}),
+               **({"ensemble": ensemble_card} if ensemble_card else {})},
         model_sha256=model_sha256,
     )
     card_path = run_dir / CARD_NAME

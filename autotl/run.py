@@ -106,6 +106,9 @@ class FinalModel:
     decided_by: dict[str, str]
     notes: dict[str, Any] = field(default_factory=dict)  # search params, the strategy in words, what each strategy did
     search: dict[str, Any] | None = None
+    # an ensemble chosen after the search (autotl.ensemble.EnsembleMember, primary = ``result`` first);
+    # empty: the single model ``result`` is published
+    members: list[Any] = field(default_factory=list)
 
 
 @dataclass

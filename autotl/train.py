@@ -68,6 +68,8 @@ class TrainConfig:
     batch_size: int = 64
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # > 0: mixup of the trainable part's inputs, mixing weight ~ Beta(α, α)
+    rand_augment: int = 0  # > 0: RandAugment of this magnitude on decoded training images (no prefix cache)
     patience: int = 5
     early_stopping: bool = True  # False: train all epochs, keep the last (a refit for a chosen epoch count)
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
@@ -303,6 +305,32 @@ def _suffix_input(x: torch.Tensor, net: TransferNet, cut: int, cached: bool) -> 
     return x
 
 
+@dataclass(frozen=True)
+class MixedBatch:
+    """How ``mixup`` mixed a batch's first rows: row i became ``lam·x_i + (1-lam)·x_perm[i]``."""
+
+    lam: float = 1.0
+    perm: torch.Tensor | None = None
+
+    def loss(self, criterion, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mixup loss: the same mixture of the two labels' cross-entropies (plain CE when unmixed)."""
+        if self.perm is None:
+            return criterion(logits, y)
+        return self.lam * criterion(logits, y) + (1.0 - self.lam) * criterion(logits, y[self.perm])
+
+
+def mixup(x: torch.Tensor, n: int, alpha: float) -> tuple[torch.Tensor, MixedBatch]:
+    """Mixup (Zhang et al. 2018) of the first ``n`` rows of ``x`` (the target rows; extra rows that
+    ride with them stay as they are) at the input of the trainable part: decoded images for a full
+    fine-tune, cached maps or pooled features otherwise (manifold mixup). ``alpha`` <= 0: no mixing."""
+    if alpha <= 0 or n < 2:
+        return x, MixedBatch()
+    lam = float(np.random.beta(alpha, alpha))
+    perm = torch.randperm(n, device=x.device)
+    mixed = lam * x[:n] + (1.0 - lam) * x[:n][perm]
+    return (torch.cat([mixed, x[n:]]) if len(x) > n else mixed), MixedBatch(lam, perm)
+
+
 def _forward(view: nn.Module, reg, x: torch.Tensor):
     """(output, regulariser state): a regulariser may need to see the forward pass (KD hooks)."""
     return (view(x), None) if reg is None else reg.forward(view, x)
@@ -361,7 +389,8 @@ def train_model(
     net = TransferNet.from_source(source.model, num_classes, cfg.frozen_stages, seed=cfg.seed)
     cut = net.frozen
     n_images = len(train_samples) + len(val_samples) + hooks.extra_cache_images
-    cached = should_cache(extractor, n_images, cut, cfg.use_cache)
+    # RandAugment works on decoded images: the training rows cannot come from the prefix cache then
+    cached = should_cache(extractor, n_images, cut, cfg.use_cache) and cfg.rand_augment <= 0
     if extractor is None:
         extractor = FeatureExtractor(source, device=device)
     val_acts = extractor.extract(val_samples, [cut], description="val features")
@@ -372,7 +401,7 @@ def train_model(
         train_set: Dataset = TensorDataset(train_inputs, train_labels)
     else:
         train_inputs, train_labels = None, torch.tensor([s.label for s in train_samples], dtype=torch.long)
-        train_set = ImageDataset(train_samples, train_transform(source.data_config))
+        train_set = ImageDataset(train_samples, train_transform(source.data_config, rand_augment=cfg.rand_augment))
 
     use_cuda = device.type == "cuda"
     net.to(device)
@@ -426,9 +455,10 @@ def train_model(
                         x = torch.cat([x, batch[2].to(device, non_blocking=True).float()])
                         y_extra = batch[3].to(device, non_blocking=True)
                     x = _suffix_input(x, net, cut, cached)
+                    x, mix = mixup(x, n, cfg.mixup_alpha)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                         features, state = _forward(view, reg, x)
-                        target_loss = criterion(net.head(features[:n]).float(), y)
+                        target_loss = mix.loss(criterion, net.head(features[:n]).float(), y)
                         loss = target_loss if extra_set is None else target_loss + hooks.extra_loss(features[n:], y_extra)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite training loss at epoch {epoch}")
@@ -482,4 +512,4 @@ def predict_logits(net: TransferNet, acts: ActivationSet, batch_size: int = 256)
 
 
 __all__ = ["TrainConfig", "TrainResult", "EpochMetrics", "TrainingHooks", "TrainingSetup", "train_model",
-           "predict_logits", "classification_metrics", "confusion_matrix", "pick_device", "resolve_frozen", "set_seed"]
+           "predict_logits", "mixup", "MixedBatch", "classification_metrics", "confusion_matrix", "pick_device", "resolve_frozen", "set_seed"]

@@ -139,17 +139,32 @@ def held_out_accuracy(model_path: Path, test: Path) -> float:
     return float(np.mean([t == p for t, p in zip(truth, res.labels)]))
 
 
-def run_autotl(data: Path, test: Path, out: Path, seed: int, cache: Path) -> dict:
+def run_autotl(data: Path, test: Path, out: Path, seed: int, cache: Path, recipe: str | None = None) -> dict:
+    """Default ``autotl fit`` (or with ``recipe``); when it published an ensemble, the same study is
+    also refitted without it (``--no-ensemble`` on a copy of the run, no new trials): the ensemble's
+    ablation at the cost of one refit, measured on the same held-out images."""
     from autotl.fit import fit
 
     t0 = time.monotonic()
-    res = fit(data, out, seed=seed, cache_dir=cache)
+    res = fit(data, out, seed=seed, cache_dir=cache, recipe=recipe)
     wall = time.monotonic() - t0
     best = res.search["best"]
-    return {"val": best["value"], "test": held_out_accuracy(res.model_path, test), "wall_s": wall,
-            "budget_s": res.search["time_budget_s"], "n_trials": res.search["n_trials"], "model": res.source_model,
-            "selected": best["description"], "decide_score": best.get("decide_score"),
-            "selection": res.search["selection"]["kind"]}
+    ens = res.search.get("ensemble") or {}
+    row = {"val": best["value"], "test": held_out_accuracy(res.model_path, test), "wall_s": wall,
+           "budget_s": res.search["time_budget_s"], "n_trials": res.search["n_trials"], "model": res.source_model,
+           "selected": best["description"], "decide_score": best.get("decide_score"),
+           "selection": res.search["selection"]["kind"], "ensemble": ens,
+           "search_s": res.search["search_seconds"]}
+    if ens.get("used"):
+        single = out.parent / (out.name + "-single")
+        shutil.copytree(out, single)
+        t1 = time.monotonic()
+        res1 = fit(data, single, seed=seed, cache_dir=cache, recipe=recipe, resume=True, ensemble=False,
+                   trials=len(res.search["leaderboard"]))
+        row["single"] = {"test": held_out_accuracy(res1.model_path, test), "refit_s": time.monotonic() - t1}
+    else:
+        row["single"] = {"test": row["test"], "refit_s": 0.0}
+    return row
 
 
 def run_probe(data: Path, test: Path, out: Path, seed: int, cache: Path) -> dict:
@@ -213,6 +228,8 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--name", default="suite", help="results file name (bench/results/NAME.json)")
+    parser.add_argument("--recipe", default=None, help="recipe for the autotl runs (an ablation: e.g. bench/recipes/v0.1-default.yaml)")
+    parser.add_argument("--no-baselines", action="store_true", help="only the autotl runs (an ablation beside a full suite)")
     parser.add_argument("--rows", type=Path, default=None,
                         help="JSON-lines file of measured (task, seed) rows: rows found there are not run again, and "
                              "every new row is appended as soon as it is measured (an interrupted suite resumes)")
@@ -247,37 +264,46 @@ def main() -> int:
                 shutil.rmtree(root)
             data, test = build_task(task, seed, root)
             row = {"task": task, "seed": seed}
-            row["autotl"] = run_autotl(data, test, root / "run-autotl", seed, cache)
-            row["probe"] = run_probe(data, test, root / "run-probe", seed, cache)
-            row["finetune"] = run_finetune(data, test, seed, row["autotl"]["wall_s"])
+            row["autotl"] = run_autotl(data, test, root / "run-autotl", seed, cache, args.recipe)
+            if not args.no_baselines:
+                row["probe"] = run_probe(data, test, root / "run-probe", seed, cache)
+                row["finetune"] = run_finetune(data, test, seed, row["autotl"]["wall_s"])
             runs.append(row)
             if args.rows is not None:
                 with args.rows.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
             print(f"{task} seed {seed}: " + ", ".join(
                 f"{m} val {row[m]['val']:.3f} test {row[m]['test']:.3f} ({row[m]['wall_s']:.0f}s)"
-                for m in ("probe", "finetune", "autotl")) + f"; autotl chose: {row['autotl']['selected']}", flush=True)
+                for m in ("probe", "finetune", "autotl") if m in row) + f"; autotl chose: {row['autotl']['selected']}"
+                + (f"; ensemble of {len(row['autotl']['ensemble'].get('members', []))} (single test "
+                   f"{row['autotl']['single']['test']:.3f})" if row["autotl"].get("ensemble", {}).get("used") else ""), flush=True)
 
     table = []
     for task in [t for t in args.tasks if t not in skipped]:
         rows = [r for r in runs if r["task"] == task]
         line = {"task": task, "seeds": len(rows)}
-        for m in ("probe", "finetune", "autotl"):
+        if any("single" in r["autotl"] for r in rows):
+            line["autotl no-ensemble err %"] = _ms([100 * (1 - r["autotl"].get("single", r["autotl"])["test"]) for r in rows])
+            line["ensembles"] = f"{sum(bool(r['autotl'].get('ensemble', {}).get('used')) for r in rows)}/{len(rows)}"
+        for m in [m for m in ("probe", "finetune", "autotl") if all(m in r for r in rows)]:
             err = [100 * (1 - r[m]["test"]) for r in rows]
             gap = [100 * (r[m]["val"] - r[m]["test"]) for r in rows]
             line[f"{m} err %"] = _ms(err)
             line[f"{m} gap"] = _ms(gap)
         # autotl's held-out error minus the probe's, in points: < 0 means autotl is better
-        line["autotl − probe err"] = _ms([100 * (r["probe"]["test"] - r["autotl"]["test"]) for r in rows])
+        if all("probe" in r for r in rows):
+            line["autotl − probe err"] = _ms([100 * (r["probe"]["test"] - r["autotl"]["test"]) for r in rows])
         line["autotl s"] = f"{statistics.fmean(r['autotl']['wall_s'] for r in rows):.0f}"
         table.append(line)
-    cols = ["task", "seeds", "probe err %", "finetune err %", "autotl err %", "autotl − probe err", "probe gap",
-            "finetune gap", "autotl gap", "autotl s"]
+    cols = [c for c in ["task", "seeds", "probe err %", "finetune err %", "autotl err %", "autotl no-ensemble err %",
+                        "ensembles", "autotl − probe err", "probe gap", "finetune gap", "autotl gap", "autotl s"]
+            if any(c in line for line in table)]
     print_table("held-out error (mean ± std over seeds); gap = val − held-out accuracy, points", table, cols)
     optimism = [100 * (r["autotl"]["val"] - r["autotl"]["test"]) for r in runs]
     if optimism:
         print(f"autotl mean val-to-test optimism over all runs: {statistics.fmean(optimism):.2f} points")
-    write_results(args.name, {"tasks": {t: TASKS[t] for t in args.tasks}, "seeds": args.seeds, "runs": runs,
+    write_results(args.name, {"tasks": {t: TASKS[t] for t in args.tasks}, "seeds": args.seeds, "recipe": args.recipe or "default",
+                              "runs": runs,
                               "table": table, "skipped": skipped,
                               "autotl_mean_optimism_points": statistics.fmean(optimism) if optimism else None})
     return 0

@@ -128,14 +128,14 @@ def test_objective_trains_decides_and_scores_on_each_fold_part(tmp_path, make_im
     plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"), trials=1, recipe=recipe,
                        cv_folds=3, cv_repeats=1)
     calls, scored, references = [], [], []
-    real_train, real_eval = autotl.train.train_model, objective_mod.evaluate
+    real_train, real_eval = autotl.train.train_model, objective_mod.score_fold
     real_init = StrategyContext.__post_init__
 
     def train(source, train_samples, val_samples, *a, **k):
         calls.append((list(train_samples), list(val_samples)))
         return real_train(source, train_samples, val_samples, *a, **k)
 
-    def evaluate(net, extractor, samples, *a, **k):
+    def score_fold(net, extractor, samples, *a, **k):
         scored.append(list(samples))
         return real_eval(net, extractor, samples, *a, **k)
 
@@ -144,7 +144,7 @@ def test_objective_trains_decides_and_scores_on_each_fold_part(tmp_path, make_im
         references.append(list(self.reference))
 
     monkeypatch.setattr(autotl.train, "train_model", train)
-    monkeypatch.setattr(objective_mod, "evaluate", evaluate)
+    monkeypatch.setattr(objective_mod, "score_fold", score_fold)
     monkeypatch.setattr(StrategyContext, "__post_init__", init)
     trial = plan.run_trials().study.get_trials()[0]
     folds = plan.selection.folds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _console
@@ -20,9 +20,13 @@ from ._folds import DEFAULT_FOLDS, Selection, plan_selection
 from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective
 from ._plots import save_plots
-from ._recipe import Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative
+from ._cost import feasible_frozen, measure_costs
+from ._recipe import FROZEN, Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative, restrict_choices
 from ._select import select_one_se
-from ._study import DEFAULT_STUDY, SearchOutcome, SearchSettings, run_study, shown_url, storage_url
+from ._study import DEFAULT_STUDY, SearchOutcome, SearchSettings, run_study, shown_url, stored_study_attr, storage_url
+
+
+FEASIBLE_ATTR = "feasible_frozen"  # study attribute: the frozen_stages choices the budget allowed
 
 
 def prefix_cuts(recipe: Recipe, extractor, n_images: int, base: TrainConfig) -> list[int]:
@@ -67,6 +71,7 @@ class SearchPlan:
     fingerprint: dict[str, Any]
     prefetch: dict[str, Any]
     objective_reason: str = ""
+    ensemble: bool = True  # greedy ensemble selection over the trials after the search
 
     @property
     def selection(self) -> Selection:
@@ -105,6 +110,7 @@ def plan_search(
     cv_folds: int = DEFAULT_FOLDS,
     cv_repeats: int | None = None,
     objective_reason: str = "",
+    ensemble: bool = True,
 ) -> SearchPlan:
     """Load the recipe, keep the top candidates, plan the folds, fill the prefix cache, set up the study."""
     recipe = load_recipe(recipe)
@@ -126,6 +132,22 @@ def plan_search(
                  f"device {run.device}; objective: {base.objective}{objective_reason}; trials scored by "
                  f"{selection.kind} ({len(selection.folds)} folds)")
 
+    # what each configuration costs here (measured now), so the sampler only gets what can finish
+    user_recipe = recipe
+    cost = measure_costs(run, recipe, base, selection)
+    url = storage_url(run.run_dir, storage)
+    name = study_name or DEFAULT_STUDY
+    keep, estimates = feasible_frozen(cost, recipe, base, budget, run)
+    stored = stored_study_attr(url, name, FEASIBLE_ATTR) if resume else None
+    keep = stored if stored is not None else keep  # a resumed study keeps the space it started with
+    frozen_dim = recipe.dimension(FROZEN)
+    if frozen_dim is not None and keep and len(keep) < len(frozen_dim.choices):
+        dropped = [c for c in frozen_dim.choices if c not in keep]
+        recipe = restrict_choices(recipe, FROZEN, keep)
+        _console.log("frozen_stages " + ", ".join(f"{c} (≈{estimates.get(str(c), 0):.0f}s a trial)" for c in dropped)
+                     + f" left out: more than half of the {budget or 0:.0f}s budget on this machine "
+                     f"(throughput measured in {cost.measure_seconds:.1f}s)")
+
     # one pass per model computes every prefix the recipe can freeze; trials then train suffixes only
     t0 = time.monotonic()
     fb0 = run.forward_batches()
@@ -142,18 +164,20 @@ def plan_search(
     how = f"computed, {batches} batches" if batches else "from the disk cache"
     _console.log(f"prefix cache ready in {seconds:.1f}s ({how}; cuts {cut_text})")
 
-    url = storage_url(run.run_dir, storage)
     settings = SearchSettings(recipe=recipe, trials=n_trials, time_budget=budget, storage=url,
-                              study_name=study_name or DEFAULT_STUDY, resume=resume, seed=run.seed,
+                              study_name=name, resume=resume, seed=run.seed,
                               user_attrs={WORKER_ATTR: worker_attrs(run, base, target=n_trials, options=options,
                                                                     fixed=dict(fixed or {}), cv_folds=cv_folds,
-                                                                    cv_repeats=cv_repeats)})
-    objective = Objective(run, recipe, base, selection, options=options, fixed=dict(fixed or {}))
-    fingerprint = {"data_fingerprint": index.fingerprint(), "recipe_space": recipe.fingerprint(),
+                                                                    cv_repeats=cv_repeats),
+                                          FEASIBLE_ATTR: list(keep) if keep else None})
+    objective = Objective(run, recipe, base, selection, options=options, fixed=dict(fixed or {}), cost=cost)
+    fingerprint = {"data_fingerprint": index.fingerprint(), "recipe_space": user_recipe.fingerprint(),
                    "objective": base.objective, "candidates": run.labels, "selection": selection.kind,
                    "folds": len(selection.folds)}
-    prefetch = {"seconds": round(seconds, 2), "batches": batches, "cuts": cuts_by_model}
-    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, objective_reason)
+    prefetch = {"seconds": round(seconds, 2), "batches": batches, "cuts": cuts_by_model,
+                "cost_model": {**cost.to_json(), "frozen_estimates_s": {k: round(v, 1) for k, v in estimates.items()},
+                               "frozen_kept": list(keep) if keep else None}}
+    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, objective_reason, ensemble)
 
 
 def search(run: Run, base: TrainConfig, **kwargs: Any) -> FinalModel:
@@ -201,24 +225,20 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
                      f"(trial {rule['best_mean_trial']}, {rule['best_mean']:.4f}) and simpler (or on a higher-ranked model): it is selected")
 
     params = params_of(best_trial)
-    setup = objective.setup(params)
-    cfg = copy.deepcopy(setup.config)
-    best_epoch = int(best_trial.user_attrs.get("best_epoch", cfg.epochs - 1))
-    cfg.epochs = best_epoch + 1  # what the folds' early stopping chose (median); no early stopping in the refit
-    cfg.early_stopping = False
-    labelled = list(index.train) + list(index.val)
-    ctx = StrategyContext(index, setup.source, setup.extractor, run.run_dir, cfg, labelled, train_fn=_train.train_model,
-                          options=dict(objective.options), final=True)
-    apply_strategies(ctx, params)
-    words = describe_strategy(params, frozen=cfg.frozen_stages, num_stages=setup.extractor.num_stages,
-                              stage_names=[n for n, _ in setup.extractor.stages])
     ua = best_trial.user_attrs
+    labelled = list(index.train) + list(index.val)
+    planned = objective.setup(params)
+    words = describe_strategy(params, frozen=planned.config.frozen_stages, num_stages=planned.extractor.num_stages,
+                              stage_names=[n for n, _ in planned.extractor.stages])
     _console.log(f"[bold]selected strategy[/] (trial {best_trial.number}, {plan.selection.kind} {base.objective} "
                  f"{best_trial.value:.4f} ± {ua.get('value_std', 0.0):.3f}): {words}")
-    _console.log(f"refitting it on all {len(labelled)} labelled images for {cfg.epochs} epoch(s) …")
-    result = ctx.train_fn(setup.source, ctx.train_samples, index.val, len(index.classes), ctx.config,
-                          extractor=setup.extractor, device=run.device)
-
+    result, setup, ctx, cfg, best_epoch = _refit(plan, best_trial, params, labelled)
+    ensemble_doc, members = None, []
+    if plan.ensemble:
+        chosen = choose_ensemble(plan, study, best_trial, params_of)
+        ensemble_doc = chosen.doc
+        if chosen.trials:
+            members = _refit_members(plan, chosen, best_trial, result, setup, params_of, labelled)
     plots = save_plots(study, run.run_dir / "plots")
     atomic_write_json(run.run_dir / "leaderboard.json", rows)
     states: dict[str, int] = {}
@@ -236,6 +256,7 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
         "mean_trial_seconds": {"cached": _mean([r["seconds"] for r in done if r["cached"]]),
                                "uncached": _mean([r["seconds"] for r in done if r["cached"] is False])},
         "candidates": candidates, "refit_on": "all labelled images (train + val)", "refit_epochs": cfg.epochs,
+        "ensemble": ensemble_doc,
         "selection": plan.selection.to_json(), "selection_rule": rule,
         "best": {"number": best_trial.number, "value": best_trial.value, "value_std": ua.get("value_std"),
                  "value_se": ua.get("value_se"), "n_folds": ua.get("n_folds"), "decide_score": ua.get("decide_score"),
@@ -253,5 +274,104 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
         "note": "the refit trained on val: the final model's val metrics are not held out; "
                 "search.best.value is the cross-validated estimate",
     }
+    if members:
+        decided_by["ensemble_selection"] = ("greedy forward selection with replacement on the trials' out-of-fold "
+                                            "probabilities of the scoring parts (log loss); each member refitted like the winner")
     return FinalModel(result, setup.source, setup.extractor, decided_by,
-                      {"search_params": params, "description": words, "strategies": ctx.notes}, search_doc)
+                      {"search_params": params, "description": words, "strategies": ctx.notes}, search_doc,
+                      members=members)
+
+
+def _refit(plan: SearchPlan, trial, params: dict[str, Any], labelled: list):
+    """(result, setup, strategy context, config, best epoch) of ``trial``'s strategy retrained on all
+    labelled images for the epoch count its folds chose (median best epoch), no early stopping."""
+    run, objective, index = plan.run, plan.objective, plan.run.index
+    setup = objective.setup(params)
+    cfg = copy.deepcopy(setup.config)
+    best_epoch = int(trial.user_attrs.get("best_epoch", cfg.epochs - 1))
+    cfg.epochs = best_epoch + 1
+    cfg.early_stopping = False
+    ctx = StrategyContext(index, setup.source, setup.extractor, run.run_dir, cfg, labelled, train_fn=_train.train_model,
+                          options=dict(objective.options), final=True)
+    apply_strategies(ctx, params)
+    _console.log(f"refitting trial {trial.number} on all {len(labelled)} labelled images for {cfg.epochs} epoch(s) …")
+    result = ctx.train_fn(setup.source, ctx.train_samples, index.val, len(index.classes), ctx.config,
+                          extractor=setup.extractor, device=run.device)
+    return result, setup, ctx, cfg, best_epoch
+
+
+@dataclass
+class ChosenEnsemble:
+    """Trials picked by greedy selection (primary first) with their weights, and what the card says."""
+
+    trials: list = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    doc: dict[str, Any] | None = None
+
+
+ENSEMBLE_MAX_MEMBERS = 4
+
+
+def choose_ensemble(plan: SearchPlan, study, best_trial, params_of) -> ChosenEnsemble:
+    """Greedy ensemble selection over the complete trials' out-of-fold probabilities. The ensemble
+    replaces the selected trial only when it has two or more members and its out-of-fold log loss
+    and objective are both better than the selected trial's own out-of-fold predictions."""
+    import numpy as np
+    import torch
+
+    from ..ensemble import decode_probs, greedy_ensemble, log_loss
+    from ._distributed import interrupted_numbers, is_interrupted
+
+    cut = interrupted_numbers(study)
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.state.name == "COMPLETE" and t.user_attrs.get("oof") and not is_interrupted(t, cut)]
+    numbers = [t.number for t in trials]
+    if best_trial.number not in numbers or len(trials) < 2:
+        return ChosenEnsemble(doc={"used": False, "reason": "fewer than two complete trials with out-of-fold predictions"})
+    samples = plan.selection.scored_samples
+    labels = np.array([s.label for s in samples])
+    probs = [decode_probs(t.user_attrs["oof"]) for t in trials]
+    picked = greedy_ensemble(probs, labels, max_members=ENSEMBLE_MAX_MEMBERS)
+    n_classes = probs[0].shape[1]
+
+    def objective_of(p):
+        m = _train.classification_metrics(torch.from_numpy(np.log(np.clip(p, 1e-12, 1.0))),
+                                          torch.as_tensor(labels, dtype=torch.long), n_classes)
+        return m[plan.objective.base.objective]
+
+    single = probs[numbers.index(best_trial.number)]
+    ens = picked.probs(probs)
+    doc = {"candidates": len(trials), "members": [{"trial": trials[i].number, "picks": picked.counts[i],
+                                                   "weight": round(picked.weights[i], 4)} for i in picked.members],
+           "oof_log_loss": {"selected_trial": round(log_loss(single, labels), 4), "ensemble": round(log_loss(ens, labels), 4)},
+           "oof_objective": {"selected_trial": round(objective_of(single), 4), "ensemble": round(objective_of(ens), 4)},
+           "n_scored": len(labels)}
+    better = (len(picked.members) >= 2 and doc["oof_log_loss"]["ensemble"] < doc["oof_log_loss"]["selected_trial"]
+              and doc["oof_objective"]["ensemble"] >= doc["oof_objective"]["selected_trial"])
+    if not better:
+        doc.update(used=False, reason="the greedy ensemble has one member, or is not better out of fold than the selected trial")
+        _console.log(f"ensemble: not used ({doc['reason']})")
+        return ChosenEnsemble(doc=doc)
+    order = sorted(picked.members, key=lambda i: (numbers[i] != best_trial.number, -picked.counts[i]))
+    doc["used"] = True
+    _console.log(f"ensemble of {len(order)} trials ({', '.join(str(trials[i].number) for i in order)}): out-of-fold log loss "
+                 f"{doc['oof_log_loss']['selected_trial']:.4f} → {doc['oof_log_loss']['ensemble']:.4f}, "
+                 f"{plan.objective.base.objective} {doc['oof_objective']['selected_trial']:.4f} → {doc['oof_objective']['ensemble']:.4f}")
+    return ChosenEnsemble([trials[i] for i in order], [picked.weights[i] for i in order], doc)
+
+
+def _refit_members(plan: SearchPlan, chosen: ChosenEnsemble, best_trial, best_result, best_setup, params_of,
+                   labelled: list) -> list:
+    """Every member refitted on all labelled images (the winner's refit is reused), primary first."""
+    from ..ensemble import EnsembleMember
+
+    members = []
+    for trial, weight in zip(chosen.trials, chosen.weights):
+        params = params_of(trial)
+        if trial.number == best_trial.number:
+            result, setup = best_result, best_setup
+        else:
+            result, setup, _, _, _ = _refit(plan, trial, params, labelled)
+        words = describe_strategy(params, frozen=setup.config.frozen_stages, num_stages=setup.extractor.num_stages)
+        members.append(EnsembleMember(result, setup.source, setup.extractor, weight, f"trial {trial.number}", words))
+    return members

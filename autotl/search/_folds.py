@@ -61,6 +61,15 @@ class Selection:
         """Distinct images that score trials (each once per partition)."""
         return len({s.path for f in self.folds for s in f.score})
 
+    @property
+    def scored_samples(self) -> list[Sample]:
+        """Every image that scores trials, once, in a fixed order: the rows of out-of-fold predictions."""
+        seen: dict[str, Sample] = {}
+        for f in self.folds:
+            for s in f.score:
+                seen.setdefault(str(s.path), s)
+        return [seen[k] for k in sorted(seen)]
+
     def standard_error(self, fold_scores: Sequence[float]) -> float:
         """Standard error of a trial's mean score: the larger of the spread over folds (per partition:
         repeated partitions reuse the same images, so they are not independent) and the binomial

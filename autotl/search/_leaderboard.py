@@ -54,6 +54,10 @@ def describe_strategy(params: dict[str, Any], *, frozen: int | None = None, num_
     for key in ("weight_decay", "label_smoothing", "backbone_lr_ratio", "batch_size", "optimizer"):
         if key in params:
             parts.append(f"{key} {_fmt(params[key])}")
+    if params.get("mixup_alpha"):
+        parts.append(f"mixup α={_fmt(params['mixup_alpha'])}")
+    if params.get("rand_augment"):
+        parts.append(f"RandAugment magnitude {params['rand_augment']}")
     for strategy in create_strategies():
         if strategy.is_active(params):
             parts.append(strategy.describe(params))
@@ -80,7 +84,8 @@ def trial_rows(study, recipe: Recipe, candidates: list[str], objective: str) -> 
             "cached": ua.get("cached"), "forward_batches": ua.get("forward_batches"), "baseline": bool(ua.get("baseline")),
             "interrupted": is_interrupted(t, cut), "error": ua.get("error"),
             "value_std": ua.get("value_std"), "value_se": ua.get("value_se"), "n_folds": ua.get("n_folds"),
-            "decide_score": ua.get("decide_score"),
+            "decide_score": ua.get("decide_score"), "estimated_seconds": ua.get("estimated_seconds"),
+            "not_started": ua.get("not_started"),
         }
         if t.state.name == "PRUNED" and row["value"] is None and t.intermediate_values:
             row["value"] = t.intermediate_values[max(t.intermediate_values)]

@@ -14,14 +14,41 @@ import torch
 
 from ..data import DatasetIndex
 from ..errors import AutotlError
-from ..evaluation import evaluate
+from ..ensemble import encode_probs
 from ..run import Run
 from ..models import SourceModel
 from ..strategy import StrategyContext, apply_strategies, config_from_params
 from .. import train as _train
-from ..train import TrainConfig, should_cache
+from ..train import TrainConfig, classification_metrics, predict_logits, should_cache
 from ._folds import Fold, Selection
 from ._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
+
+
+OOF_MAX_VALUES = 2_000_000  # out-of-fold probabilities kept per trial up to this many (8 MB in the storage)
+
+
+class OutOfFold:
+    """Each scored image's class probabilities, averaged over the folds that scored it."""
+
+    def __init__(self, selection: Selection, num_classes: int):
+        self.rows = {str(s.path): i for i, s in enumerate(selection.scored_samples)}
+        self.sums = torch.zeros(len(self.rows), num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(len(self.rows), dtype=torch.float64)
+
+    def add(self, samples, logits: torch.Tensor) -> None:
+        idx = torch.tensor([self.rows[str(s.path)] for s in samples], dtype=torch.long)
+        self.sums.index_add_(0, idx, torch.softmax(logits.double(), dim=1))
+        self.counts.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
+
+    def probs(self):
+        return (self.sums / self.counts.clamp_min(1)[:, None]).numpy()
+
+
+def score_fold(net, extractor, samples, num_classes: int) -> tuple[dict[str, float], torch.Tensor]:
+    """(metrics, logits) of a fold's trained net on the fold's scoring part."""
+    acts = extractor.extract(list(samples), [net.frozen], description="eval features")
+    logits = predict_logits(net, acts)
+    return classification_metrics(logits, acts.labels, num_classes), logits
 
 
 class TrialFailed(Exception):
@@ -71,6 +98,7 @@ class Objective:
     deadline: float | None = None  # time.monotonic(): the budget; set by run_study
     overrun_s: float = 30.0  # a trial started in budget stops this long past it (its score is then dropped)
     started: list[int] = field(default_factory=list)  # trial numbers started by this process
+    cost: Any = None  # ``_cost.CostModel``: a trial that cannot finish in the time left is not started
 
     @property
     def candidates(self) -> list[str]:
@@ -123,15 +151,25 @@ class Objective:
             setup = self.setup(params)
             trial.set_user_attr("frozen", setup.config.frozen_stages)
             trial.set_user_attr("num_stages", setup.extractor.num_stages)
-            trial.set_user_attr("cached", should_cache(setup.extractor, len(self.index.train) + len(self.index.val),
-                                                       setup.config.frozen_stages, setup.config.use_cache))
+            trial.set_user_attr("cached", setup.config.rand_augment <= 0 and should_cache(
+                setup.extractor, len(self.index.train) + len(self.index.val), setup.config.frozen_stages, setup.config.use_cache))
             hard = self.deadline + self.overrun_s if self.deadline is not None else None
+            if self.cost is not None:
+                estimate = self.cost.trial_seconds(params.get(MODEL, self.candidates[0]), setup.config, params, setup.extractor)
+                trial.set_user_attr("estimated_seconds", round(estimate, 2))
+                left = hard - time.monotonic() if hard is not None else None
+                if left is not None and estimate > left:
+                    trial.set_user_attr("not_started", f"estimated {estimate:.0f}s, {max(0.0, left):.0f}s left")
+                    raise optuna.TrialPruned(f"estimated {estimate:.0f}s cannot finish in the {max(0.0, left):.0f}s left")
             scores, decide_scores, epochs, n_train, notes = [], [], [], [], {}
+            n_classes = len(self.index.classes)
+            oof = OutOfFold(self.selection, n_classes)
             for i, fold in enumerate(self.selection.folds):
                 if hard is not None and time.monotonic() > hard:
                     raise optuna.TrialPruned(f"time budget spent after {i} of {len(self.selection.folds)} folds")
                 result, notes = self.train_fold(setup, params, fold, deadline=hard)
-                m = evaluate(result.net, setup.extractor, fold.score, len(self.index.classes), confusion=False)
+                m, logits = score_fold(result.net, setup.extractor, fold.score, n_classes)
+                oof.add(fold.score, logits)
                 for what, v in (("validation", result.best.score(objective)), ("held-out", m[objective])):
                     if not math.isfinite(v):
                         raise FloatingPointError(f"fold {i}: {what} {objective} is {v}")
@@ -152,6 +190,8 @@ class Objective:
                          "accuracy" if objective == "accuracy" else "macro_f1": value,
                          "strategies": _jsonable(notes)}.items():
                 trial.set_user_attr(k, _jsonable(v))
+            if oof.sums.numel() <= OOF_MAX_VALUES:  # what ensemble selection reads
+                trial.set_user_attr("oof", encode_probs(oof.probs()))
             status = "ok"
             return value
         except optuna.TrialPruned:

@@ -543,6 +543,19 @@ def add_dimensions(recipe: Recipe, space: Mapping[str, Any]) -> Recipe:
     return dataclasses.replace(recipe, dimensions=dim_list)
 
 
+def restrict_choices(recipe: Recipe, name: str, choices: Iterable[Any]) -> Recipe:
+    """``recipe`` with categorical dimension ``name`` limited to ``choices`` (in the recipe's order);
+    baselines that use a dropped value are dropped too."""
+    keep = list(choices)
+    dims = []
+    for d in recipe.dimensions:
+        if d.name == name:
+            d = dataclasses.replace(d, choices=tuple(c for c in d.choices if _contains(keep, c)))
+        dims.append(d)
+    baselines = [b for b in recipe.baselines if name not in b or _contains(keep, b[name])]
+    return dataclasses.replace(recipe, dimensions=dims, baselines=baselines)
+
+
 # --------------------------------------------------------------------------------------- files
 def recipe_dirs() -> list[Path]:
     """Where built-in recipes live, first hit per name wins.

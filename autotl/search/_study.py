@@ -228,6 +228,17 @@ def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any
     return study, not exists
 
 
+def stored_study_attr(url: str, study_name: str, key: str) -> Any:
+    """User attribute ``key`` of an existing study (None when the study or the attribute is absent)."""
+    import optuna
+
+    with quiet_optuna():
+        storage = make_storage(url)
+        if study_name not in optuna.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(key)
+
+
 _RESUME_WHAT = {
     "data_fingerprint": "the data changed since this study started (files added, removed, edited or re-split); "
                         "start a new run (another --out) instead",

@@ -1,0 +1,134 @@
+"""Ensembles: greedy selection on out-of-fold probabilities, one graph for many members, the search wiring."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from autotl.ensemble import (EnsembleNet, InputAdapter, decode_probs, encode_probs, greedy_ensemble, log_loss)
+from autotl.models import create_source_model
+from autotl.stages import TransferNet
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _noisy_probs(labels, n_classes, skill, rng):
+    """Probabilities that put ``skill`` of the mass on the true class of a random subset of rows."""
+    logits = rng.normal(size=(len(labels), n_classes))
+    logits[np.arange(len(labels)), labels] += skill * rng.random(len(labels)) * 4
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_never_picks_a_member_that_raises_the_loss(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=120)
+    candidates = [_noisy_probs(labels, 4, skill, rng) for skill in (1.0, 0.8, 0.6, 0.0, 0.0)]
+    sel = greedy_ensemble(candidates, labels)
+    # every pick strictly lowered the averaged out-of-fold loss, starting from the best single member
+    singles = [log_loss(p, labels) for p in candidates]
+    assert sel.losses[0] == pytest.approx(min(singles))
+    assert all(b < a for a, b in zip(sel.losses, sel.losses[1:]))
+    running = np.zeros_like(candidates[0])
+    for k, i in enumerate(sel.picks):
+        before = log_loss(running / k, labels) if k else np.inf
+        running += candidates[i]
+        assert log_loss(running / (k + 1), labels) < before
+    # and the final weights reproduce the last loss
+    assert log_loss(sel.probs(candidates), labels) == pytest.approx(sel.losses[-1])
+
+
+def test_greedy_leaves_out_a_harmful_member_and_caps_members():
+    labels = np.array([0, 1] * 30)
+    good = np.eye(2)[labels] * 0.8 + 0.1
+    wrong = np.eye(2)[1 - labels] * 0.98 + 0.01  # confidently wrong: adding it always raises the loss
+    sel = greedy_ensemble([wrong, good], labels)
+    assert sel.counts[0] == 0 and sel.members == [1]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=90)
+    many = [_noisy_probs(labels, 3, 1.0, rng) for _ in range(8)]
+    assert len(greedy_ensemble(many, labels, max_members=2).members) <= 2
+
+
+def test_probs_roundtrip_through_user_attr_text():
+    p = np.random.default_rng(0).random((7, 3)).astype(np.float32)
+    assert np.array_equal(decode_probs(encode_probs(p)), p)
+
+
+def _member(source, n_classes, frozen, seed):
+    net = TransferNet.from_source(source.model, n_classes, frozen, seed=seed)
+    with torch.no_grad():  # a trained-looking suffix: perturb the trainable part so members differ
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    return net.eval()
+
+
+def test_ensemble_onnx_equals_the_mean_of_member_probabilities(tmp_path):
+    import onnxruntime as ort
+
+    from autotl.export import export_onnx
+
+    a = create_source_model("test_efficientnet=random")
+    b = create_source_model("resnet10t@48=random")
+    cfg_a, cfg_b = dict(a.data_config), dict(b.data_config)
+    n_a = len(TransferNet.from_source(a.model, 3, 0).stages)
+    members = [_member(a, 3, "all", 1), _member(a, 3, n_a - 1, 2), _member(b, 3, "all", 3)]
+    weights = [0.5, 0.25, 0.25]
+    ens = EnsembleNet(members, weights, [cfg_a, cfg_a, cfg_b], share_keys=["a", "a", "b"]).eval()
+    # the two members on backbone "a" share their frozen prefix: one group, cut at the shallower one
+    assert sorted(len(idx) for idx, _ in ens.groups) == [1, 2]
+    x = torch.randn(5, *cfg_a["input_size"])
+    with torch.no_grad():
+        expected = sum(w * torch.softmax(m(adapt(x)), 1) for m, w, adapt in
+                       zip(members, weights, [torch.nn.Identity(), torch.nn.Identity(), InputAdapter(cfg_a, cfg_b)]))
+        assert torch.allclose(ens(x).exp(), expected, atol=1e-6)
+    path = export_onnx(ens, tmp_path / "ens.onnx", input_size=tuple(cfg_a["input_size"]))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    assert np.abs(np.exp(got) - expected.numpy()).max() <= 1e-4
+
+
+def test_input_adapter_resizes_and_renormalises():
+    primary = {"input_size": (3, 8, 8), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    member = {"input_size": (3, 4, 4), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    x = torch.zeros(1, 3, 8, 8)  # = 0.5 grey in [0, 1] under the primary's normalisation
+    out = InputAdapter(primary, member)(x)
+    assert out.shape == (1, 3, 4, 4) and torch.allclose(out, torch.full_like(out, 0.5))
+
+
+def _study_with_oof(probs_by_trial, values):
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for i, (p, v) in enumerate(zip(probs_by_trial, values)):
+        study.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions=dist, value=v,
+                                                  user_attrs={"oof": encode_probs(p)}))
+    return study
+
+
+def test_choose_ensemble_uses_only_a_better_ensemble():
+    from autotl.search._fit import choose_ensemble
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=60)
+    samples = [types.SimpleNamespace(label=int(y), path=f"{i}.png") for i, y in enumerate(labels)]
+    plan = types.SimpleNamespace(selection=types.SimpleNamespace(scored_samples=samples),
+                                 objective=types.SimpleNamespace(base=types.SimpleNamespace(objective="accuracy")))
+    # three weak, independent members: their average beats each
+    probs = [_noisy_probs(labels, 3, 0.7, rng) for _ in range(3)]
+    study = _study_with_oof(probs, [0.6, 0.6, 0.6])
+    best = study.trials[0]
+    chosen = choose_ensemble(plan, study, best, None)
+    assert chosen.doc["used"] and chosen.trials[0].number == best.number and len(chosen.trials) >= 2
+    assert chosen.doc["oof_log_loss"]["ensemble"] < chosen.doc["oof_log_loss"]["selected_trial"]
+    assert sum(chosen.weights) == pytest.approx(1.0)
+    # a perfect selected trial and a worse one: greedy keeps the one member -> no ensemble
+    perfect = np.eye(3)[labels] * 0.9 + 0.1 / 3
+    study = _study_with_oof([perfect, probs[0]], [1.0, 0.6])
+    chosen = choose_ensemble(plan, study, study.trials[0], None)
+    assert not chosen.doc["used"] and chosen.trials == []

@@ -1,0 +1,139 @@
+"""The widened search space: augmentation settings reach training, the cost estimator keeps the sampler
+to what can finish."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from autotl.models import create_source_model
+from autotl.run import Run
+from autotl.search._cost import CostModel, feasible_frozen, measure_costs
+from autotl.search._fit import plan_search
+from autotl.search._recipe import load_recipe, parse_recipe
+from autotl.strategy import config_from_params
+from autotl.train import TrainConfig, mixup, train_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+MODEL = "test_efficientnet=random"
+
+
+@pytest.fixture
+def data(tmp_path, make_image_folder):
+    return make_image_folder(tmp_path / "data", {"cat": 8, "dog": 8}, splits=["train", "val"], size=(40, 32))
+
+
+def test_mixup_mixes_target_rows_only_and_mixes_the_loss():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    out, mix = mixup(x, 4, alpha=0.4)
+    assert mix.perm is not None and 0.0 <= mix.lam <= 1.0
+    assert torch.allclose(out[:4], mix.lam * x[:4] + (1 - mix.lam) * x[:4][mix.perm])
+    assert torch.equal(out[4:], x[4:])  # extra rows (joint fine-tuning's source images) ride unmixed
+    logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    ce = torch.nn.CrossEntropyLoss()
+    assert torch.allclose(mix.loss(ce, logits, y), mix.lam * ce(logits, y) + (1 - mix.lam) * ce(logits, y[mix.perm]))
+    same, none = mixup(x, 4, alpha=0.0)
+    assert same is x and none.loss(ce, logits, y) == ce(logits, y)
+
+
+def _train(data, cfg):
+    from autotl.data import scan_dataset
+
+    index = scan_dataset(data)
+    source = create_source_model(MODEL)
+    return train_model(source, index.train, index.val, 2, cfg, device="cpu")
+
+
+def test_mixup_alpha_reaches_the_training_step(data, monkeypatch):
+    import autotl.train as train_mod
+
+    seen = []
+    real = train_mod.mixup
+
+    def spy(x, n, alpha):
+        seen.append(alpha)
+        return real(x, n, alpha)
+
+    monkeypatch.setattr(train_mod, "mixup", spy)
+    _train(data, TrainConfig(frozen_stages="all", epochs=1, batch_size=8, mixup_alpha=0.3))
+    assert seen and set(seen) == {0.3}
+
+
+def test_rand_augment_reaches_the_training_transform(data, monkeypatch):
+    import autotl.train as train_mod
+    from autotl.features import train_transform
+
+    seen = []
+
+    def spy(data_config, *, rand_augment=0):
+        seen.append(rand_augment)
+        return train_transform(data_config, rand_augment=rand_augment)
+
+    monkeypatch.setattr(train_mod, "train_transform", spy)
+    result = _train(data, TrainConfig(frozen_stages=-1, epochs=1, batch_size=8, rand_augment=7))
+    assert seen == [7] and result.cached is False  # decoded images, not the prefix cache
+    # and timm builds a RandAugment of that magnitude
+    tf = train_transform(create_source_model(MODEL).data_config, rand_augment=7)
+    ra = [t for t in tf.transforms if type(t).__name__ == "RandAugment"]
+    assert ra and all(op.magnitude == 7 for op in ra[0].ops)
+
+
+def test_new_dimensions_are_train_config_fields():
+    cfg = config_from_params({"mixup_alpha": 0.2, "rand_augment": 6, "label_smoothing": 0.05, "weight_decay": 0.01})
+    assert (cfg.mixup_alpha, cfg.rand_augment, cfg.label_smoothing, cfg.weight_decay) == (0.2, 6, 0.05, 0.01)
+    recipe = load_recipe("default")
+    for name in ("mixup_alpha", "rand_augment", "label_smoothing", "weight_decay"):
+        assert recipe.dimension(name) is not None
+    assert set(recipe.dimension("frozen_stages").choices) >= {"all", -1, -2, 0}
+
+
+def _fake_run(num_stages=4):
+    return types.SimpleNamespace(extractors={"m": types.SimpleNamespace(num_stages=num_stages, map_bytes=lambda n, c: 0,
+                                                                        max_cache_bytes=1 << 30)})
+
+
+def test_estimator_excludes_what_cannot_finish():
+    recipe = parse_recipe({"space": {"frozen_stages": ["all", -1, 0], "epochs": {"low": 2, "high": 5}}}, "t")
+    cost = CostModel(step={("m", 4): 1e-4, ("m", 3): 0.01, ("m", 0): 1.0}, eval={("m", 4): 1e-5, ("m", 3): 1e-3, ("m", 0): 0.1},
+                     num_stages={"m": 4}, fold_sizes=(20.0, 5.0, 5.0), n_folds=5, n_images=30)
+    base = TrainConfig()
+    keep, est = feasible_frozen(cost, recipe, base, 60.0, _fake_run())
+    # full network: 5 folds x 2 epochs x 20 images x 1 s = 200 s > half of 60 s: left out
+    assert est["0"] > 30 and 0 not in keep and keep == ["all", -1]
+    assert feasible_frozen(cost, recipe, base, 1000.0, _fake_run())[0] == ["all", -1, 0]
+    # the estimate grows with epochs and with retrieved rows
+    cfg = TrainConfig(frozen_stages=3, epochs=2)
+    more = TrainConfig(frozen_stages=3, epochs=4)
+    assert cost.trial_seconds("m", more) > cost.trial_seconds("m", cfg)
+    assert cost.trial_seconds("m", cfg, {"retrieval_k": 4}) > cost.trial_seconds("m", cfg)
+
+
+def test_measured_costs_rank_deeper_cuts_dearer(data, tmp_path):
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    recipe = parse_recipe({"space": {"frozen_stages": ["all", -1, 0]}}, "t")
+    from autotl.search._folds import plan_selection
+
+    cost = measure_costs(run, recipe, TrainConfig(), plan_selection(run.index, k=2, repeats=1))
+    n = cost.num_stages[MODEL.split("=")[0]]
+    label = MODEL.split("=")[0]
+    assert cost.step[(label, 0)] > cost.step[(label, n - 1)] > 0
+    assert cost.decode > 0 and cost.n_folds == 2
+
+
+def test_a_trial_that_cannot_finish_is_not_started(data, tmp_path, monkeypatch):
+    import autotl.train as train_mod
+
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
+    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1}}, "t")
+    plan = plan_search(run, base, trials=1, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1)
+    plan.objective.cost.trial_seconds = lambda *a, **k: 1e6  # an hour-long configuration
+    monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("an infeasible trial was trained"))
+    out = plan.run_trials()
+    (trial,) = out.study.get_trials(deepcopy=False)
+    assert trial.state == TrialState.PRUNED and "cannot" not in (trial.user_attrs.get("error") or "")
+    assert trial.user_attrs["estimated_seconds"] == 1e6 and "left" in trial.user_attrs["not_started"]
