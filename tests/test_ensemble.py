@@ -132,3 +132,41 @@ def test_choose_ensemble_uses_only_a_better_ensemble():
     study = _study_with_oof([perfect, probs[0]], [1.0, 0.6])
     chosen = choose_ensemble(plan, study, study.trials[0], None)
     assert not chosen.doc["used"] and chosen.trials == []
+
+
+def test_fit_publishes_an_ensemble_as_one_verified_graph(tmp_path, make_image_folder, monkeypatch):
+    """refit of every member → one EnsembleNet → ONNX + parity → card with members and latency."""
+    import json
+
+    import autotl.search._fit as fit_mod
+    from autotl.fit import fit
+    from autotl.predict import predict
+
+    data = make_image_folder(tmp_path / "d", {"cat": 10, "dog": 10}, size=(32, 32))
+    real = fit_mod.choose_ensemble
+    refits = []
+    real_refit = fit_mod._refit
+
+    def refit(plan, trial, params, labelled):
+        refits.append(trial.number)
+        return real_refit(plan, trial, params, labelled)
+
+    def forced(plan, study, best, params_of):
+        got = real(plan, study, best, params_of)
+        other = next(t for t in study.get_trials(deepcopy=False) if t.number != best.number and t.state.name == "COMPLETE")
+        return fit_mod.ChosenEnsemble([best, other], [0.75, 0.25], {**(got.doc or {}), "used": True})
+
+    monkeypatch.setattr(fit_mod, "choose_ensemble", forced)
+    monkeypatch.setattr(fit_mod, "_refit", refit)
+    recipe = {"trials": 3, "sampler": {"n_startup_trials": 3}, "pruner": {"type": "none"},
+              "space": {"model": {"top_k": 2}, "frozen_stages": "all", "lr": {"low": 0.001, "high": 0.03, "log": True},
+                        "epochs": 2}}
+    res = fit(data, tmp_path / "run", models=["test_efficientnet=random", "resnet10t@48=random"], recipe=recipe,
+              trials=3, cv_folds=2, device="cpu")
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    members = card["extra"]["ensemble"]["members"]
+    assert [m["weight"] for m in members] == [0.75, 0.25] and len(set(refits)) == 2
+    assert res.parity["passed"] and card["extra"]["ensemble"]["latency_ms_batch1_pytorch_cpu"]["ensemble"] > 0
+    assert "ensemble_selection" in card["extra"]["decided_by"]
+    out = predict(res.model_path, data, top_k=1)
+    assert not out.errors and len(out.labels) == 20

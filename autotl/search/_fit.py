@@ -169,7 +169,9 @@ def plan_search(
                               user_attrs={WORKER_ATTR: worker_attrs(run, base, target=n_trials, options=options,
                                                                     fixed=dict(fixed or {}), cv_folds=cv_folds,
                                                                     cv_repeats=cv_repeats),
-                                          FEASIBLE_ATTR: list(keep) if keep else None})
+                                          FEASIBLE_ATTR: list(keep) if keep else None,
+                                          # the user's space (workers rebuild it and restrict it the same way)
+                                          "recipe": user_recipe.to_json()})
     objective = Objective(run, recipe, base, selection, options=options, fixed=dict(fixed or {}), cost=cost)
     fingerprint = {"data_fingerprint": index.fingerprint(), "recipe_space": user_recipe.fingerprint(),
                    "objective": base.objective, "candidates": run.labels, "selection": selection.kind,
