@@ -96,10 +96,26 @@ def search_section(doc: Doc) -> str:
             notes.append(f"{len(trials.rows) - MAX_TRIAL_ROWS} more trial(s) in leaderboard.json")
         if notes:
             body.append(f'<p class="note">{"; ".join(notes)}</p>')
+    body.append(_ensemble_block(search.get("ensemble")))
     t0 = time.perf_counter()
     body.append(_search_plots(doc, trials, objective))
     doc.timings["plots"] = time.perf_counter() - t0
     return section(doc, "search", "Search", "".join(body))
+
+
+def _ensemble_block(ens: dict | None) -> str:
+    """What greedy ensemble selection chose (or why the single trial was kept)."""
+    if not ens:
+        return ""
+    if not ens.get("used"):
+        return f'<h3>Ensemble</h3><p class="note">Not used: {esc(ens.get("reason") or "-")}.</p>'
+    rows = [[esc(m["trial"]), esc(m["picks"]), num(m["weight"])] for m in ens.get("members") or []]
+    loss, obj = ens.get("oof_log_loss") or {}, ens.get("oof_objective") or {}
+    return ("<h3>Ensemble</h3>" + table(["trial", "picks", "weight"], rows, numeric=(0, 1, 2))
+            + f'<p class="note">Greedy selection with replacement on the out-of-fold probabilities of '
+              f'{esc(ens.get("n_scored"))} scored images: log loss {num(loss.get("selected_trial"))} (selected trial) → '
+              f'{num(loss.get("ensemble"))}, objective {num(obj.get("selected_trial"))} → {num(obj.get("ensemble"))}. '
+              "These figures decided the ensemble: they are not held out.</p>")
 
 
 def _search_plots(doc: Doc, trials: _study.Trials, objective: str) -> str:
