@@ -339,11 +339,17 @@ class TransferNet(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        for stage in self.stages[: self.frozen]:  # frozen BN statistics never drift
-            stage.eval()
-        if self.pool_frozen:
-            self.pool.eval()
+        # frozen stages stay in eval mode (their BN statistics never drift); only the trainable part
+        # is switched, so a probe's per-epoch train()/eval() does not walk the whole backbone
+        self.training = self.stages.training = mode
+        for i, stage in enumerate(self.stages):
+            want = mode and i >= self.frozen
+            if stage.training != want:  # every submodule follows its stage, so the flag says it all
+                stage.train(want)
+        want = mode and not self.pool_frozen
+        if self.pool.training != want:
+            self.pool.train(want)
+        self.head.train(mode)
         return self
 
     # forward pieces -------------------------------------------------------------------------

@@ -269,6 +269,18 @@ def _make_regularizer(cfg: TrainConfig, view: _SuffixView):
     return reg
 
 
+def changeable_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``net.state_dict()`` that training can change: a TransferNet's trainable stages,
+    its pool when not frozen, and its head (frozen stages and their BN statistics never change, so
+    a probe's best epoch is a copy of the head, not of the backbone)."""
+    state = net.state_dict()
+    if not isinstance(net, TransferNet):
+        return state
+    keep = tuple(f"stages.{i}." for i in range(net.frozen, net.num_stages)) + ("head.",)
+    keep += () if net.pool_frozen else ("pool.",)
+    return {k: v for k, v in state.items() if k.startswith(keep)}
+
+
 class _EarlyStopping:
     """Keeps the best epoch's weights (objective, ties → lower val loss) and counts bad epochs."""
 
@@ -283,7 +295,7 @@ class _EarlyStopping:
         if not self.enabled or best is None or metrics.score(o) > best.score(o) + 1e-9 or (
                 metrics.score(o) >= best.score(o) - 1e-9 and metrics.val_loss < best.val_loss):
             self.best, self.best_epoch, self.bad_epochs = metrics, metrics.epoch, 0
-            self.state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            self.state = {k: v.detach().clone() for k, v in changeable_state(net).items()}
         else:
             self.bad_epochs += 1
 
@@ -480,7 +492,9 @@ def train_model(
                 if round_idx + 1 < len(round_starts) and epoch + 1 == round_starts[round_idx + 1]:
                     hooks.end_round(round_idx)
                     round_idx += 1
-        net.load_state_dict(stopper.state)
+        unexpected = net.load_state_dict(stopper.state, strict=False).unexpected_keys
+        if unexpected:  # changeable_state names only keys of this net
+            raise RuntimeError(f"best-epoch state has keys the net lacks: {unexpected[:3]}")
     finally:
         if reg is not None:  # KD's forward hooks sit on the net's stages: never hand them back
             reg.close()

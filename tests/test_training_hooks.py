@@ -99,3 +99,24 @@ def test_epoch_and_round_callbacks_run_in_order(setup):
     hooks.round_starts = (0, 1)
     train_model(source, index.train, index.val, 2, cfg, extractor=ex, hooks=hooks, deadline=time.monotonic() - 1)
     assert hooks.calls == ["setup", "start 0", "end 0"]
+
+
+def test_best_epoch_copy_holds_only_what_training_changes():
+    """A probe's early stopping copies the head, not the backbone; a fine-tune's its trainable stages."""
+    from autotl.models import create_source_model
+    from autotl.stages import TransferNet
+    from autotl.train import changeable_state
+
+    source = create_source_model("test_efficientnet=random")
+    probe = TransferNet.from_source(source.model, 3, "all")
+    assert set(changeable_state(probe)) == {"head.weight", "head.bias"}
+    tune = TransferNet.from_source(source.model, 3, -1)
+    keys = set(changeable_state(tune))
+    last = f"stages.{tune.num_stages - 1}."
+    assert any(k.startswith(last) for k in keys) and not any(k.startswith("stages.0.") for k in keys)
+    # frozen stages stay in eval mode when the net is put in train mode (BN statistics never drift)
+    tune.train()
+    assert not tune.stages[0].training and tune.stages[-1].training and all(
+        not m.training for m in tune.stages[0].modules())
+    tune.eval()
+    assert not any(m.training for m in tune.modules())

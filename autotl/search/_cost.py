@@ -1,8 +1,8 @@
 """What a trial will cost, from throughput measured at start-up, so the search only tries what can finish.
 
-At the start of a search every candidate model's trainable part is timed once per cut the recipe can
-use (one forward + backward pass on a small batch of activations at that cut, and the frozen
-prefix's forward for the image path), and the decoding of a few training images. A configuration's
+At the start of a search every candidate model is timed stage by stage in one forward pass of a
+small batch (a training step counts as three forwards of the trainable part), with the set-up of
+one fold's net and the decoding of a few training images. A configuration's
 cost is then folds × (epochs × (training + decision images) + scoring images) at those per-image
 rates, times what its strategies add (retrieved source images ride with the target rows). The
 plan drops ``frozen_stages`` choices whose cheapest configuration would take more than
@@ -24,8 +24,8 @@ from ._folds import Selection
 from ._recipe import FROZEN, Recipe, resolve_frozen_relative
 
 MAX_TRIAL_SHARE = 0.5  # a configuration that alone would take over half the budget leaves no room to compare
-FOLD_OVERHEAD_S = 0.3  # set-up of one fold's training run (net copy, optimiser, loaders)
-_TIMED_BATCH = 8
+FOLD_OVERHEAD_S = 0.1  # beyond the net's copy (measured): optimiser, loaders, the fold's evaluation
+_TIMED_BATCH = 4
 
 
 @dataclass
@@ -41,6 +41,7 @@ class CostModel:
     fold_sizes: tuple[float, float, float] = (0.0, 0.0, 0.0)  # mean train / decide / score images per fold
     n_folds: int = 1
     n_images: int = 0
+    fold_setup: float = FOLD_OVERHEAD_S  # seconds to set up one fold's training run (measured)
     measure_seconds: float = 0.0
 
     def trial_seconds(self, label: str, cfg: TrainConfig, params: Mapping[str, Any] | None = None,
@@ -56,7 +57,7 @@ class CostModel:
         if not cached:
             step += self.prefix.get(key, 0.0) + self.decode
         per_epoch = rows * step + n_decide * self.eval.get(key, 0.0)
-        per_fold = cfg.epochs * per_epoch + n_score * self.eval.get(key, 0.0) + FOLD_OVERHEAD_S
+        per_fold = cfg.epochs * per_epoch + n_score * self.eval.get(key, 0.0) + self.fold_setup
         if params.get("dropout_tau") is not None:  # influence scores: about one more pass over the fold
             per_fold += (n_train + n_decide) * (step + self.eval.get(key, 0.0))
         return self.n_folds * per_fold
@@ -67,7 +68,7 @@ class CostModel:
 
         return {"ms_per_image": {"train_step": table(self.step), "prefix_forward": table(self.prefix),
                                  "eval_forward": table(self.eval), "decode": round(self.decode * 1000, 3)},
-                "fold_sizes": list(self.fold_sizes), "n_folds": self.n_folds,
+                "fold_sizes": list(self.fold_sizes), "n_folds": self.n_folds, "fold_setup_s": round(self.fold_setup, 3),
                 "measure_seconds": round(self.measure_seconds, 2)}
 
 
@@ -77,8 +78,28 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+BACKWARD_FACTOR = 3.0  # forward + backward ≈ 3 forwards (the backward pass costs about two)
+
+
+@torch.no_grad()
+def _stage_seconds(net, images: torch.Tensor) -> tuple[list[float], float]:
+    """Seconds per image of each stage, and of pooling + head, from one timed forward pass."""
+    x = images
+    times = []
+    for stage in net.stages:
+        t0 = time.perf_counter()
+        x = stage(x)
+        times.append((time.perf_counter() - t0) / len(images))
+    t0 = time.perf_counter()
+    net.head(net.pool(x))
+    return times, (time.perf_counter() - t0) / len(images)
+
+
 def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) -> CostModel:
-    """Time each candidate's trainable part at every cut ``recipe`` can use (see module docstring)."""
+    """Per-image rates of every candidate at every cut ``recipe`` can use, from one timed forward pass
+    per model (stage by stage; a training step is taken as ``BACKWARD_FACTOR`` forwards of the
+    trainable part), the set-up of one fold's net and the decoding of a few training images. Cheap
+    (about a second a model on 2 cores) and measured under whatever else loads the machine."""
     from ..features import ImageDataset, train_transform
     from ..stages import TransferNet
 
@@ -88,35 +109,22 @@ def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) 
     index = run.index
     model = CostModel(fold_sizes=sizes, n_folds=len(folds), n_images=len(index.train) + len(index.val))
     frozen_values = recipe.frozen_values(base.frozen_stages)
-    n_classes = len(index.classes)
-    device = run.device
+    setup_s = []
     for label, source in run.sources.items():
         n = run.extractors[label].num_stages
         model.num_stages[label] = n
-        cuts = sorted({resolve_frozen_relative(v, n) for v in frozen_values})
+        t_setup = time.perf_counter()
+        net = TransferNet.from_source(source.model, len(index.classes), "all").to(run.device).eval()
+        setup_s.append(time.perf_counter() - t_setup)
         c, h, w = source.data_config["input_size"]
-        images = torch.rand(_TIMED_BATCH, c, h, w, device=device)
-        for cut in cuts:
-            net = TransferNet.from_source(source.model, n_classes, cut).to(device)
-            net.eval()
-            with torch.no_grad():
-                net.forward_prefix(images[:2], cut)  # warm-up (allocator, kernels)
-                model.prefix[(label, cut)] = _timed(lambda: net.forward_prefix(images, cut)) / _TIMED_BATCH
-                acts = net.forward_prefix(images, cut)
-                model.eval[(label, cut)] = _timed(lambda: net.forward_from(acts, cut)) / _TIMED_BATCH
-            if cut >= n:  # a probe's step is a linear layer: the evaluation forward bounds it
-                model.step[(label, cut)] = 2 * model.eval[(label, cut)]
-                continue
-            net.train()
-            labels = torch.zeros(_TIMED_BATCH, dtype=torch.long, device=device)
-
-            def step():
-                loss = torch.nn.functional.cross_entropy(net.forward_from(acts, cut), labels)
-                loss.backward()
-
-            step()  # warm-up
-            model.step[(label, cut)] = _timed(step) / _TIMED_BATCH
-            del net
+        _stage_seconds(net, torch.rand(1, c, h, w, device=run.device))  # warm-up (allocator, kernels)
+        stages, head = _stage_seconds(net, torch.rand(_TIMED_BATCH, c, h, w, device=run.device))
+        for cut in sorted({resolve_frozen_relative(v, n) for v in frozen_values}):
+            model.prefix[(label, cut)] = sum(stages[:cut]) + (head if cut >= n else 0.0)
+            model.eval[(label, cut)] = sum(stages[cut:]) + head
+            model.step[(label, cut)] = BACKWARD_FACTOR * model.eval[(label, cut)]
+        del net
+    model.fold_setup = max(setup_s, default=0.0) + FOLD_OVERHEAD_S
     first = next(iter(run.sources.values()))
     sample = list(index.train)[:4]
     if sample:
