@@ -129,11 +129,24 @@ def test_a_trial_that_cannot_finish_is_not_started(data, tmp_path, monkeypatch):
 
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
     base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
-    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1}}, "t")
-    plan = plan_search(run, base, trials=1, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1)
+    recipe = parse_recipe({"trials": 5, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1}}, "t")
+    plan = plan_search(run, base, trials=5, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1)
     plan.objective.cost.trial_seconds = lambda *a, **k: 1e6  # an hour-long configuration
     monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("an infeasible trial was trained"))
     out = plan.run_trials()
+    # nothing the recipe allows could finish: the first such trial is not started and the study stops
+    # (it does not burn its five trials on instant prunes)
     (trial,) = out.study.get_trials(deepcopy=False)
-    assert trial.state == TrialState.PRUNED and "cannot" not in (trial.user_attrs.get("error") or "")
-    assert trial.user_attrs["estimated_seconds"] == 1e6 and "left" in trial.user_attrs["not_started"]
+    assert trial.state == TrialState.PRUNED and trial.user_attrs["estimated_seconds"] == 1e6
+    assert "left" in trial.user_attrs["not_started"] and "study stops" in trial.user_attrs["not_started"]
+
+
+def test_the_baseline_runs_whatever_its_estimate(data, tmp_path):
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
+    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "baselines": [{"frozen_stages": "all"}],
+                           "space": {"frozen_stages": ["all", -1], "epochs": 1}}, "t")
+    plan = plan_search(run, base, trials=1, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1)
+    plan.objective.cost.trial_seconds = lambda *a, **k: 1e6
+    (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["baseline"]

@@ -1,8 +1,9 @@
 """What a trial will cost, from throughput measured at start-up, so the search only tries what can finish.
 
 At the start of a search every candidate model is timed stage by stage in one forward pass of a
-small batch (a training step counts as three forwards of the trainable part), with the set-up of
-one fold's net and the decoding of a few training images. A configuration's
+small batch (a training step counts as three forwards of the trainable part; each stage's fastest of three
+passes, as a busy machine only ever makes a timing too slow), with the set-up of one fold's net
+and the decoding of a few training images. A configuration's
 cost is then folds × (epochs × (training + decision images) + scoring images) at those per-image
 rates, times what its strategies add (retrieved source images ride with the target rows). The
 plan drops ``frozen_stages`` choices whose cheapest configuration would take more than
@@ -23,9 +24,11 @@ from ..train import TrainConfig, should_cache
 from ._folds import Selection
 from ._recipe import FROZEN, Recipe, resolve_frozen_relative
 
+ESTIMATE_SLACK = 1.25  # a trial is not started only when its estimate exceeds the time left by this factor
 MAX_TRIAL_SHARE = 0.5  # a configuration that alone would take over half the budget leaves no room to compare
 FOLD_OVERHEAD_S = 0.1  # beyond the net's copy (measured): optimiser, loaders, the fold's evaluation
 _TIMED_BATCH = 4
+TIMING_REPEATS = 3  # per-stage minimum over this many timed passes
 
 
 @dataclass
@@ -113,18 +116,25 @@ def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) 
     for label, source in run.sources.items():
         n = run.extractors[label].num_stages
         model.num_stages[label] = n
-        t_setup = time.perf_counter()
-        net = TransferNet.from_source(source.model, len(index.classes), "all").to(run.device).eval()
-        setup_s.append(time.perf_counter() - t_setup)
+        nets = []
+        for _ in range(2):  # the faster of two: a timing on a busy machine is only ever too slow
+            t_setup = time.perf_counter()
+            nets.append(TransferNet.from_source(source.model, len(index.classes), "all").to(run.device).eval())
+            setup_s.append(time.perf_counter() - t_setup)
+        net = nets[0]
+        del nets
         c, h, w = source.data_config["input_size"]
         _stage_seconds(net, torch.rand(1, c, h, w, device=run.device))  # warm-up (allocator, kernels)
-        stages, head = _stage_seconds(net, torch.rand(_TIMED_BATCH, c, h, w, device=run.device))
+        images = torch.rand(_TIMED_BATCH, c, h, w, device=run.device)
+        timings = [_stage_seconds(net, images) for _ in range(TIMING_REPEATS)]
+        stages = [min(t[0][i] for t in timings) for i in range(len(timings[0][0]))]
+        head = min(t[1] for t in timings)
         for cut in sorted({resolve_frozen_relative(v, n) for v in frozen_values}):
             model.prefix[(label, cut)] = sum(stages[:cut]) + (head if cut >= n else 0.0)
             model.eval[(label, cut)] = sum(stages[cut:]) + head
             model.step[(label, cut)] = BACKWARD_FACTOR * model.eval[(label, cut)]
         del net
-    model.fold_setup = max(setup_s, default=0.0) + FOLD_OVERHEAD_S
+    model.fold_setup = (sorted(setup_s)[len(setup_s) // 2] if setup_s else 0.0) + FOLD_OVERHEAD_S
     first = next(iter(run.sources.values()))
     sample = list(index.train)[:4]
     if sample:
@@ -152,6 +162,13 @@ def cheapest_seconds(cost: CostModel, recipe: Recipe, base: TrainConfig, frozen_
     return best
 
 
+def cheapest_trial_seconds(cost: CostModel, recipe: Recipe, base: TrainConfig, run) -> float:
+    """The cheapest trial the (restricted) recipe allows, over its ``frozen_stages`` choices."""
+    dim = recipe.dimension(FROZEN)
+    values = list(dim.choices) if dim is not None and dim.kind == "categorical" else [base.frozen_stages]
+    return min(cheapest_seconds(cost, recipe, base, v, run) for v in values)
+
+
 def feasible_frozen(cost: CostModel, recipe: Recipe, base: TrainConfig, budget_s: float | None, run) -> tuple[list, dict]:
     """(the ``frozen_stages`` choices whose cheapest trial fits ``MAX_TRIAL_SHARE`` of the budget,
     the estimate of each choice in seconds). The cheapest choice always stays."""
@@ -167,4 +184,5 @@ def feasible_frozen(cost: CostModel, recipe: Recipe, base: TrainConfig, budget_s
     return keep, estimates
 
 
-__all__ = ["CostModel", "measure_costs", "feasible_frozen", "cheapest_seconds", "MAX_TRIAL_SHARE"]
+__all__ = ["CostModel", "measure_costs", "feasible_frozen", "cheapest_seconds", "cheapest_trial_seconds", "MAX_TRIAL_SHARE",
+           "ESTIMATE_SLACK"]

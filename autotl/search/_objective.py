@@ -138,6 +138,19 @@ class Objective:
                               extractor=setup.extractor, device=self.device, deadline=deadline)
         return result, ctx.notes
 
+    def _check_time(self, trial, setup: TrialSetup, params: dict[str, Any], hard: float | None) -> None:
+        """Record the trial's estimated cost; do not start it when it cannot finish in the time left
+        (the enqueued baseline always runs), and stop the study when nothing the recipe allows could."""
+        from ._cost import ESTIMATE_SLACK, cheapest_trial_seconds
+
+        estimate = self.cost.trial_seconds(params.get(MODEL, self.candidates[0]), setup.config, params, setup.extractor)
+        trial.set_user_attr("estimated_seconds", round(estimate, 2))
+        left = hard - time.monotonic() if hard is not None else None
+        if left is None or estimate <= ESTIMATE_SLACK * left or trial.user_attrs.get("baseline"):
+            return
+        cheapest = cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
+        raise _not_started(trial, estimate, left, stop=cheapest > ESTIMATE_SLACK * left)
+
     def __call__(self, trial) -> float:
         import optuna
 
@@ -155,12 +168,7 @@ class Objective:
                 setup.extractor, len(self.index.train) + len(self.index.val), setup.config.frozen_stages, setup.config.use_cache))
             hard = self.deadline + self.overrun_s if self.deadline is not None else None
             if self.cost is not None:
-                estimate = self.cost.trial_seconds(params.get(MODEL, self.candidates[0]), setup.config, params, setup.extractor)
-                trial.set_user_attr("estimated_seconds", round(estimate, 2))
-                left = hard - time.monotonic() if hard is not None else None
-                if left is not None and estimate > left:
-                    trial.set_user_attr("not_started", f"estimated {estimate:.0f}s, {max(0.0, left):.0f}s left")
-                    raise optuna.TrialPruned(f"estimated {estimate:.0f}s cannot finish in the {max(0.0, left):.0f}s left")
+                self._check_time(trial, setup, params, hard)
             scores, decide_scores, epochs, n_train, notes = [], [], [], [], {}
             n_classes = len(self.index.classes)
             oof = OutOfFold(self.selection, n_classes)
@@ -211,6 +219,16 @@ class Objective:
                 "forward_batches": self.run.forward_batches() - fb0,
                 "interrupted": status == "interrupted",
             })
+
+
+def _not_started(trial, estimate: float, left: float, stop: bool):
+    import optuna
+
+    why = f"estimated {estimate:.0f}s, {max(0.0, left):.0f}s left" + ("; nothing cheaper fits: the study stops" if stop else "")
+    trial.set_user_attr("not_started", why)
+    if stop:
+        trial.study.stop()
+    return optuna.TrialPruned(f"not started: {why}")
 
 
 def _safe_attrs(trial, attrs: dict[str, Any]) -> None:
