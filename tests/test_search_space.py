@@ -138,7 +138,22 @@ def test_a_trial_that_cannot_finish_is_not_started(data, tmp_path, monkeypatch):
     # (it does not burn its five trials on instant prunes)
     (trial,) = out.study.get_trials(deepcopy=False)
     assert trial.state == TrialState.PRUNED and trial.user_attrs["estimated_seconds"] == 1e6
-    assert "left" in trial.user_attrs["not_started"] and "study stops" in trial.user_attrs["not_started"]
+    assert "allowed" in trial.user_attrs["not_started"] and "study stops" in trial.user_attrs["not_started"]
+
+
+def test_no_trial_may_take_more_than_its_share_of_the_budget(data, tmp_path, monkeypatch):
+    """Time is left, but a configuration estimated at most of the budget is not started."""
+    import autotl.train as train_mod
+
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
+    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1}}, "t")
+    plan = plan_search(run, base, trials=1, time_budget=600, recipe=recipe, cv_folds=2, cv_repeats=1)
+    plan.objective.cost.trial_seconds = lambda *a, **k: 400.0  # fits in the 600 s left, but is 2/3 of the budget
+    monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("a trial over its budget share was trained"))
+    (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
+    assert trial.state == TrialState.PRUNED and "300s allowed" in trial.user_attrs["not_started"]
+    assert "study stops" not in trial.user_attrs["not_started"]  # something cheaper could still run
 
 
 def test_the_baseline_runs_whatever_its_estimate(data, tmp_path):

@@ -96,6 +96,7 @@ class Objective:
     options: dict[str, Any] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)  # fixed parameter values (fit's ``strategy=``)
     deadline: float | None = None  # time.monotonic(): the budget; set by run_study
+    budget: float | None = None  # seconds of the whole search (set by run_study)
     overrun_s: float = 30.0  # a trial started in budget stops this long past it (its score is then dropped)
     started: list[int] = field(default_factory=list)  # trial numbers started by this process
     cost: Any = None  # ``_cost.CostModel``: a trial that cannot finish in the time left is not started
@@ -141,15 +142,20 @@ class Objective:
     def _check_time(self, trial, setup: TrialSetup, params: dict[str, Any], hard: float | None) -> None:
         """Record the trial's estimated cost; do not start it when it cannot finish in the time left
         (the enqueued baseline always runs), and stop the study when nothing the recipe allows could."""
-        from ._cost import ESTIMATE_SLACK, cheapest_trial_seconds
+        from ._cost import ESTIMATE_SLACK, MAX_TRIAL_SHARE, cheapest_trial_seconds
 
         estimate = self.cost.trial_seconds(params.get(MODEL, self.candidates[0]), setup.config, params, setup.extractor)
         trial.set_user_attr("estimated_seconds", round(estimate, 2))
         left = hard - time.monotonic() if hard is not None else None
-        if left is None or estimate <= ESTIMATE_SLACK * left or trial.user_attrs.get("baseline"):
+        if left is None or trial.user_attrs.get("baseline"):
+            return
+        # nor one that alone would take more than its share of the whole budget: one trial eating the
+        # budget leaves nothing to compare it with (a small set's budget is a minute or two)
+        allowed = min(left, MAX_TRIAL_SHARE * self.budget) if self.budget else left
+        if estimate <= ESTIMATE_SLACK * allowed:
             return
         cheapest = cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
-        raise _not_started(trial, estimate, left, stop=cheapest > ESTIMATE_SLACK * left)
+        raise _not_started(trial, estimate, allowed, stop=cheapest > ESTIMATE_SLACK * left)
 
     def __call__(self, trial) -> float:
         import optuna
@@ -224,7 +230,7 @@ class Objective:
 def _not_started(trial, estimate: float, left: float, stop: bool):
     import optuna
 
-    why = f"estimated {estimate:.0f}s, {max(0.0, left):.0f}s left" + ("; nothing cheaper fits: the study stops" if stop else "")
+    why = f"estimated {estimate:.0f}s, {max(0.0, left):.0f}s allowed" + ("; nothing cheaper fits: the study stops" if stop else "")
     trial.set_user_attr("not_started", why)
     if stop:
         trial.study.stop()

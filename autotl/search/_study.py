@@ -278,6 +278,7 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
         return SearchOutcome(study, url, settings.study_name, created, 0.0, "already_done")
     budget = settings.time_budget
     objective.deadline = start + budget if budget else None
+    objective.budget = budget
     what = f"{remaining} trial(s)" + (f" (of {settings.trials}; {done} done)" if done else "")
     _console.log(f"searching {what} with recipe [bold]{settings.recipe.name}[/]"
                  + (f", time budget {budget:.0f}s" if budget else "") + f" — study {settings.study_name!r} in {shown_url(url)}")
