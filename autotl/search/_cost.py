@@ -27,6 +27,7 @@ from ._recipe import FROZEN, Recipe, resolve_frozen_relative
 ESTIMATE_SLACK = 1.25  # a trial is not started only when its estimate exceeds the time left by this factor
 MAX_TRIAL_SHARE = 0.5  # a configuration that alone would take over half the budget leaves no room to compare
 FOLD_OVERHEAD_S = 0.1  # beyond the net's copy (measured): optimiser, loaders, the fold's evaluation
+IMAGE_LOADER_EPOCH_S = 0.5  # starting an epoch's decoding worker process
 _TIMED_BATCH = 4
 TIMING_REPEATS = 3  # per-stage minimum over this many timed passes
 
@@ -57,9 +58,11 @@ class CostModel:
         rows = n_train * (1 + int(params.get("retrieval_k") or 0))  # retrieved images ride with each target row
         step = self.step.get(key, 0.0)
         cached = cfg.rand_augment <= 0 and (extractor is None or should_cache(extractor, self.n_images, cut, cfg.use_cache))
-        if not cached:
+        per_epoch = n_decide * self.eval.get(key, 0.0)
+        if not cached:  # decoded images: the frozen prefix and the decoding per image, a loader per epoch
             step += self.prefix.get(key, 0.0) + self.decode
-        per_epoch = rows * step + n_decide * self.eval.get(key, 0.0)
+            per_epoch += IMAGE_LOADER_EPOCH_S
+        per_epoch += rows * step
         per_fold = cfg.epochs * per_epoch + n_score * self.eval.get(key, 0.0) + self.fold_setup
         if params.get("dropout_tau") is not None:  # influence scores: about one more pass over the fold
             per_fold += (n_train + n_decide) * (step + self.eval.get(key, 0.0))
