@@ -154,7 +154,11 @@ def run_autotl(data: Path, test: Path, out: Path, seed: int, cache: Path, recipe
            "budget_s": res.search["time_budget_s"], "n_trials": res.search["n_trials"], "model": res.source_model,
            "selected": best["description"], "decide_score": best.get("decide_score"),
            "selection": res.search["selection"]["kind"], "ensemble": ens,
-           "search_s": res.search["search_seconds"]}
+           "search_s": res.search["search_seconds"],
+           # the cost model's estimate vs the measured seconds of every trial that ran to the end
+           "estimates": [[r["estimated_seconds"], r["seconds"]] for r in res.search["leaderboard"]
+                         if r["state"] == "COMPLETE" and r.get("estimated_seconds") is not None],
+           "not_started": sum(bool(r.get("not_started")) for r in res.search["leaderboard"])}
     if ens.get("used"):
         single = out.parent / (out.name + "-single")
         shutil.copytree(out, single)
