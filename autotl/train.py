@@ -263,6 +263,8 @@ def _make_regularizer(cfg: TrainConfig, view: _SuffixView):
 
     net = view.net
     reg = regularizer_from_config(cfg, view)
+    if reg is None:  # its coefficients switch it off (e.g. KD with reg_lambda 0)
+        return None
     # No source model: a regulariser that needs one (feature-map KD) copies ``view`` at bind time.
     reg.bind(view, shared_params=[(f"net.{n}", p) for n, p in net.shared_parameters()],
              new_params=[(f"net.{n}", p) for n, p in net.new_parameters()])
@@ -445,8 +447,7 @@ def train_model(
         if reg is not None:
             from .regularizers import CoefficientSchedule
 
-            lam_schedule = CoefficientSchedule(
-                cfg.reg_lambda if cfg.regularizer != "l2sp" or cfg.reg_lambda > 0 else 1.0, cfg.reg_decay)
+            lam_schedule = CoefficientSchedule(type(reg).coefficient(cfg), cfg.reg_decay)  # L2-SP: 1 (α, β inside Ω)
 
         set_seed(cfg.seed)  # a cache miss above consumed random numbers (loader seeds); a hit did not
         history: list[EpochMetrics] = []

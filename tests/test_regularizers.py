@@ -327,19 +327,65 @@ def _suffix_view(frozen: int):
     return _SuffixView(net, frozen)
 
 
-@pytest.mark.parametrize("reg_lambda, reg_beta", [(0.01, 0.001), (0.3, 0.0), (1e-4, 0.05), (0.0, 0.5)])
-def test_l2sp_coefficients_from_the_config_are_unchanged(reg_lambda, reg_beta):
-    from autotl.train import TrainConfig, _make_regularizer
+def _applied_regulariser_gradient(cfg, view):
+    """λ0 · ∇Ω as the training loop applies it with ``cfg`` (the regulariser and λ0 exactly as
+    ``train_model`` builds them), after moving every parameter off its starting point; None when off."""
+    from autotl.regularizers.base import regularizer_class
+    from autotl.train import _make_regularizer
+
+    reg = _make_regularizer(cfg, view)
+    if reg is None:
+        return None, None
+    lam0 = type(reg).coefficient(cfg)
+    assert lam0 == regularizer_class(cfg).coefficient(cfg)
+    net = view.net
+    w0 = {id(p): p.detach().clone() for _, p in net.shared_parameters()}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in view.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    params = [p for _, p in net.shared_parameters()] + [p for _, p in net.new_parameters()]
+    grads = reg.gradients(params, None)
+    return lam0, {"shared": [(lam0 * gr, p - w0[id(p)]) for gr, p in zip(grads, params) if id(p) in w0],
+                  "new": [(lam0 * gr if gr is not None else torch.zeros_like(p), p.detach())
+                          for gr, p in zip(grads, params) if id(p) not in w0]}
+
+
+@pytest.mark.parametrize("reg_lambda, reg_beta", [(0.01, 0.001), (0.3, 0.0), (0.0, 0.5), (0.0, 0.0)])
+def test_l2sp_every_coefficient_combination_means_what_it_says(reg_lambda, reg_beta):
+    """reg_lambda = α (pull of the pretrained weights towards ω⁰), reg_beta = β (decay of the new head),
+    as the applied gradient λ0·∇Ω shows: α(ω − ω⁰) and β·ω_head. The old mapping gave α = 1 and
+    β = reg_beta·1e12 for (0, β)."""
+    from autotl.train import TrainConfig
 
     view = _suffix_view(2)
-    reg = _make_regularizer(TrainConfig(regularizer="l2sp", reg_lambda=reg_lambda, reg_beta=reg_beta), view)
-    # the mapping train.py had before the registry, kept exactly (including reg_lambda = 0, which
-    # gives β = reg_beta·1e12: wrong, and fixed by its own issue)
-    assert isinstance(reg, L2SP) and reg.alpha == 1.0
-    assert reg.beta == reg_beta / max(reg_lambda, 1e-12)
-    net = view.net
-    assert [p for _, p in reg.shared_params] == [p for _, p in net.shared_parameters()]
-    assert [n for n, _ in reg.new_params] == [f"net.{n}" for n, _ in net.new_parameters()]
+    lam0, applied = _applied_regulariser_gradient(
+        TrainConfig(regularizer="l2sp", reg_lambda=reg_lambda, reg_beta=reg_beta), view)
+    if reg_lambda == 0 and reg_beta == 0:
+        assert applied is None  # no regulariser: plain fine-tuning
+        return
+    assert lam0 == 1.0
+    assert applied["shared"] and applied["new"]
+    for got, delta in applied["shared"]:
+        if reg_lambda == 0:
+            assert got is None or torch.count_nonzero(got) == 0
+        else:
+            torch.testing.assert_close(got, reg_lambda * delta, rtol=1e-6, atol=1e-8)
+    for got, w in applied["new"]:
+        torch.testing.assert_close(got, reg_beta * w, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("reg_lambda, reg_beta", [(0.1, 0.0), (0.1, 0.5), (0.0, 0.5)])
+def test_kd_coefficient_is_reg_lambda_and_reg_beta_does_not_switch_it_on(reg_lambda, reg_beta):
+    from autotl.regularizers.base import regularizer_class
+    from autotl.train import TrainConfig, _make_regularizer
+
+    cfg = TrainConfig(regularizer="kd", reg_lambda=reg_lambda, reg_beta=reg_beta)
+    reg = _make_regularizer(cfg, _suffix_view(2))
+    if reg_lambda == 0:
+        assert reg is None  # λ = 0: no teacher forward passes for nothing
+    else:
+        assert isinstance(reg, FeatureMapKD) and regularizer_class(cfg).coefficient(cfg) == reg_lambda
 
 
 def test_regularizer_off_when_both_coefficients_are_zero():
@@ -366,7 +412,45 @@ def test_kd_from_the_config_matches_trainable_stages_against_a_frozen_copy():
     assert not any(p.requires_grad for p in teacher.parameters())
     for (k, a), (_, b) in zip(view.state_dict().items(), teacher.state_dict().items()):
         assert torch.equal(a, b), k
-    view.eval()  # same BN statistics as the eval-mode teacher: Ω = 0 at the starting point
-    with torch.no_grad():
-        _, state = reg.forward(view, net.forward_prefix(torch.randn(2, 3, 32, 32), 2))
-        assert float(reg.penalty(state)) == pytest.approx(0.0, abs=1e-10)
+    a = net.forward_prefix(torch.randn(4, 3, 32, 32), 2).detach()
+    running = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
+    assert running
+    for mode in (False, True):  # the teacher normalises like the student, in eval and in train mode (train last: it moves the student's running statistics)
+        view.train(mode)
+        with torch.no_grad():
+            _, state = reg.forward(view, a)
+            assert float(reg.penalty(state)) == pytest.approx(0.0, abs=1e-10), f"train={mode}"
+    for k, v in teacher.state_dict().items():  # ... without its running statistics moving
+        if k in running:
+            assert torch.equal(v, running[k]), k
+    reg.close()
+
+
+def test_kd_teacher_follows_the_students_normalisation_mode_in_train_model(make_image_folder, tmp_path, monkeypatch):
+    """train_model trains the student with BN in train mode: at the first step the unchanged copy
+    must give Ω = 0 (with the teacher in eval mode it was the gap between batch and running
+    statistics)."""
+    from autotl import regularizers
+    from autotl.data import scan_dataset
+    from autotl.features import FeatureExtractor
+    from autotl.models import create_source_model
+    from autotl.train import TrainConfig, train_model
+
+    index = scan_dataset(make_image_folder(tmp_path / "d", classes={"a": 6, "b": 6}, size=(40, 40)))
+    src = create_source_model("test_efficientnet=random")
+    stats = []
+    real = regularizers.regularized_backward
+
+    def spy(loss, reg, state, lam, **kw):
+        st = real(loss, reg, state, lam, **kw)
+        stats.append((st.penalty, any(m.training for m in reg.model.modules()
+                                      if isinstance(m, torch.nn.modules.batchnorm._NormBase))))
+        return st
+
+    monkeypatch.setattr(regularizers, "regularized_backward", spy)
+    cfg = TrainConfig(frozen_stages=-2, epochs=1, batch_size=4, regularizer="kd", reg_lambda=0.1)
+    train_model(src, index.train, index.val, 2, cfg, extractor=FeatureExtractor(src, cache_dir=None))
+    assert len(stats) >= 2
+    assert stats[0][1]  # the student's BN was in train mode ...
+    assert stats[0][0] == pytest.approx(0.0, abs=1e-9)  # ... and Ω = 0 at step 0 all the same
+    assert stats[-1][0] > 0  # after a step, the student has moved

@@ -76,6 +76,17 @@ class BaseRegularizer(ABC):
         """The (unbound) regulariser a training run with ``config`` uses on ``model``, the module
         being trained (``autotl.train._SuffixView``: ``model.net`` is the ``TransferNet``)."""
 
+    @classmethod
+    def is_active(cls, config: "TrainConfig") -> bool:
+        """Whether a run with ``config`` uses this regulariser at all (default: λ = reg_lambda > 0)."""
+        return config.reg_lambda > 0
+
+    @classmethod
+    def coefficient(cls, config: "TrainConfig") -> float:
+        """λ0, the weight the training loop gives Ω before the per-epoch decay (default reg_lambda).
+        A regulariser whose coefficients live inside Ω (L2-SP's α, β) returns 1."""
+        return float(config.reg_lambda)
+
     # -- binding -------------------------------------------------------------------------------
     def bind(
         self,
@@ -143,6 +154,10 @@ class NoRegularizer(BaseRegularizer):
     def from_config(cls, config, model):
         return cls()
 
+    @classmethod
+    def is_active(cls, config) -> bool:
+        return False
+
     def penalty(self, state: Any) -> torch.Tensor:
         p = self.params
         if p:
@@ -171,9 +186,16 @@ def create_regularizer(name: str, **kwargs: Any) -> BaseRegularizer:
     return REGULARIZERS.create(name, **kwargs)
 
 
-def regularizer_from_config(config: "TrainConfig", model: nn.Module) -> BaseRegularizer:
-    """The (unbound) regulariser ``config.regularizer`` names, built by its class from ``config``."""
+def regularizer_class(config: "TrainConfig") -> type[BaseRegularizer]:
+    """The class ``config.regularizer`` names (unknown names raise ``UnknownNameError``)."""
     name = config.regularizer
     if REGULARIZERS.key(name) != name:  # training compares the exact name too ("l2sp" turns weight decay off)
         raise UnknownNameError(f"regularizer {name!r}: write it as {REGULARIZERS.key(name)!r}")
-    return REGULARIZERS.get_class(name).from_config(config, model)
+    return REGULARIZERS.get_class(name)
+
+
+def regularizer_from_config(config: "TrainConfig", model: nn.Module) -> BaseRegularizer | None:
+    """The (unbound) regulariser ``config.regularizer`` names, built by its class from ``config``;
+    None when the configured coefficients switch it off (``is_active``)."""
+    cls = regularizer_class(config)
+    return cls.from_config(config, model) if cls.is_active(config) else None

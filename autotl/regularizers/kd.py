@@ -15,10 +15,11 @@ Feature maps are captured by forward hooks on the named modules of both networks
 ``model.named_modules()``: "blocks.5", "layer3", ...). The teacher is ``source_model`` when given,
 else a deep copy of the model taken at ``bind`` (ω_s = the starting point); it must take the same
 input as the model (when leading stages are cut off and replaced by cached activations, pass the
-matching suffix, or let bind copy the suffix model). The teacher is frozen (requires_grad False), in
-eval mode and run under ``torch.no_grad()``. Note: with BN layers in train mode the student uses
-batch statistics and the eval-mode teacher running statistics, so Ω is not exactly 0 at ω = ω_s
-unless the student is in eval mode too.
+matching suffix, or let bind copy the suffix model). The teacher is frozen (requires_grad False)
+and run under ``torch.no_grad()``, in eval mode except its normalisation layers: each takes the mode
+of the student's layer of the same name at every forward, so both normalise the same way (batch
+statistics while the student trains, running statistics in eval) and Ω = 0 at ω = ω_s in either
+mode. The teacher's batch-norm momentum is set to 0 at bind, so its running statistics never move.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from .base import BaseRegularizer, NamedParams
 
@@ -77,6 +79,7 @@ class FeatureMapKD(BaseRegularizer):
         self._capture = False
         self._student: dict[str, torch.Tensor] = {}
         self._teacher: dict[str, torch.Tensor] = {}
+        self._norm_pairs: list[tuple[nn.Module, nn.Module]] = []  # (student, teacher) normalisation layers
 
     @classmethod
     def from_config(cls, config, model):
@@ -109,6 +112,11 @@ class FeatureMapKD(BaseRegularizer):
         source_model.requires_grad_(False)
         source_model.eval()
         self.source_model = source_model
+        teacher_norms = {n: m for n, m in source_model.named_modules() if isinstance(m, _NormBase)}
+        self._norm_pairs = [(m, teacher_norms[n]) for n, m in model.named_modules()
+                            if isinstance(m, _NormBase) and n in teacher_norms]
+        for _, t in self._norm_pairs:
+            t.momentum = 0.0  # batch statistics in train mode, running statistics left as they are
         for n in self.layers:
             self._handles.append(student_modules[n].register_forward_hook(self._hook("_student", n)))
             self._handles.append(teacher_modules[n].register_forward_hook(self._hook("_teacher", n)))
@@ -138,6 +146,8 @@ class FeatureMapKD(BaseRegularizer):
             logits = model(x)
             if self.source_model.training:
                 self.source_model.eval()
+            for student_norm, teacher_norm in self._norm_pairs:  # the same normalisation mode as the student
+                teacher_norm.train(student_norm.training)
             with torch.no_grad():
                 self.source_model(x)
         finally:

@@ -12,8 +12,11 @@ parameter is included: conv/linear weights, biases and normalisation (BN) affine
 ``exclude_norm_and_bias=True`` drops all 1-D parameters (biases, norm scales/shifts: the timm
 weight-decay convention) from both terms. BN running statistics are buffers, never regularised.
 
-Scale: the training loop multiplies Ω by λ, so (λα, λβ) are the paper's (α, β); the defaults
-α = 1, β = 0.1 keep the paper's ratio β/α = 0.1 and let λ be the searched strength.
+Scale: built from a ``TrainConfig``, α = ``reg_lambda`` and β = ``reg_beta`` are the paper's (α, β)
+and the training loop weights Ω by λ0 = 1 (``coefficient``; the per-epoch decay still applies), so
+every combination means what it says: (α, 0) pulls only the pretrained weights, (0, β) only decays
+the head, (0, 0) is no regulariser. The constructor defaults α = 1, β = 0.1 (the paper's ratio β/α
+= 0.1) are for direct use with a separate λ.
 """
 
 from __future__ import annotations
@@ -52,10 +55,15 @@ class L2SP(BaseRegularizer):
 
     @classmethod
     def from_config(cls, config, model):
-        # Today's mapping, kept as is: the training loop weights Ω by λ = reg_lambda, or by 1.0 when
-        # reg_lambda <= 0, so (λα, λβ) = (reg_lambda, reg_beta) when reg_lambda > 0 but
-        # (1, reg_beta·1e12) when reg_lambda = 0 < reg_beta. That case is wrong; a separate issue fixes it.
-        return cls(alpha=1.0, beta=config.reg_beta / max(config.reg_lambda, 1e-12))
+        return cls(alpha=config.reg_lambda, beta=config.reg_beta)
+
+    @classmethod
+    def is_active(cls, config) -> bool:
+        return config.reg_lambda > 0 or config.reg_beta > 0
+
+    @classmethod
+    def coefficient(cls, config) -> float:
+        return 1.0  # α and β are inside Ω
 
     def _keep(self, p: torch.Tensor) -> bool:
         return not (self.exclude_norm_and_bias and p.ndim <= 1)
