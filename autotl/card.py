@@ -21,7 +21,7 @@ from autotl._io import atomic_write_json
 from autotl._version import __version__
 from autotl.errors import AutotlError
 
-__all__ = ["ModelCard", "card_path_for", "preprocessing_from_data_config", "CARD_NAME", "PREPROCESSING_KEYS"]
+__all__ = ["ModelCard", "card_path_for", "datl_prior", "preprocessing_from_data_config", "CARD_NAME", "PREPROCESSING_KEYS"]
 
 CARD_NAME = "model.json"
 #: The keys of timm's ``resolve_data_config`` (all required in a card but ``crop_mode``).
@@ -51,6 +51,21 @@ def preprocessing_from_data_config(data_config: Mapping[str, Any]) -> dict:
     if out.get("crop_pct") is None:
         out["crop_pct"] = 0.875  # timm's DEFAULT_CROP_PCT, what create_transform uses for None
     return out
+
+
+def datl_prior(scoring: Mapping[str, Any] | None, model_label: str, strategies: Mapping[str, Any] | None) -> str | None:
+    """Which P_s the DATL weights w = P_t / P_s of the card's model used, in words: the source pool's
+    class distribution when retrieval trained on a pool with DATL weights, else the scoring prior
+    (uniform for an ImageNet head without bundled class counts, which only ranks models then)."""
+    retrieval = (strategies or {}).get("retrieval") or {}
+    used = str(retrieval.get("source_weights") or "")
+    if used.startswith("datl"):
+        return f"the source pool's class distribution ({retrieval.get('pool_images')} images); weights the source loss"
+    for row in (scoring or {}).get("models") or []:
+        if row.get("model") == model_label and (row.get("datl") or {}).get("prior"):
+            where = "source-loss weights uniform: " + used if used else "no source pool: DATL ranks models only"
+            return f"{row['datl']['prior']} ({where})"
+    return None
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from . import _console
 from ._io import atomic_write_json
 from ._version import __version__
-from .card import CARD_NAME, ModelCard, file_sha256
+from .card import CARD_NAME, ModelCard, datl_prior, file_sha256
 from .data import DatasetIndex
 from .errors import AutotlError
 from .evaluation import evaluate, evaluate_ensemble
@@ -318,7 +318,8 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
     card = ModelCard(
         classes=classes,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()},
-        source_model={"name": source.label, "weights_origin": source.weights_origin},
+        source_model={"name": source.label, "weights_origin": source.weights_origin,
+                      **({"datl_p_s": p_s} if (p_s := datl_prior(scoring, source.label, final.notes.get("strategies"))) else {})},
         frozen_stages=result.net.frozen,
         metrics={k: {kk: vv for kk, vv in v.items() if kk != "confusion"} for k, v in metrics.items()},
         training=training,

@@ -62,6 +62,8 @@ def test_fit_then_predict_json(capsys, make_image_folder, tmp_path):
     assert (run_dir / "model.onnx").is_file() and (run_dir / "model.json").is_file()
     card = json.loads((run_dir / "model.json").read_text())
     assert card["classes"] == ["blue", "red"] and "random" in card["source_model"]["weights_origin"]
+    # no source pool: the card says DATL used the uniform prior, and only to rank models
+    assert card["source_model"]["datl_p_s"].startswith("uniform") and "no source pool" in card["source_model"]["datl_p_s"]
 
     code, out, err = run(["predict", str(run_dir / "model.onnx"), str(data / "red"), "--json", "--top-k", "2"], capsys)
     assert code == 0, err

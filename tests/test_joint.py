@@ -96,13 +96,13 @@ def test_scan_pool_classes_wnids_and_skipped(folders, tmp_path, monkeypatch):
 
 def test_datl_class_weights_map_wnids_and_keep_mean_one(folders, tmp_path):
     pool = scan_pool(folders[1], cache_dir=tmp_path)
-    w = np.full(1000, 0.5)
-    w[217] = 4.0
-    cw, info = pool_class_weights(pool, w)
+    p_t = np.full(1000, 0.5 / 998)  # P_t over ImageNet; P_s is the pool's (8, 8, 6) images (tests/test_datl_weights.py)
+    p_t[0], p_t[217] = 0.1, 0.4
+    cw, info = pool_class_weights(pool, p_t)
     assert info["matched_classes"] == 2
     counts = np.bincount(pool.labels, minlength=3)
     assert float((cw * counts).sum() / counts.sum()) == pytest.approx(1.0)
-    assert cw[1] / cw[0] == pytest.approx(8.0) and cw[2] / cw[0] == pytest.approx(2.0)  # other: unmatched -> 1
+    assert cw[1] / cw[0] == pytest.approx(4.0) and cw[2] == pytest.approx(1.0)  # other: unmatched -> 1
 
 
 # ------------------------------------------------------------------ the joint step

@@ -180,28 +180,33 @@ def scan_pool(root: str | os.PathLike, *, verify: bool = True, cache_dir: str | 
     return SourcePool(root, classes, samples, skipped, imagenet_index, fingerprint)
 
 
-def pool_class_weights(pool: SourcePool, w: Sequence[float] | np.ndarray, class_names: Sequence[str] | None = None
+def pool_class_weights(pool: SourcePool, p_t: Sequence[float] | np.ndarray, class_names: Sequence[str] | None = None
                        ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Per-pool-class weights from DATL weights ``w`` over the source model's classes.
+    """Per-pool-class DATL weights w = P_t / P_s from the target distribution ``p_t`` over the source
+    model's classes, with P_s the pool's own class distribution (``autotl.scoring.pool_importance_weights``).
 
-    A pool class gets ``w[imagenet index]`` when ``w`` covers ImageNet-1k (1000 entries) and the
-    class folder is a wnid, else ``w`` of the source class with the same name, else 1. The weights
-    are scaled so that their mean over the pool *images* is 1 (the source loss keeps its scale).
+    A pool class is source class ``imagenet index`` when ``p_t`` covers ImageNet-1k (1000 entries)
+    and the folder is a wnid, else the source class with the same name, else unmatched (weight 1).
+    The mean weight over the pool *images* is 1 (the source loss keeps its scale).
     Returns (weights (n_classes,) float32, what was matched).
     """
-    w = np.asarray(w, dtype=np.float64).reshape(-1)
+    from ..scoring.datl import pool_importance_weights
+
+    p_t = np.nan_to_num(np.asarray(p_t, dtype=np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
     names = list(class_names or [])
-    out = np.ones(pool.num_classes, dtype=np.float64)
-    matched = 0
+    source_index: list[int | None] = []
     for ci, cname in enumerate(pool.classes):
         idx = pool.imagenet_index[ci] if ci < len(pool.imagenet_index) else None
-        if idx is not None and len(w) == 1000:
-            out[ci], matched = w[idx], matched + 1
-        elif cname in names and names.index(cname) < len(w):
-            out[ci], matched = w[names.index(cname)], matched + 1
-    out = np.clip(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0), 0.0, None)
+        if idx is not None and len(p_t) == 1000:
+            source_index.append(int(idx))
+        elif cname in names and names.index(cname) < len(p_t):
+            source_index.append(names.index(cname))
+        else:
+            source_index.append(None)
+    matched = sum(i is not None for i in source_index)
     counts = np.bincount(pool.labels, minlength=pool.num_classes).astype(np.float64)
-    mean = float((out * counts).sum() / max(1.0, counts.sum()))
-    if mean <= 0:
-        return np.ones(pool.num_classes, np.float32), {"matched_classes": matched, "used": "uniform (all DATL weights 0)"}
-    return (out / mean).astype(np.float32), {"matched_classes": matched, "used": "datl"}
+    w, _ = pool_importance_weights(p_t, source_index, counts)
+    if matched and not sum(p_t[i] for i in source_index if i is not None) > 0:
+        return np.ones(pool.num_classes, np.float32), {"matched_classes": matched, "used": "uniform (P_t is 0 on the pool's classes)"}
+    return w.astype(np.float32), {"matched_classes": matched, "used": "datl",
+                                  "p_s": f"pool class distribution ({int(counts.sum())} images, {pool.num_classes} classes)"}

@@ -68,17 +68,18 @@ def _class_weights(ctx: StrategyContext, pool: SourcePool) -> tuple[np.ndarray |
     try:
         from ..score import load_datl_weights
 
-        w, names = load_datl_weights(ctx.run_dir, ctx.source.label)
+        p_t, names = load_datl_weights(ctx.run_dir, ctx.source.label, field="p_t")  # P_s: the pool's own
     except (ImportError, AutotlError, OSError, KeyError, ValueError) as exc:
         if mode == "datl":
             raise AutotlError(f"source_weights datl: {exc}") from exc
         return None, "uniform (no DATL weights in the run folder)"
-    weights, info = pool_class_weights(pool, w, names)
+    weights, info = pool_class_weights(pool, p_t, names)
     if info["matched_classes"] == 0:
         if mode == "datl":
             raise AutotlError(f"source_weights datl: no pool class matches a class of {ctx.source.label}'s source head")
         return None, "uniform (no pool class matches the DATL classes)"
-    return weights, f"datl ({info['matched_classes']}/{pool.num_classes} classes matched)"
+    return weights, (f"datl: w = P_t / P_s, P_s = the pool's class distribution "
+                     f"({info['matched_classes']}/{pool.num_classes} classes matched)")
 
 
 class SelectiveJointFineTuning(BaseStrategy):

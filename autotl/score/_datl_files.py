@@ -43,8 +43,11 @@ def save_datl_weights(run_dir: str | os.PathLike, row: ScoreRow) -> Path:
     return path
 
 
-def load_datl_weights(run_dir: str | os.PathLike, model_label: str) -> tuple[np.ndarray, list[str]]:
-    """(w, source class names) saved by ``autotl score`` / ``fit`` for one model of a run."""
+def load_datl_weights(run_dir: str | os.PathLike, model_label: str, field: str = "w") -> tuple[np.ndarray, list[str]]:
+    """(w, source class names) saved by ``autotl score`` / ``fit`` for one model of a run;
+    ``field="p_t"`` gives the target distribution P_t instead (to pair with another P_s, e.g. a pool's)."""
+    if field not in ("w", "p_t", "p_s"):
+        raise ValueError(f"field must be 'w', 'p_t' or 'p_s', got {field!r}")
     folder = Path(run_dir) / DATL_DIR
     path = Path(run_dir) / datl_weights_file(model_label)
     if not path.is_file():
@@ -55,4 +58,4 @@ def load_datl_weights(run_dir: str | os.PathLike, model_label: str) -> tuple[np.
             + "; run `autotl score` with --out on this run folder first"
         )
     with np.load(path, allow_pickle=False) as z:
-        return np.array(z["w"], dtype=np.float64), [str(n) for n in z["class_names"]]
+        return np.array(z[field], dtype=np.float64), [str(n) for n in z["class_names"]]

@@ -16,6 +16,11 @@ on a few source classes (log C_s at most for a uniform P_s: all mass on one clas
 the target resembles a narrow, identifiable part of the source data, the situation in which DATL
 found re-weighted pre-training to help most. It measures label-distribution overlap, not
 transferability; use it next to LogME / LEEP / H-score, not instead of them.
+
+P_s when a source pool is trained on (``pool_importance_weights``): the paper's P_s is the class
+distribution of the images the source loss actually draws from, so with ``--source-pool`` it is the
+pool's own class counts (not the source head's training prior, which for an ImageNet head without
+bundled counts is uniform). P_t is restricted to the source classes the pool has and renormalised.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ._rank import _as_float64, _check_probs, _to_numpy
 __all__ = [
     "DatlWeights",
     "datl_weights",
+    "pool_importance_weights",
     "softmax",
     "load_prior",
 ]
@@ -127,6 +133,44 @@ def datl_weights(source_probs: Any, source_prior: Any) -> DatlWeights:
     p_t /= p_t.sum()
     w = p_t / p_s
     return DatlWeights(p_t=p_t, p_s=p_s, w=w, score=_kl(p_t, p_s), score_name="kl_pt_ps")
+
+
+def pool_importance_weights(p_t: Any, source_index: Sequence[int | None], pool_counts: Any
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """DATL weight w(c) = P_t(y_c) / P_s(y_c) of every pool class c, with P_s the pool's class distribution.
+
+    ``p_t``: (C_s,) target distribution over the source head's classes (``DatlWeights.p_t``);
+    ``source_index``: per pool class, the source class it is (or None: no match); ``pool_counts``:
+    images per pool class. Over the matched pool classes M, P_t is restricted to their source
+    classes and rescaled to the pool share P_s(M) they hold, so the weight is exactly
+    P_t(y | M) / P_s(y | M); unmatched classes keep weight 1. Pool classes naming the same source
+    class share its P_t and P_s. Hence sum_c P_s(c) w(c) = 1: the mean weight over the pool images is
+    1 and the source loss keeps its scale. Returns (w, p_s) per pool class, both (C_pool,); w is all
+    ones when nothing matches or P_t gives the matched classes no mass.
+    """
+    pt = _as_float64(p_t, "p_t", 1)
+    counts = _as_float64(pool_counts, "pool_counts", 1)
+    if len(source_index) != counts.size:
+        raise ValueError(f"source_index has {len(source_index)} entries for {counts.size} pool classes")
+    if (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError("pool_counts must be >= 0 with at least one image")
+    p_s = counts / counts.sum()
+    w = np.ones(counts.size)
+    matched = [c for c, y in enumerate(source_index) if y is not None]
+    if any(not 0 <= int(source_index[c]) < pt.size for c in matched):
+        raise ValueError(f"source_index must lie in [0, {pt.size})")
+    # per source class y present in the pool: its pool share P_s(y) and target mass P_t(y)
+    ps_y: dict[int, float] = {}
+    for c in matched:
+        ps_y[int(source_index[c])] = ps_y.get(int(source_index[c]), 0.0) + p_s[c]
+    pt_mass = float(sum(max(pt[y], 0.0) for y in ps_y))
+    if not ps_y or pt_mass <= 0:
+        return w, p_s
+    share = sum(ps_y.values())  # P_s(M)
+    for c in matched:
+        y = int(source_index[c])
+        w[c] = share * max(pt[y], 0.0) / pt_mass / ps_y[y] if ps_y[y] > 0 else 0.0
+    return w, p_s
 
 
 # --------------------------------------------------------------------------- source priors
