@@ -1,13 +1,15 @@
 """Influence-based data dropout on cats_vs_dogs with 0 / 20 / 40 % of the training labels flipped.
 
-For each flip rate (fixed seed; the flipped sets are nested: the 20 % are part of the 40 %) and each
-``dropout_tau`` the real strategy (``DataDropout.apply``, mode "spread") picks the images to drop,
+For each flip seed (``--seeds``, default 3; per seed the flipped sets are nested: the 20 % are part
+of the 40 %), each flip rate and each ``dropout_tau`` the real strategy (``DataDropout.apply``, mode "spread") picks the images to drop,
 then autotl's linear probe (``train_model`` with ``frozen_stages="all"``, the default fit settings)
 trains on the kept images.  Reported: how many images were dropped, precision (share of the dropped
 images that were flipped) and recall (share of the flipped images that were dropped), validation
-accuracy of the linear probe (mean over seeds) and of the convex influence head refitted on the
-kept images, and the time of the influence step (convex head fit + one solve) against one
-linear-probe fit.
+accuracy of the linear probe and of the convex influence head refitted on the kept images, and the
+time of the influence step (convex head fit + one solve) against one linear-probe fit.  The table
+aggregates over the flip seeds: mean ± standard deviation over every linear-probe fit of the cell
+(seeds x probe seeds), and the paired gain over no dropout at the same flip rate and seed (mean ±
+sd over flip seeds), so a gain smaller than its spread reads as no gain.
 
 Labels are flipped in memory on the ``Sample`` objects; the image files are never touched.  The
 validation split is clean and is used three times, as in a real search: as the influence reference,
@@ -69,16 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.2, 0.4])
     ap.add_argument("--taus", nargs="+", default=["none", "3", "2", "1", "0.5", "0"])
-    ap.add_argument("--seed", type=int, default=0, help="seed of the label flips")
-    ap.add_argument("--probe-seeds", type=int, default=3, help="linear-probe fits (seeds) per cell")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the label flips")
+    ap.add_argument("--probe-seeds", type=int, default=2, help="linear-probe fits (seeds) per flip seed and cell")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dropout.json")
     ap.add_argument("--show", type=Path, default=None, help="only print the table of an earlier results file")
     args = ap.parse_args(argv)
     if args.show is not None:
         doc = json.loads(args.show.read_text())
-        rows = [{**r, **{k: float("nan") if r[k] is None else r[k] for k in ("precision", "recall")}} for r in doc["rows"]]
-        clean = next((r for r in rows if r["flip_rate"] == 0.0 and r["tau"] is None), None)
-        print(_table(rows, clean))
+        print(_table(doc["cells"]))
         for line in doc["summary"]["lines"]:
             print(line)
         return 0
@@ -116,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, timing = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for rate in args.rates:
-            noisy, flipped = _flip(index, rate, args.seed)
+        for flip_seed, rate in [(fs, r) for fs in args.seeds for r in args.rates]:
+            noisy, flipped = _flip(index, rate, flip_seed)
             noisy_y = np.array([s.label for s in noisy])
             clear_cache()
             influence_s = influence_cpu = float("nan")
+            here = []
             for tau in taus:
                 cfg = TrainConfig(frozen_stages="all", seed=0)
                 ctx = StrategyContext(index, source, extractor, Path(tmp), cfg, list(noisy))
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 recall = float(flipped[dropped].sum() / flipped.sum()) if flipped.any() else float("nan")
                 accs, probe_s, probe_cpu = [], [], []
                 for s in range(args.probe_seeds):
-                    cfg_s = TrainConfig(frozen_stages="all", seed=s)
+                    # probe seeds differ between flip seeds, so the 0 % rows (same data) have a spread too
+                    cfg_s = TrainConfig(frozen_stages="all", seed=100 * flip_seed + s)
                     t1, c1 = time.perf_counter(), time.process_time()
                     res = train_model(source, ctx.train_samples, index.val, k, cfg_s, extractor=extractor, device="cpu")
                     probe_s.append(time.perf_counter() - t1)
@@ -151,51 +153,86 @@ def main(argv: list[str] | None = None) -> int:
                     accs.append(res.best.accuracy)
                 convex = _convex_accuracy(tr.pooled.numpy(), noisy_y, va.pooled.numpy(), va.labels.numpy(), keep, k, DEFAULT_L2)
                 row = {
-                    "flip_rate": rate, "tau": tau, "n_flipped": int(flipped.sum()), "n_dropped": n_drop,
-                    "flipped_dropped": int((flipped & dropped).sum()), "precision": precision, "recall": recall,
-                    "lp_val_acc_mean": float(np.mean(accs)), "lp_val_acc_std": float(np.std(accs)),
-                    "lp_val_acc": [float(a) for a in accs], "convex_val_acc": convex,
+                    "flip_seed": flip_seed, "flip_rate": rate, "tau": tau, "n_flipped": int(flipped.sum()),
+                    "n_dropped": n_drop, "flipped_dropped": int((flipped & dropped).sum()),
+                    "precision": precision, "recall": recall,
+                    "lp_val_acc_mean": float(np.mean(accs)), "lp_val_acc": [float(a) for a in accs],
+                    "convex_val_acc": convex,
                     "lp_fit_seconds": float(np.median(probe_s)), "lp_fit_cpu_seconds": float(np.median(probe_cpu)),
                     "threshold": None if notes is None else notes["threshold"],
                     "spread": None if notes is None else notes["spread"],
+                    "threshold_rule": None if notes is None else notes.get("threshold_rule"),
                 }
                 rows.append(row)
+                here.append(row)
                 print(_fmt_row(row), flush=True)
-            here = [r for r in rows if r["flip_rate"] == rate]
-            timing.append({"flip_rate": rate, "influence_seconds": influence_s, "influence_cpu_seconds": influence_cpu,
+            timing.append({"flip_seed": flip_seed, "flip_rate": rate, "influence_seconds": influence_s,
+                           "influence_cpu_seconds": influence_cpu,
                            "lp_fit_seconds": float(np.median([r["lp_fit_seconds"] for r in here])),
                            "lp_fit_cpu_seconds": float(np.median([r["lp_fit_cpu_seconds"] for r in here]))})
 
-    clean = next((r for r in rows if r["flip_rate"] == 0.0 and r["tau"] is None), None)
-    summary = _summary(rows, clean, args.rates)
+    cells = _cells(rows, args.rates, taus)
+    summary = _summary(cells, args.rates)
     doc = {
         "benchmark": "data dropout (influence, convex head on frozen features) on cats_vs_dogs with flipped labels",
         "data": str(args.data), "n_train": len(index.train), "n_val": len(index.val), "classes": index.classes,
         "model": source.label, "weights": source.weights_origin, "l2": DEFAULT_L2, "mode": "spread",
-        "flip_seed": args.seed, "probe_seeds": args.probe_seeds,
+        "flip_seeds": list(args.seeds), "probe_seeds": args.probe_seeds,
         "linear_probe": "autotl train_model, frozen_stages=all, default TrainConfig (AdamW, 15 epochs, label smoothing 0.1, early stopping on val)",
         "features_from_cache": features_cached, "feature_seconds": round(feature_seconds, 2),
         "decided_by": "val split: influence reference, early stopping, and the accuracy reported; tau per row is fixed, "
                       "'best tau' is chosen on val (as the search would); no test split read",
+        "spreads": "acc: mean ± sd over all linear-probe fits of a cell (flip seeds x probe seeds); gain: paired "
+                   "(same flip rate and seed) difference to no dropout, mean ± sd over flip seeds; counts: mean ± sd over flip seeds",
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "cpus": os.cpu_count(), "note": "2 shared CPU cores, other jobs running: timings are indicative"},
-        "rows": rows, "timing": timing, "summary": summary,
+        "cells": cells, "rows": rows, "timing": timing, "summary": summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from autotl._io import atomic_write_json
 
     atomic_write_json(args.out, _no_nan(doc))
     print()
-    print(_table(rows, clean))
+    print(_table(cells))
     print()
     for t in timing:
-        print(f"flip {t['flip_rate']:.0%}: influence step (head fit + solve) {t['influence_seconds']:.2f}s wall / "
+        print(f"seed {t['flip_seed']} flip {t['flip_rate']:.0%}: influence step (head fit + solve) {t['influence_seconds']:.2f}s wall / "
               f"{t['influence_cpu_seconds']:.2f}s CPU vs one linear-probe fit {t['lp_fit_seconds']:.2f}s wall / "
               f"{t['lp_fit_cpu_seconds']:.2f}s CPU (median; features {'from cache' if features_cached else f'{feature_seconds:.0f}s'})")
     for line in summary["lines"]:
         print(line)
     print(f"wrote {args.out}")
     return 0
+
+
+def _mean_sd(values) -> tuple[float, float]:
+    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and np.isnan(x))], dtype=float)
+    if not v.size:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def _cells(rows, rates, taus) -> list[dict]:
+    """One cell per (flip rate, tau) over the flip seeds; gains paired with no dropout per seed."""
+    cells = []
+    for rate in rates:
+        for tau in taus:
+            here = [r for r in rows if r["flip_rate"] == rate and r["tau"] == tau]
+            if not here:
+                continue
+            base = {r["flip_seed"]: r for r in rows if r["flip_rate"] == rate and r["tau"] is None}
+            gains = [100 * (r["lp_val_acc_mean"] - base[r["flip_seed"]]["lp_val_acc_mean"])
+                     for r in here if r["flip_seed"] in base]
+            accs = [100 * a for r in here for a in r["lp_val_acc"]]
+            cell = {"flip_rate": rate, "tau": tau, "n_seeds": len(here), "n_flipped": _mean_sd(r["n_flipped"] for r in here)[0],
+                    "threshold_rule": here[0]["threshold_rule"]}
+            for key, vals in (("n_dropped", [r["n_dropped"] for r in here]),
+                              ("precision", [r["precision"] for r in here]), ("recall", [r["recall"] for r in here]),
+                              ("lp_val_acc", accs), ("gain_vs_no_dropout", gains),
+                              ("convex_val_acc", [100 * r["convex_val_acc"] for r in here])):
+                cell[f"{key}_mean"], cell[f"{key}_sd"] = _mean_sd(vals)
+            cells.append(cell)
+    return cells
 
 
 def _no_nan(obj):
@@ -218,43 +255,49 @@ def _pct(x) -> str:
 
 
 def _fmt_row(r) -> str:
-    return (f"flip {r['flip_rate']:.0%} tau {_tau_text(r['tau']):>4}: dropped {r['n_dropped']:4d} "
+    return (f"seed {r['flip_seed']} flip {r['flip_rate']:.0%} tau {_tau_text(r['tau']):>4}: dropped {r['n_dropped']:4d} "
             f"(flipped {r['flipped_dropped']:4d}/{r['n_flipped']}) P {_pct(r['precision'])} R {_pct(r['recall'])} "
-            f"LP acc {100 * r['lp_val_acc_mean']:.2f}±{100 * r['lp_val_acc_std']:.2f} convex {100 * r['convex_val_acc']:.2f}")
+            f"LP acc {100 * r['lp_val_acc_mean']:.2f} convex {100 * r['convex_val_acc']:.2f}")
 
 
-def _table(rows, clean) -> str:
-    head = "| flip | tau | dropped | flipped in dropped | precision % | recall % | LP val acc % (mean±sd) | Δ vs clean LP | convex head val acc % |"
-    lines = [head, "|" + "---|" * 9]
-    base = clean["lp_val_acc_mean"] if clean else float("nan")
-    for r in rows:
-        lines.append(
-            f"| {r['flip_rate']:.0%} | {_tau_text(r['tau'])} | {r['n_dropped']} | {r['flipped_dropped']}/{r['n_flipped']} | "
-            f"{_pct(r['precision']).strip()} | {_pct(r['recall']).strip()} | {100 * r['lp_val_acc_mean']:.2f}±{100 * r['lp_val_acc_std']:.2f} | "
-            f"{100 * (r['lp_val_acc_mean'] - base):+.2f} | {100 * r['convex_val_acc']:.2f} |")
+def _pm(mean, sd, digits=2) -> str:
+    if mean is None or sd is None or np.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _table(cells) -> str:
+    head = ("| flip | tau | dropped | precision % | recall % | LP val acc % | gain vs no dropout (pp, paired) "
+            "| convex head val acc % |")
+    lines = [head, "|" + "---|" * 8]
+    for c in cells:
+        prec = _pm(*(None if v is None else 100 * v for v in (c["precision_mean"], c["precision_sd"])), 1) \
+            if c["precision_mean"] is not None and not np.isnan(c["precision_mean"]) else "-"
+        rec = _pm(*(100 * v for v in (c["recall_mean"], c["recall_sd"])), 1) \
+            if c["recall_mean"] is not None and not np.isnan(c["recall_mean"]) else "-"
+        lines.append(f"| {c['flip_rate']:.0%} | {_tau_text(c['tau'])} | {_pm(c['n_dropped_mean'], c['n_dropped_sd'], 0)} "
+                     f"| {prec} | {rec} | {_pm(c['lp_val_acc_mean'], c['lp_val_acc_sd'])} "
+                     f"| {'-' if c['tau'] is None else _pm(c['gain_vs_no_dropout_mean'], c['gain_vs_no_dropout_sd'])} "
+                     f"| {_pm(c['convex_val_acc_mean'], c['convex_val_acc_sd'])} |")
     return "\n".join(lines)
 
 
-def _summary(rows, clean, rates) -> dict:
+def _summary(cells, rates) -> dict:
+    """Per flip rate: the tau with the best mean val accuracy, and whether its paired gain exceeds its spread."""
     out = {"lines": []}
-    if clean is None:
-        return out
-    base = clean["lp_val_acc_mean"]
-    out["clean_lp_val_acc"] = base
     for rate in rates:
-        cand = [r for r in rows if r["flip_rate"] == rate and r["tau"] is not None]
-        none = next((r for r in rows if r["flip_rate"] == rate and r["tau"] is None), None)
+        cand = [c for c in cells if c["flip_rate"] == rate and c["tau"] is not None]
+        none = next((c for c in cells if c["flip_rate"] == rate and c["tau"] is None), None)
         if not cand or none is None:
             continue
-        best = max(cand, key=lambda r: (r["lp_val_acc_mean"], -r["n_dropped"]))
+        best = max(cand, key=lambda c: (c["lp_val_acc_mean"], -c["n_dropped_mean"]))
+        g, sd = best["gain_vs_no_dropout_mean"], best["gain_vs_no_dropout_sd"]
+        verdict = "gain" if g > sd and g > 0 else "no gain (within spread)" if g > 0 else "no gain"
         out[f"flip_{rate:g}"] = {"no_dropout_acc": none["lp_val_acc_mean"], "best_tau_on_val": best["tau"],
-                                 "best_acc": best["lp_val_acc_mean"], "precision_at_best": best["precision"],
-                                 "recall_at_best": best["recall"]}
-        out["lines"].append(
-            f"flip {rate:.0%}: no dropout {100 * none['lp_val_acc_mean']:.2f}%; best tau on val = {_tau_text(best['tau'])}: "
-            f"{100 * best['lp_val_acc_mean']:.2f}% ({100 * (best['lp_val_acc_mean'] - base):+.2f} vs clean LP "
-            f"{100 * base:.2f}%)" + (f", precision {_pct(best['precision']).strip()}%, recall {_pct(best['recall']).strip()}%"
-                                     if none["n_flipped"] else " (no flipped images)"))
+                                 "best_acc": best["lp_val_acc_mean"], "gain_mean": g, "gain_sd": sd, "verdict": verdict}
+        out["lines"].append(f"flip {rate:.0%}: no dropout {_pm(none['lp_val_acc_mean'], none['lp_val_acc_sd'])}%; "
+                            f"best tau on val = {_tau_text(best['tau'])}: {_pm(best['lp_val_acc_mean'], best['lp_val_acc_sd'])}%, "
+                            f"paired gain {_pm(g, sd)} pp: {verdict}")
     return out
 
 

@@ -293,3 +293,26 @@ def test_dry_run_api_and_cli(noisy_folder, reuse_source, extractor, feature_cach
     doc = json.loads(out)
     assert doc["dropout"]["n_dropped"] == ins.n_dropped and doc["top"][0]["influence"] > 0
     assert doc["decided_by"]["test"] == "not read"
+
+
+def test_block_influence_is_a_choice_and_the_papers_threshold_is_named(index, noisy_folder, source, extractor, tmp_path):
+    """``dropout_influence: block`` scores through the last stage (CG with Hessian-vector products)
+    when the trial trains it; a linear probe has no trainable block and says so; tau 0 is named as
+    the paper's rule."""
+    from autotl.dropout.strategy import PAPER_RULE
+
+    _, flipped = noisy_folder
+    ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages=-1), list(index.train))
+    apply_strategies(ctx, {"dropout_tau": 0.0, "dropout_influence": "block"})
+    notes = ctx.notes["dropout"]
+    assert notes["solver"] == "block-cg" and notes["influence"].startswith("last trainable block")
+    assert notes["threshold_rule"] == PAPER_RULE and notes["n_dropped"] == notes["n_harmful"] > 0
+    dropped = _dropped(index, ctx)
+    assert sum(p in flipped for p in dropped) >= 0.6 * len(flipped)  # it finds the flipped images too
+
+    probe = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages="all"), list(index.train))
+    apply_strategies(probe, {"dropout_tau": 1.0, "dropout_influence": "block"})
+    assert probe.notes["dropout"]["solver"] != "block-cg" and "linear probe" in probe.notes["dropout"]["influence"]
+    assert "robust spread" in probe.notes["dropout"]["threshold_rule"]
+    with pytest.raises(AutotlError, match="dropout_influence 'whole'"):
+        apply_strategies(_ctx(index, source, extractor, tmp_path), {"dropout_tau": 1.0, "dropout_influence": "whole"})

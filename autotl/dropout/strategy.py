@@ -40,8 +40,12 @@ from .selection import DropoutReport, select_dropout
 __all__ = [
     "DEFAULT_L2",
     "DECIDED_BY",
+    "PAPER_RULE",
+    "threshold_rule",
     "DataDropout",
+    "INFLUENCES",
     "InfluenceOutcome",
+    "compute_block_influence",
     "compute_influence",
     "parse_tau",
     "resolve_focus_class",
@@ -55,6 +59,7 @@ __all__ = [
 # tau <= 1; 1e-2 dropped the fewest clean images and needs ~15 CG iterations.
 DEFAULT_L2 = 1e-2
 DEFAULT_MODE = "spread"
+INFLUENCES = ("head", "block")
 DECIDED_BY = "val split (influence reference)"
 _CACHE_SIZE = 8
 
@@ -184,6 +189,50 @@ def compute_influence(
     return out
 
 
+def _last_block_cut(ctx: StrategyContext) -> int | None:
+    """The cut in front of the network's last stage when the trial trains it, else None."""
+    from ..stages import resolve_frozen
+
+    n_stages = ctx.extractor.num_stages
+    return n_stages - 1 if resolve_frozen(ctx.config.frozen_stages, n_stages) < n_stages else None
+
+
+def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, num_classes: int, *,
+                            l2: float = DEFAULT_L2, focus_class: int | None = None, use_cache: bool = True
+                            ) -> InfluenceOutcome:
+    """``block_influence_scores`` through stage ``cut`` (the last) of ``source``'s network and the head,
+    on the activations at that cut; cached in memory like ``compute_influence``. Float32 with a
+    bounded fit and CG (the notes report the gradient norm and residual reached)."""
+    from ..stages import TransferNet
+    from ..train import _SuffixView
+    from .block_influence import block_influence_scores
+
+    a, y = _as_array(train_a, np.float32), _as_array(train_y, np.int64).reshape(-1)
+    av, yv = _as_array(val_a, np.float32), _as_array(val_y, np.int64).reshape(-1)
+    key = _fingerprint("block", getattr(source, "label", ""), int(cut), a, y, av, yv, int(num_classes), float(l2), focus_class)
+    if use_cache and key in _CACHE:
+        _CACHE.move_to_end(key)
+        _STATS["cache_hits"] += 1
+        hit = _CACHE[key]
+        return InfluenceOutcome(hit.result, hit.head, hit.l2, hit.fit_seconds, hit.influence_seconds, key, hit.head_key,
+                                cached=True)
+    net = TransferNet.from_source(source.model, int(num_classes), int(cut))
+    net.head.requires_grad_(False)  # block_influence_scores brings its own head
+    result, model = block_influence_scores(_SuffixView(net, int(cut)), torch.from_numpy(a), torch.from_numpy(y),
+                                           torch.from_numpy(av), torch.from_numpy(yv), int(num_classes), l2=l2,
+                                           focus_class=focus_class, dtype=torch.float32, fit_tol=1e-5, fit_max_iter=20,
+                                           cg_tol=1e-3, cg_max_iter=50)
+    _STATS["influence_solves"] += 1
+    head = LinearHead(W=model.head.weight.detach().double().numpy(), b=model.head.bias.detach().double().numpy(),
+                      l2=float(l2), bias_l2=float(l2), grad_norm=result.train_grad_norm, n_train=len(y))
+    out = InfluenceOutcome(result, head, float(l2), 0.0, result.seconds, key, key)
+    if use_cache:
+        _CACHE[key] = out
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return out
+
+
 def parse_tau(value: Any) -> float | None:
     """``None``/``"none"``/``"off"``/``inf`` → ``None`` (no dropout); otherwise a float >= 0."""
     if value is None:
@@ -235,13 +284,16 @@ class DataDropout(BaseStrategy):
 
     Parameters (trial dict): ``dropout_tau`` (``None``/inf = off; mode ``"spread"``: drop
     ``score > tau * robust_spread``, ``tau = 0`` is the paper's "drop every harmful image";
-    mode ``"fraction"``: drop the top ``tau`` share of the harmful images) and ``dropout_mode``.
-    Run-wide options (``ctx.options``): ``focus_class`` (class name), ``dropout_l2``,
-    ``dropout_min_keep`` (class guard, default 0.1), ``dropout_solver``.
+    mode ``"fraction"``: drop the top ``tau`` share of the harmful images), ``dropout_mode`` and
+    ``dropout_influence`` (``"head"``, default: the convex head on frozen features; ``"block"``:
+    through the network's last stage and the head, ``block_influence``, when the trial trains that
+    stage; a linear-probe trial has no trainable block and uses the head). Run-wide options
+    (``ctx.options``): ``focus_class`` (class name), ``dropout_l2``, ``dropout_min_keep`` (class
+    guard, default 0.1), ``dropout_solver``, and ``dropout_influence`` as the default.
     """
 
     name = "dropout"
-    params = ("dropout_tau", "dropout_mode")
+    params = ("dropout_tau", "dropout_mode", "dropout_influence")
 
     def is_active(self, params: dict[str, Any]) -> bool:
         return parse_tau(params.get("dropout_tau")) is not None
@@ -252,7 +304,8 @@ class DataDropout(BaseStrategy):
             return "dropout: off"
         mode = params.get("dropout_mode") or DEFAULT_MODE
         unit = " x robust spread" if mode == "spread" else " of harmful images"
-        return f"dropout: tau={tau:g}{unit}"
+        block = " (influence through the last block)" if params.get("dropout_influence") == "block" else ""
+        return f"dropout: tau={tau:g}{unit}{block}"
 
     def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
         tau = parse_tau(params.get("dropout_tau"))
@@ -280,11 +333,22 @@ class DataDropout(BaseStrategy):
         if not train:
             return
 
+        influence = str(params.get("dropout_influence") or ctx.options.get("dropout_influence") or "head").lower()
+        if influence not in INFLUENCES:
+            raise AutotlError(f"dropout_influence {influence!r}: use {' or '.join(INFLUENCES)}")
         cuts = _training_cuts(ctx, len(train) + len(val))
-        tr = ctx.extractor.extract(train, cuts, description="train features")
-        va = ctx.extractor.extract(val, cuts, description="val features")
-        outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=l2,
-                                    focus_class=focus, solver=solver)
+        block_cut = _last_block_cut(ctx) if influence == "block" else None
+        extra = [] if block_cut is None else [block_cut]
+        tr = ctx.extractor.extract(train, sorted({*cuts, *extra}), description="train features")
+        va = ctx.extractor.extract(val, sorted({*cuts, *extra}), description="val features")
+        if block_cut is None:
+            outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=l2,
+                                        focus_class=focus, solver=solver)
+        else:
+            n_stages = ctx.extractor.num_stages
+            outcome = compute_block_influence(ctx.source, block_cut, tr.at(block_cut, n_stages), tr.labels,
+                                              va.at(block_cut, n_stages), va.labels, len(classes), l2=l2,
+                                              focus_class=focus)
         res = outcome.result
         labels = tr.labels.numpy()
         keep, report = select_dropout(res.scores, tau, mode=mode, labels=labels, min_keep_fraction=min_keep)
@@ -298,6 +362,11 @@ class DataDropout(BaseStrategy):
 
         ctx.notes[self.name] = dropout_notes(report, outcome, classes, tau=tau, mode=mode, focus=focus,
                                              n_val=len(val), min_keep=min_keep)
+        ctx.notes[self.name]["influence"] = (
+            "convex head on frozen features" if block_cut is None
+            else f"last trainable block (stage {block_cut}) + head: CG with Hessian-vector products")
+        if influence == "block" and block_cut is None:
+            ctx.notes[self.name]["influence"] += " (block asked; this trial trains no block: linear probe)"
         ctx.notes[self.name]["decided_by"] = f"{ctx.reference_name} (influence reference)"
         if in_val.any():
             ctx.notes[self.name]["val_images_trained_on_not_scored"] = int(in_val.sum())
@@ -312,6 +381,22 @@ class DataDropout(BaseStrategy):
             ctx.notes[self.name]["files"] = {k: str(v) for k, v in paths.items()}
 
 
+PAPER_RULE = "paper (Algorithm A): drop exactly the images with positive total influence"
+
+
+def threshold_rule(tau: float, mode: str, restored_by_guard: int = 0) -> str:
+    """The drop rule in words, for the card: ``tau = 0`` in mode "spread" is the paper's own threshold
+    (exact unless the class guard kept some harmful images, which it then says)."""
+    if mode == "spread" and tau == 0:
+        if restored_by_guard:
+            return (f"{PAPER_RULE}, except {restored_by_guard} kept by the class guard "
+                    "(lower dropout_min_keep to guard less)")
+        return PAPER_RULE
+    if mode == "spread":
+        return f"drop images with influence > {tau:g} x robust spread (a stricter threshold than the paper's 0)"
+    return f"drop the top {tau:g} share of the images with positive influence"
+
+
 def dropout_notes(report: DropoutReport, outcome: InfluenceOutcome, classes: Sequence[str], *, tau: float,
                   mode: str, focus: int | None, n_val: int, min_keep: float) -> dict[str, Any]:
     """What the dropout did, for the card, the report and ``--json`` (plain JSON types)."""
@@ -320,6 +405,7 @@ def dropout_notes(report: DropoutReport, outcome: InfluenceOutcome, classes: Seq
     return {
         "tau": tau,
         "mode": mode,
+        "threshold_rule": threshold_rule(tau, mode, report.restored_by_guard),
         "threshold": rep["threshold"],
         "spread": rep["spread"],
         "n_total": report.n_total,
