@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.show is not None:
         doc = json.loads(args.show.read_text())
         print(_table(doc["cells"]))
-        for line in doc["summary"]["lines"]:
+        for line in _summary(doc["cells"], doc["rates"] if "rates" in doc else sorted({c["flip_rate"] for c in doc["cells"]}),
+                             doc["n_val"])["lines"]:
             print(line)
         return 0
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                            "lp_fit_cpu_seconds": float(np.median([r["lp_fit_cpu_seconds"] for r in here]))})
 
     cells = _cells(rows, args.rates, taus)
-    summary = _summary(cells, args.rates)
+    summary = _summary(cells, args.rates, len(index.val))
     doc = {
         "benchmark": "data dropout (influence, convex head on frozen features) on cats_vs_dogs with flipped labels",
         "data": str(args.data), "n_train": len(index.train), "n_val": len(index.val), "classes": index.classes,
@@ -282,8 +283,9 @@ def _table(cells) -> str:
     return "\n".join(lines)
 
 
-def _summary(cells, rates) -> dict:
-    """Per flip rate: the tau with the best mean val accuracy, and whether its paired gain exceeds its spread."""
+def _summary(cells, rates, n_val: int) -> dict:
+    """Per flip rate: the tau with the best mean val accuracy, and whether its paired gain counts:
+    more than twice its spread over seeds and more than one validation image."""
     out = {"lines": []}
     for rate in rates:
         cand = [c for c in cells if c["flip_rate"] == rate and c["tau"] is not None]
@@ -292,7 +294,9 @@ def _summary(cells, rates) -> dict:
             continue
         best = max(cand, key=lambda c: (c["lp_val_acc_mean"], -c["n_dropped_mean"]))
         g, sd = best["gain_vs_no_dropout_mean"], best["gain_vs_no_dropout_sd"]
-        verdict = "gain" if g > sd and g > 0 else "no gain (within spread)" if g > 0 else "no gain"
+        one_image = 100.0 / max(1, n_val)
+        verdict = ("gain" if g > 2 * sd and g > one_image + 1e-6 else
+                   f"no gain (within 2 sd or one val image = {one_image:.3g} pp)" if g > 0 else "no gain")
         out[f"flip_{rate:g}"] = {"no_dropout_acc": none["lp_val_acc_mean"], "best_tau_on_val": best["tau"],
                                  "best_acc": best["lp_val_acc_mean"], "gain_mean": g, "gain_sd": sd, "verdict": verdict}
         out["lines"].append(f"flip {rate:.0%}: no dropout {_pm(none['lp_val_acc_mean'], none['lp_val_acc_sd'])}%; "
