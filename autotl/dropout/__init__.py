@@ -8,7 +8,9 @@ drop the harmful ones with a scale-free threshold (``select_dropout``)::
     result = influence_scores(head, train_x, train_y, val_x, val_y)
     keep, report = select_dropout(result.scores, tau=2.0, labels=train_y)
 
-As a transfer strategy: ``DataDropout`` (trial parameters ``dropout_tau``, ``dropout_mode``); the dry
+Through the last trainable block as well (``block_influence_scores``: CG with Hessian-vector
+products on block + head).  As a transfer strategy: ``DataDropout`` (trial parameters ``dropout_tau``,
+``dropout_mode``, ``dropout_influence``); the dry
 run without training: ``inspect_dropout(data_dir, tau=...)`` / ``autotl dropout DIR``.
 """
 
@@ -21,6 +23,7 @@ _LAZY = {
     "LinearHead": "influence",
     "fit_logistic_head": "influence",
     "influence_scores": "influence",
+    "block_influence_scores": "block_influence",
     "DropoutReport": "selection",
     "robust_spread": "selection",
     "select_dropout": "selection",
@@ -36,6 +39,7 @@ __all__ = [
     "DropoutReport",
     "InfluenceResult",
     "LinearHead",
+    "block_influence_scores",
     "compute_influence",
     "fit_logistic_head",
     "influence_scores",
