@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from autotl import _console
-    from autotl._io import atomic_write_json
     from autotl.data import scan_dataset
     from autotl.dropout import select_dropout
     from autotl.dropout.strategy import DEFAULT_L2, clear_cache, compute_block_influence, compute_influence
@@ -89,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                           f"P {100 * row['precision']:.1f} R {100 * row['recall']:.1f} ({out.seconds:.1f}s, "
                           f"CG {res.cg_iterations} it, residual {res.residual:.1e}, |grad| {res.train_grad_norm:.1e})",
                           flush=True)
+            _write(args, source, cut, index, feature_seconds, rows)
+    table = _write(args, source, cut, index, feature_seconds, rows)
+    print(table)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write(args, source, cut, index, feature_seconds, rows) -> str:
+    """Cells (mean ± sd over the seeds done so far) and the JSON file; rewritten after every seed and rate."""
+    from autotl._io import atomic_write_json
+    from autotl.dropout.strategy import DEFAULT_L2
+
     cells = []
     for rate in args.rates:
         for variant in ("head", "block"):
@@ -105,14 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {_pm(100 * c['recall_mean'], 100 * c['recall_sd'], 1)} | {_pm(c['seconds_mean'], c['seconds_sd'], 1)} |")
     table = "\n".join(lines)
     doc = {"benchmark": "data dropout: influence through the last block vs the convex head (selection only)",
-           "data": str(args.data), "model": source.label, "cut": cut, "l2": DEFAULT_L2, "seeds": args.seeds,
+           "data": str(args.data), "model": source.label, "cut": cut, "l2": DEFAULT_L2, "seeds": sorted({r["seed"] for r in rows}),
            "n_train": len(index.train), "n_val": len(index.val), "feature_seconds": round(feature_seconds, 1),
            "spreads": "mean ± sd over flip seeds", "cells": cells, "rows": rows, "table": table,
            "host": "2 shared CPU cores, other jobs running: timings are indicative"}
     atomic_write_json(args.out, doc)
-    print(table)
-    print(f"wrote {args.out}")
-    return 0
+    return table
 
 
 if __name__ == "__main__":
