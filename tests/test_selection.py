@@ -245,3 +245,32 @@ def test_a_source_pool_adds_retrieval_k_to_a_recipe_without_it():
     assert not dim.active({"frozen_stages": "all"}) and dim.active({"frozen_stages": -1})  # joint fine-tuning needs a trainable backbone
     assert widened.fingerprint() != recipe.fingerprint()
     assert with_pool_dimension(load_recipe("retrieval")).dimension("retrieval_k") == load_recipe("retrieval").dimension("retrieval_k")
+
+
+def test_one_se_rule_does_not_equate_a_trial_far_worse_in_log_loss():
+    """Equal accuracy on 40 images, but the simpler trial's probabilities are far worse on the same
+    images: it is not an equal. A simpler trial whose log loss is only noisily worse still wins."""
+    import numpy as np
+
+    from autotl.ensemble import encode_probs
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 20)
+
+    def probs(p_true):
+        p = np.empty((40, 2))
+        p[np.arange(40), labels] = p_true
+        p[np.arange(40), 1 - labels] = 1 - p_true
+        return p
+
+    sharp = _trial(1, 0.975, 0.03, frozen=8)
+    sharp.user_attrs["oof"] = encode_probs(probs(np.full(40, 0.97)))
+    vague = _trial(0, 0.975, 0.03, frozen=9)  # simpler, same accuracy, probabilities near 0.6
+    vague.user_attrs["oof"] = encode_probs(probs(np.full(40, 0.6) + rng.normal(0, 0.02, 40)))
+    winner, how = select_one_se([sharp, vague], lambda t: t.params, ["m"], oof_labels=labels)
+    assert winner is sharp and how["worse_in_log_loss"] == [0]
+    # without out-of-fold probabilities the plain rule applies: the simpler one
+    assert select_one_se([sharp, vague], lambda t: t.params, ["m"])[0] is vague
+    close = _trial(2, 0.975, 0.03, frozen=9)
+    close.user_attrs["oof"] = encode_probs(probs(np.clip(0.97 + rng.normal(0, 0.05, 40), 0.5, 0.999)))
+    assert select_one_se([sharp, close], lambda t: t.params, ["m"], oof_labels=labels)[0] is close

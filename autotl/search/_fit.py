@@ -202,7 +202,8 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
         except KeyError:
             return dict(t.params)
 
-    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of, candidates)
+    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of, candidates,
+                                     oof_labels=[s.label for s in plan.selection.scored_samples])
     if best_trial is None:
         errors = [r["error"] for r in rows if r.get("error")]
         if errors:  # the trials broke: more time would not help; say what broke and what to change
