@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,12 +27,13 @@ from autotl._console import log
 from autotl._images import load_rgb
 
 __all__ = ["INT8_NAME", "MAX_DROP_POINTS", "CALIBRATION_IMAGES", "Int8Report", "quantize_static_int8", "write_int8", "quantize_run",
-           "accuracy", "latency_ms"]
+           "latency_ms"]
 
 INT8_NAME = "model.int8.onnx"
 MAX_DROP_POINTS = 0.5  # the gate: int8 may lose at most this many accuracy points on val
 CALIBRATION_IMAGES = 256
 _BATCH = 32
+_CALIBRATION_BATCH = 8  # the calibrator holds one batch's activations at a time
 
 
 @dataclass
@@ -70,25 +71,21 @@ def _batches(paths: Sequence[Path], preprocessing: dict, batch: int = _BATCH) ->
         yield preprocess_batch([load_rgb(p) for p in paths[start:start + batch]], preprocessing)
 
 
-def quantize_static_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: Sequence[np.ndarray]) -> Path:
+def quantize_static_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: Iterable[np.ndarray]) -> Path:
     """QDQ int8 model of ``fp32_path`` at ``out_path``: per-channel int8 weights, uint8 activations,
-    ranges from ``calibration`` (preprocessed float32 batches) by min/max."""
+    ranges from ``calibration`` (preprocessed float32 batches, read once, lazily) by min/max."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if not calibration:
-        raise ValueError("int8 calibration needs at least one batch of images")
     input_name = _session(fp32_path).get_inputs()[0].name
+    batches = iter(calibration)
 
     class Reader(CalibrationDataReader):
         """The calibration images, one batch per call."""
 
-        def __init__(self):
-            self._it = iter(calibration)
-
         def get_next(self):
-            x = next(self._it, None)
+            x = next(batches, None)
             return None if x is None else {input_name: x}
 
     with tempfile.TemporaryDirectory(prefix="autotl-int8-") as tmp:
@@ -99,13 +96,6 @@ def quantize_static_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLi
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     return Path(out_path)
-
-
-def accuracy(session, batches: Sequence[np.ndarray], labels: np.ndarray) -> float:
-    """Top-1 accuracy (0..1) of an onnxruntime session over preprocessed batches."""
-    name = session.get_inputs()[0].name
-    pred = np.concatenate([session.run(None, {name: x})[0].argmax(axis=1) for x in batches])
-    return float(np.mean(pred == labels)) if len(labels) else float("nan")
 
 
 def latency_ms(session, batch: np.ndarray, repeats: int = 3) -> float:
@@ -146,25 +136,30 @@ def write_int8(run_dir: str | os.PathLike, preprocessing: dict, train: Sequence,
     fp32_path, int8_path = run_dir / "model.onnx", run_dir / INT8_NAME
     int8_path.unlink(missing_ok=True)
     report = Int8Report(kept=False, reason="")
-    if not val:
-        report.reason = "int8 refused: no validation images to check its accuracy against the fp32 model"
+    if not val or not train:
+        report.reason = "int8 refused: it needs training images to calibrate on and validation images to check it against"
         log(f"[yellow]{report.reason}; keeping model.onnx (fp32)")
         return report
     calib_paths = _stratified([s.path for s in train], [s.label for s in train], calibration_images, seed)
-    calibration = list(_batches(calib_paths, preprocessing))
-    val_batches = list(_batches([s.path for s in val], preprocessing))
-    val_labels = np.asarray([s.label for s in val])
+    val_paths, val_labels = [s.path for s in val], np.asarray([s.label for s in val])
     report.n_calibration, report.n_val = len(calib_paths), len(val)
-    probe = val_batches[0]
     try:
         with atomic_path(int8_path) as tmp:
-            quantize_static_int8(fp32_path, tmp, calibration)
+            quantize_static_int8(fp32_path, tmp, _batches(calib_paths, preprocessing, _CALIBRATION_BATCH))
+            sessions = {"fp32": _session(fp32_path), "int8": _session(tmp)}
+            # one pass over val, both models on each decoded batch (val is never all in memory)
+            predicted: dict[str, list[np.ndarray]] = {kind: [] for kind in sessions}
+            latency: dict[str, float] = {}
+            for x in _batches(val_paths, preprocessing):
+                for kind, session in sessions.items():
+                    if kind not in latency:
+                        latency[kind] = latency_ms(session, x)
+                    predicted[kind].append(session.run(None, {session.get_inputs()[0].name: x})[0].argmax(axis=1))
             for kind, path in (("fp32", fp32_path), ("int8", tmp)):
-                session = _session(path)
                 setattr(report, kind, {"file": fp32_path.name if kind == "fp32" else INT8_NAME,
                                        "size_bytes": Path(path).stat().st_size,
-                                       "latency_ms_per_image": round(latency_ms(session, probe), 3),
-                                       "val_accuracy": accuracy(session, val_batches, val_labels)})
+                                       "latency_ms_per_image": round(latency[kind], 3),
+                                       "val_accuracy": float(np.mean(np.concatenate(predicted[kind]) == val_labels))})
             drop = 100.0 * (report.fp32["val_accuracy"] - report.int8["val_accuracy"])
             report.drop_points = round(drop, 3)
             if drop > max_drop_points:
