@@ -139,3 +139,20 @@ def test_backend_override_is_checked(monkeypatch):
     monkeypatch.setenv("AUTOTL_FROZEN_BACKEND", "tensorrt")
     with pytest.raises(AutotlError, match="AUTOTL_FROZEN_BACKEND"):
         backend.pick_backend(torch.device("cpu"))
+
+
+def test_the_pass_decodes_in_worker_processes_sized_to_the_cores(index, monkeypatch):
+    import autotl.features as features
+
+    used = []
+    real = features.make_loader
+
+    def spy(*args, **kwargs):
+        loader = real(*args, **kwargs)
+        used.append(loader.num_workers)
+        return loader
+
+    monkeypatch.setattr(features, "make_loader", spy)
+    monkeypatch.setattr(features, "decode_workers", lambda device: 2)
+    FeatureExtractor(create_source_model("test_efficientnet=random"), batch_size=4).extract(index.train)
+    assert used == [2]
