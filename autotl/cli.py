@@ -159,7 +159,7 @@ def fit(
             "--batch-size": batch_size, "--frozen-stages": frozen_stages, "--epochs": epochs, "--lr": lr,
             "--dropout-tau": dropout_tau, "--focus-class": focus_class,
             "--source-pool": source_pool, "--retrieval-k": retrieval_k, "--retrieval-bank": retrieval_bank,
-            "--source-loss-weight": source_loss_weight})
+            "--source-loss-weight": source_loss_weight, "--quantize": quantize})
         _emit({"interrupted": True, "run_dir": str(exc.run_dir), "study_name": exc.study_name, "storage": exc.storage,
                "finished_trials": exc.finished, "resume": command}, as_json)
         sys.stderr.write(_console.clean_text(f"interrupted: {exc.finished} trial(s) finished, the running one marked failed; "
