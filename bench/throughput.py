@@ -19,6 +19,7 @@ shifts all of them alike; each figure is the mean ± std over the repetitions.
 
     PYTHONPATH=. nice python bench/throughput.py            # all of it (~15 min on 2 busy cores)
     PYTHONPATH=. nice python bench/throughput.py --quick    # fewer repetitions and images
+    PYTHONPATH=. nice python bench/throughput.py --quick --skip-fits --stream-images 2000
 """
 
 from __future__ import annotations
@@ -325,43 +326,66 @@ def int8_rows(fits: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and images")
-    ap.add_argument("--skip-stream", action="store_true", help="leave out the 10,000-photo streamed predict")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and images (a busy machine)")
+    ap.add_argument("--skip-fits", action="store_true", help="leave out 5 and 6 (the two fits, ~15 min on 2 busy cores)")
+    ap.add_argument("--skip-stream", action="store_true", help="leave out the streamed predict")
     ap.add_argument("--stream-images", type=int, default=10000)
     ap.add_argument("--name", default="throughput")
     args = ap.parse_args()
     reps = 3 if args.quick else 5
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     results: dict = {"note": "the machine is shared with other jobs; compare ratios within this run, not across runs",
-                     "cores": len(os.sched_getaffinity(0))}
+                     "cores": len(os.sched_getaffinity(0)), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="autotl-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        # 6 first: the fit is the first child, so nothing else is in its peak
-        fits = {"cats_vs_dogs": fit_child(shared_dataset("cats_vs_dogs"), tmp / "run-cvd", tmp / "fit-cache", [])}
-        f = fits["cats_vs_dogs"]
-        print_table("6. `autotl fit cats_vs_dogs --no-search --quantize int8` (child process, cold cache)",
-                    [{"seconds": f["seconds"], "peak RSS MB (largest process)": f["max_process_mb"],
-                      "peak RSS MB (process tree, upper bound)": f["tree_mb"], "model": f["source_model"],
-                      "val acc": f["val_accuracy"], "exit": f["exit"]}],
-                    ["seconds", "peak RSS MB (largest process)", "peak RSS MB (process tree, upper bound)", "model", "val acc", "exit"])
-        if FMNIST.is_dir():
-            data = _fmnist_task(tmp / "fmnist", 100 if not args.quick else 40, 50 if not args.quick else 20)
-            fits["fashion_mnist"] = fit_child(data, tmp / "run-fmnist", tmp / "fit-cache",
-                                              ["--model", "tf_efficientnet_lite0"])
-        results["fit"] = fits
-        rows = int8_rows(fits)
-        print_table("5. int8 vs fp32 (from the fits' cards; latency on one batch of 8 val images)", rows, list(rows[0]))
-        results["int8"] = rows
+        model = None
+        if not args.skip_fits:
+            # 6 first: the fit is the first child, so nothing else is in its peak
+            fits = {"cats_vs_dogs": fit_child(shared_dataset("cats_vs_dogs"), tmp / "run-cvd", tmp / "fit-cache", [])}
+            f = fits["cats_vs_dogs"]
+            print_table("6. `autotl fit cats_vs_dogs --no-search --quantize int8` (child process, cold cache)",
+                        [{"seconds": f["seconds"], "peak RSS MB (largest process)": f["max_process_mb"],
+                          "peak RSS MB (process tree, upper bound)": f["tree_mb"], "model": f["source_model"],
+                          "val acc": f["val_accuracy"], "exit": f["exit"]}],
+                        ["seconds", "peak RSS MB (largest process)", "peak RSS MB (process tree, upper bound)", "model", "val acc", "exit"])
+            if FMNIST.is_dir():
+                data = _fmnist_task(tmp / "fmnist", 100 if not args.quick else 40, 50 if not args.quick else 20)
+                fits["fashion_mnist"] = fit_child(data, tmp / "run-fmnist", tmp / "fit-cache",
+                                                  ["--model", "tf_efficientnet_lite0"])
+            results["fit"] = fits
+            rows = int8_rows(fits)
+            print_table("5. int8 vs fp32 (from the fits' cards; latency on one batch of 8 val images)", rows, list(rows[0]))
+            results["int8"] = rows
+            write_results(args.name, results)  # after every section: a late failure loses nothing
+            model = tmp / "run-cvd" / "model.onnx"
         results["frozen_forward"] = frozen_forward(reps, 128 if args.quick else 256, tmp)
+        write_results(args.name, results)
         results["scoring"] = scoring(200 if args.quick else 400, tmp)
-        model = tmp / "run-cvd" / "model.onnx"
-        if model.is_file():
-            results["predict"] = predict_vs_bare(model, 3, 500)
-        # the 10,000-photo stream through the Lite0 model (the Fashion-MNIST fit's) when there is one: 2-3x faster than Lite2
+        write_results(args.name, results)
+        if model is None or not model.is_file():  # without the fits: a Lite0 classifier exported here
+            model = _lite0_model(tmp)
+        results["predict"] = predict_vs_bare(model, 3, 256 if args.quick else 500)
+        write_results(args.name, results)
+        # the stream through the Lite0 model (the Fashion-MNIST fit's, when there is one): 2-3x faster than Lite2
         stream_model = next((m for m in (tmp / "run-fmnist" / "model.onnx", model) if m.is_file()), None)
-        if stream_model is not None and not args.skip_stream:
+        if not args.skip_stream:
             results["stream"] = streamed_predict(stream_model, tmp, args.stream_images)
     write_results(args.name, results)
+
+
+def _lite0_model(tmp: Path) -> Path:
+    """A two-class classifier on the Lite0 backbone (random head), exported and carded as a fit would."""
+    from autotl.card import ModelCard, file_sha256
+    from autotl.export import export_onnx
+    from autotl.models import create_source_model
+
+    source = create_source_model("tf_efficientnet_lite0")
+    torch.manual_seed(0)
+    source.model.reset_classifier(2)
+    folder = tmp / "lite0-model"
+    path = export_onnx(source.model.eval(), folder / "model.onnx", input_size=tuple(source.data_config["input_size"]))
+    ModelCard(classes=["cat", "dog"], preprocessing=dict(source.data_config), model_sha256=file_sha256(path)).save(folder / "model.json")
+    return path
 
 
 if __name__ == "__main__":
