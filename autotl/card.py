@@ -192,9 +192,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def check_model_matches(card: "ModelCard", model_path: str | os.PathLike, card_path: str | os.PathLike) -> None:
-    """``AutotlError`` unless ``model_path`` is the file ``card`` was written for (cards without a
-    hash, from autotl 0.1, are trusted)."""
-    if card.model_sha256 and file_sha256(model_path) != card.model_sha256:
+    """``AutotlError`` unless ``model_path`` is the file ``card`` was written for, or the int8 model the
+    card lists as kept (cards without a hash, from autotl 0.1, are trusted)."""
+    int8 = card.extra.get("int8") if isinstance(card.extra.get("int8"), Mapping) else {}
+    known = {card.model_sha256, int8.get("sha256") if int8.get("kept") else None} - {None, ""}
+    if card.model_sha256 and file_sha256(model_path) not in known:
         raise AutotlError(f"{model_path} is not the model its card {card_path} describes (the two come from different "
                           "runs: a fit was interrupted between writing them); run the same `autotl fit` again, "
                           "with --resume for a search")

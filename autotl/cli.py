@@ -119,6 +119,7 @@ def fit(
     retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", help="Source neighbours K0 per target image from --source-pool (0 = off)."),
     retrieval_bank: Optional[str] = typer.Option(None, "--retrieval-bank", help="Filter bank for retrieval: gabor, conv or gabor+conv."),
     source_loss_weight: Optional[float] = typer.Option(None, "--source-loss-weight", help="Weight of the source task's loss (default 1)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx (int8: static QDQ, calibrated on training images), kept only within 0.5 accuracy points of fp32 on val."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Fit a classifier on DATA_DIR and export a verified ONNX model.
@@ -149,7 +150,7 @@ def fit(
                          batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume, overwrite=overwrite, duplicates=duplicates,
                          storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds,
-                         ensemble=ensemble)
+                         ensemble=ensemble, quantize=quantize)
     except SearchInterrupted as exc:
         command = _resume_command(exc.run_dir, data_dir, {
             "--model": model, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
@@ -158,7 +159,7 @@ def fit(
             "--batch-size": batch_size, "--frozen-stages": frozen_stages, "--epochs": epochs, "--lr": lr,
             "--dropout-tau": dropout_tau, "--focus-class": focus_class,
             "--source-pool": source_pool, "--retrieval-k": retrieval_k, "--retrieval-bank": retrieval_bank,
-            "--source-loss-weight": source_loss_weight})
+            "--source-loss-weight": source_loss_weight, "--quantize": quantize})
         _emit({"interrupted": True, "run_dir": str(exc.run_dir), "study_name": exc.study_name, "storage": exc.storage,
                "finished_trials": exc.finished, "resume": command}, as_json)
         sys.stderr.write(_console.clean_text(f"interrupted: {exc.finished} trial(s) finished, the running one marked failed; "
@@ -219,32 +220,52 @@ def _resume_command(run_dir: Path, data_dir: Path, options: dict) -> str:
     return "autotl " + shlex.join(args + ["--resume"])
 
 
+TABLE_ROWS = 50  # predictions shown in the console table (the CSV / --json have all)
+
+
 @app.command()
 def predict(
-    model_path: Path = typer.Argument(..., help="model.onnx written by `autotl fit` (model.json beside it)."),
+    model_path: Path = typer.Argument(..., help="model.onnx or model.int8.onnx written by `autotl fit` (model.json beside it)."),
     paths: List[Path] = typer.Argument(..., help="Image files or folders."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="Labels to show per image."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file (row by row as images are classified)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime call."),
 ) -> None:
-    """Classify images with an exported model (onnxruntime only; no torch)."""
+    """Classify images with an exported model, model.onnx or model.int8.onnx (onnxruntime only; no torch)."""
     from .options import check_predict_options
     from .predict import predict as predict_api
 
     _console.set_quiet(as_json)
-    check_predict_options(top_k=top_k, csv=csv)  # before the model loads
-    result = predict_api(model_path, paths, top_k=top_k)
-    if csv:
-        result.to_csv(csv)
+    check_predict_options(top_k=top_k, csv=csv, batch_size=batch_size)  # before the model loads
+    # streamed: the CSV is written as it goes; the table holds only its first rows (--json needs all)
+    result = predict_api(model_path, paths, top_k=top_k, batch_size=batch_size, csv=csv,
+                         keep=None if as_json else TABLE_ROWS)
     if as_json:
         _emit(result.to_json(), True)
     else:
-        _console.console.print(result.table())
+        _console.console.print(result.table(max_rows=TABLE_ROWS))
     if not result.predictions and result.errors:  # nothing classified: a failure, not an empty success
         first = result.errors[0]
         more = f" (and {len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
         raise AutotlError(f"none of the {len(result.errors)} image(s) could be read: {first['path']}: {first['reason']}{more}; "
                           "pass readable image files (JPEG, PNG, BMP, WebP, TIFF)")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A finished run folder (the --out of `autotl fit`)."),
+    quantize: str = typer.Option(..., "--quantize", help="int8: write model.int8.onnx (static QDQ, calibrated on the run's training images), kept only within 0.5 accuracy points of fp32 on val."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The run's data folder, if it moved (default: the one the fit read)."),
+    val_fraction: float = typer.Option(0.1, help="The fit's --val-fraction (when its data had no val/ folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Add an int8 model to an existing run (the card gets both models' size, latency and accuracy)."""
+    from .quantize import quantize_run
+
+    _console.set_quiet(as_json)
+    report = quantize_run(run, quantize=quantize, data_dir=data, val_fraction=val_fraction)
+    _emit(report.to_json(), as_json)
 
 
 @app.command()

@@ -10,6 +10,7 @@ the exact files (path, size, mtime), so a resumed or repeated run costs no forwa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,10 +21,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import _console
+from .backend import FrozenForward, cpu_cores, frozen_forward, pick_backend
 from ._images import load_rgb
 from ._io import atomic_path
 from .data import Sample
@@ -65,14 +66,24 @@ def train_transform(data_config: dict, *, rand_augment: int = 0):
 
 
 def loader_workers(device: torch.device) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     if device.type == "cuda":
         return min(8, cores)
     return 1 if cores > 1 else 0  # one decoder beside the compute threads on small CPUs
 
 
-def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0) -> DataLoader:
-    workers = loader_workers(device)
+def decode_workers(device: torch.device) -> int:
+    """Decoder processes for a frozen pass: on CPU one per four cores (decoding a 224 px photo
+    costs about a fifth of its onnxruntime forward), so decode overlaps compute without starving it."""
+    cores = cpu_cores()
+    if device.type == "cuda":
+        return min(8, cores)
+    return max(1, cores // 4) if cores > 1 else 0
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0,
+                workers: int | None = None) -> DataLoader:
+    workers = loader_workers(device) if workers is None else workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -106,15 +117,21 @@ class ActivationSet:
 
 
 class FeatureExtractor:
-    """Runs the frozen source backbone once per (model, transform, files) and caches the result."""
+    """Runs the frozen source backbone once per (model, transform, files, backend) and caches the result.
+
+    The pass goes through ``autotl.backend`` (onnxruntime on CPU, bf16 on CUDA, eager otherwise);
+    with a ``cache_dir`` every array is written straight into a memory-mapped ``.npy`` there and
+    read back memory-mapped, so a cache of any size costs page cache, not resident memory.
+    """
 
     def __init__(self, source: SourceModel, *, device: torch.device | str = "cpu", cache_dir: str | Path | None = None,
-                 batch_size: int = 64, max_cache_bytes: int = 3 << 30):
+                 batch_size: int = 64, max_cache_bytes: int = 3 << 30, backend: str | None = None):
         self.source = source
         self.device = torch.device(device)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
         self.max_cache_bytes = max_cache_bytes
+        self.backend = pick_backend(self.device, backend)
         self.stages, self.pool = staged_backbone(source.model)
         self.num_stages = len(self.stages)
         self.transform = eval_transform(source.data_config)
@@ -128,7 +145,9 @@ class FeatureExtractor:
             "weights": self.source.weights_id,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.source.data_config.items()},
             "files": files_fingerprint(samples),
-            "format": 1,
+            # bf16 on CUDA gives other numbers than fp32 on CPU: a backend change never serves stale features
+            "backend": self.backend,
+            "format": 2,
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -141,18 +160,11 @@ class FeatureExtractor:
             return mem[what]
         path = self._path(key, what)
         if path is not None and path.is_file():
-            arr = np.load(path, mmap_mode="r")
+            # copy-on-write mapping: writable for torch.from_numpy, pages shared with the page cache
+            arr = np.load(path, mmap_mode="c")
             self._memory.setdefault(key, {})[what] = arr
             return arr
         return None
-
-    def _store(self, key: str, what: str, arr: np.ndarray) -> None:
-        self._memory.setdefault(key, {})[what] = arr
-        path = self._path(key, what)
-        if path is not None:
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, arr)
 
     def map_bytes(self, n_images: int, cut: int) -> int:
         """Bytes to cache the activation at ``cut`` for ``n_images`` (to decide if caching pays)."""
@@ -174,63 +186,90 @@ class FeatureExtractor:
         """Pooled features + source logits (+ activations at ``cuts``) for ``samples``, from cache
         where possible, else by one forward pass that computes everything missing at once."""
         cuts = sorted({int(c) for c in cuts if 0 <= int(c) < self.num_stages})
-        key = self._key(samples)
         wanted = ["labels", "pooled", "logits", *[f"cut{c}" for c in cuts]]
+        key = self._key(samples)
         missing = [w for w in wanted if self._load(key, w) is None]
         if missing:
-            self._compute(samples, key, [int(w[3:]) for w in missing if w.startswith("cut")], description)
+            runner = self._runner([int(w[3:]) for w in missing if w.startswith("cut")])
+            if runner.name != self.backend:  # the fallback's numbers get the fallback's key
+                self.backend = runner.name
+                key = self._key(samples)
+                missing = [w for w in wanted if self._load(key, w) is None]
+            if missing:
+                self._compute(samples, key, runner, description)
+            runner.close()
         labels = torch.from_numpy(np.array(self._load(key, "labels"), dtype=np.int64))
         logits = self._load(key, "logits")
         return ActivationSet(
             labels=labels,
             pooled=torch.from_numpy(np.array(self._load(key, "pooled"), dtype=np.float32)),
             source_logits=torch.from_numpy(np.array(logits, dtype=np.float32)) if logits is not None and logits.size else None,
-            maps={c: torch.from_numpy(np.array(self._load(key, f"cut{c}"))) for c in cuts},
+            maps={c: torch.from_numpy(self._load(key, f"cut{c}")) for c in cuts},  # memory-mapped when cached on disk
         )
 
-    @torch.no_grad()
-    def _compute(self, samples: Sequence[Sample], key: str, cuts: list[int], description: str) -> None:
+    def _runner(self, cuts: list[int]) -> FrozenForward:
+        classifier = self.source.model.get_classifier() if self.source.num_source_classes else None
+        return frozen_forward([m for _, m in self.stages], self.pool, classifier, cuts, backend=self.backend,
+                              device=self.device, input_size=self.source.data_config["input_size"],
+                              label=self.source.label, weights_id=self.source.weights_id,
+                              graph_dir=self.cache_dir / "graphs" if self.cache_dir else None)
+
+    def _compute(self, samples: Sequence[Sample], key: str, runner: FrozenForward, description: str) -> None:
         n = len(samples)
+        cuts = list(runner.graph.cuts)
         for c in cuts:
             need = self.map_bytes(n, c)
             if need > self.max_cache_bytes:
                 raise MemoryError(f"caching cut {c} needs {need / 2**30:.1f} GiB > {self.max_cache_bytes / 2**30:.1f} GiB")
-        classifier = self.source.model.get_classifier() if self.source.num_source_classes else None
-        modules = nn.ModuleList([*(m for _, m in self.stages), self.pool]).to(self.device).eval()
-        if classifier is not None:
-            classifier = classifier.to(self.device).eval()
-        use_cuda = self.device.type == "cuda"
-        if use_cuda:
-            modules = modules.to(memory_format=torch.channels_last)
-        out: dict[str, np.ndarray] = {}
-        loader = make_loader(ImageDataset(samples, self.transform), batch_size=self.batch_size, shuffle=False, device=self.device)
-        with _console.progress(f"{description} ({self.source.label})", total=n) as bar:
+        dtypes = {**{f"cut{c}": _MAP_DTYPE for c in cuts}, "pooled": np.float32, "logits": np.float32, "labels": np.int64}
+        loader = make_loader(ImageDataset(samples, self.transform), batch_size=self.batch_size, shuffle=False,
+                             device=self.device, workers=decode_workers(self.device))
+        with contextlib.ExitStack() as files, _console.progress(f"{description} ({self.source.label})", total=n) as bar:
+            out = _Outputs(n, dtypes, {w: self._path(key, w) for w in dtypes}, files)
             for images, labels, idx in loader:
-                images = images.to(self.device, non_blocking=True)
-                if use_cuda:
-                    images = images.to(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                    x = images
-                    for i, stage in enumerate(modules[: self.num_stages]):
-                        if i in cuts:
-                            self._put(out, f"cut{i}", idx, x, n, _MAP_DTYPE)
-                        x = stage(x)
-                    pooled = modules[self.num_stages](x)
-                    self._put(out, "pooled", idx, pooled, n, np.float32)
-                    if classifier is not None:
-                        self._put(out, "logits", idx, classifier(pooled), n, np.float32)
-                self._put(out, "labels", idx, labels, n, np.int64)
+                rows = idx.numpy()
+                for what, value in runner(images).items():
+                    out.put(what, rows, value)
+                out.put("labels", rows, labels.numpy())
                 self.forward_batches += 1
                 bar.advance(len(idx))
-        if classifier is None:
-            out["logits"] = np.zeros((n, 0), np.float32)
-        for what, arr in out.items():
-            self._store(key, what, arr)
-        self.source.model.cpu()
+            if "logits" not in runner.names:
+                out.put("logits", np.arange(0), np.zeros((0, 0), np.float32))
+            arrays = out.finish()
+        for what, arr in arrays.items():
+            self._memory.setdefault(key, {}).pop(what, None)
+            if self._path(key, what) is None:
+                self._memory[key][what] = arr
+            else:
+                self._load(key, what)  # the written file, memory-mapped
 
-    @staticmethod
-    def _put(out: dict, what: str, idx: torch.Tensor, value: torch.Tensor, n: int, dtype) -> None:
-        value = value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-        if what not in out:
-            out[what] = np.empty((n, *value.shape[1:]), dtype=dtype)
-        out[what][idx.numpy()] = value
+
+class _Outputs:
+    """The arrays one pass fills, row by row: memory-mapped ``.npy`` files written atomically
+    (under ``files``, an ExitStack of ``atomic_path`` contexts) when they have a path, else in memory."""
+
+    def __init__(self, n: int, dtypes: dict[str, type], paths: dict[str, Path | None], files: contextlib.ExitStack):
+        self.n, self.dtypes, self.paths, self.files = n, dtypes, paths, files
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def put(self, what: str, rows: np.ndarray, value: np.ndarray) -> None:
+        if what not in self.arrays:
+            shape, path = (self.n, *value.shape[1:]), self.paths.get(what)
+            if path is None or not math.prod(shape):  # (numpy cannot map an empty array)
+                self.arrays[what] = np.empty(shape, dtype=self.dtypes[what])
+                if path is not None:
+                    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                        np.save(fh, self.arrays[what])
+            else:
+                tmp = self.files.enter_context(atomic_path(path))
+                self.arrays[what] = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtypes[what], shape=shape)
+        if rows.size:
+            self.arrays[what][rows] = value
+
+    def finish(self) -> dict[str, np.ndarray]:
+        for arr in self.arrays.values():
+            if isinstance(arr, np.memmap):
+                arr.flush()
+        arrays = {w: a for w, a in self.arrays.items() if self.paths.get(w) is None}
+        self.arrays.clear()  # close the maps before atomic_path renames the files
+        return arrays

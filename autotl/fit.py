@@ -92,6 +92,7 @@ def fit(
     config: TrainConfig | None = None,
     fixed_params: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> FitResult:
     """Fit a classifier on a class-per-folder image set and export a verified ONNX model (``autotl fit``).
 
@@ -107,7 +108,9 @@ def fit(
     interrupted study in the same run folder; ``overwrite`` replaces a finished run there (which is
     otherwise refused). ``ensemble``: after the search, greedy ensemble selection over the trials'
     out-of-fold predictions may publish several refitted trials as one averaged graph (only when it
-    is better out of fold than the selected trial). ``duplicates`` (warn, drop, error): what the scan does with byte-identical
+    is better out of fold than the selected trial). ``quantize="int8"`` also writes ``model.int8.onnx``
+    when it keeps the fp32 model's validation accuracy within 0.5 points (``autotl.quantize``).
+    ``duplicates`` (warn, drop, error): what the scan does with byte-identical
     images across splits (see ``autotl.data.scan_dataset``). Ctrl-C raises ``autotl.search.SearchInterrupted``.
     """
     check_fit_options(**locals())  # every flag checked before any work starts (autotl/options.py)
@@ -131,7 +134,7 @@ def fit(
                                   options=options, cv_folds=cv_folds, ensemble=ensemble, objective_reason=_objective_reason(base, objective, config))
     else:
         final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
-    return publish(run, final, scoring=scoring.to_json())
+    return publish(run, final, scoring=scoring.to_json(), quantize=quantize)
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -249,6 +252,17 @@ def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, 
     return report.to_json()
 
 
+def _int8(run_dir: Path, preprocessing: dict, index: DatasetIndex, quantize: str | None, seed: int) -> dict[str, Any]:
+    """The card's ``int8`` entry: calibrated on train, gated on val (``autotl.quantize``); without
+    ``quantize`` an int8 file of an earlier model in the folder is removed."""
+    from .quantize import INT8_NAME, write_int8
+
+    if quantize is None:
+        (run_dir / INT8_NAME).unlink(missing_ok=True)
+        return {}
+    return {"int8": write_int8(run_dir, preprocessing, index.train, index.val, seed=seed).to_json()}
+
+
 PREVIOUS_CARD = "model.json.previous"
 
 
@@ -276,8 +290,9 @@ def _card_set_aside(run_dir: Path):
         raise
 
 
-def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitResult:
-    """Evaluate, export, verify and describe the final model; write the card, ``result.json`` and the report."""
+def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantize: str | None = None) -> FitResult:
+    """Evaluate, export, verify and describe the final model (and its int8 twin with ``quantize="int8"``);
+    write the card, ``result.json`` and the report."""
 
     index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
     classes = index.classes
@@ -308,6 +323,8 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
     with _card_set_aside(run_dir):
         parity = export_and_verify(net, source, run_dir, index.val)
     model_sha256 = file_sha256(run_dir / "model.onnx")
+    preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()}
+    int8 = _int8(run_dir, preprocessing, index, quantize, run.seed)
     training = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
                 "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
                 "n_train": result.n_train, **final.notes}
@@ -317,7 +334,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
             decided[f"strategy_{name}"] = note["decided_by"]
     card = ModelCard(
         classes=classes,
-        preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()},
+        preprocessing=preprocessing,
         source_model={"name": source.label, "weights_origin": source.weights_origin,
                       **({"datl_p_s": p_s} if (p_s := datl_prior(scoring, source.label, final.notes.get("strategies"))) else {})},
         frozen_stages=result.net.frozen,
@@ -328,7 +345,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None) -> FitR
               "n_skipped": len(index.skipped)},
         parity=parity,
         extra={"decided_by": decided, **({"search": final.search} if final.search else {}),
-               **({"ensemble": ensemble_card} if ensemble_card else {})},
+               **({"ensemble": ensemble_card} if ensemble_card else {}), **int8},
         model_sha256=model_sha256,
     )
     card_path = run_dir / CARD_NAME

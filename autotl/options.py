@@ -304,7 +304,7 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
                       epochs: Any = 15, lr: Any = 3e-3, batch_size: Any = 64, objective: Any = None,
                       val_fraction: Any = 0.1, seed: Any = 0, device: Any = "auto", cache_dir: Any = None,
                       config: Any = None, fixed_params: Any = None, options: Any = None, duplicates: Any = "warn",
-                      **_other: Any) -> None:
+                      quantize: Any = None, **_other: Any) -> None:
     """Every ``autotl.fit.fit`` argument that can be checked without reading the data or loading a
     model (called with ``fit``'s ``locals()``; arguments it does not know are left to ``fit``)."""
     if data_dir is None or (isinstance(data_dir, str) and not data_dir.strip()):
@@ -321,6 +321,7 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
     check_seed("--seed", seed)
     check_device("--device", device)
     _check_cache_dir(cache_dir)
+    check_quantize(quantize)
     from .duplicates import DUPLICATE_MODES
 
     if duplicates not in DUPLICATE_MODES:
@@ -394,6 +395,16 @@ def check_dropout_options(*, tau: Any = None, mode: Any = "spread", focus_class:
     check_out_dir("--out", out)
     if write_clean is not None:
         check_out_dir("--write-clean", write_clean)
+
+
+QUANTIZE_MODES = ("int8",)
+
+
+def check_quantize(quantize: Any, *, optional: bool = True) -> None:
+    if quantize is None and optional:
+        return
+    if quantize not in QUANTIZE_MODES:
+        raise AutotlError(f"--quantize {_shown(quantize)}: use {' or '.join(QUANTIZE_MODES)} (e.g. --quantize int8)")
 
 
 def check_predict_options(*, top_k: Any = 5, batch_size: Any = 32, csv: Any = None, **_other: Any) -> None:

@@ -7,13 +7,17 @@ This module (and everything it imports) must never import torch: a deployed mode
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import io
+import itertools
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,7 +25,7 @@ from PIL import Image, ImageOps
 from autotl._console import progress
 from autotl._csv import safe_row
 from autotl._images import IMAGE_EXTENSIONS, UnreadableImageError, is_image_path, load_rgb
-from autotl._io import atomic_write_text
+from autotl._io import atomic_path, atomic_write_text
 from autotl.card import ModelCard, card_path_for, check_model_matches
 from autotl.errors import AutotlError
 
@@ -135,10 +139,18 @@ def _geometry(img: Image.Image, p: _Prep) -> Image.Image:
 
 
 def _normalise(pixels: np.ndarray, p: _Prep) -> np.ndarray:
-    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]``: /255 then (x - mean) / std, like ToTensor + Normalize."""
-    x = pixels.astype(np.float32) / np.float32(255.0)
-    x = (x - p.mean) / p.std
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]``: /255 then (x - mean) / std, like ToTensor + Normalize.
+
+    The same float32 operations in the same order as timm's (so the same bits), done per channel
+    plane in place: broadcasting over a last axis of 3 costs ten times more."""
+    planes = np.ascontiguousarray(np.moveaxis(pixels, -1, -3))  # still uint8: the cheap copy
+    out = np.empty(planes.shape, dtype=np.float32)
+    for c in range(planes.shape[-3]):
+        o = out[..., c, :, :]
+        np.divide(planes[..., c, :, :], np.float32(255.0), out=o, dtype=np.float32)
+        np.subtract(o, p.mean[c], out=o)
+        np.divide(o, p.std[c], out=o)
+    return out
 
 
 def preprocess(img: Image.Image, preprocessing: dict) -> np.ndarray:
@@ -223,9 +235,14 @@ class PredictionResult:
     classes: list[str] = field(default_factory=list)
     model: str = ""
     top_k: int = 5
+    n_total: int | None = None  # images predicted, when ``predictions`` keeps only the first ones
 
     def __len__(self) -> int:
         return len(self.predictions)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.predictions) if self.n_total is None else self.n_total
 
     @property
     def labels(self) -> list[str]:
@@ -237,7 +254,7 @@ class PredictionResult:
             "model": self.model,
             "classes": list(self.classes),
             "top_k": self.top_k,
-            "n_images": len(self.predictions),
+            "n_images": self.n_images,
             "n_errors": len(self.errors),
             "predictions": self.predictions,
             "errors": self.errors,
@@ -245,22 +262,12 @@ class PredictionResult:
 
     def csv_text(self) -> str:
         k = max([len(p["top"]) for p in self.predictions] + [0])
-        header = ["path", "label", "prob"]
-        for i in range(1, k + 1):
-            header += [f"top{i}_label", f"top{i}_prob"]
-        header.append("error")
+        header = ["path", "label", "prob", *[f"top{i}_{w}" for i in range(1, k + 1) for w in ("label", "prob")], "error"]
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
-        for p in self.predictions:
-            top = p["top"]
-            row = [p["path"], top[0]["label"], _fmt_prob(top[0]["prob"])]
-            for t in top:
-                row += [t["label"], _fmt_prob(t["prob"])]
-            row += [""] * (len(header) - 1 - len(row))
-            writer.writerow(safe_row(row + [""]))
-        for e in self.errors:
-            writer.writerow(safe_row([e["path"]] + [""] * (len(header) - 2) + [e["reason"]]))
+        writer.writerows(_csv_rows(self.predictions, len(header)))
+        writer.writerows(_error_rows(self.errors, len(header)))
         return buf.getvalue()
 
     def to_csv(self, path: str | os.PathLike) -> Path:
@@ -275,7 +282,7 @@ class PredictionResult:
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"predictions ({len(self.predictions)} images, {len(self.errors)} unreadable)")
+        table = Table(title=f"predictions ({self.n_images} images, {len(self.errors)} unreadable)")
         table.add_column("path", overflow="fold")
         table.add_column("label", style="bold")
         table.add_column("prob", justify="right")
@@ -285,8 +292,8 @@ class PredictionResult:
             top = p["top"]
             rest = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in top[1:])
             table.add_row(escape(p["path"]), escape(top[0]["label"]), f"{top[0]['prob']:.3f}", escape(rest))
-        if max_rows is not None and len(self.predictions) > max_rows:
-            table.add_row(f"... {len(self.predictions) - max_rows} more", "", "", "")
+        if self.n_images > len(rows):
+            table.add_row(f"... {self.n_images - len(rows)} more", "", "", "")
         for e in self.errors:
             table.add_row(escape(e["path"]), "[red]unreadable", "", f"[red]{escape(e['reason'])}")
         return table
@@ -367,9 +374,13 @@ class Predictor:
         """PIL images -> class probabilities ``(N, n_classes)`` (float64)."""
         return softmax(self.logits(preprocess_batch(list(images), self.preprocessing)), axis=1)
 
-    def predict_paths(self, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5,
-                      batch_size: int = 32) -> PredictionResult:
-        """Classify image files and folders (recursively); unreadable images land in ``errors``."""
+    def stream(self, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5, batch_size: int = 32,
+               workers: int | None = None) -> Iterator[tuple[list[dict], list[dict]]]:
+        """(predictions, unreadable images) batch by batch, in path order, as they are computed.
+
+        ``workers`` threads (default: one per core) decode and preprocess the next batches while
+        onnxruntime runs this one (Pillow and numpy release the GIL); at most ``workers + 1``
+        batches are in flight, so memory stays bounded however many images there are."""
         if int(top_k) < 1:
             raise AutotlError(f"--top-k {top_k}: must be at least 1")
         if int(batch_size) < 1:
@@ -377,35 +388,123 @@ class Predictor:
         files = expand_image_paths(paths)
         k = min(int(top_k), len(self.classes))
         classes = np.asarray(self.classes, dtype=object)
-        result = PredictionResult(classes=list(self.classes), model=str(self.onnx_path), top_k=k)
+        workers = max(1, int(workers or _cores()))
+        chunks = iter([files[i:i + int(batch_size)] for i in range(0, len(files), int(batch_size))])
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autotl-decode")
+        try:
+            pending = collections.deque(pool.submit(_decode, chunk, self._prep) for chunk in itertools.islice(chunks, workers + 1))
+            with progress("predicting", total=len(files)) as task:
+                while pending:
+                    batch, ok_paths, errors = pending.popleft().result()
+                    nxt = next(chunks, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(_decode, nxt, self._prep))
+                    predictions = []
+                    if batch is not None:
+                        probs = softmax(self.logits(batch), axis=1)
+                        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+                        top_p = np.take_along_axis(probs, order, axis=1)
+                        for f, labels, ps in zip(ok_paths, classes[order].tolist(), top_p.tolist()):
+                            predictions.append({"path": str(f), "top": [{"label": l, "prob": p} for l, p in zip(labels, ps)]})
+                    task.advance(len(ok_paths) + len(errors))
+                    yield predictions, errors
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-        with progress("predicting", total=len(files)) as task:
-            for start in range(0, len(files), int(batch_size)):
-                chunk = files[start:start + int(batch_size)]
-                images, ok_paths = [], []
-                for f in chunk:
-                    try:
-                        images.append(load_rgb(f))
-                        ok_paths.append(f)
-                    except UnreadableImageError as exc:
-                        result.errors.append({"path": str(f), "reason": exc.reason})
-                if images:
-                    probs = self.predict_proba(images)
-                    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-                    top_p = np.take_along_axis(probs, order, axis=1)
-                    top_l = classes[order]
-                    for f, labels, ps in zip(ok_paths, top_l.tolist(), top_p.tolist()):
-                        result.predictions.append(
-                            {"path": str(f), "top": [{"label": l, "prob": p} for l, p in zip(labels, ps)]}
-                        )
-                task.advance(len(chunk))
+    def predict_paths(self, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5,
+                      batch_size: int = 32, *, csv: str | os.PathLike | None = None, keep: int | None = None,
+                      workers: int | None = None) -> PredictionResult:
+        """Classify image files and folders (recursively); unreadable images land in ``errors``.
+
+        ``csv``: every row is written to that file as it is computed (the file appears, complete,
+        when the last image is done). ``keep``: hold at most this many predictions in the result
+        (``n_images`` still counts all), so a folder of any size runs in bounded memory."""
+        k = min(max(1, int(top_k)), len(self.classes))
+        result = PredictionResult(classes=list(self.classes), model=str(self.onnx_path), top_k=k, n_total=0)
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(_CsvStream(csv, k)) if csv is not None else None
+            for predictions, errors in self.stream(paths, top_k=top_k, batch_size=batch_size, workers=workers):
+                result.n_total += len(predictions)
+                result.errors += errors
+                if writer is not None:
+                    writer.rows(predictions)
+                room = len(predictions) if keep is None else max(0, int(keep) - len(result.predictions))
+                result.predictions += predictions[:room]
+            if writer is not None:
+                writer.errors(result.errors)
         return result
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _decode(files: Sequence[Path], p: _Prep) -> tuple[np.ndarray | None, list[Path], list[dict]]:
+    """One batch of files -> (preprocessed batch or None, the files in it, the unreadable ones)."""
+    pixels, ok, errors = [], [], []
+    for f in files:
+        try:
+            pixels.append(np.asarray(_geometry(load_rgb(f), p)))
+            ok.append(f)
+        except UnreadableImageError as exc:
+            errors.append({"path": str(f), "reason": exc.reason})
+    return (_normalise(np.stack(pixels), p) if pixels else None), ok, errors
+
+
+class _CsvStream:
+    """``PredictionResult.csv_text``'s format, written row by row into a temporary file that
+    replaces ``path`` when the run completes (an interrupted run leaves no half file)."""
+
+    def __init__(self, path: str | os.PathLike, k: int):
+        from autotl.options import check_out_file
+
+        check_out_file("--csv", path, "predictions.csv")
+        self.path, self.k = Path(path), k
+        self.header = ["path", "label", "prob", *[f"top{i}_{w}" for i in range(1, k + 1) for w in ("label", "prob")], "error"]
+
+    def __enter__(self) -> "_CsvStream":
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._fh = open(tmp, "w", encoding="utf-8", newline="")
+        self._writer = csv.writer(self._fh, lineterminator="\n")
+        self._writer.writerow(self.header)
+        return self
+
+    def rows(self, predictions: list[dict]) -> None:
+        self._writer.writerows(_csv_rows(predictions, len(self.header)))
+        self._fh.flush()
+
+    def errors(self, errors: list[dict]) -> None:
+        self._writer.writerows(_error_rows(errors, len(self.header)))
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+        self._atomic.__exit__(*exc)
+
+
+def _csv_rows(predictions: list[dict], width: int) -> list[list[str]]:
+    rows = []
+    for p in predictions:
+        top = p["top"]
+        row = [p["path"], top[0]["label"], _fmt_prob(top[0]["prob"])]
+        for t in top:
+            row += [t["label"], _fmt_prob(t["prob"])]
+        row += [""] * (width - 1 - len(row))
+        rows.append(safe_row(row + [""]))
+    return rows
+
+
+def _error_rows(errors: list[dict], width: int) -> list[list[str]]:
+    return [safe_row([e["path"]] + [""] * (width - 2) + [e["reason"]]) for e in errors]
+
+
 def predict(model_path: str | os.PathLike, paths: str | os.PathLike | Iterable[str | os.PathLike],
-            top_k: int = 5, batch_size: int = 32) -> PredictionResult:
-    """Classify image files / folders with an exported ``model.onnx`` (or its folder)."""
+            top_k: int = 5, batch_size: int = 32, *, csv: str | os.PathLike | None = None, keep: int | None = None,
+            workers: int | None = None) -> PredictionResult:
+    """Classify image files / folders with an exported ``model.onnx`` or ``model.int8.onnx`` (or
+    their folder); ``csv``/``keep``/``workers`` as in ``Predictor.predict_paths``."""
     from autotl.options import check_predict_options
 
-    check_predict_options(top_k=top_k, batch_size=batch_size)
-    return Predictor(model_path).predict_paths(paths, top_k=top_k, batch_size=batch_size)
+    check_predict_options(top_k=top_k, batch_size=batch_size, csv=csv)
+    return Predictor(model_path).predict_paths(paths, top_k=top_k, batch_size=batch_size, csv=csv, keep=keep,
+                                               workers=workers)

@@ -72,20 +72,22 @@ def _study(tmp_path: Path):
 
 # ----------------------------------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_during_feature_extraction_then_rerun(data, tmp_path, monkeypatch, capsys):
-    real_save, calls = np.save, []
+    # the pass writes its arrays straight into memory-mapped .npy files: cut the second one off half-way
+    real_open, calls = np.lib.format.open_memmap, []
 
-    def save_then_interrupt(fh, arr, *a, **kw):
+    def open_then_interrupt(path, *a, **kw):
         calls.append(1)
-        if len(calls) == 2:  # the first array is stored, the second is cut off half-way
-            fh.write(b"\x93NUMPY half")
+        if len(calls) == 2:
+            Path(path).write_bytes(b"\x93NUMPY half")
             raise KeyboardInterrupt
-        return real_save(fh, arr, *a, **kw)
+        return real_open(path, *a, **kw)
 
-    monkeypatch.setattr(autotl.features.np, "save", save_then_interrupt)
+    monkeypatch.setattr(autotl.features.np.lib.format, "open_memmap", open_then_interrupt)
     assert main(_args(data, tmp_path, 2)) == 130
+    assert len(calls) == 2, "the interrupt came during the feature pass"
     _no_tmp(tmp_path / "run", tmp_path / "cache")
     assert not (tmp_path / "run" / "model.onnx").exists()
-    monkeypatch.setattr(autotl.features.np, "save", real_save)
+    monkeypatch.setattr(autotl.features.np.lib.format, "open_memmap", real_open)
     capsys.readouterr()
     assert main(_args(data, tmp_path, 2, "--json")) == 0  # the same command again: nothing was lost but time
     doc = json.loads(capsys.readouterr().out)

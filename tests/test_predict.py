@@ -312,3 +312,57 @@ def test_predict_does_not_import_torch(exported_model, image_dir):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streamed_csv_and_bounded_result(exported_model, image_dir, tmp_path):
+    _, path, _ = exported_model
+    full = Predictor(path).predict_paths(image_dir, top_k=2)
+    out = tmp_path / "preds.csv"
+    kept = predict(path, image_dir, top_k=2, batch_size=3, csv=out, keep=2)
+    assert len(kept.predictions) == 2 and kept.n_images == len(full.predictions) == 8
+    assert kept.to_json()["n_images"] == 8 and kept.errors == full.errors
+    assert out.read_text() == full.csv_text()  # the streamed file is the same document, rows in path order
+    assert not list(tmp_path.glob(".*.tmp"))
+    table = kept.table(max_rows=2)
+    assert table.row_count == 2 + 1 + 1  # the kept rows, "... 6 more", the unreadable image
+
+
+def test_csv_rows_are_written_as_they_are_computed(exported_model, image_dir, tmp_path):
+    _, path, _ = exported_model
+    seen = []
+
+    class Watching(Predictor):
+        def stream(self, *args, **kwargs):
+            for batch in super().stream(*args, **kwargs):
+                yield batch
+                partial = list(tmp_path.glob(".preds.csv.*.tmp"))
+                seen.append(len(partial[0].read_text().splitlines()) if partial else None)
+
+    Watching(path).predict_paths(image_dir, top_k=1, batch_size=2, csv=tmp_path / "preds.csv")
+    assert seen[0] is not None and seen == sorted(seen) and seen[0] < seen[-1]  # grows batch by batch
+    assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 8 + 1  # header, 8 images, 1 unreadable
+
+
+def test_parallel_decode_is_bounded_and_gives_the_serial_answer(exported_model, image_dir, monkeypatch):
+    import autotl.predict as predict_module
+
+    _, path, _ = exported_model
+    serial = Predictor(path).predict_paths(image_dir, batch_size=1, workers=1)
+    decoded, consumed = [], [0]
+    real = predict_module._decode
+
+    def counting(files, p):
+        decoded.append(consumed[0])  # how many batches the consumer had taken when this one started
+        return real(files, p)
+
+    monkeypatch.setattr(predict_module, "_decode", counting)
+    predictor = Predictor(path)
+    for _ in predictor.stream(image_dir, batch_size=1, workers=2):
+        consumed[0] += 1
+    assert len(decoded) == 9  # 8 images + the unreadable one, one per batch
+    assert all(i - taken <= 2 + 1 for i, taken in enumerate(decoded)), decoded  # at most workers + 1 ahead
+    parallel = predictor.predict_paths(image_dir, batch_size=1, workers=3)
+    assert parallel.predictions == serial.predictions and parallel.errors == serial.errors

@@ -1,0 +1,158 @@
+"""The frozen-forward backends: onnxruntime agrees with PyTorch, is what CPU runs use, keys the cache,
+falls back to eager when its graph is wrong; caches are memory-mapped."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from autotl import backend
+from autotl._images import load_rgb
+from autotl.data import scan_dataset
+from autotl.features import FeatureExtractor, decode_workers
+from autotl.models import create_source_model
+from autotl.stages import staged_backbone
+
+from conftest import limited_torch_threads
+
+SPECS = ["test_efficientnet=random", "resnet10t=random"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with limited_torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def index(tmp_path, make_image_folder):
+    return scan_dataset(make_image_folder(tmp_path / "data", {"cat": 6, "dog": 5}), val_fraction=0.2)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_onnxruntime_matches_pytorch_on_every_output(spec, index, tmp_path):
+    source = create_source_model(spec)
+    ort_ex = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4)
+    eager_ex = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4, backend="eager")
+    assert (ort_ex.backend, eager_ex.backend) == ("onnxruntime", "eager")
+    cuts = [1, ort_ex.num_stages - 1]
+    got, want = ort_ex.extract(index.train, cuts), eager_ex.extract(index.train, cuts)
+    assert ort_ex.backend == "onnxruntime"  # it did not fall back
+    assert list((tmp_path / "cache" / "graphs").glob("*.onnx")), "the frozen graph is cached beside the features"
+    # the reference: the timm model itself, fp32 eager
+    images = _images(ort_ex, index.train)
+    with torch.no_grad():
+        model = source.model.eval()
+        pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+        logits = model.forward_head(model.forward_features(images))
+    assert torch.max(torch.abs(got.pooled - pooled)) <= 1e-4
+    assert torch.max(torch.abs(got.source_logits - logits)) <= 1e-4
+    assert torch.max(torch.abs(got.pooled - want.pooled)) <= 1e-4
+    for c in cuts:  # fp16 maps: equal up to one fp16 rounding step
+        assert got.maps[c].shape == want.maps[c].shape
+        assert torch.allclose(got.maps[c].float(), want.maps[c].float(), atol=1e-3, rtol=1e-3)
+
+
+def test_graph_exported_once_and_reused(index, tmp_path):
+    source = create_source_model("test_efficientnet=random")
+    ex = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4)
+    ex.extract(index.train, [2])
+    graphs = list((tmp_path / "cache" / "graphs").glob("*.onnx"))
+    assert len(graphs) == 1
+    stamp = graphs[0].stat().st_mtime_ns
+    ex.extract(index.val, [2])  # other images, same (model, cut, input size): same graph file
+    assert [g.stat().st_mtime_ns for g in (tmp_path / "cache" / "graphs").glob("*.onnx")] == [stamp]
+
+
+def test_backend_is_part_of_the_cache_key(index, tmp_path):
+    source = create_source_model("test_efficientnet=random")
+    eager = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4, backend="eager")
+    eager.extract(index.train, [1])
+    again = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4, backend="eager")
+    again.extract(index.train, [1])
+    assert again.forward_batches == 0  # same backend: a cache hit
+    fast = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4)
+    fast.extract(index.train, [1])
+    assert fast.forward_batches > 0  # another backend never reads the eager features
+
+
+def test_a_wrong_graph_falls_back_to_eager(index, tmp_path):
+    source = create_source_model("test_efficientnet=random")
+    # a stale graph under this model's key (the same network with other weights): parity must reject it
+    other = copy.deepcopy(source.model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05)
+    stages, pool = staged_backbone(other)
+    key = backend.graph_key(source.label, source.weights_id, source.data_config["input_size"], [], True)
+    stale = tmp_path / "cache" / "graphs" / f"{key}.onnx"
+    backend.export_frozen_graph(backend._FrozenGraph([m for _, m in stages], pool, other.get_classifier(), []), stale,
+                                source.data_config["input_size"])
+    ex = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4)
+    acts = ex.extract(index.train)
+    assert ex.backend == "eager"
+    assert not stale.exists(), "a graph that failed parity is removed"
+    assert ex._load(ex._key(index.train), "pooled") is not None, "the eager numbers are stored under the eager key"
+    with torch.no_grad():
+        want = source.model.eval().forward_head(source.model.forward_features(_images(ex, index.train)), pre_logits=True)
+    assert torch.max(torch.abs(acts.pooled - want)) <= 1e-4
+
+
+def _images(ex, samples):
+    return torch.stack([ex.transform(load_rgb(s.path)) for s in samples])
+
+
+def test_caches_are_memory_mapped(index, tmp_path):
+    source = create_source_model("test_efficientnet=random")
+    ex = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4)
+    first = ex.extract(index.train, [2])
+    fresh = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4)
+    again = fresh.extract(index.train, [2])
+    assert fresh.forward_batches == 0
+    key = fresh._key(index.train)
+    assert isinstance(fresh._load(key, "cut2"), np.memmap)
+    assert isinstance(ex._load(key, "cut2"), np.memmap), "the pass itself leaves a mapped file, not an in-memory copy"
+    assert torch.equal(first.maps[2], again.maps[2])
+    assert not list((tmp_path / "cache").rglob("*.tmp")), "no temporary file left behind"
+
+
+def test_without_cache_dir_arrays_stay_in_memory(index):
+    ex = FeatureExtractor(create_source_model("test_efficientnet=random"), batch_size=4)
+    acts = ex.extract(index.train, [1])
+    assert ex.backend == "onnxruntime" and acts.pooled.shape[0] == len(index.train)
+    assert not isinstance(ex._load(ex._key(index.train), "cut1"), np.memmap)
+
+
+def test_backend_choice():
+    assert backend.pick_backend(torch.device("cpu")) == "onnxruntime"
+    assert backend.pick_backend(torch.device("cpu"), "eager") == "eager"
+    assert backend.pick_backend(torch.device("cuda")) == "cuda-bf16"
+    assert decode_workers(torch.device("cpu")) == (max(1, backend.cpu_cores() // 4) if backend.cpu_cores() > 1 else 0)
+
+
+def test_backend_override_is_checked(monkeypatch):
+    from autotl.errors import AutotlError
+
+    monkeypatch.setenv("AUTOTL_FROZEN_BACKEND", "tensorrt")
+    with pytest.raises(AutotlError, match="AUTOTL_FROZEN_BACKEND"):
+        backend.pick_backend(torch.device("cpu"))
+
+
+def test_the_pass_decodes_in_worker_processes_sized_to_the_cores(index, monkeypatch):
+    import autotl.features as features
+
+    used = []
+    real = features.make_loader
+
+    def spy(*args, **kwargs):
+        loader = real(*args, **kwargs)
+        used.append(loader.num_workers)
+        return loader
+
+    monkeypatch.setattr(features, "make_loader", spy)
+    monkeypatch.setattr(features, "decode_workers", lambda device: 2)
+    FeatureExtractor(create_source_model("test_efficientnet=random"), batch_size=4).extract(index.train)
+    assert used == [2]
