@@ -411,7 +411,7 @@ def test_all_trials_failing_says_what_broke(tmp_path):
     recipe = load_recipe("quick")
     objective = SimpleNamespace(base=SimpleNamespace(objective="accuracy"), candidates=["m"], fixed={})
     plan = SimpleNamespace(run=SimpleNamespace(index=None), recipe=recipe, objective=objective,
-                           settings=SimpleNamespace(study_name="autotl"))
+                           settings=SimpleNamespace(study_name="autotl"), selection=SimpleNamespace(scored_samples=[]))
     with pytest.raises(AutotlError) as info:
         refit_best(plan, SimpleNamespace(study=study))
     msg = str(info.value)
