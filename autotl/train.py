@@ -29,13 +29,20 @@ the set-up and the epoch loop. ``train_model`` calls, in this order:
   ``on_epoch`` and the stop test);
 - per round: ``h.round_starts`` (attribute, default ``(0,)``) splits the epochs into rounds;
   ``h.end_round(round_idx)`` runs after the last epoch of every round but the final one, unless
-  training stopped in that epoch.
+  training stopped in that epoch. Each round is a fine-tuning of its own (Ge & Yu's iterations):
+  it continues from the previous round's weights and optimiser state with its own learning-rate
+  schedule (round 0: warm-up, then cosine to 0 over the round; every later round restarts at the
+  full rate, so what ``end_round`` changed trains at full rate, and decays by cosine over its own
+  epochs). With more than one round there is no early stopping (none could reach back into an
+  earlier round): every epoch runs unless the deadline passes, and the net returned is the last
+  round's, at its last epoch.
 ``h.progress_label`` names the progress bar. Gradient transforms are not hooks: they stay with the
 regulariser path (DTNH projection in ``regularized_backward``).
 """
 from __future__ import annotations
 
 import abc
+import bisect
 import math
 import random
 import time
@@ -244,14 +251,23 @@ def _optimizer(net: TransferNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
 
 
-def _warmup_cosine(opt, total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def round_lr_factor(step: int, total_steps: int, warmup_steps: int, round_start_steps: Sequence[int] = (0,)) -> float:
+    """The learning-rate multiplier at optimiser step ``step``: warm-up then cosine to 0, restarted
+    at every round start (``round_start_steps``, the first is 0). Only round 0 warms up: a later
+    round continues a trained net and starts at the full rate. One round = plain warm-up cosine."""
+    starts = sorted({0, *(int(s) for s in round_start_steps if 0 <= int(s) < total_steps)})
+    r = bisect.bisect_right(starts, step) - 1
+    begin, end = starts[r], (starts[r + 1] if r + 1 < len(starts) else total_steps)
+    local, warm = step - begin, warmup_steps if r == 0 else 0
+    if local < warm:
+        return (local + 1) / max(1, warm)
+    t = (local - warm) / max(1, end - begin - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+def _warmup_cosine(opt, total_steps: int, warmup_steps: int, round_start_steps: Sequence[int] = (0,)):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: round_lr_factor(step, total_steps, warmup_steps, round_start_steps))
 
 
 def _make_regularizer(cfg: TrainConfig, view: _SuffixView):
@@ -441,7 +457,9 @@ def train_model(
         if extra_module is not None:  # a new layer like the head: the head's learning rate
             opt.add_param_group({"params": list(extra_module.parameters()), "lr": cfg.lr})
         steps_per_epoch = max(1, len(train_loader))
-        sched = _warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
+        round_starts = sorted({0, *(int(e) for e in hooks.round_starts if 0 <= int(e) < cfg.epochs)})
+        sched = _warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch),
+                               [e * steps_per_epoch for e in round_starts])
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         lam_schedule = None
         if reg is not None:
@@ -451,8 +469,9 @@ def train_model(
 
         set_seed(cfg.seed)  # a cache miss above consumed random numbers (loader seeds); a hit did not
         history: list[EpochMetrics] = []
-        stopper = _EarlyStopping(cfg.objective, cfg.patience, cfg.early_stopping)
-        round_starts, round_idx = list(hooks.round_starts), 0
+        # rounds: no early stopping, it would restore (or stop in) a round the later ones build on
+        stopper = _EarlyStopping(cfg.objective, cfg.patience, cfg.early_stopping and len(round_starts) == 1)
+        round_idx = 0
         with _console.progress(hooks.progress_label, total=cfg.epochs) as bar:
             for epoch in range(cfg.epochs):
                 t0 = time.monotonic()
@@ -526,5 +545,5 @@ def predict_logits(net: TransferNet, acts: ActivationSet, batch_size: int = 256)
     return torch.cat([net.forward_from(x[i : i + batch_size].float(), net.frozen) for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, net.head.out_features)
 
 
-__all__ = ["TrainConfig", "TrainResult", "EpochMetrics", "TrainingHooks", "TrainingSetup", "train_model",
+__all__ = ["TrainConfig", "TrainResult", "EpochMetrics", "TrainingHooks", "TrainingSetup", "train_model", "round_lr_factor",
            "predict_logits", "mixup", "MixedBatch", "classification_metrics", "confusion_matrix", "pick_device", "resolve_frozen", "set_seed"]

@@ -32,7 +32,8 @@ from autotl.retrieval.schedule import HardSampleSchedule
 from autotl.retrieval.strategy import SelectiveJointFineTuning
 from autotl.stages import TransferNet
 from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies
-from autotl.train import TrainConfig, _SuffixView
+from autotl import train as train_mod
+from autotl.train import TrainConfig, TrainingHooks, _SuffixView, round_lr_factor, train_model
 from conftest import limited_torch_threads
 
 MODEL = "test_efficientnet@64=random"
@@ -228,6 +229,117 @@ def test_hard_sample_rounds_grow_neighbour_counts_by_eq3(source, index, folders,
         assert joined == [int((torch.stack(expected)[:, i] <= rank).sum()) for rank in range(len(got))]
     # the exported net is the target net only
     assert res.net.head.out_features == 2 and data.notes["joint"] and data.notes["pool_images_used"] > 0
+
+
+def test_round_lr_factor_restarts_each_round_at_full_rate():
+    """Round 0: warm-up then cosine to 0; each later round starts at 1 (no warm-up) and decays."""
+    f = [round_lr_factor(s, 30, 5, [0, 10, 20]) for s in range(30)]
+    assert f[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert f[10] == 1.0 and f[20] == 1.0  # the enlarged neighbour sets start at the full rate
+    assert f[9] < 0.1 and f[19] < 0.1 and f[29] < 0.1
+    assert all(a > b for a, b in zip(f[10:19], f[11:20])) and all(a > b for a, b in zip(f[20:29], f[21:30]))
+    # one round is the plain warm-up cosine over all steps
+    one = [round_lr_factor(s, 30, 5) for s in range(30)]
+    assert one[10] < 1.0 and one[:5] == f[:5]
+    assert one == [round_lr_factor(s, 30, 5, [0]) for s in range(30)]
+
+
+class _RecordRounds(TrainingHooks):
+    """Round callbacks and the net's weights at every epoch boundary (no extra rows)."""
+
+    def __init__(self, round_starts):
+        self.round_starts = tuple(round_starts)
+        self.ended, self.at_start, self.at_end = [], [], []
+
+    def _state(self):
+        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def setup(self, run):
+        self.net = run.net
+        return None
+
+    def start_epoch(self, epoch):
+        self.at_start.append(self._state())
+
+    def end_epoch(self, metrics):
+        self.at_end.append(self._state())
+
+    def end_round(self, round_idx):
+        self.ended.append(round_idx)
+
+
+def _worsening_val(monkeypatch):
+    """Every epoch's decision score is worse than the one before: early stopping would keep epoch 0."""
+    real, calls = train_mod._evaluate, []
+
+    def evaluate(*a, **k):
+        m = real(*a, **k)
+        calls.append(1)
+        return {**m, "accuracy": 1.0 - 0.1 * len(calls), "macro_f1": 1.0 - 0.1 * len(calls), "loss": 0.1 * len(calls)}
+
+    monkeypatch.setattr(train_mod, "_evaluate", evaluate)
+
+
+def test_rounds_are_iterations_of_fine_tuning(source, index, extractor, monkeypatch):
+    """Each round continues from the previous one's weights with its own learning-rate schedule
+    (full rate at every round start); no early stopping reaches back: the last round's net is returned."""
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    _worsening_val(monkeypatch)
+    train = list(index.train)  # 20 images, batch 8: 3 steps per epoch
+    cfg = TrainConfig(frozen_stages=-1, epochs=6, batch_size=8, lr=0.01, warmup_epochs=1, patience=1)
+    hooks = _RecordRounds([0, 2, 4])
+    res = train_model(source, train, index.val, 2, cfg, extractor=extractor, hooks=hooks)
+    assert len(lrs) == 18 and hooks.ended == [0, 1]
+    assert lrs[6] == pytest.approx(0.01) and lrs[12] == pytest.approx(0.01)  # rounds 1 and 2 start at full rate
+    assert lrs[5] < 0.003 and lrs[11] < 0.001 and lrs[0] < 0.01  # each round decays; round 0 warms up
+    # patience 1 and a worsening decision score: the rounds still all run, and the last epoch is kept
+    assert len(res.history) == 6 and res.best_epoch == 5
+    for k, v in res.net.state_dict().items():
+        torch.testing.assert_close(v, hooks.at_end[-1][k])
+    for e in (2, 4):  # a round starts from the weights the previous round ended with
+        for k, v in hooks.at_start[e].items():
+            torch.testing.assert_close(v, hooks.at_end[e - 1][k])
+    # one round (plain training): the same worsening score stops it and keeps epoch 0
+    plain = train_model(source, train, index.val, 2, cfg, extractor=extractor, hooks=_RecordRounds([0]))
+    assert len(plain.history) == 2 and plain.best_epoch == 0
+
+
+def test_joint_rounds_keep_the_last_round_and_record_its_scores(source, index, folders, extractor, tmp_path,
+                                                               monkeypatch):
+    _worsening_val(monkeypatch)
+    pool = scan_pool(folders[1], cache_dir=tmp_path)
+    data = JointData(pool=pool, neighbours=joint_mod.random_neighbours(len(pool), seed=1), k0=1, max_rounds=2)
+    cfg = TrainConfig(frozen_stages=-1, epochs=4, batch_size=8, patience=1)
+    res = train_joint(source, index.train, index.val, 2, cfg, extractor=extractor, joint=data)
+    assert len(res.history) == 4 and res.best_epoch == 3 and data.notes["rounds_run"] == 2
+    assert [len(r["val_score"]) for r in data.notes["rounds"]] == [2, 2]
+    assert data.notes["rounds"][1]["val_score"][-1] == pytest.approx(res.history[-1].accuracy, abs=1e-4)
+
+
+def test_source_head_init_is_a_searched_choice(source, index, folders, extractor, tmp_path):
+    from autotl.search._recipe import add_dimensions, load_recipe
+
+    assert "source_head_init" in SelectiveJointFineTuning.params
+    recipe = add_dimensions(load_recipe("retrieval"),
+                            {"source_head_init": {"choices": ["imagenet", "random"], "when": {"retrieval_k": {"not": 0}}}})
+    assert recipe.dimension("source_head_init") is not None
+    opts = {"source_pool": str(folders[1]), "retrieval_cache_dir": str(tmp_path / "rc")}
+    got = {}
+    for init in ("imagenet", "random"):
+        ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages=-1, epochs=1, batch_size=8),
+                              list(index.train), options=dict(opts))
+        SelectiveJointFineTuning().apply(ctx, {"retrieval_k": 1, "source_head_init": init})
+        ctx.train_fn(source, ctx.train_samples, index.val, 2, ctx.config, extractor=extractor)
+        got[init] = ctx.notes["retrieval"]["source_head_init"]
+    assert got["imagenet"].startswith("imagenet rows (2/3") and got["random"] == "random"
+    assert "source head random" in SelectiveJointFineTuning().describe({"retrieval_k": 1, "source_head_init": "random"})
 
 
 # ------------------------------------------------------------------ the strategy

@@ -143,8 +143,8 @@ def test_each_registry_lists_its_members_in_explicit_order():
     # dropout before retrieval: retrieval works on the samples dropout keeps
     assert list_strategies() == ["dropout", "retrieval"] == [s.name for s in create_strategies()]
     assert list_regularizers() == ["none", "l2sp", "kd"]
-    assert list_filter_banks() == ["gabor", "conv"]
-    assert tuple(BANKS) == ("gabor", "conv", "gabor+conv")
+    assert list_filter_banks() == ["gabor", "conv", "firstconvs"]
+    assert tuple(BANKS) == ("gabor", "conv", "firstconvs", "gabor+conv", "gabor+firstconvs", "conv+firstconvs", "gabor+conv+firstconvs")
     assert "gabor+conv" in BANKS and "conv+gabor" not in BANKS and "gabor+gabor" not in BANKS
 
 
@@ -180,14 +180,14 @@ def test_an_unknown_name_is_a_clear_error_listing_the_known_names():
         (create_strategy, "dropout, retrieval"),
         (lambda n: create_strategies([n]), "dropout, retrieval"),
         (create_regularizer, "none, l2sp, kd"),
-        (create_filter_bank, "gabor, conv"),
+        (create_filter_bank, "gabor, conv, firstconvs"),
     ]:
         with pytest.raises(UnknownNameError, match=f"unknown .*'sobel'; available: {known}$"):
             create("sobel")
     assert issubclass(UnknownNameError, ValueError)  # what callers caught before the registries
     with pytest.raises(ValueError, match="unknown regularizer 'sobel'; available: none, l2sp, kd"):
         _make_regularizer(TrainConfig(regularizer="sobel", reg_lambda=0.1), _view())
-    with pytest.raises(AutotlError, match="retrieval_bank 'sobel': use one of gabor, conv, gabor\\+conv"):
+    with pytest.raises(AutotlError, match="retrieval_bank 'sobel': use one of gabor, conv, firstconvs, gabor\\+conv,"):
         create_banks("sobel")
 
 
@@ -224,7 +224,7 @@ def test_an_unregistered_member_is_gone_from_every_listing():
     REGULARIZERS.unregister("head-norm")
     FILTER_BANKS.unregister("luma")
     assert list_strategies() == ["dropout", "retrieval"] and "every_second" not in strategy_params()
-    assert list_regularizers() == ["none", "l2sp", "kd"] and tuple(BANKS) == ("gabor", "conv", "gabor+conv")
+    assert list_regularizers() == ["none", "l2sp", "kd"] and tuple(BANKS) == ("gabor", "conv", "firstconvs", "gabor+conv", "gabor+firstconvs", "conv+firstconvs", "gabor+conv+firstconvs")
     with pytest.raises(UnknownNameError):
         create_regularizer("head-norm")
 
@@ -242,8 +242,10 @@ def test_a_registered_regularizer_reaches_training_through_make_regularizer(regi
 
 
 def test_a_registered_filter_bank_is_a_retrieval_bank_choice(registered):
-    registered(FILTER_BANKS, "luma", _LumaBank, order=30)
-    assert tuple(BANKS) == ("gabor", "conv", "luma", "gabor+conv", "gabor+luma", "conv+luma", "gabor+conv+luma")
+    registered(FILTER_BANKS, "luma", _LumaBank, order=40)
+    assert list_filter_banks() == ["gabor", "conv", "firstconvs", "luma"] and len(BANKS) == 15
+    assert tuple(BANKS)[:8] == ("gabor", "conv", "firstconvs", "luma", "gabor+conv", "gabor+firstconvs", "gabor+luma",
+                                "conv+firstconvs")
     assert isinstance(create_filter_bank("luma"), _LumaBank)
     gabor, luma = create_banks("gabor+luma")
     assert isinstance(gabor, GaborFilterBank) and isinstance(luma, _LumaBank)

@@ -198,6 +198,55 @@ def test_source_conv_bank_reproduces_first_stages():
         torch.testing.assert_close(source_conv_bank(resnet)(x), got["a"])
 
 
+def test_first_convs_bank_is_the_first_two_convolutions_after_their_activation():
+    """The paper's best bank: each response taken after the non-linearity of its convolution."""
+    import timm
+
+    from autotl.retrieval.filterbanks import FirstConvsFilterBank, create_filter_bank
+    from autotl.retrieval.neighbours import BANKS, create_banks
+
+    # random weights, EfficientNet-Lite layout: blocks[0] is a depthwise-separable block that ends
+    # in a linear 1x1 projection
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    x = torch.rand(2, 3, 40, 40)
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    b0 = model.blocks[0][0]
+    with torch.no_grad():
+        stem = model.bn1(model.conv_stem((x - mean) / std))  # BatchNormAct2d: BN + activation
+        second = b0.bn1(b0.conv_dw(stem))
+        linear_end = model.blocks[0](stem)  # what the "conv" bank takes: ends in a linear projection
+    bank = create_filter_bank("firstconvs", model)
+    assert isinstance(bank, FirstConvsFilterBank) and "firstconvs" in BANKS and "gabor+firstconvs" in BANKS
+    assert bank.groups == (stem.shape[1], second.shape[1])
+    assert bank.module.layer_names == ("bn1.act", "blocks.0.0.bn1.act")
+    r = bank.responses(x)
+    n1 = stem.shape[1]
+    torch.testing.assert_close(r[:, :n1], stem)
+    torch.testing.assert_close(r[:, n1:], second)
+    assert bool((linear_end < 0).any()) and not bool((second < -1e-6).any())  # after ReLU6, not the projection
+    assert "first 2 convolutions" in bank.describe() and "blocks[0]" in create_banks("conv", model)[0].describe()
+    # the model is left as it was (no hooks), and the key follows the weights the responses use only
+    assert not any(m._forward_hooks for m in model.modules())
+    key = bank.key
+    other = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.classifier.weight.add_(1.0)
+    assert FirstConvsFilterBank(other).key == key
+    with torch.no_grad():
+        other.blocks[0][0].conv_dw.weight.add_(1.0)
+    assert FirstConvsFilterBank(other).key != key
+
+    resnet = timm.create_model("resnet10t", pretrained=False).eval()  # deep stem: conv-BN-ReLU twice first
+    with torch.no_grad():
+        xr = (x - torch.tensor(resnet.pretrained_cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(resnet.pretrained_cfg["std"]).view(1, 3, 1, 1)
+        a1 = resnet.conv1[2](resnet.conv1[1](resnet.conv1[0](xr)))
+        a2 = resnet.conv1[5](resnet.conv1[4](resnet.conv1[3](a1)))
+    rb = FirstConvsFilterBank(resnet)
+    torch.testing.assert_close(rb.responses(x), torch.cat([a1, a2], 1))
+
+
 # ------------------------------------------------------------------ histograms and cache
 
 

@@ -23,6 +23,7 @@ of this module), after which ``create_filter_bank(name)`` and ``retrieval_bank``
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 from abc import ABC, abstractmethod
@@ -44,6 +45,8 @@ __all__ = [
     "list_filter_banks",
     "GaborFilterBank",
     "ConvFilterBank",
+    "FirstConvActivations",
+    "FirstConvsFilterBank",
     "GaborParams",
     "gabor_params",
     "gabor_bank",
@@ -108,6 +111,10 @@ class BaseFilterBank(ABC):
     @abstractmethod
     def _key_material(self) -> list[bytes]:
         """Bytes that identify the filters (their weights and processing) for :attr:`key`."""
+
+    def describe(self) -> str:
+        """What the bank is, in words (the model card says it)."""
+        return f"{self.name}: {self.num_filters} filters"
 
     @property
     def key(self) -> str:
@@ -306,6 +313,10 @@ class GaborFilterBank(BaseFilterBank):
             radius = min(self.ksize // 2, max(_support_radius(self.params[j]) for j in idx))
             self._plan.append((crop, radius, idx))
         self._spectra: dict[tuple, torch.Tensor] = {}
+
+    def describe(self) -> str:
+        return (f"{self.num_filters} Gabor filters on the greyscale image ({self.scales} scales x {self.orientations} "
+                f"orientations, real and imaginary parts; Manjunath & Ma 1996)")
 
     @classmethod
     def from_source(cls, source_model: nn.Module | None = None) -> "GaborFilterBank":
@@ -555,6 +566,13 @@ class ConvFilterBank(BaseFilterBank):
         self.name = name
         self.device = torch.device("cpu")
 
+    def describe(self) -> str:
+        stages = list(getattr(self.module, "stages", []))
+        what = ("the source network's stem (conv + BN + activation) and the output of its first block stage "
+                "(blocks[0], which ends in a linear projection)" if len(stages) == 2
+                else "the output of the source network's first conv stage with its activation")
+        return f"{what}; {'+'.join(map(str, self.groups))} filters ({self.name})"
+
     @classmethod
     def from_source(cls, source_model: nn.Module | None) -> "ConvFilterBank":
         """The source model's first two conv stages with their activations; the first stage only
@@ -590,6 +608,124 @@ class ConvFilterBank(BaseFilterBank):
         return out.float()
 
 
+class _EnoughResponses(Exception):
+    """Raised from a forward hook once the bank has its responses: the rest of the net is not run."""
+
+
+class FirstConvActivations(nn.Module):
+    """The responses of the first ``layers`` convolutions of a CNN that are followed by a
+    non-linearity, each taken *after* its activation (Ge & Yu's best bank: all kernels of
+    AlexNet's conv1 and conv2 with their ReLUs).
+
+    Found by running the (frozen, eval-mode) copy of the model: every activation module's output
+    counts when a ``Conv2d`` ran since the previous counted one and the map is larger than 1 x 1
+    (so a squeeze-excitation's activation on pooled features is not a layer); the forward pass
+    stops once ``layers`` are collected. For EfficientNet-Lite that is conv_stem + BN + ReLU6
+    (32 filters) and the first depthwise 3x3 conv + BN + ReLU6 of ``blocks[0]`` (32 filters) —
+    not ``blocks[0]``'s output, which its linear 1x1 projection ends; for a ResNet the first two
+    conv + BN + ReLU of the stem. ``forward`` returns them concatenated (B, sum(groups), h, w),
+    larger maps subsampled (nearest) to the last one's size; ``layer_names`` says which modules.
+    """
+
+    def __init__(self, model: nn.Module, layers: int = 2, *, probe_size: int = 64):
+        super().__init__()
+        if int(layers) < 1:
+            raise ValueError("layers must be >= 1")
+        self.layers = int(layers)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._outs: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self._conv_ran = False
+        self._used: set[str] = set()
+        self._handles = []
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                self._handles.append(m.register_forward_hook(self._on_conv))
+            elif _is_act(m):
+                self._handles.append(m.register_forward_hook(functools.partial(self._on_act, name)))
+            if not list(m.children()):
+                self._handles.append(m.register_forward_hook(functools.partial(self._on_leaf, name)))
+        with torch.no_grad():
+            outs = self.forward_layers(torch.zeros(1, 3, probe_size, probe_size))
+        if len(outs) < self.layers:
+            raise AutotlError(f"{type(model).__name__} has only {len(outs)} convolution(s) followed by an activation "
+                              f"before its end; the first-convolutions bank needs {self.layers}: pick a CNN source model")
+        self.groups = tuple(int(o.shape[1]) for o in outs)
+        self.layer_names = tuple(self._names)
+        self.used_modules = tuple(sorted(self._used))  # what the responses depend on (the bank's key)
+
+    def train(self, mode: bool = True) -> "FirstConvActivations":  # always eval: BN uses running stats
+        return super().train(False)
+
+    def _on_leaf(self, name: str, module, args, output) -> None:
+        self._used.add(name)
+
+    def _on_conv(self, module, args, output) -> None:
+        self._conv_ran = True
+
+    def _on_act(self, name: str, module, args, output) -> None:
+        if not (self._conv_ran and isinstance(output, torch.Tensor) and output.ndim == 4
+                and output.shape[-1] * output.shape[-2] > 1):
+            return
+        self._outs.append(output.clone())  # activations may be in place: later layers must not change it
+        self._names.append(name)
+        self._conv_ran = False
+        if len(self._outs) >= self.layers:
+            raise _EnoughResponses
+
+    def forward_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._outs, self._names, self._conv_ran = [], [], False
+        try:
+            self.model(x)
+        except _EnoughResponses:
+            pass
+        outs, self._outs = self._outs, []
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = self.forward_layers(x)
+        h, w = outs[-1].shape[-2:]
+        outs = [o if o.shape[-2:] == (h, w) else F.interpolate(o, size=(h, w), mode="nearest") for o in outs]
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+class FirstConvsFilterBank(ConvFilterBank):
+    """The paper's best non-linear bank (its Table 1: AlexNet conv1-conv2): the source network's
+    first two convolutions that are followed by a non-linearity, responses after the activation
+    (:class:`FirstConvActivations`), the model's own mean/std; eq. (1) weights each layer 1/N_h."""
+
+    LAYERS = 2
+
+    def __init__(self, model: nn.Module, layers: int = LAYERS):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        arch = cfg.get("architecture") or type(model).__name__
+        module = FirstConvActivations(model, layers)
+        super().__init__(module, mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD),
+                         name=f"firstconvs-{arch}-{layers}")
+
+    @classmethod
+    def from_source(cls, source_model: nn.Module | None) -> "FirstConvsFilterBank":
+        if source_model is None:
+            raise AutotlError("retrieval_bank 'firstconvs' needs the source model")
+        return cls(source_model)
+
+    def describe(self) -> str:
+        return (f"responses after the activation of the source network's first {len(self.groups)} convolutions "
+                f"followed by a non-linearity ({', '.join(self.module.layer_names)}; {'+'.join(map(str, self.groups))} filters)")
+
+    def _key_material(self) -> list[bytes]:
+        if getattr(self, "_key_cache", None) is None:
+            m = self.module
+            state = m.model.state_dict()
+            used = [k for k in sorted(state) if k.rpartition(".")[0] in set(m.used_modules)]
+            chunks = [b"first-conv-activations", repr((m.layer_names, self.mean, self.std, self.groups)).encode()]
+            chunks += [repr(m.model.get_submodule(n)).encode() for n in m.used_modules]
+            for k in used:
+                chunks += [k.encode(), _tensor_bytes(state[k])]
+            self._key_cache = chunks
+        return self._key_cache
+
+
 def source_filter_bank(model: nn.Module, stages: int = 1) -> ConvFilterBank:
     """:func:`source_conv_bank` wrapped as a :class:`FilterBank` using the model's own mean/std."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -612,6 +748,7 @@ def source_filter_bank(model: nn.Module, stages: int = 1) -> ConvFilterBank:
 FILTER_BANKS: Registry[BaseFilterBank] = Registry("filter bank", BaseFilterBank)
 FILTER_BANKS.register("gabor", "autotl.retrieval.filterbanks:GaborFilterBank", order=10)
 FILTER_BANKS.register("conv", "autotl.retrieval.filterbanks:ConvFilterBank", order=20)
+FILTER_BANKS.register("firstconvs", "autotl.retrieval.filterbanks:FirstConvsFilterBank", order=30)
 
 
 def list_filter_banks() -> list[str]:

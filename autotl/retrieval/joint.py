@@ -26,7 +26,12 @@ epochs) rounds; after each round but the last, the target training images are cl
 mode) and K_i grows by 4 K0 for a wrong prediction and by 2 K0 for a right one with entropy >= 0.1
 nats above the entropy of the label-smoothed target (``smoothing_entropy``: with smoothing every
 fitted prediction keeps that much, and the paper's delta presumes none). The K-NN is searched
-once for the largest count any image can reach and sliced.
+once for the largest count any image can reach and sliced. Each round is an iteration of
+fine-tuning as in the paper ("continue fine-tuning the model trained in the current iteration"):
+``train_model`` gives every round its own learning-rate schedule (round 0 warms up; each later
+round restarts at the full rate with the enlarged neighbour sets and decays by cosine over its own
+epochs), and no early stopping reaches back across rounds: the model returned is the last round's.
+The decision images' score after every epoch is kept per round in the notes (``val_score``).
 
 With a frozen prefix the activations at the cut are cached like ``train_model`` does: the
 target's through ``FeatureExtractor.extract``; the pool's only for the partners actually drawn
@@ -334,6 +339,7 @@ class JointFineTuningHooks(TrainingHooks):
 
     def end_epoch(self, metrics: EpochMetrics) -> None:
         self.rounds[-1].setdefault("source_loss", []).append(round(self.source_loss_sum / max(1, self.source_rows), 4))
+        self.rounds[-1].setdefault("val_score", []).append(round(float(metrics.score(self.config.objective)), 4))
 
     def end_round(self, round_idx: int) -> None:
         """Eq. 3: classify the target training images, grow the hard ones' neighbour counts."""

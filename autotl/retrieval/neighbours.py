@@ -1,6 +1,6 @@
 """Target -> pool nearest neighbours under eq. (1), computed once per (pool, bank, target set).
 
-``PoolRetrieval`` holds one filter-bank choice (``"gabor"``, ``"conv"`` or ``"gabor+conv"``), the
+``PoolRetrieval`` holds one filter-bank choice (``"gabor"``, ``"conv"``, ``"firstconvs"`` or a "+"-join), the
 equal-mass bin edges fitted on the *target training split* and the descriptors of every pool
 image; ``neighbours(samples, k)`` returns the exact K-NN (distances and pool indices, ascending)
 of any list of target images, describing images it has not seen (val images added by a refit on
@@ -88,8 +88,9 @@ def clear_retrieval_cache() -> None:
 
 def create_banks(name: str, source_model: torch.nn.Module | None = None) -> list[FilterBank]:
     """The banks of one ``retrieval_bank`` value (see ``BANKS``): ``"gabor"`` (48 Gabor filters),
-    ``"conv"`` (the source model's first two conv stages with their activations; first stage only
-    where two are not supported), ``"gabor+conv"``, or any other registered bank (combination)."""
+    ``"conv"`` (the source model's stem and first block stage; first stage only where two are not
+    supported), ``"firstconvs"`` (the paper's best bank: the responses after the activation of the
+    source model's first two convolutions followed by a non-linearity), or any "+"-join of them."""
     name = str(name or "gabor").strip().lower()
     if name not in BANKS:
         raise AutotlError(f"retrieval_bank {name!r}: use one of {', '.join(BANKS)}")
@@ -193,6 +194,7 @@ class PoolRetrieval:
         return {
             "bank": self.bank,
             "bank_keys": [b.key for b in self.banks],
+            "bank_description": "; ".join(b.describe() for b in self.banks),
             "n_filters": sum(b.num_filters for b in self.banks),
             "n_bins": self.n_bins,
             "image_size": self.image_size,

@@ -1,9 +1,11 @@
 """Selective joint fine-tuning as a transfer strategy (``retrieval_k``, ``retrieval_bank``,
-``source_loss_weight``); run-wide options in ``ctx.options``: ``source_pool`` (required),
-``retrieval_rounds`` (default 5), ``retrieval_mode`` (``knn``, or ``random`` for the ablation),
-``source_weights`` (``auto``: DATL w(y) when ``autotl score`` saved them in the run folder, else
-uniform; ``datl``; ``uniform``), ``source_head_init`` (``imagenet`` / ``random``) and
-``retrieval_cache_dir``.
+``source_loss_weight``, ``source_head_init``: ``imagenet`` starts the source head from the source
+model's ImageNet classifier rows of the pool's wnid classes, ``random`` from a random
+initialisation as the paper does; both searchable); run-wide options in ``ctx.options``:
+``source_pool`` (required), ``retrieval_rounds`` (default 5), ``retrieval_mode`` (``knn``, or
+``random`` for the ablation), ``source_weights`` (``auto``: DATL w(y) when ``autotl score`` saved
+them in the run folder, else uniform; ``datl``; ``uniform``), ``source_head_init`` (the default
+when the parameter is not given) and ``retrieval_cache_dir``.
 
 ``apply``: scan the pool, fit the equal-mass bins on the target *training split* (the full split,
 so a data-dropout subset does not change the descriptors), describe the pool and the target
@@ -86,7 +88,7 @@ class SelectiveJointFineTuning(BaseStrategy):
     """Ge & Yu 2017: train the target task jointly with a source task on retrieved similar pool images."""
 
     name = "retrieval"
-    params = ("retrieval_k", "retrieval_bank", "source_loss_weight")
+    params = ("retrieval_k", "retrieval_bank", "source_loss_weight", "source_head_init")
 
     def is_active(self, params: dict[str, Any]) -> bool:
         return _k0(params) > 0
@@ -96,7 +98,8 @@ class SelectiveJointFineTuning(BaseStrategy):
         if k <= 0:
             return "retrieval: off"
         return (f"retrieval: K0={k}, bank={params.get('retrieval_bank') or DEFAULT_BANK}, "
-                f"source loss x{float(params.get('source_loss_weight', DEFAULT_SOURCE_WEIGHT)):g}")
+                f"source loss x{float(params.get('source_loss_weight', DEFAULT_SOURCE_WEIGHT)):g}"
+                + (f", source head {params['source_head_init']}" if params.get("source_head_init") else ""))
 
     def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
         k0 = _k0(params)
@@ -118,7 +121,7 @@ class SelectiveJointFineTuning(BaseStrategy):
         mode = str(ctx.options.get("retrieval_mode") or "knn").lower()
         if mode not in ("knn", "random"):
             raise AutotlError(f"retrieval_mode {mode!r}: use knn or random")
-        head_init = str(ctx.options.get("source_head_init") or "imagenet").lower()
+        head_init = str(params.get("source_head_init") or ctx.options.get("source_head_init") or "imagenet").lower()
         if head_init not in ("imagenet", "random"):
             raise AutotlError(f"source_head_init {head_init!r}: use imagenet or random")
 
