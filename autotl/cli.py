@@ -117,7 +117,7 @@ def fit(
     dry_run_dropout: bool = typer.Option(False, "--dry-run-dropout", help="Only score the training images and write dropped.csv (as `autotl dropout`); no training."),
     source_pool: Optional[Path] = typer.Option(None, "--source-pool", help="Selective joint fine-tuning: source images, one sub-folder per class (e.g. ImageNet wnid folders)."),
     retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", help="Source neighbours K0 per target image from --source-pool (0 = off)."),
-    retrieval_bank: Optional[str] = typer.Option(None, "--retrieval-bank", help="Filter bank for retrieval: gabor, conv or gabor+conv."),
+    retrieval_bank: Optional[str] = typer.Option(None, "--retrieval-bank", help="Filter bank for retrieval: gabor, conv, firstconvs (the first two convolutions after their activation) or gabor+conv."),
     source_loss_weight: Optional[float] = typer.Option(None, "--source-loss-weight", help="Weight of the source task's loss (default 1)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx (int8: static QDQ, calibrated on training images), kept only within 0.5 accuracy points of fp32 on val."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
