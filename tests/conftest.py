@@ -115,3 +115,15 @@ def single_thread(monkeypatch):
     monkeypatch.setattr(autotl.run, "set_torch_threads", lambda: None)
     with limited_torch_threads(1):
         yield
+
+
+def tiny_training_setup(folder: Path):
+    """(index, source, extractor) for training-loop tests: two classes of 8 generated 40 px images in
+    ``folder``, a random-weight ``test_efficientnet`` and one uncached extractor."""
+    from autotl.data import scan_dataset
+    from autotl.features import FeatureExtractor
+    from autotl.models import create_source_model
+
+    index = scan_dataset(write_image_folder(folder, {"a": 8, "b": 8}, size=(40, 40)))
+    source = create_source_model("test_efficientnet=random")
+    return index, source, FeatureExtractor(source, cache_dir=None)

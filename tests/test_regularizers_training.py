@@ -12,12 +12,9 @@ import pytest
 import torch
 
 from autotl import regularizers
-from autotl.data import scan_dataset
-from autotl.features import FeatureExtractor
-from autotl.models import create_source_model
 from autotl.regularizers import L2SP, FeatureMapKD
 from autotl.train import TrainConfig, train_model
-from conftest import limited_torch_threads, write_image_folder
+from conftest import limited_torch_threads, tiny_training_setup
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +25,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    index = scan_dataset(write_image_folder(tmp_path_factory.mktemp("dtnh") / "d", {"a": 8, "b": 8}, size=(40, 40)))
-    source = create_source_model("test_efficientnet=random")
-    return index, source, FeatureExtractor(source, cache_dir=None)
+    return tiny_training_setup(tmp_path_factory.mktemp("dtnh") / "d")
 
 
 def _dense(grads, params):

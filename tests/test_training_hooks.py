@@ -10,11 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autotl.data import scan_dataset
-from autotl.features import FeatureExtractor
 from autotl.models import create_source_model
 from autotl.train import TrainConfig, TrainingHooks, train_model
-from conftest import limited_torch_threads, write_image_folder
+from conftest import limited_torch_threads, tiny_training_setup
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +24,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny two-class set, a random-weight model and one extractor (pooled features cached once)."""
-    index = scan_dataset(write_image_folder(tmp_path_factory.mktemp("hooks") / "d", {"a": 8, "b": 8}, size=(40, 40)))
-    source = create_source_model("test_efficientnet=random")
-    return index, source, FeatureExtractor(source, cache_dir=None)
+    return tiny_training_setup(tmp_path_factory.mktemp("hooks") / "d")
 
 
 class _ProbeHead(TrainingHooks):
