@@ -55,6 +55,15 @@ TASKS = {
     "fmnist20": {"source": "fmnist", "per_class": 20, "test_per_class": 30},
     "imagenette10": {"source": "imagenette", "per_class": 10, "test_per_class": 30},
 }
+# Tasks the default recipe's portfolio is learned on (bench/portfolio.py): never reported by this suite.
+DEV_TASKS = {
+    "dev-digits15": {"source": "digits", "per_class": 15, "test_per_class": 30},
+    "dev-imagenette5a": {"source": "imagenette", "per_class": 20, "test_per_class": 30, "classes": 5},
+    "dev-imagenette5b": {"source": "imagenette", "per_class": 8, "test_per_class": 30, "classes": 5, "offset": 5},
+    "dev-cvd50-96px": {"source": "cvd", "per_class": 50, "test_per_class": 100, "px": 96},
+    "dev-cvd60-noisy30": {"source": "cvd", "per_class": 60, "test_per_class": 100, "noise": 0.3, "clean_val": 15,
+                          "px": 128},
+}
 FT_MAX_EPOCHS = 30
 
 
@@ -84,16 +93,26 @@ def _fmnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _spec(task: str) -> dict:
+    return TASKS.get(task) or DEV_TASKS[task]
+
+
 def available(task: str) -> str | None:
     """None when the task's data is here, else why not."""
-    src = TASKS[task]["source"]
+    src = _spec(task)["source"]
+    if src == "digits":
+        try:
+            import sklearn.datasets  # noqa: F401
+        except ImportError:
+            return "scikit-learn is not installed (its bundled digits)"
+        return None
     need = {"cvd": SHARED_DATA / "cats_vs_dogs", "imagenette": SHARED_DATA / "imagenette_pool", "fmnist": FMNIST}[src]
     return None if need.exists() else f"{need} is absent"
 
 
 def build_task(task: str, seed: int, root: Path) -> tuple[Path, Path]:
     """``(data folder, test folder)`` for one seed; the test images are disjoint from the data."""
-    spec = TASKS[task]
+    spec = _spec(task)
     rng = np.random.default_rng([seed, sum(map(ord, task))])
     data, test = root / "data", root / "test"
     n, n_test, px = spec["per_class"], spec["test_per_class"], spec.get("px")
@@ -104,8 +123,23 @@ def build_task(task: str, seed: int, root: Path) -> tuple[Path, Path]:
                 for i in rng.choice(np.flatnonzero(labels == c), count, replace=False):
                     _write(Image.fromarray(images[i], "L"), out / name / f"{split}{i:05d}.png", None)
         return data, test
+    if spec["source"] == "digits":  # scikit-learn's bundled 8x8 digits, upscaled to 32 px greyscale
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        for c in range(10):
+            idx = rng.permutation(np.flatnonzero(digits.target == c))
+            for j, i in enumerate(idx[: n + n_test]):
+                img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8), "L").resize((32, 32), Image.BICUBIC)
+                _write(img, (data if j < n else test) / f"d{c}" / f"{i:05d}.png", None)
+        return data, test
     if spec["source"] == "imagenette":
-        for name, files in _class_files(SHARED_DATA / "imagenette_pool").items():
+        pool = _class_files(SHARED_DATA / "imagenette_pool")
+        names = list(pool)
+        if spec.get("classes"):
+            names = names[spec.get("offset", 0): spec.get("offset", 0) + spec["classes"]]
+        for name in names:
+            files = pool[name]
             picked = rng.permutation(len(files))[: n + n_test]
             for j, i in enumerate(picked):
                 _write(files[i], (data if j < n else test) / name / files[i].name, px)
