@@ -19,7 +19,8 @@ from ._registry import Registry
 from .data import DatasetIndex, Sample
 from .features import FeatureExtractor
 from .models import SourceModel
-from .train import TrainConfig, TrainingHooks, TrainResult, train_model
+from . import train as _train
+from .train import TrainConfig, TrainingHooks, TrainResult
 
 
 @dataclass
@@ -107,8 +108,8 @@ def train_strategy(ctx: StrategyContext, val_samples, *, device=None, deadline: 
                    on_epoch=None) -> TrainResult:
     """Train what the strategies made of ``ctx`` (its samples, config and hooks) in the one training loop,
     early-stopped (or not, per the config) on ``val_samples``."""
-    return train_model(ctx.source, ctx.train_samples, list(val_samples), len(ctx.index.classes), ctx.config,
-                       extractor=ctx.extractor, device=device, deadline=deadline, on_epoch=on_epoch, hooks=ctx.hooks)
+    return _train.train_model(ctx.source, ctx.train_samples, list(val_samples), len(ctx.index.classes), ctx.config,
+                              extractor=ctx.extractor, device=device, deadline=deadline, on_epoch=on_epoch, hooks=ctx.hooks)
 
 
 def apply_strategies(ctx: StrategyContext, params: dict[str, Any]) -> StrategyContext:

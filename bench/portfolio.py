@@ -29,6 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
+import torch
 
 from _common import load_average, print_table, write_results
 from suite import DEV_TASKS, available, build_task
@@ -102,10 +103,17 @@ def measure_task(task: str, seed: int, work: Path, cache: Path) -> dict:
         setup = objective.setup(params)
         cv = cross_validate_probe(objective, params, setup)
         fitted, _ = refit_probe(objective, params, setup, cv.lam, statistics.fmean(cv.n_train), labelled)
-        pred = fitted.logits(test_samples).argmax(1).numpy()
+        test_probs = torch.softmax(fitted.logits(test_samples).double(), 1).numpy()
         rows[key_of(cfg)] = {"cv": statistics.fmean(cv.scores), "oof_loss": cv.oof_loss[cv.chosen], "lambda": cv.lam,
-                             "test": float((pred == labels_t).mean()), "seconds": round(time.monotonic() - t0, 3)}
+                             "test": float((test_probs.argmax(1) == labels_t).mean()),
+                             "fold_accuracy": cv.fold_accuracy[cv.chosen],
+                             "path_fold_accuracy": cv.fold_accuracy, "se": selection.standard_error(cv.scores),
+                             "oof": np.round(cv.oof[cv.chosen], 4).tolist(), "test_probs": np.round(test_probs, 4).tolist(),
+                             "seconds": round(time.monotonic() - t0, 3)}
+        print(f"  {task} s{seed} {key_of(cfg)}: cv {rows[key_of(cfg)]['cv']:.3f} test {rows[key_of(cfg)]['test']:.3f} "
+              f"({rows[key_of(cfg)]['seconds']:.1f}s)", flush=True)
     return {"task": task, "seed": seed, "ranking": run.labels, "selection": selection.kind, "n_scored": selection.n_scored,
+            "oof_labels": [s.label for s in selection.scored_samples], "test_labels": labels_t.tolist(),
             "configs": rows, "reference": reference_accuracy(run, test_samples, seed)}
 
 
@@ -131,6 +139,45 @@ def greedy_portfolio(results: list[dict], size: int) -> list[dict]:
         chosen.append(best[0])
         steps.append({"config": best[0], "mean_test_error_of_cv_pick": round(best[1], 4)})
     return steps
+
+
+def _pick_max(r: dict, keys: list[str]) -> str:
+    c = r["configs"]
+    return max(keys, key=lambda q: (c[q]["cv"], -c[q]["oof_loss"]))
+
+
+def _one_se(r: dict, keys: list[str], order: list[str]) -> list[str]:
+    """The configurations within one standard error of the best mean (log-loss ties as the search)."""
+    c = r["configs"]
+    best = _pick_max(r, keys)
+    return [q for q in keys if c[q]["cv"] >= c[best]["cv"] - c[best]["se"] - 1e-12]
+
+
+def _test_acc(r: dict, probs: np.ndarray) -> float:
+    return float((probs.argmax(1) == np.array(r["test_labels"])).mean())
+
+
+def simulate_rules(results: list[dict], portfolio: list[str]) -> dict:
+    """Held-out error of the choice each selection rule makes among the portfolio's configurations,
+    per task run: the max of cross-validation, the one-standard-error rule toward the portfolio's
+    order (its prior), and the average of the configurations within one standard error."""
+    from autotl.ensemble import greedy_ensemble
+
+    rules: dict[str, list[float]] = {"max": [], "one-se portfolio order": [], "average within one se": [],
+                                     "greedy ensemble": []}
+    for r in results:
+        c = r["configs"]
+        keys = [k for k in portfolio if k in c]
+        rules["max"].append(1 - c[_pick_max(r, keys)]["test"])
+        within = _one_se(r, keys, portfolio)
+        rules["one-se portfolio order"].append(1 - c[min(within, key=keys.index)]["test"])
+        avg = np.mean([np.array(c[q]["test_probs"]) for q in within], axis=0)
+        rules["average within one se"].append(1 - _test_acc(r, avg))
+        sel = greedy_ensemble([np.array(c[q]["oof"]) for q in keys], np.array(r["oof_labels"]), max_members=4)
+        probs = sum(w * np.array(c[q]["test_probs"]) for w, q in zip(sel.weights, keys) if w > 0)
+        rules["greedy ensemble"].append(1 - _test_acc(r, probs))
+    return {k: {"mean_test_error": round(statistics.fmean(v), 4), "per_run": [round(x, 4) for x in v]}
+            for k, v in rules.items()}
 
 
 def main() -> int:
@@ -175,9 +222,12 @@ def main() -> int:
     if results:
         print("reference (sklearn) mean test acc:", round(statistics.fmean(r["reference"]["test"] for r in results), 4))
     print_table("greedy portfolio", steps, ["config", "mean_test_error_of_cv_pick"])
+    rules = simulate_rules(results, [s["config"] for s in steps]) if results else {}
+    for name, v in rules.items():
+        print(f"selection rule {name}: mean held-out error {v['mean_test_error']:.4f}")
     write_results(args.name, {"tasks": {t: DEV_TASKS[t] for t in args.tasks}, "seeds": args.seeds, "grid": GRID,
                               "load_average_at_start": load_start, "results": results, "table": table,
-                              "portfolio": steps, "skipped": skipped})
+                              "portfolio": steps, "selection_rules": rules, "skipped": skipped})
     return 0
 
 

@@ -24,7 +24,7 @@ from ._objective import Objective
 from ._plots import save_plots
 from ._cost import feasible_frozen, measure_costs
 from ._recipe import FROZEN, Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative, restrict_choices
-from ._select import select_one_se
+from ._select import portfolio_rank, select_one_se
 from ._study import DEFAULT_STUDY, SearchOutcome, SearchSettings, run_study, shown_url, stored_study_attr, storage_url
 
 
@@ -81,6 +81,7 @@ class SearchPlan:
     prefetch: dict[str, Any]
     objective_reason: str = ""
     ensemble: bool = True  # greedy ensemble selection over the trials after the search
+    portfolio: list = field(default_factory=list)  # the recipe's portfolio in its own (prior) order
 
     @property
     def selection(self) -> Selection:
@@ -229,7 +230,8 @@ def plan_search(
     prefetch = {"seconds": round(seconds, 2), "batches": batches, "cuts": cuts_by_model,
                 "cost_model": {**cost.to_json(), "frozen_estimates_s": {k: round(v, 1) for k, v in estimates.items()},
                                "frozen_kept": list(keep) if keep else None}}
-    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, objective_reason, ensemble)
+    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, objective_reason, ensemble,
+                      list(user_recipe.baselines))
 
 
 def search(run: Run, base: TrainConfig, **kwargs: Any) -> FinalModel:
@@ -253,7 +255,8 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
             return dict(t.params)
 
     best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of, candidates,
-                                     oof_labels=[s.label for s in plan.selection.scored_samples])
+                                     oof_labels=[s.label for s in plan.selection.scored_samples],
+                                     prior=portfolio_rank(plan.portfolio))
     if best_trial is None:
         errors = [r["error"] for r in rows if r.get("error")]
         if errors:  # the trials broke: more time would not help; say what broke and what to change
@@ -354,15 +357,17 @@ def _refit(plan: SearchPlan, trial, params: dict[str, Any], labelled: list):
     params = {**params, **(ua.get("refit_params") or {})}  # what the folds chose for the refit (e.g. WiSE-FT alpha)
     cfg = copy.deepcopy(setup.config)
     best_epoch = int(ua.get("best_epoch", cfg.epochs - 1))
-    cfg.epochs = best_epoch + 1
+    cfg.stop_epoch = best_epoch + 1  # the trials' schedule (same length), stopped where their folds chose
     cfg.early_stopping = False
     ctx = StrategyContext(index, setup.source, setup.extractor, run.run_dir, cfg, labelled,
                           options=dict(objective.options), final=True, candidates=list(objective.candidates))
     apply_strategies(ctx, params)
-    _console.log(f"refitting trial {trial.number} on all {len(labelled)} labelled images for {cfg.epochs} epoch(s) …")
+    _console.log(f"refitting trial {trial.number} on all {len(labelled)} labelled images for {cfg.stop_epoch} of its "
+                 f"{cfg.epochs}-epoch schedule …")
     result = train_strategy(ctx, index.val, device=run.device)
     fitted = fitted_from_training(result, setup.source, setup.extractor, len(index.classes))
-    return fitted, ctx.notes, {"kind": "trained", "epochs": cfg.epochs, "best_epoch": best_epoch}
+    return fitted, ctx.notes, {"kind": "trained", "schedule_epochs": cfg.epochs, "epochs": cfg.stop_epoch,
+                               "best_epoch": best_epoch}
 
 
 def _configurations(study) -> list[list[float]]:

@@ -224,6 +224,10 @@ class Objective:
         status = "error"
         try:
             params = {**self.fixed, **self.recipe.sample(trial, self.candidates)}
+            same = _same_as_done(trial)
+            if same is not None:  # a duplicate would only repeat a measurement and crowd the choice
+                trial.set_user_attr("not_started", f"the same parameters as trial {same}")
+                raise optuna.TrialPruned(f"not started: the same parameters as trial {same}")
             setup = self.setup(params)
             trial.set_user_attr("frozen", setup.config.frozen_stages)
             trial.set_user_attr("num_stages", setup.extractor.num_stages)
@@ -289,6 +293,16 @@ class Objective:
                 "forward_batches": self.run.forward_batches() - fb0,
                 "interrupted": status == "interrupted",
             })
+
+
+def _same_as_done(trial) -> int | None:
+    """The number of a complete trial with exactly these parameters, if any."""
+    from optuna.trial import TrialState
+
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params:
+            return t.number
+    return None
 
 
 def solved_probe(setup: TrialSetup) -> bool:
