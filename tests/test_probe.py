@@ -271,3 +271,24 @@ def test_selection_bias_is_the_mean_per_fold_gap_to_the_best():
     assert est.accuracy == pytest.approx(0.9 - 0.2 / 3) and est.low < est.accuracy < est.high
     lo, hi = wilson_interval(45, 50)
     assert lo < 0.9 < hi and hi <= 1.0
+
+
+def test_bagged_refit_ships_every_fold_model_and_the_choice_is_nested(run):
+    from autotl.search import parse_recipe, plan_search
+    from autotl.search._probe import compare_bagging, cross_validate_probe, refit_probe
+
+    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": ["all"]}}, "t")
+    plan = plan_search(run, TrainConfig(objective="accuracy"), trials=1, recipe=recipe, cv_folds=3, cv_repeats=1)
+    objective = plan.objective
+    params = {"frozen_stages": "all", "model": run.labels[0]}
+    setup = objective.setup(params)
+    cv = cross_validate_probe(objective, params, setup)
+    labelled = list(run.index.train) + list(run.index.val)
+    bagged, _ = refit_probe(objective, params, setup, cv.lam, 10, labelled, bag=True)
+    single, _ = refit_probe(objective, params, setup, cv.lam, 10, labelled, bag=False)
+    assert bagged.training["heads"] == len(plan.selection.folds) and single.training["heads"] == 1
+    assert not torch.allclose(bagged.logits(labelled), single.logits(labelled), atol=1e-4)
+    report = compare_bagging(objective, params, setup, cv.lam)
+    assert set(report) >= {"single_refit", "bag", "use_bag"}
+    assert report["use_bag"] == (report["bag"]["log_loss"] <= report["single_refit"]["log_loss"]
+                                 and report["bag"]["accuracy"] >= report["single_refit"]["accuracy"])

@@ -348,12 +348,19 @@ def _refit(plan: SearchPlan, trial, params: dict[str, Any], labelled: list):
     setup = objective.setup(params)
     ua = trial.user_attrs
     if ua.get("probe"):
-        from ._probe import refit_probe
+        from ._probe import compare_bagging, refit_probe
 
-        _console.log(f"refitting trial {trial.number} (a probe) on all {len(labelled)} labelled images …")
+        bagging = compare_bagging(objective, params, setup, float(ua["lambda"]))
+        bag = bagging["use_bag"]
+        _console.log(f"trial {trial.number} (a probe): " + (
+            f"its {len(plan.selection.folds)} fold models averaged (the bag did not lose to a refit, nested: log loss "
+            f"{bagging['bag']['log_loss']:.4f} vs {bagging['single_refit']['log_loss']:.4f})" if bag else
+            f"refitted on all {len(labelled)} labelled images (a bag of fold models lost, nested: log loss "
+            f"{bagging['bag']['log_loss']:.4f} vs {bagging['single_refit']['log_loss']:.4f})"))
         fitted, notes = refit_probe(objective, params, setup, float(ua["lambda"]), float(ua.get("n_train") or len(labelled)),
-                                    labelled)
-        return fitted, notes, {"kind": "probe", "l2": notes["probe"]["l2"], "n_train": notes["probe"]["n_train"]}
+                                    labelled, bag=bag)
+        return fitted, notes, {"kind": "probe", "l2": notes["probe"]["l2"], "n_train": notes["probe"]["n_train"],
+                               "bagging": bagging}
     params = {**params, **(ua.get("refit_params") or {})}  # what the folds chose for the refit (e.g. WiSE-FT alpha)
     cfg = copy.deepcopy(setup.config)
     best_epoch = int(ua.get("best_epoch", cfg.epochs - 1))

@@ -173,12 +173,85 @@ def summary_attrs(cv: ProbeCV, selection, objective_name: str) -> dict[str, Any]
 
 
 
-def refit_probe(objective, params: dict[str, Any], setup, lam: float, n_fold_train: float, samples: Sequence):
-    """(``Fitted``, strategy notes) of the probe ``params`` describes, on ``samples`` (all labelled
-    images), with the trial's penalty kept per image as the folds used it: the same C, in
-    scikit-learn's terms (lambda scaled by the folds' training size over the refit's)."""
+BAG_INNER_FOLDS = 5
+
+
+def compare_bagging(objective, params: dict[str, Any], setup, lam: float) -> dict[str, Any]:
+    """Does shipping the fold models averaged (a bag) lose to one model refitted on all images?
+
+    Nested, so that the comparison decides nothing it is scored on: within each outer fold, the bag
+    of models trained on inner folds of its training images against one model trained on all of them,
+    both scored on the outer fold's scoring part (out-of-fold log loss and accuracy over all folds).
+    That mirrors the choice the refit faces (the bag of the k fold models vs the refit on everything)
+    one level down. A probe trial is a fraction of a second, so the k x k problems cost little."""
+    from ..search._folds import stratified_folds
+
+    train_sets, contexts = fold_training(objective, params, setup)
+    spec = contexts[0].features or FeatureSpec((setup.source.label,))
+    table = objective.probe_table()
+    features = table.features(spec)
+    folds = objective.selection.folds
+    rng = np.random.default_rng([objective.run.seed, 0xBA6])
+    problems, owner = [], []  # (rows) per problem; owner: (outer fold, inner index or -1 for the single model)
+    for fi, samples in enumerate(train_sets):
+        problems.append(sum(table.rows(samples, spec), []))
+        owner.append((fi, -1))
+        k = max(2, min(BAG_INNER_FOLDS, min(np.bincount([s.label for s in samples]))))
+        parts = stratified_folds(samples, k, rng)
+        for j in range(k):
+            inner = [s for i, part in enumerate(parts) if i != j for s in part]
+            problems.append(sum(table.rows(inner, spec), []))
+            owner.append((fi, j))
+    rows = _pad(problems)
+    labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
+    n = max(1, statistics.fmean(len(x) for x in problems))
+    solution = features.solve(rows, labels, len(objective.index.classes), [lam])
+    single_p, bag_p, y_all = [], [], []
+    for fi, fold in enumerate(folds):
+        score_rows = [_pad([r]) for r in table.rows(fold.score, spec)]
+        members = [pi for pi, (f, j) in enumerate(owner) if f == fi]
+        probs = {owner[pi][1]: _view_probs(features, solution.theta[0, pi:pi + 1], score_rows)[0] for pi in members}
+        single_p.append(probs.pop(-1))
+        bag_p.append(torch.stack(list(probs.values())).mean(0))
+        y_all += [s.label for s in fold.score]
+    y = torch.tensor(y_all)
+
+    def measure(ps):
+        p = torch.cat(ps)
+        return {"log_loss": round(float(-torch.log(p[torch.arange(len(y)), y].clamp_min(1e-6)).mean()), 5),
+                "accuracy": round(float((p.argmax(1) == y).double().mean()), 5)}
+
+    single, bag = measure(single_p), measure(bag_p)
+    use = bag["log_loss"] <= single["log_loss"] and bag["accuracy"] >= single["accuracy"]
+    return {"single_refit": single, "bag": bag, "use_bag": bool(use), "mean_training_rows": round(n, 1),
+            "rule": "nested: inner-fold bag vs one model on each outer fold's training images, scored on the outer "
+                    "fold; the bag ships when it loses on neither out-of-fold log loss nor accuracy"}
+
+
+def refit_probe(objective, params: dict[str, Any], setup, lam: float, n_fold_train: float, samples: Sequence,
+                *, bag: bool = False):
+    """(``Fitted``, strategy notes) of the probe ``params`` describes. With ``bag``, the fold models of
+    the trial's own cross-validation (the same training images, the same penalty) averaged; otherwise
+    one model on ``samples`` (all labelled images), with the trial's penalty kept per image as the folds
+    used it: the same C, in scikit-learn's terms (lambda scaled by the folds' training size over the
+    refit's)."""
     from ..fitted import fitted_probe
     from ..probe import ProbeModel
+
+    if bag:
+        train_sets, contexts = fold_training(objective, params, setup)
+        spec = contexts[0].features or FeatureSpec((setup.source.label,))
+        table = objective.probe_table()
+        features = table.features(spec)
+        rows = _pad([sum(table.rows(t, spec), []) for t in train_sets])
+        labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
+        solution = features.solve(rows, labels, len(objective.index.classes), [float(lam)])
+        weight, bias = features.head(solution.theta[0])  # (F, d, K), (F, K)
+        notes = {name: note for name, note in contexts[0].notes.items()}
+        model = ProbeModel(spec, weight, bias, float(lam), int(statistics.fmean(len(t) for t in train_sets)))
+        notes["probe"] = {"l2": float(lam), "bagged_fold_models": len(train_sets), "n_train": model.n_train,
+                          "features": spec.to_json()}
+        return fitted_probe(model, objective.run.extractors, setup.source), notes
 
     ctx = StrategyContext(objective.index, setup.source, setup.extractor, objective.run_dir, setup.config, list(samples),
                           options=dict(objective.options), final=True, candidates=list(objective.candidates))
