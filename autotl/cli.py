@@ -261,7 +261,7 @@ def predict(
 def export(
     run: Path = typer.Argument(..., help="A finished run folder (the --out of `autotl fit`)."),
     quantize: str = typer.Option(..., "--quantize", help="int8: write model.int8.onnx (static QDQ, calibrated on the run's training images), kept only within 0.5 accuracy points of fp32 on val."),
-    data: Optional[Path] = typer.Option(None, "--data", help="The run's data folder, if it moved (default: the one the fit read)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The run's data folder or label file, if it moved (default: the one the fit read)."),
     val_fraction: float = typer.Option(0.1, help="The fit's --val-fraction (when its data had no val/ folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:

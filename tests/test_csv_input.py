@@ -208,11 +208,18 @@ def test_fit_on_a_label_file_records_it_on_the_card(odd_folder, tmp_path, single
     from autotl.fit import fit
 
     base = tmp_path / "data"
-    labels = write_labels(base / "labels.csv", mirror_rows(odd_folder, base))
-    result = fit(labels, tmp_path / "run", models=["test_efficientnet=random"], search=False, epochs=2, device="cpu")
+    labels = write_labels(base / "labels.csv", mirror_rows(odd_folder, base), header=("picture", "kind"))
+    result = fit(labels, tmp_path / "run", models=["test_efficientnet=random"], search=False, epochs=2, device="cpu",
+                 path_column="picture", label_column="kind")
     card = ModelCard.load(result.card_path)
     assert card.classes == sorted(ODD)
     assert card.data["label_file"]["sha256"] == hashlib.sha256(labels.read_bytes()).hexdigest()
     assert card.data["label_file"]["path"] == str(labels)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data_dir"] == str(labels)  # what a later `autotl export --quantize` scans again
+    report = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert "label file" in report and card.data["label_file"]["sha256"][:16] in report
+    from autotl.quantize import quantize_run
+
+    # the rescan reads the label file with the fit's columns and finds the fit's images
+    assert quantize_run(tmp_path / "run").n_calibration > 0
