@@ -10,7 +10,8 @@ Three layouts are understood:
   folder) and label, and optionally a ``split`` column (train / val / test); read by
   ``autotl._labels``. Its rows fill the same (split, class) -> files table the folders fill, and
   one index construction serves both: a label file listing the images of class folders gives
-  the index those folders give (classes, samples, the made validation split).
+  the index those folders give (classes, samples, the made validation split). The index's root
+  is then the folder holding every listed image (the class folders' parent), wherever the file is.
 
 Hidden files and folders (``.name``), ``__MACOSX`` / ``@eaDir`` folders and files without an
 image extension are ignored. Images nested deeper inside a class folder belong to that class.
