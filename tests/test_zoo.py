@@ -21,6 +21,14 @@ TINY = "test_efficientnet.r160_in1k"  # a hub-hosted timm architecture small eno
 TINY_ZOO = (HubModel(TINY, "cpu"), HubModel("resnet10t.c3_in1k", "cpu"), HubModel("test_vit.r160_in1k", "gpu"))
 
 
+@pytest.fixture
+def loud(monkeypatch):
+    """The console logs (an earlier test's --json may have left it quiet)."""
+    from autotl import _console
+
+    monkeypatch.setitem(_console._state, "quiet", False)
+
+
 def test_the_zoo_lists_timm_hub_weights_by_tier():
     import timm
     from timm.models import get_pretrained_cfg
@@ -49,7 +57,7 @@ def test_cached_hub_weights_load_without_network(fake_hub_cache):
 
 
 @needs_packaged
-def test_cached_hub_candidates_join_the_packaged_ones(fake_hub_cache, capsys):
+def test_cached_hub_candidates_join_the_packaged_ones(fake_hub_cache, capsys, loud):
     fake_hub_cache([TINY])
     models = zoo_models("auto", "cpu", hub=TINY_ZOO)
     assert [m.label for m in models] == PACKAGED + [TINY]  # resnet10t: not cached; test_vit: the gpu tier
@@ -62,7 +70,7 @@ def test_cached_hub_candidates_join_the_packaged_ones(fake_hub_cache, capsys):
 
 
 @needs_packaged
-def test_offline_without_cache_is_one_line_and_the_packaged_models(capsys):
+def test_offline_without_cache_is_one_line_and_the_packaged_models(capsys, loud):
     models = zoo_models("auto", "cpu", hub=TINY_ZOO)
     assert [m.label for m in models] == PACKAGED
     err = " ".join(capsys.readouterr().err.split())
