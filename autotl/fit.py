@@ -69,6 +69,7 @@ def fit(
     out: str | os.PathLike | None = None,
     *,
     models: Sequence[str | ModelSpec] = (),
+    zoo: str | None = None,
     search: bool | None = None,
     trials: int | None = None,
     time_budget: str | float | None = None,
@@ -94,11 +95,19 @@ def fit(
     fixed_params: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     quantize: str | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> FitResult:
-    """Fit a classifier on a class-per-folder image set and export a verified ONNX model (``autotl fit``).
+    """Fit a classifier on an image set and export a verified ONNX model (``autotl fit``).
 
-    By default this *searches* how to transfer: every candidate source model (``models``, default:
-    all packaged ones) is ranked (DATL + LogME), an Optuna study over the recipe's space (``default``
+    ``data_dir`` is a folder (one sub-folder per class, or train/ val/ [test/]) or a label file
+    (``.csv``/``.tsv`` of image paths and labels, optionally a split column; ``path_column`` /
+    ``label_column`` name its columns when the header does not: see ``autotl.data.scan_dataset``).
+
+    By default this *searches* how to transfer: every candidate source model (``models``; when none
+    is named, what ``zoo`` selects: ``auto`` = the packaged ones plus the hub zoo's models for the
+    device whose weights are cached or downloadable, see ``autotl.zoo``) is ranked (DATL + LogME),
+    an Optuna study over the recipe's space (``default``
     unless ``recipe`` names another) runs for ``time_budget`` ("90s", "20m"; automatic from the data
     size when neither it nor ``trials`` is given), each trial scored by cross-validation on images
     that decided nothing about it (``autotl.search._folds``), the winner chosen by the one-standard-
@@ -118,7 +127,8 @@ def fit(
     searching = _wants_search(search, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
                               storage=storage, study=study)
     run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir,
-                   resume=resume, overwrite=overwrite, duplicates=duplicates)
+                   resume=resume, overwrite=overwrite, duplicates=duplicates, zoo=zoo, path_column=path_column,
+                   label_column=label_column)
     base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
                         seed=seed, objective=objective)
     if searching:
@@ -367,7 +377,10 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         classes=classes,
         preprocessing=preprocessing,
         source_model={"name": source.label, "weights_origin": source.weights_origin,
-                      **({"datl_p_s": p_s} if (p_s := datl_prior(scoring, source.label, final.notes.get("strategies"))) else {})},
+                      **({"datl_p_s": p_s} if (p_s := datl_prior(scoring, source.label, final.notes.get("strategies"))) else {}),
+                      # every candidate that was scored, with where its weights came from
+                      "candidates": [{"name": row["model"], "weights_origin": row["weights_origin"]}
+                                     for row in (scoring or {}).get("models") or []]},
         frozen_stages=fitted.training.get("frozen_stages"),
         metrics={k: {kk: vv for kk, vv in v.items() if kk != "confusion"} for k, v in metrics.items()},
         estimate=estimate.to_json(),
@@ -383,7 +396,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
     card_path = run_dir / CARD_NAME
     card.save(card_path)
     (run_dir / PREVIOUS_CARD).unlink(missing_ok=True)
-    atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.root),
+    atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.source),
                                                  "source_model": str(source.spec), "train_config": fitted.training})
     atomic_write_json(run_dir / "history.json", [asdict(h) for h in fitted.history])
     atomic_write_json(run_dir / "data.json", index.to_json())

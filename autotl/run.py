@@ -25,8 +25,7 @@ from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
 from .errors import AutotlError
 from .features import FeatureExtractor
-from .models import (DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, list_packaged_models, set_torch_threads,
-                     shared_input_config)
+from .models import ModelSpec, SourceModel, create_source_model, set_torch_threads, shared_input_config
 from .options import check_out_dir
 from .train import pick_device
 
@@ -40,9 +39,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "autotl" / "features"
 
 
-def default_candidates() -> list[str]:
-    """The candidate source models when none is named: every packaged ImageNet model installed."""
-    return list_packaged_models() or [DEFAULT_MODEL]
+def default_candidates(zoo: str = "auto", device: torch.device | None = None) -> list[SourceModel]:
+    """The candidate source models ``--models`` selects (loaded): by default every packaged ImageNet
+    model installed, plus the hub zoo's models for ``device`` whose weights are cached or can be
+    downloaded now (``autotl.zoo``)."""
+    from .zoo import zoo_models
+
+    return zoo_models(zoo, device)
 
 
 def default_run_dir(data_dir: str | os.PathLike, kind: str = "") -> Path:
@@ -145,19 +148,26 @@ class Run:
              models: Sequence[str | ModelSpec] = (), val_fraction: float = 0.1, seed: int = 0,
              device: str | torch.device | None = "auto", cache_dir: str | os.PathLike | None = None,
              index: DatasetIndex | None = None, resume: bool = False, overwrite: bool = False,
-             duplicates: str = "warn") -> "Run":
+             duplicates: str = "warn", zoo: str | None = None, path_column: str | None = None,
+             label_column: str | None = None) -> "Run":
+        """``models``: the named candidates; ``zoo`` (``--models``) adds the ones it selects, and
+        selects them alone (``auto`` by default) when none is named (``default_candidates``)."""
         start = time.monotonic()
         set_torch_threads()
         data_dir = Path(data_dir)
         run_dir = Path(out) if out is not None else default_run_dir(data_dir)
         check_run_folder(run_dir, data_dir, resume=resume, overwrite=overwrite)
         if index is None:
-            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates)
+            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates,
+                                 path_column=path_column, label_column=label_column)
             _console.log(index.summary_table())
         prepare_run_folder(run_dir, data_dir, overwrite=overwrite)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
-        loaded = [create_source_model(m) for m in (list(models) or default_candidates())]
+        loaded = [create_source_model(m) for m in models]
+        if zoo is not None or not loaded:
+            named = {s.label for s in loaded}
+            loaded += [s for s in default_candidates(zoo or "auto", dev) if s.label not in named]
         shared = shared_input_config([s.data_config for s in loaded])
         for s in loaded:  # one preprocessing for the run: any mix of backbones reads the same input
             s.share_input(shared)

@@ -233,11 +233,14 @@ def score(
     cache_dir: str | os.PathLike | None = None,
     cuts: Sequence[int] = (),
     top: int = TOP_CLASSES,
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> ScoreReport:
     """Scan ``data_dir``, load the candidate models and score them (mirrors ``autotl score``).
 
     The split is the one ``fit`` makes with the same ``val_fraction`` and ``seed``: only its
     training part is read. With ``out`` the report and the DATL weights are saved there.
+    ``data_dir`` may be a label file (``path_column``/``label_column``: see ``autotl.fit``).
     """
     from ..data import scan_dataset
     from ..models import create_source_model, set_torch_threads
@@ -246,9 +249,10 @@ def score(
     from ..options import check_score_options
 
     _check_options(rule, top)  # before the models load: a typo costs nothing
-    check_score_options(out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, cuts=cuts)
+    check_score_options(out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, cuts=cuts,
+                        path_column=path_column, label_column=label_column)
     set_torch_threads()
-    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
+    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, path_column=path_column, label_column=label_column)
     _console.log(index.summary_table())
     sources = [create_source_model(m) for m in (list(models) or default_models())]
     for s in sources:
