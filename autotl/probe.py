@@ -183,6 +183,12 @@ class ReducedFeatures:
     def rank(self) -> int:
         return int(self.z.shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held (what a run's bounded memory counts)."""
+        parts = [self.z, self.mean, self.scale] + ([self.basis] if self.basis is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
     def solve(self, rows: torch.Tensor, labels: torch.Tensor, num_classes: int,
               lambdas: Sequence[float] = DEFAULT_LAMBDAS, *, tol: float = 1e-6, max_iter: int = 50) -> ProbeSolution:
         """Fit one probe per row of ``rows`` (``(B, n)`` indices into this matrix, -1 = padding) on

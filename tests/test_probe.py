@@ -292,3 +292,19 @@ def test_bagged_refit_ships_every_fold_model_and_the_choice_is_nested(run):
     assert set(report) >= {"single_refit", "bag", "use_bag"}
     assert report["use_bag"] == (report["bag"]["log_loss"] <= report["single_refit"]["log_loss"]
                                  and report["bag"]["accuracy"] >= report["single_refit"]["accuracy"])
+
+
+def test_run_memory_is_bounded_by_items_and_bytes():
+    from autotl._memory import BoundedMemory
+
+    class Blob:
+        def __init__(self, n):
+            self.nbytes = n
+
+    mem = BoundedMemory(max_items=3, max_bytes=100)
+    for i in range(5):
+        mem.get(i, lambda: Blob(10))
+    assert len(mem) == 3 and 4 in mem and 0 not in mem  # least recently used go first
+    mem.get("big", lambda: Blob(95))
+    assert len(mem) == 1 and "big" in mem  # over the byte budget: only the newest stays
+    assert mem.get("big", lambda: Blob(1)).nbytes == 95 and mem.hits == 1

@@ -254,7 +254,7 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
         except KeyError:
             return dict(t.params)
 
-    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of, candidates,
+    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of,
                                      oof_labels=[s.label for s in plan.selection.scored_samples],
                                      prior=portfolio_rank(plan.portfolio))
     if best_trial is None:
@@ -472,9 +472,10 @@ def choose_ensemble(plan: SearchPlan, study, best_trial, params_of) -> ChosenEns
            "oof_objective": {"selected_trial": round(objective_of(single), 4), "ensemble": round(objective_of(ens), 4)},
            "n_scored": len(labels)}
     better = (len(picked.members) >= 2 and doc["oof_log_loss"]["ensemble"] < doc["oof_log_loss"]["selected_trial"]
-              and doc["oof_objective"]["ensemble"] >= doc["oof_objective"]["selected_trial"])
+              and doc["oof_objective"]["ensemble"] > doc["oof_objective"]["selected_trial"])
     if not better:
-        doc.update(used=False, reason="the greedy ensemble has one member, or is not better out of fold than the selected trial")
+        doc.update(used=False, reason="the greedy ensemble has one member, or is not strictly better out of fold than the "
+                                      "selected trial (lower log loss and a higher objective)")
         _console.log(f"ensemble: not used ({doc['reason']})")
         return ChosenEnsemble(doc=doc)
     order = sorted(picked.members, key=lambda i: (numbers[i] != best_trial.number, -picked.counts[i]))
