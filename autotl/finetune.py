@@ -35,10 +35,9 @@ def solve_probe_head(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     from .probe import ReducedFeatures
 
     reduced = ReducedFeatures(features)
-    rows = torch.arange(features.shape[0])[None]
-    solution = reduced.solve(rows, labels.long()[None], num_classes, [float(l2)])
-    weight, bias = reduced.head(solution.theta[0, 0])
-    return weight.T.contiguous(), bias
+    solution = reduced.solve([range(features.shape[0])], labels.long(), num_classes, [float(l2)])
+    weight, bias = reduced.head(solution.theta[0])
+    return weight[0].T.contiguous(), bias[0]
 
 
 class LinearProbeInit(TrainingHooks):

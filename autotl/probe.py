@@ -145,9 +145,10 @@ class ProbeFeatures(BaseStrategy):
 @dataclass
 class ProbeSolution:
     """Probe heads for a batch of problems and a path of penalties, in the reduced coordinates of the
-    ``ReducedFeatures`` they were fitted on: ``theta[l, b]`` is ``(K, r + 1)`` (weights | bias)."""
+    ``ReducedFeatures`` they were fitted on: ``theta[l]`` is ``(r + 1, B, K)`` (weights, then the bias
+    row) for penalty ``l`` and problem ``b``."""
 
-    theta: torch.Tensor  # (L, B, K, r + 1) float64
+    theta: torch.Tensor  # (L, r + 1, B, K)
     lambdas: tuple[float, ...]
     newton_iterations: list[int] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None  # (L, B)
@@ -161,7 +162,8 @@ class ReducedFeatures:
     fold is cut). When there are fewer rows than features, ``z = U S`` of the thin SVD
     ``x_std = U S V^T``: any probe trained on a subset of these rows has its weights in the span of
     ``V`` (representer theorem), so solving for ``w`` with ``W = V w`` is exact and
-    ``||W|| = ||w||``."""
+    ``||W|| = ||w||``. Every problem of a batch (a fold, a bag member) reads the same ``z`` with its
+    own row weights, so each step of the solver is one matrix product for all of them."""
 
     def __init__(self, x: torch.Tensor):
         x = x.float()
@@ -175,13 +177,15 @@ class ReducedFeatures:
         xs = (x - mean) / self.scale
         if self.n_rows < self.dim:
             u, s_, vh = torch.linalg.svd(xs, full_matrices=False)
-            self.z, self.basis = (u * s_).double(), vh.T.contiguous()  # (N, r), (d, r)
+            z, self.basis = u * s_, vh.T.contiguous()  # (N, r), (d, r)
         else:
-            self.z, self.basis = xs.double(), None
+            z, self.basis = xs, None
+        # the bias as a last column of ones: scores, gradients and Hessian products are single products
+        self.z = torch.cat([z, torch.ones(self.n_rows, 1)], dim=1).to(SOLVER_DTYPE)
 
     @property
     def rank(self) -> int:
-        return int(self.z.shape[1])
+        return int(self.z.shape[1]) - 1
 
     @property
     def nbytes(self) -> int:
@@ -189,44 +193,52 @@ class ReducedFeatures:
         parts = [self.z, self.mean, self.scale] + ([self.basis] if self.basis is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
 
-    def solve(self, rows: torch.Tensor, labels: torch.Tensor, num_classes: int,
+    def solve(self, problems: Sequence[Sequence[int]], labels: torch.Tensor, num_classes: int,
               lambdas: Sequence[float] = DEFAULT_LAMBDAS, *, tol: float = 1e-6, max_iter: int = 50) -> ProbeSolution:
-        """Fit one probe per row of ``rows`` (``(B, n)`` indices into this matrix, -1 = padding) on
-        ``labels`` (``(B, n)``), for every penalty (strongest first: each warm-starts the next).
-        Minimises the mean cross-entropy over the rows + ``lambda/2 ||W||^2`` (+ a trace on the bias)."""
-        if rows.ndim != 2 or labels.shape != rows.shape:
-            raise ValueError(f"rows and labels must be (B, n); got {tuple(rows.shape)} and {tuple(labels.shape)}")
+        """Fit one probe per entry of ``problems`` (each a list of row indices: its training rows), rows
+        labelled by ``labels`` (``(N,)``), for every penalty (strongest first: each warm-starts the
+        next). Minimises the mean cross-entropy over the problem's rows + ``lambda/2 ||W||^2`` (+ a
+        trace on the bias)."""
         if not lambdas or min(lambdas) <= 0:
             raise ValueError("lambdas must be positive")
-        live = (rows >= 0).double()
-        w = live / live.sum(1, keepdim=True).clamp_min(1.0)
-        z = self.z[rows.clamp_min(0)] * live[..., None]
-        y1 = _one_hot(labels.long(), num_classes, torch.float64) * live[..., None]
-        b = rows.shape[0]
-        theta = torch.zeros(b, num_classes, self.rank + 1, dtype=torch.float64)
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (self.n_rows,):
+            raise ValueError(f"labels must be ({self.n_rows},), got {tuple(labels.shape)}")
+        b = len(problems)
+        w = torch.zeros(self.n_rows, b, dtype=SOLVER_DTYPE)
+        for i, rows in enumerate(problems):
+            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            if idx.numel() == 0:
+                raise ValueError(f"problem {i} has no training rows")
+            w[idx, i] = 1.0 / idx.numel()
+        y1 = _one_hot(labels, num_classes, SOLVER_DTYPE)
+        theta = torch.zeros(self.rank + 1, b, num_classes, dtype=SOLVER_DTYPE)
         thetas, iters, norms = [], [], []
         for lam in lambdas:
-            f = _Batch(z, y1, w, torch.full((b,), float(lam), dtype=torch.float64))
+            f = _Batch(self.z, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE))
             theta, it, gn = _newton(f, theta, tol, max_iter)
             thetas.append(theta)
             iters.append(it)
             norms.append(gn.float())
         return ProbeSolution(torch.stack(thetas), tuple(float(v) for v in lambdas), iters, torch.stack(norms))
 
-    def logits(self, theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``theta`` ``(B, K, r + 1)``, ``rows`` ``(B, m)`` (-1 = padding, gets zeros) → ``(B, m, K)`` float32."""
-        z = self.z[rows.clamp_min(0)]
-        out = torch.baddbmm(theta[:, :, -1][:, None, :], z, theta[:, :, :-1].transpose(1, 2))
-        return (out * (rows >= 0)[..., None]).float()
+    def logits(self, theta: torch.Tensor, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """``theta`` ``(r + 1, B, K)`` → ``(m, B, K)`` float32 logits of ``rows`` (all rows when None)."""
+        z = self.z if rows is None else self.z[torch.as_tensor(rows, dtype=torch.long)]
+        r1, b, k = theta.shape
+        return (z @ theta.reshape(r1, b * k)).reshape(-1, b, k).float()
 
     def head(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``theta`` ``(..., K, r + 1)`` → ``(weight (..., d, K), bias (..., K))`` on raw features:
+        """``theta`` ``(r + 1, B, K)`` → ``(weight (B, d, K), bias (B, K))`` on raw features:
         ``logits = x @ weight + bias`` (the reduction and the standardisation folded in)."""
-        wr = theta[..., :-1].transpose(-1, -2).float()  # (..., r, K)
+        wr = theta[:-1].permute(1, 0, 2).float()  # (B, r, K)
         w_std = self.basis @ wr if self.basis is not None else wr
         weight = w_std / self.scale[:, None]
-        bias = theta[..., -1].float() - (self.mean @ weight)
+        bias = theta[-1].float() - torch.einsum("d,bdk->bk", self.mean, weight)
         return weight, bias
+
+
+SOLVER_DTYPE = torch.float64
 
 
 def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:
@@ -234,62 +246,68 @@ def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:
 
 
 class _Batch:
-    """Softmax regression objective of B problems on reduced rows ``z`` ``(B, n, r)``; parameters
-    ``theta`` ``(B, K, r + 1)`` (weights | bias); ``w`` ``(B, n)`` row weights summing to 1 per problem."""
+    """Softmax regression objective of B problems on the shared rows ``z`` ``(N, r + 1)`` (bias column
+    last); parameters ``theta`` ``(r + 1, B, K)``; ``w`` ``(N, B)`` row weights (each problem's sum to 1,
+    0 = not its row); ``y1`` ``(N, K)`` one-hot labels."""
 
     def __init__(self, z: torch.Tensor, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor):
-        self.z, self.y1, self.w = z, y1, w
-        b, _, r = z.shape
-        k = y1.shape[-1]
-        reg = torch.empty(b, 1, r + 1, dtype=z.dtype)
-        reg[:, :, :r] = lam.to(z.dtype).view(b, 1, 1)
-        reg[:, :, r] = BIAS_L2
-        self.reg = reg.expand(b, k, r + 1)
-        self.r = r
+        self.z, self.zt, self.y1, self.w = z, z.T.contiguous(), y1[:, None, :], w[..., None]
+        self.z2t = (z * z).T.contiguous()
+        r1, b = z.shape[1], w.shape[1]
+        reg = lam.view(1, b, 1).expand(r1, b, 1).clone()
+        reg[-1] = BIAS_L2
+        self.reg = reg
 
     def _scores(self, theta: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(theta[:, :, self.r][:, None, :], self.z, theta[:, :, : self.r].transpose(1, 2))
+        r1, b, k = theta.shape
+        return (self.z @ theta.reshape(r1, b * k)).reshape(-1, b, k)
 
     def _back(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.cat([a.transpose(1, 2) @ self.z, a.sum(1)[..., None]], dim=2)
+        n, b, k = a.shape
+        return (self.zt @ a.reshape(n, b * k)).reshape(-1, b, k)
+
+    def _penalty(self, theta: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.reg * theta * theta).sum((0, 2))
 
     def value(self, theta: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(self._scores(theta), dim=-1)
-        ce = -(self.y1 * logp).sum(-1)
-        return (self.w * ce).sum(1) + 0.5 * (self.reg * theta * theta).sum((1, 2))
+        return -(self.w * self.y1 * logp).sum((0, 2)) + self._penalty(theta)
 
     def value_grad(self, theta: torch.Tensor):
         logp = torch.log_softmax(self._scores(theta), dim=-1)
-        ce = -(self.y1 * logp).sum(-1)
-        value = (self.w * ce).sum(1) + 0.5 * (self.reg * theta * theta).sum((1, 2))
+        value = -(self.w * self.y1 * logp).sum((0, 2)) + self._penalty(theta)
         p = logp.exp()
-        grad = self._back(self.w[..., None] * (p - self.y1)) + self.reg * theta
+        grad = self._back(self.w * (p - self.y1)) + self.reg * theta
         return value, grad, p
 
     def hvp(self, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         u = self._scores(v)
         a = p * u - p * (p * u).sum(-1, keepdim=True)
-        return self._back(self.w[..., None] * a) + self.reg * v
+        return self._back(self.w * a) + self.reg * v
 
     def diagonal(self, p: torch.Tensor) -> torch.Tensor:
-        q = self.w[..., None] * p * (1.0 - p)  # (B, n, K)
-        dw = q.transpose(1, 2) @ (self.z * self.z)
-        return torch.cat([dw, q.sum(1)[..., None]], dim=2) + self.reg
+        q = self.w * p * (1.0 - p)  # (N, B, K)
+        n, b, k = q.shape
+        return (self.z2t @ q.reshape(n, b * k)).reshape(-1, b, k) + self.reg
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum((1, 2))
+    return (a * b).sum((0, 2))
+
+
+def _norm(a: torch.Tensor) -> torch.Tensor:
+    return _dot(a, a).sqrt()
 
 
 def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, rtol: torch.Tensor, max_iter: int,
          active: torch.Tensor) -> torch.Tensor:
-    """Preconditioned CG for ``H s = rhs`` on every active problem at once."""
+    """Preconditioned CG for ``H s = rhs`` on every active problem at once (per-problem step sizes)."""
     s = torch.zeros_like(rhs)
     r = rhs.clone()
     zr = inv_diag * r
     d = zr.clone()
     rz = _dot(r, zr)
-    bnorm = rhs.flatten(1).norm(dim=1)
+    bnorm = _norm(rhs)
     todo = active & (bnorm > 0)
     for _ in range(max_iter):
         if not bool(todo.any()):
@@ -298,20 +316,20 @@ def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, 
         curv = _dot(d, hd)
         ok = todo & (curv > 0)
         alpha = torch.where(ok, rz / torch.where(curv > 0, curv, torch.ones_like(curv)), torch.zeros_like(curv))
-        s = s + alpha.view(-1, 1, 1) * d
-        r = r - alpha.view(-1, 1, 1) * hd
-        todo = ok & (r.flatten(1).norm(dim=1) > rtol * bnorm)
+        s = s + alpha.view(1, -1, 1) * d
+        r = r - alpha.view(1, -1, 1) * hd
+        todo = ok & (_norm(r) > rtol * bnorm)
         zr = inv_diag * r
         rz_new = _dot(r, zr)
         beta = torch.where(todo, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
-        d = zr + beta.view(-1, 1, 1) * d
+        d = zr + beta.view(1, -1, 1) * d
         rz = rz_new
     return s
 
 
 def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int, torch.Tensor]:
     value, grad, p = f.value_grad(theta)
-    gnorm = grad.flatten(1).norm(dim=1)
+    gnorm = _norm(grad)
     goal = tol * gnorm.clamp_min(1.0)
     it = 0
     while it < max_iter:
@@ -323,16 +341,16 @@ def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[
         step = _pcg(f, p, -grad, 1.0 / f.diagonal(p), forcing, 200, active)
         slope = _dot(grad, step)
         bad = slope >= 0  # not a descent direction (numerical breakdown): the gradient step
-        step = torch.where(bad.view(-1, 1, 1), -grad, step)
+        step = torch.where(bad.view(1, -1, 1), -grad, step)
         slope = torch.where(bad, -gnorm * gnorm, slope)
         t = torch.where(active, torch.ones_like(value), torch.zeros_like(value))
         pending = active.clone()
         new_theta = theta
         for _ in range(30):
-            cand = theta + t.view(-1, 1, 1) * step
+            cand = theta + t.view(1, -1, 1) * step
             cand_value = f.value(cand)
             ok = pending & (cand_value <= value + 1e-4 * t * slope + 1e-12 * value.abs())
-            new_theta = torch.where(ok.view(-1, 1, 1), cand, new_theta)
+            new_theta = torch.where(ok.view(1, -1, 1), cand, new_theta)
             pending = pending & ~ok
             if not bool(pending.any()):
                 break
@@ -340,8 +358,8 @@ def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[
         stuck = pending  # no decrease found: as optimal as the arithmetic allows
         theta = new_theta
         value, grad, p = f.value_grad(theta)
-        gnorm = torch.where(stuck, torch.zeros_like(gnorm), grad.flatten(1).norm(dim=1))
-    return theta, it, grad.flatten(1).norm(dim=1)
+        gnorm = torch.where(stuck, torch.zeros_like(gnorm), _norm(grad))
+    return theta, it, _norm(grad)
 
 
 # ------------------------------------------------------------------------------------- a fitted probe

@@ -33,29 +33,29 @@ def _problem(n=36, d=300, k=3, seed=0):
 def test_solver_reaches_the_float64_newton_optimum(n, d):
     x, y = _problem(n, d)
     reduced = ReducedFeatures(x)
-    rows = torch.stack([torch.arange(0, n - 6), torch.arange(6, n)])
-    sol = reduced.solve(rows, y[rows], 3, [0.1, 0.01], tol=1e-8)
+    problems = [list(range(0, n - 6)), list(range(6, n))]
+    sol = reduced.solve(problems, y, 3, [0.1, 0.01], tol=1e-8)
     xs = ((x - reduced.mean) / reduced.scale).double().numpy()
-    for b in range(2):
-        r = rows[b].numpy()
+    weight, bias = reduced.head(sol.theta[1])
+    logits = reduced.logits(sol.theta[1])
+    for b, rows in enumerate(problems):
+        r = np.array(rows)
         ref = fit_logistic_head(xs[r], y[r].numpy(), 3, l2=0.01, bias_l2=1e-6, tol=1e-10)
         want = torch.softmax(torch.tensor(xs @ ref.W.T + ref.b), 1)
-        weight, bias = reduced.head(sol.theta[1, b])
-        got = torch.softmax((x @ weight + bias).double(), 1)
+        got = torch.softmax((x @ weight[b] + bias[b]).double(), 1)
         assert torch.allclose(got, want, atol=2e-4), float((got - want).abs().max())
         # the reduced-space logits are the raw-feature head's logits
-        assert torch.allclose(reduced.logits(sol.theta[1, b:b + 1], rows[b:b + 1])[0], (x @ weight + bias)[rows[b]],
-                              atol=1e-3)
+        assert torch.allclose(logits[:, b], x @ weight[b] + bias[b], atol=1e-3)
 
 
-def test_padding_rows_do_not_train_and_lambda_path_is_monotone():
+def test_problems_train_only_on_their_rows_and_lambda_path_is_monotone():
     x, y = _problem(30, 200)
     reduced = ReducedFeatures(x)
-    rows = torch.tensor([list(range(20)) + [-1] * 5, list(range(25))])
-    sol = reduced.solve(rows, y[rows.clamp_min(0)], 3, [1.0, 0.1, 0.01])
-    alone = reduced.solve(rows[:1, :20], y[:20][None], 3, [1.0, 0.1, 0.01])
-    assert torch.allclose(sol.theta[:, 0], alone.theta[:, 0], atol=1e-4)  # padding is not a training row
-    norms = [float(sol.theta[i, 1, :, :-1].norm()) for i in range(3)]
+    sol = reduced.solve([range(20), range(25)], y, 3, [1.0, 0.1, 0.01])
+    alone = reduced.solve([range(20)], y, 3, [1.0, 0.1, 0.01])
+    assert torch.allclose(sol.theta[:, :, 0], alone.theta[:, :, 0], atol=1e-4)  # rows 20-24 train problem 1 only
+    assert not torch.allclose(sol.theta[:, :, 1], alone.theta[:, :, 0], atol=1e-3)
+    norms = [float(sol.theta[i, :-1, 1].norm()) for i in range(3)]
     assert norms[0] < norms[1] < norms[2]  # a weaker penalty, a larger head
     assert (sol.grad_norm < 1e-3).all()
 

@@ -57,14 +57,6 @@ class ProbeTable:
         return [[v * n + r for r in base] for v in range(len(spec.views))]
 
 
-def _pad(lists: Sequence[Sequence[int]]) -> torch.Tensor:
-    width = max(1, max(len(x) for x in lists))
-    out = torch.full((len(lists), width), -1, dtype=torch.long)
-    for i, x in enumerate(lists):
-        out[i, : len(x)] = torch.tensor(list(x), dtype=torch.long)
-    return out
-
-
 @dataclass
 class ProbeCV:
     """What one probe trial measured: per penalty, the fold scores and out-of-fold probabilities."""
@@ -88,13 +80,11 @@ class ProbeCV:
         return self.lambdas[self.chosen]
 
 
-def _view_probs(features: ReducedFeatures, theta: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-    """Probabilities averaged over the views' rows (flip test-time augmentation)."""
-    probs = None
-    for r in rows:
-        p = torch.softmax(features.logits(theta, r).double(), dim=-1)
-        probs = p if probs is None else probs + p
-    return probs / len(rows)
+def _view_probs(logits: torch.Tensor, problem: int, rows: list[list[int]]) -> torch.Tensor:
+    """Problem ``problem``'s probabilities of the images whose rows in each view are ``rows``, averaged
+    over the views (flip test-time augmentation); ``logits`` ``(N, B, K)`` of every row."""
+    probs = [torch.softmax(logits[torch.as_tensor(r, dtype=torch.long), problem].double(), dim=-1) for r in rows]
+    return sum(probs) / len(probs)
 
 
 def fold_training(objective, params: dict[str, Any], setup) -> tuple[list[list], list[StrategyContext]]:
@@ -121,10 +111,8 @@ def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: S
     features = table.features(spec)
     folds = objective.selection.folds
     train_rows = [sum(table.rows(samples, spec), []) for samples in train_sets]
-    rows = _pad(train_rows)
-    labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
-    solution = features.solve(rows, labels, len(objective.index.classes), lambdas)
-    score_rows = [[_pad([r]) for r in table.rows(f.score, spec)] for f in folds]
+    solution = features.solve(train_rows, table.labels.repeat(len(spec.views)), len(objective.index.classes), lambdas)
+    score_rows = [table.rows(f.score, spec) for f in folds]
     n_classes = len(objective.index.classes)
     metric = objective.base.objective
     fold_scores, fold_accuracy, fold_losses, oofs, oof_losses = [], [], [], [], []
@@ -133,9 +121,9 @@ def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: S
     for li in range(len(lambdas)):
         oof = OutOfFold(objective.selection, n_classes)
         scores, accuracy, losses = [], [], []
+        logits = features.logits(solution.theta[li])
         for fi, fold in enumerate(folds):
-            theta = solution.theta[li, fi : fi + 1]
-            probs = _view_probs(features, theta, score_rows[fi])[0]
+            probs = _view_probs(logits, fi, score_rows[fi])
             y = torch.tensor([s.label for s in fold.score], dtype=torch.long)
             logp = torch.log(probs.clamp_min(1e-12))
             m = classification_metrics(logp.float(), y, n_classes)
@@ -202,15 +190,14 @@ def compare_bagging(objective, params: dict[str, Any], setup, lam: float) -> dic
             inner = [s for i, part in enumerate(parts) if i != j for s in part]
             problems.append(sum(table.rows(inner, spec), []))
             owner.append((fi, j))
-    rows = _pad(problems)
-    labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
     n = max(1, statistics.fmean(len(x) for x in problems))
-    solution = features.solve(rows, labels, len(objective.index.classes), [lam])
+    solution = features.solve(problems, table.labels.repeat(len(spec.views)), len(objective.index.classes), [lam])
+    logits = features.logits(solution.theta[0])
     single_p, bag_p, y_all = [], [], []
     for fi, fold in enumerate(folds):
-        score_rows = [_pad([r]) for r in table.rows(fold.score, spec)]
+        score_rows = table.rows(fold.score, spec)
         members = [pi for pi, (f, j) in enumerate(owner) if f == fi]
-        probs = {owner[pi][1]: _view_probs(features, solution.theta[0, pi:pi + 1], score_rows)[0] for pi in members}
+        probs = {owner[pi][1]: _view_probs(logits, pi, score_rows) for pi in members}
         single_p.append(probs.pop(-1))
         bag_p.append(torch.stack(list(probs.values())).mean(0))
         y_all += [s.label for s in fold.score]
@@ -243,9 +230,8 @@ def refit_probe(objective, params: dict[str, Any], setup, lam: float, n_fold_tra
         spec = contexts[0].features or FeatureSpec((setup.source.label,))
         table = objective.probe_table()
         features = table.features(spec)
-        rows = _pad([sum(table.rows(t, spec), []) for t in train_sets])
-        labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
-        solution = features.solve(rows, labels, len(objective.index.classes), [float(lam)])
+        solution = features.solve([sum(table.rows(t, spec), []) for t in train_sets], table.labels.repeat(len(spec.views)),
+                                  len(objective.index.classes), [float(lam)])
         weight, bias = features.head(solution.theta[0])  # (F, d, K), (F, K)
         notes = {name: note for name, note in contexts[0].notes.items()}
         model = ProbeModel(spec, weight, bias, float(lam), int(statistics.fmean(len(t) for t in train_sets)))
@@ -259,11 +245,10 @@ def refit_probe(objective, params: dict[str, Any], setup, lam: float, n_fold_tra
     spec = ctx.features or FeatureSpec((setup.source.label,))
     table = objective.probe_table()
     features = table.features(spec)
-    rows = _pad([sum(table.rows(ctx.train_samples, spec), [])])
-    labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
     n = len(ctx.train_samples)
     refit_lam = float(lam) * float(n_fold_train) / max(1, n)
-    solution = features.solve(rows, labels, len(objective.index.classes), [refit_lam])
+    solution = features.solve([sum(table.rows(ctx.train_samples, spec), [])], table.labels.repeat(len(spec.views)),
+                              len(objective.index.classes), [refit_lam])
     weight, bias = features.head(solution.theta[0])
     model = ProbeModel(spec, weight, bias, refit_lam, n)
     ctx.notes["probe"] = {"l2": refit_lam, "l2_in_folds": float(lam), "n_train": n, "features": spec.to_json()}
