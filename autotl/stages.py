@@ -397,6 +397,22 @@ class TransferNet(nn.Module):
         return f"stages.{self.stage_names.index(stage_name)}"
 
 
+class SuffixView(nn.Module):
+    """The part of a TransferNet a trial trains, as the regulariser sees it: from the activation at
+    ``cut`` to the pooled features (the loop applies the heads; regularisers' hooks address
+    ``net.stages.i``). ``extra``, the module a ``TrainingHooks`` trains beside the net, is a child so
+    it is among the trained parameters and in a regulariser's source copy."""
+
+    def __init__(self, net: TransferNet, cut: int, extra: nn.Module | None = None):
+        super().__init__()
+        self.net = net
+        self.cut = cut
+        self.extra = extra
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features_from(a, self.cut)
+
+
 def _pooled_dim(stages: Stages, pool: nn.Module, model: nn.Module) -> int:
     dim = getattr(model, "num_features", None)
     if dim:

@@ -401,7 +401,7 @@ def test_all_trials_failing_says_what_broke(tmp_path):
     import optuna
 
     from autotl.search._fit import refit_best
-    from autotl.search._recipe import load_recipe
+    from autotl._recipe import load_recipe
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="maximize")

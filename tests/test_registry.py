@@ -28,7 +28,7 @@ from autotl.retrieval.filterbanks import (
     list_filter_banks,
 )
 from autotl.retrieval.neighbours import BANKS, create_banks
-from autotl.stages import TransferNet
+from autotl.stages import SuffixView, TransferNet
 from autotl.strategy import (
     STRATEGIES,
     BaseStrategy,
@@ -39,7 +39,7 @@ from autotl.strategy import (
     list_strategies,
     strategy_params,
 )
-from autotl.train import TrainConfig, _make_regularizer, _SuffixView
+from autotl.train import TrainConfig, _make_regularizer
 
 
 # ----------------------------------------------------------------------------- members for the tests
@@ -117,7 +117,7 @@ def _view(frozen: int = 2):
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
     net = TransferNet.from_source(model, 3, frozen=frozen)
-    return _SuffixView(net, frozen)
+    return SuffixView(net, frozen)
 
 
 # ----------------------------------------------------------------------------- abstract bases

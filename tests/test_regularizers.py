@@ -321,10 +321,10 @@ def test_coefficient_schedule():
 # --------------------------------------------------------------------- built from a TrainConfig
 def _suffix_view(frozen: int):
     from autotl.stages import TransferNet
-    from autotl.train import _SuffixView
+    from autotl.stages import SuffixView
 
     net = TransferNet.from_source(_tiny("test_efficientnet"), 3, frozen=frozen)
-    return _SuffixView(net, frozen)
+    return SuffixView(net, frozen)
 
 
 def _applied_regulariser_gradient(cfg, view):

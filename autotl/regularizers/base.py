@@ -26,8 +26,8 @@ from torch import nn
 
 from .._registry import Registry, UnknownNameError
 
-if TYPE_CHECKING:  # autotl.train imports this package (lazily); a runtime import would be a cycle
-    from ..train import TrainConfig
+if TYPE_CHECKING:
+    from ..train_config import TrainConfig
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 
@@ -74,7 +74,7 @@ class BaseRegularizer(ABC):
     @abstractmethod
     def from_config(cls, config: "TrainConfig", model: nn.Module) -> "BaseRegularizer":
         """The (unbound) regulariser a training run with ``config`` uses on ``model``, the module
-        being trained (``autotl.train._SuffixView``: ``model.net`` is the ``TransferNet``)."""
+        being trained (``autotl.stages.SuffixView``: ``model.net`` is the ``TransferNet``)."""
 
     @classmethod
     def is_active(cls, config: "TrainConfig") -> bool:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._console import log, progress
-from .._images import UnreadableImageError, check_image, is_image_path
+from .._images import UnreadableImageError, check_image
 from .._io import atomic_write_json
 from ..data import is_folder_entry, walk_images
 from ..data import Sample

@@ -26,14 +26,15 @@ Use from ``fit``: score the candidates with the extractors training will use, ke
     scoring = report.to_json()        # for FitResult.scoring / the model card
 
 Modules: ``_compute`` (feature pass + metrics, ``score_models``, ``score``), ``_rules`` (ranking),
-``_report`` (rows, report, JSON), ``_datl_files`` (``datl/*.npz``), ``_text`` (tables for people).
+``_row`` (one model's scores), ``_report`` (the ranked report, JSON), ``_datl_files`` (``datl/*.npz``), ``_text`` (tables for people).
 """
 
 from __future__ import annotations
 
 from ._compute import default_models, default_score_dir, parse_priors, score, score_models
 from ._datl_files import load_datl_weights, safe_label
-from ._report import ScoreReport, ScoreRow
+from ._report import ScoreReport
+from ._row import ScoreRow
 from ._rules import DEFAULT_RULE, METRIC_TITLES, METRICS, RULES, rank_rows
 from ._text import TOP_CLASSES
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import _console
 from ..errors import AutotlError
-from ._report import ScoreReport, ScoreRow
+from ._report import ScoreReport
+from ._row import ScoreRow
 from ._rules import DEFAULT_RULE, METRICS, rank_rows, rule_metrics
 from ._text import TOP_CLASSES
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..errors import AutotlError
 
 if TYPE_CHECKING:
-    from ._report import ScoreRow
+    from ._row import ScoreRow
 
 METRICS = ("datl", "logme", "leep", "hscore")
 METRIC_TITLES = {"datl": "DATL KL", "logme": "LogME", "leep": "LEEP", "hscore": "H-score"}

@@ -22,7 +22,7 @@ import torch
 
 from ..train import TrainConfig, should_cache
 from ._folds import Selection
-from ._recipe import FROZEN, Recipe, resolve_frozen_relative
+from .._recipe import FROZEN, Recipe, resolve_frozen_relative
 
 ESTIMATE_SLACK = 1.25  # a trial is not started only when its estimate exceeds the time left by this factor
 MAX_TRIAL_SHARE = 0.5  # a configuration that alone would take over half the budget leaves no room to compare

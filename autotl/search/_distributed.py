@@ -108,7 +108,7 @@ def _plain(obj: Any) -> Any:
 
 def recipe_from_json(doc: dict[str, Any]):
     """Rebuild a :class:`Recipe` from ``Recipe.to_json()`` (the study's ``recipe`` user attr)."""
-    from ._recipe import parse_recipe
+    from .._recipe import parse_recipe
 
     space = {}
     for name, d in doc["space"].items():

@@ -21,7 +21,7 @@ from ..strategy import StrategyContext, apply_strategies, config_from_params
 from .. import train as _train
 from ..train import TrainConfig, classification_metrics, predict_logits, should_cache
 from ._folds import Fold, Selection
-from ._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
+from .._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
 
 
 OOF_MAX_VALUES = 2_000_000  # out-of-fold probabilities kept per trial up to this many (8 MB in the storage)
