@@ -188,10 +188,11 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 def _optimizer(net: TransferNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    from .regularizers import turns_off_weight_decay
+
     backbone = [p for _, p in net.shared_parameters()]
     head = [p for _, p in net.new_parameters()]
-    # L2-SP replaces weight decay: decay towards zero would fight the pull towards w0.
-    wd = 0.0 if cfg.regularizer == "l2sp" else cfg.weight_decay
+    wd = 0.0 if turns_off_weight_decay(cfg) else cfg.weight_decay
     groups = [{"params": head, "lr": cfg.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_ratio})

@@ -19,6 +19,7 @@ from .base import (
     create_regularizer,
     list_regularizers,
     regularizer_from_config,
+    turns_off_weight_decay,
 )
 from .dtnh import CoefficientSchedule, StepStats, dtnh_direction, regularized_backward
 from .kd import FeatureMapKD
@@ -40,5 +41,6 @@ __all__ = [
     "create_regularizer",
     "list_regularizers",
     "regularizer_from_config",
+    "turns_off_weight_decay",
     "available_regularizers",
 ]
