@@ -19,6 +19,8 @@ plug-ins by path precisely so that they can import it (``autotl/_registry.py``).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -250,3 +252,25 @@ def test_nothing_imports_fit():
     graph = import_graph()
     users = sorted(m for m, deps in graph.items() if "autotl.fit" in deps and m not in ("autotl", "autotl.cli", "autotl.demo"))
     assert not users, f"modules importing autotl.fit: {users}"
+
+
+def test_the_flat_names_stay_functions_after_their_modules_are_imported():
+    """``fit``, ``predict``, ``demo`` and ``score`` are functions named like their modules: importing
+    the module (directly, or as ``demo()`` imports ``fit``) must not turn ``autotl.fit`` into it."""
+    code = textwrap.dedent("""
+        import sys, autotl
+        demo = autotl.demo             # the function, looked up before its module imports autotl.fit
+        from autotl.fit import FitResult
+        import autotl.predict, autotl.score._compute
+        same_name = sorted(n for n, target in autotl._LAZY.items() if target.split(":")[0] == "autotl." + n)
+        assert same_name == ["demo", "fit", "predict", "score"], same_name
+        for name in same_name:
+            value = getattr(autotl, name)
+            assert value is getattr(sys.modules["autotl." + name], name), (name, value)
+        assert autotl.demo is demo and autotl.FitResult is FitResult
+        from autotl import predict
+        assert callable(predict) and predict.__module__ == "autotl.predict"
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
