@@ -116,9 +116,9 @@ def _strategy_params() -> set[str]:
 
 def _allowed_values(target: str) -> tuple | None:
     if target == "regularizer":
-        from .regularizers import available_regularizers
+        from .regularizers import list_regularizers
 
-        return tuple(available_regularizers())
+        return tuple(list_regularizers())
     if target == "optimizer":
         return ("adamw", "sgd")
     return None

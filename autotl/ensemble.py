@@ -172,13 +172,6 @@ def decode_probs(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype=np.float32).reshape(n, c).copy()
 
 
-def describe(selection: EnsembleSelection, names: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"member": names[i], "picks": selection.counts[i], "weight": round(selection.weights[i], 4)}
-            for i in selection.members]
-
-
-
-
 # ------------------------------------------------------------------------------ members of a fitted run
 @dataclass
 class EnsembleMember:

@@ -1,4 +1,4 @@
-"""How well does `autotl score` predict fine-tuned accuracy? (issue 3)
+"""How well does `autotl score` predict fine-tuned accuracy?
 
 For every candidate source model and two target datasets (cats_vs_dogs; the same with 10 % of
 its training images per class, same validation set):

@@ -1,4 +1,4 @@
-"""Issue 15, items 2, 3, 4 and 7: no traceback, no silently ignored flag, checks before any work.
+"""Bad input: no traceback, no silently ignored flag, checks before any work.
 
 Usage errors go through the real console entry point (``python -m autotl`` in a subprocess); a bad
 value must be refused before the data are scanned or a model loaded: exit code 2, one line naming

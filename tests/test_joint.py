@@ -1,4 +1,4 @@
-"""Selective joint fine-tuning (issue 6): the source pool, the joint step, the hard-sample rounds and
+"""Selective joint fine-tuning: the source pool, the joint step, the hard-sample rounds and
 the ``retrieval`` strategy end to end (tiny random-weight timm model, generated image folders)."""
 
 from __future__ import annotations

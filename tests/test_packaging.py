@@ -1,5 +1,5 @@
 """The built wheel is a working autotl: it ships the recipes, installs into a fresh venv, and a short
-search runs from that venv's ``autotl`` executable, outside the checkout (issue 13)."""
+search runs from that venv's ``autotl`` executable, outside the checkout."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One registry shape for strategies, regularisers and filter banks (issue 13, item 3)."""
+"""One registry shape for strategies, regularisers and filter banks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A run folder is one unit (issue 15, items 1 and 5): --out is checked before any work, a finished
+"""A run folder is one unit: --out is checked before any work, a finished
 run is replaced only with --overwrite (and kept until the new one is published), and a model is
 never used with a card that does not describe it."""
 

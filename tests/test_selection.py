@@ -1,4 +1,4 @@
-"""Honest selection (issue 10): folds that never let an image both decide and score, the one-SE rule,
+"""Honest selection: folds that never let an image both decide and score, the one-SE rule,
 the objective's wiring of each fold's parts, search as the default and --no-search."""
 
 from __future__ import annotations

@@ -11,13 +11,9 @@ from autotl.features import FeatureExtractor
 from autotl.models import create_source_model
 from autotl.stages import TransferNet, resolve_frozen, staged_backbone
 from autotl.train import TrainConfig, TrainingHooks, classification_metrics, train_model
-from conftest import limited_torch_threads
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "resnet10t", "mobilenetv3_small_050"])

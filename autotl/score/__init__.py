@@ -1,4 +1,4 @@
-"""``autotl score``: rank candidate source models before training anything (issue 3).
+"""``autotl score``: rank candidate source models before training anything.
 
 For every candidate, ONE forward pass over the target *training* split (never val/test) yields
 the pooled penultimate features and the source-head logits (``FeatureExtractor.extract``, cached

@@ -1,4 +1,4 @@
-"""The strategy search (issue 4): an Optuna study over *how* to transfer.
+"""The strategy search: an Optuna study over *how* to transfer.
 
 The space is declared in ``recipes/*.yaml`` (see ``autotl._recipe`` for the format): source
 model (top-k candidates), frozen stages (relative to the end), learning rate, epochs, regulariser
