@@ -44,7 +44,7 @@ from autotl.data import DatasetIndex, scan_dataset  # noqa: E402
 from autotl.features import FeatureExtractor  # noqa: E402
 from autotl.models import create_source_model, set_torch_threads  # noqa: E402
 from autotl.score import METRICS, RULES, ScoreRow, rank_rows, score_models  # noqa: E402
-from autotl.scoring import kendall_tau  # noqa: E402
+from autotl.transferability import kendall_tau  # noqa: E402
 from autotl.train import TrainConfig, train_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from autotl.models import create_source_model
 from autotl.retrieval import JointData, pool_class_weights, scan_pool
 from autotl.retrieval.joint import JointFineTuningHooks, random_neighbours
 from autotl.retrieval.strategy import _class_weights
-from autotl.scoring.datl import pool_importance_weights
+from autotl.transferability.datl import pool_importance_weights
 from autotl.score import safe_label
 from autotl.stages import TransferNet
 from autotl.train import TrainConfig, TrainingSetup

@@ -31,7 +31,7 @@ from autotl.score import (  # noqa: E402
     safe_label,
     score_models,
 )
-from autotl.scoring import hscore, leep, logme, softmax  # noqa: E402
+from autotl.transferability import hscore, leep, logme, softmax  # noqa: E402
 from autotl.train import TrainConfig, train_model  # noqa: E402
 
 SPECS = ("test_efficientnet@64=random", "test_resnet@64=random")

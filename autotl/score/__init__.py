@@ -16,7 +16,7 @@ on disk so the training that follows reuses it). From those arrays only:
   probabilities) and the **shrinkage H-score** (Ledoit-Wolf), all "higher = more transferable".
 
 **Ranking rule.** A rule is a set of metrics; models are ordered by their mean rank across those
-metrics (``scoring.combine_ranks``; ties keep the order given). ``DEFAULT_RULE`` is ``"logme"``,
+metrics (``transferability.combine_ranks``; ties keep the order given). ``DEFAULT_RULE`` is ``"logme"``,
 picked by ``bench/scoring.py`` (table at ``_rules.DEFAULT_RULE``).
 
 Use from ``fit``: score the candidates with the extractors training will use, keep the top k::

@@ -29,7 +29,7 @@ def _check_options(rule: str, top: int) -> None:
 
 
 def _resolve_prior(source, prior_path) -> tuple[np.ndarray, str, list[str]]:
-    from ..scoring import load_prior
+    from ..transferability import load_prior
 
     c = source.num_source_classes
     names = list(source.source_classes) if source.source_classes else [str(i) for i in range(c)]
@@ -80,7 +80,7 @@ def _metric(notes: list[str], name: str, fn, *args) -> float:
 
 def _score_one(source, ext, train, cuts, prior_path, top) -> ScoreRow:
     """The row of one candidate: its (cached) feature pass, then every metric on those arrays."""
-    from ..scoring import datl_weights, hscore, leep, logme, softmax
+    from ..transferability import datl_weights, hscore, leep, logme, softmax
     from ..stages import resolve_frozen
 
     want = sorted({resolve_frozen(int(c), ext.num_stages) for c in cuts})

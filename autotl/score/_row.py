@@ -34,7 +34,7 @@ class ScoreRow:
     # not serialised: what fit reuses
     source: Any = field(default=None, repr=False, compare=False)
     extractor: Any = field(default=None, repr=False, compare=False)
-    weights: Any = field(default=None, repr=False, compare=False)  # scoring.DatlWeights
+    weights: Any = field(default=None, repr=False, compare=False)  # transferability.DatlWeights
     class_names: list[str] | None = field(default=None, repr=False, compare=False)
 
     @property
