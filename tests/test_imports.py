@@ -176,70 +176,58 @@ def _package(root: Path, files: dict[str, str]) -> Path:
     return root / "pkg"
 
 
-def test_a_type_checking_cycle_is_found(tmp_path):
-    pkg = _package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": """
-            from typing import TYPE_CHECKING
-            if TYPE_CHECKING:
-                from .b import B
-            def make() -> "B": ...
-        """,
-        "pkg/b.py": "from .a import make\nclass B: ...\n",
-    })
-    assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.b"]]
-
-
-def test_a_function_level_import_cycle_is_found(tmp_path):
-    pkg = _package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "def f():\n    from .b import g\n    return g()\n",
-        "pkg/b.py": "from .a import f\ndef g(): ...\n",
-    })
-    assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.b"]]
-
-
-def test_a_cycle_through_a_package_init_is_found(tmp_path):
-    # y imports only pkg.sub.z, but that runs pkg/sub/__init__.py, which imports x, which imports y
-    pkg = _package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/sub/__init__.py": "from .x import X\n",
-        "pkg/sub/x.py": "from ..y import Y\nX = 1\n",
-        "pkg/sub/z.py": "Z = 1\n",
-        "pkg/y.py": "from .sub.z import Z\nY = Z\n",
-    })
-    assert cycles(import_graph(pkg)) == [["pkg.sub", "pkg.sub.x", "pkg.y"]]
-
-
-def test_a_package_that_re_exports_its_own_modules_is_no_cycle(tmp_path):
-    # the __init__ runs before its modules, so their imports of each other do not reach back into it
-    pkg = _package(tmp_path, {
-        "pkg/__init__.py": "from .a import A\nfrom .b import B\n",
-        "pkg/a.py": "from .b import B\nA = B\n",
-        "pkg/b.py": "from pkg.c import C\nB = C\n",
-        "pkg/c.py": "C = 1\n",
-    })
-    assert cycles(import_graph(pkg)) == []
-
-
-@pytest.mark.parametrize("target", ["pkg.sub.runner:run", "runner"])
-def test_a_cycle_through_a_lazy_re_export_is_found(tmp_path, target):
-    # pkg.sub re-exports ``run`` lazily (a "module:name" path, or a sibling module's name); runner
-    # needs util, and util imports pkg.sub.leaf, which runs pkg/sub/__init__.py
-    pkg = _package(tmp_path, {
+def _lazy_package(target: str) -> dict[str, str]:
+    """pkg.sub re-exports ``run`` lazily through ``target`` ("module:name", or a sibling module's
+    name); runner needs util, and util imports pkg.sub.leaf, which runs pkg/sub/__init__.py."""
+    return {
         "pkg/__init__.py": "",
         "pkg/sub/__init__.py": f"""
             from importlib import import_module
             _LAZY = {{"run": {target!r}, "other": "pkg.sub.leaf:other"}}
             def __getattr__(name):
-                module, _, attr = _LAZY[name].rpartition(":")
-                return getattr(import_module(module if attr else f"{{__name__}}.{{_LAZY[name]}}"), attr or name)
+                module, _, attr = _LAZY[name].partition(":")
+                return getattr(import_module(module if attr else f"{{__name__}}.{{module}}"), attr or name)
         """,
         "pkg/sub/runner.py": "from ..util import helper\ndef run(): return helper()\n",
         "pkg/sub/leaf.py": "def other(): ...\n",
         "pkg/util.py": "from .sub.leaf import other\ndef helper(): return other()\n",
-    })
-    assert cycles(import_graph(pkg)) == [["pkg.sub", "pkg.sub.runner", "pkg.util"]]
+    }
+
+
+PLANTED = {
+    "TYPE_CHECKING import": ({
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\ndef make() -> 'B': ...\n",
+        "pkg/b.py": "from .a import make\nclass B: ...\n",
+    }, [["pkg.a", "pkg.b"]]),
+    "function-level import": ({
+        "pkg/__init__.py": "",
+        "pkg/a.py": "def f():\n    from .b import g\n    return g()\n",
+        "pkg/b.py": "from .a import f\ndef g(): ...\n",
+    }, [["pkg.a", "pkg.b"]]),
+    # y imports only pkg.sub.z, but that runs pkg/sub/__init__.py, which imports x, which imports y
+    "package __init__": ({
+        "pkg/__init__.py": "",
+        "pkg/sub/__init__.py": "from .x import X\n",
+        "pkg/sub/x.py": "from ..y import Y\nX = 1\n",
+        "pkg/sub/z.py": "Z = 1\n",
+        "pkg/y.py": "from .sub.z import Z\nY = Z\n",
+    }, [["pkg.sub", "pkg.sub.x", "pkg.y"]]),
+    "lazy re-export by module:name": (_lazy_package("pkg.sub.runner:run"), [["pkg.sub", "pkg.sub.runner", "pkg.util"]]),
+    "lazy re-export by sibling module": (_lazy_package("runner"), [["pkg.sub", "pkg.sub.runner", "pkg.util"]]),
+    # no cycle: an __init__ runs before its modules, so their imports of each other do not reach back into it
+    "package re-exporting its own modules": ({
+        "pkg/__init__.py": "from .a import A\nfrom .b import B\n",
+        "pkg/a.py": "from .b import B\nA = B\n",
+        "pkg/b.py": "from pkg.c import C\nB = C\n",
+        "pkg/c.py": "C = 1\n",
+    }, []),
+}
+
+
+@pytest.mark.parametrize("files, found", PLANTED.values(), ids=list(PLANTED))
+def test_planted_cycles_are_found(tmp_path, files, found):
+    assert cycles(import_graph(_package(tmp_path, files))) == found
 
 
 def test_no_import_cycle_in_autotl():
