@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import re
 import sys
@@ -90,6 +91,31 @@ class SourceModel:
     data_config: dict[str, Any]
     source_classes: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the model's own preprocessing when ``data_config`` is a run's shared one (``share_input``)
+    native_config: dict[str, Any] | None = None
+
+    def share_input(self, config: dict[str, Any]) -> None:
+        """Take images preprocessed by ``config`` (one run-wide preprocessing, so several backbones
+        can read the same input in one exported graph): an input adapter (un-normalise, resize to
+        the model's size, normalise its way) then runs first in the model's first stage, in the
+        frozen pass, in training and in the exported graph alike."""
+        from .stages import INPUT_ADAPTER, InputAdapter, same_preprocessing
+
+        native = self.native_config or self.data_config
+        if same_preprocessing(config, native):
+            self.model._modules.pop(INPUT_ADAPTER, None)
+            self.data_config, self.native_config = dict(native), None
+            return
+        self.model.add_module(INPUT_ADAPTER, InputAdapter(config, native))
+        self.native_config, self.data_config = dict(native), dict(config)
+
+    @property
+    def input_id(self) -> str:
+        """Identity of the weights and the input they see, for cache keys (the adapter changes every activation)."""
+        if self.native_config is None:
+            return self.weights_id
+        cfg = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}, sort_keys=True)
+        return f"{self.weights_id}+input-{hashlib.sha256(cfg.encode()).hexdigest()[:12]}"
 
     @property
     def name(self) -> str:
@@ -105,6 +131,15 @@ class SourceModel:
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def shared_input_config(configs: "list[dict[str, Any]]") -> dict[str, Any]:
+    """The one preprocessing a run's candidates share: the largest input (ties: the first given), so
+    every other backbone's adapter only shrinks its input and no detail is invented."""
+    if not configs:
+        raise ValueError("no candidate data configs")
+    area = [int(c["input_size"][1]) * int(c["input_size"][2]) for c in configs]
+    return dict(configs[area.index(max(area))])
 
 
 def list_packaged_models() -> list[str]:

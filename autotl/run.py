@@ -19,12 +19,14 @@ import torch
 
 from . import _console
 from ._io import atomic_write_json
+from ._memory import BoundedMemory
 from ._version import __version__
 from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
 from .errors import AutotlError
 from .features import FeatureExtractor
-from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, list_packaged_models, set_torch_threads
+from .models import (DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, list_packaged_models, set_torch_threads,
+                     shared_input_config)
 from .options import check_out_dir
 from .train import pick_device
 
@@ -100,15 +102,18 @@ class FinalModel:
     """The model a run publishes: trained by the one strategy the flags describe, or refitted from
     the search's winner; with what the card says about how it was chosen."""
 
-    result: Any  # autotl.train.TrainResult
-    source: SourceModel
-    extractor: SharedActivations
+    model: Any  # autotl.fitted.Fitted: the selected (or only) model
     decided_by: dict[str, str]
     notes: dict[str, Any] = field(default_factory=dict)  # search params, the strategy in words, what each strategy did
     search: dict[str, Any] | None = None
-    # an ensemble chosen after the search (autotl.ensemble.EnsembleMember, primary = ``result`` first);
-    # empty: the single model ``result`` is published
+    # an ensemble chosen after the search (autotl.ensemble.EnsembleMember, in the graph's order);
+    # empty: the single model is published
     members: list[Any] = field(default_factory=list)
+
+    @property
+    def source(self) -> SourceModel:
+        """The source model whose preprocessing the exported graph takes (its first member's)."""
+        return self.members[0].source if self.members else self.model.source
 
 
 @dataclass
@@ -125,6 +130,8 @@ class Run:
     val_fraction: float = 0.1  # of the automatic val split (recorded for workers rebuilding the same split)
     duplicates: str = "warn"  # what the scan did with byte-identical copies (workers scan the same way)
     start: float = field(default_factory=time.monotonic)
+    # what steps and trials share within this run (probe feature reductions, ...); bounded, never global
+    memory: BoundedMemory = field(default_factory=lambda: BoundedMemory(16))
 
     def drop_replaced(self) -> None:
         """After publishing: delete the runs --overwrite moved aside (also those of an overwrite
@@ -151,6 +158,9 @@ class Run:
         dev = device if isinstance(device, torch.device) else pick_device(device)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         loaded = [create_source_model(m) for m in (list(models) or default_candidates())]
+        shared = shared_input_config([s.data_config for s in loaded])
+        for s in loaded:  # one preprocessing for the run: any mix of backbones reads the same input
+            s.share_input(shared)
         sources = {s.label: s for s in loaded}
         if len(sources) != len(loaded):
             raise AutotlError("--model: the same model is given twice; give each candidate once")

@@ -25,6 +25,9 @@ class TrainConfig:
     rand_augment: int = 0  # > 0: RandAugment of this magnitude on decoded training images (no prefix cache)
     patience: int = 5
     early_stopping: bool = True  # False: train all epochs, keep the last (a refit for a chosen epoch count)
+    # stop after this many epochs of the ``epochs``-long schedule (a refit follows the schedule its trial
+    # used and stops where the trial's folds chose); None: run the schedule to its end
+    stop_epoch: int | None = None
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
     objective: str = "accuracy"
     seed: int = 0

@@ -116,14 +116,15 @@ def test_one_se_rule_keeps_a_clear_win():
 
 # ----------------------------------------------------------------------------------------- objective wiring
 def test_objective_trains_decides_and_scores_on_each_fold_part(tmp_path, make_image_folder, monkeypatch):
-    """train_model gets the fold's training part and early-stops on its decision part; the dropout
-    reference is the decision part; the score comes from the scoring part, which decided nothing."""
+    """A trained trial: train_model gets the fold's training part and early-stops on its decision part;
+    the dropout reference is the decision part; the score comes from the scoring part, which decided
+    nothing. (Solved probes: tests/test_probe.py.)"""
     import autotl.search._objective as objective_mod
     from autotl.strategy import StrategyContext
 
     data = make_image_folder(tmp_path / "d", {"cat": 10, "dog": 10}, size=(32, 32))
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
-    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": ["all"], "epochs": 1,
+    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1,
                                                                             "dropout_tau": [0.0]}}, "t")
     plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"), trials=1, recipe=recipe,
                        cv_folds=3, cv_repeats=1)

@@ -83,6 +83,8 @@ def _score_one(source, ext, train, cuts, prior_path, top) -> ScoreRow:
     from ..transferability import datl_weights, hscore, leep, logme, softmax
     from ..stages import resolve_frozen
 
+    if isinstance(cuts, Mapping):  # per candidate: the cuts its later trials read, computed in this pass
+        cuts = cuts.get(source.label, ())
     want = sorted({resolve_frozen(int(c), ext.num_stages) for c in cuts})
     before = ext.forward_batches
     t0 = time.monotonic()
@@ -132,7 +134,7 @@ def score_models(
     extractors: Mapping[str, Any] | Sequence[Any] | None = None,
     prior_files: Mapping[str, str | os.PathLike] | None = None,
     rule: str = DEFAULT_RULE,
-    cuts: Sequence[int] = (),
+    cuts: Sequence[int] | Mapping[str, Sequence[int]] = (),
     top: int = TOP_CLASSES,
     cache_dir: str | os.PathLike | None = None,
     device: str = "cpu",
@@ -144,7 +146,8 @@ def score_models(
     ``sources``); by default one per source on ``cache_dir`` (default: autotl's feature cache).
     Pass the ones training will use: their memory and disk caches then serve training without a
     second pass. ``cuts``: prefix activations to compute in the same pass (negative = from the
-    end, as ``frozen_stages``: ``[-1]`` for a trial that trains the last stage). ``prior_files``:
+    end, as ``frozen_stages``: ``[-1]`` for a trial that trains the last stage), the same for every
+    candidate or a mapping by candidate label. ``prior_files``:
     class-count file per model label (``"*"`` = every model without its own entry).
     ``run_dir``: where to save ``scoring.json`` and ``datl/<model>.npz``.
     """
@@ -170,7 +173,7 @@ def score_models(
     from ..options import check_frozen_stages
 
     for source, ext in zip(sources, exts):  # --frozen-stages against each model, before any feature pass
-        for c in cuts:
+        for c in (cuts.get(source.label, ()) if isinstance(cuts, Mapping) else cuts):
             check_frozen_stages(int(c), ext.num_stages, source.label)
     rows = [_score_one(source, ext, train, cuts, prior_files.get(source.label, prior_files.get("*")), top)
             for source, ext in zip(sources, exts)]

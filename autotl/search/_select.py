@@ -75,12 +75,31 @@ def clearly_worse_in_loss(trial, best, labels) -> bool:
     return bool(d.mean() > PAIRED_LOSS_SE * d.std(ddof=1) / math.sqrt(len(d)) + 1e-12)
 
 
+def portfolio_rank(portfolio: Sequence[dict[str, Any]]):
+    """A trial → the position of the first portfolio entry it matches (its dimensions' values), or
+    ``len(portfolio)`` when none: the recipe's portfolio is ordered by what won on the development
+    tasks, a prior the one-standard-error rule prefers among equals."""
+    def rank(trial) -> int:
+        for i, entry in enumerate(portfolio):
+            if all(k in trial.params and _equal(trial.params[k], v) for k, v in entry.items()):
+                return i
+        return len(portfolio)
+    return rank
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
 def select_one_se(trials: Sequence[Any], params_of, candidates: Sequence[str] = (), *,
-                  oof_labels: Sequence[int] | None = None) -> tuple[Any, dict[str, Any]]:
+                  oof_labels: Sequence[int] | None = None, prior=None) -> tuple[Any, dict[str, Any]]:
     """``(winner, how)`` among COMPLETE trials with a value; ``(None, {})`` when there is none.
 
-    ``params_of(trial)`` gives a trial's parameters by target (the recipe's mapping). ``how`` says
-    which trial had the best mean, the bar, and which trials were within it.
+    ``params_of(trial)`` gives a trial's parameters by target (the recipe's mapping). ``prior(trial)``
+    (optional, smaller = preferred; e.g. ``portfolio_rank``) orders the equals before simplicity does.
+    ``how`` says which trial had the best mean, the bar, and which trials were within it.
     """
     done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
     if not done:
@@ -98,10 +117,13 @@ def select_one_se(trials: Sequence[Any], params_of, candidates: Sequence[str] = 
     within = [t for t in done if t.value >= bar - 1e-12]
     worse = [t for t in within if t.number != best.number and clearly_worse_in_loss(t, best, labels)]
     equals = [t for t in within if t not in worse]
-    winner = min(equals, key=lambda t: (complexity(params_of(t), t.user_attrs, candidates), -t.value, t.number))
+    winner = min(equals, key=lambda t: ((prior(t) if prior is not None else 0),
+                                        complexity(params_of(t), t.user_attrs, candidates), -t.value, t.number))
     return winner, {
         "rule": "one standard error toward the simpler strategy",
         "best_mean_trial": best.number, "best_mean": best.value, "best_se": se, "bar": bar,
         "within_one_se": sorted(t.number for t in within), "selected": winner.number,
         "worse_in_log_loss": sorted(t.number for t in worse),
+        "order_among_equals": ("the recipe's portfolio order (what won on the development tasks), then "
+                               "the simpler strategy" if prior is not None else "the simpler strategy"),
     }
