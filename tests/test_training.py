@@ -11,6 +11,7 @@ from autotl.features import FeatureExtractor
 from autotl.models import create_source_model
 from autotl.stages import TransferNet, resolve_frozen, staged_backbone
 from autotl.train import TrainConfig, TrainingHooks, classification_metrics, train_model
+from conftest import limited_torch_threads
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
