@@ -2,7 +2,7 @@
 
 The built-in recipes have one home in git, ``recipes/`` beside the package, where a source checkout
 (editable install) reads them; an installed autotl reads them from inside the package
-(``autotl.search._recipe.recipe_dirs``), so the build copies them there. Everything else about the
+(``autotl._recipe.recipe_dirs``), so the build copies them there. Everything else about the
 project is declared in pyproject.toml.
 """
 
@@ -17,7 +17,7 @@ from setuptools.errors import FileError
 
 RECIPES_SOURCE = "recipes"
 RECIPES_IN_PACKAGE = os.path.join("autotl", "recipes")
-RECIPE_PATTERNS = ("*.yaml", "*.yml")  # autotl.search._recipe.RECIPE_SUFFIXES
+RECIPE_PATTERNS = ("*.yaml", "*.yml")  # autotl._recipe.RECIPE_SUFFIXES
 
 
 class BuildPyWithRecipes(build_py):

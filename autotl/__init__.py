@@ -7,6 +7,8 @@ The public API is flat and lazy: ``import autotl`` does not import torch, so the
 from __future__ import annotations
 
 import os
+import sys
+import types
 from importlib import import_module
 
 # OpenMP threads that busy-wait between parallel regions starve everything else on small, shared
@@ -27,7 +29,7 @@ _LAZY = {
     "create_source_model": "autotl.models:create_source_model",
     "HUB_ZOO": "autotl.zoo:HUB_ZOO",
     "zoo_models": "autotl.zoo:zoo_models",
-    "TrainConfig": "autotl.train:TrainConfig",
+    "TrainConfig": "autotl.train_config:TrainConfig",
     "demo": "autotl.demo:demo",
     "score": "autotl.score:score",
     "score_models": "autotl.score:score_models",
@@ -49,3 +51,18 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _FlatAPI(types.ModuleType):
+    """``fit``, ``predict``, ``demo`` and ``score`` are functions named like the modules that define
+    them. Importing such a module (``import autotl.fit``, or ``demo()`` importing ``fit``) would set
+    the package attribute to the module; the attribute stays the function instead. The modules
+    themselves are in ``sys.modules`` (``importlib.import_module("autotl.fit")``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _FlatAPI

@@ -51,10 +51,6 @@ def set_quiet(quiet: bool) -> None:
     _state["quiet"] = bool(quiet)
 
 
-def is_quiet() -> bool:
-    return _state["quiet"]
-
-
 def log(*objects, **kwargs) -> None:
     if not _state["quiet"]:
         console.print(*objects, **kwargs)

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import AutotlError
+from .train_config import OBJECTIVES
 
 __all__ = [
     "check_fit_options", "check_score_options", "check_dropout_options", "check_predict_options",
     "check_report_options", "check_worker_options", "check_frozen_stages", "check_device", "check_out_dir",
-    "check_out_file", "check_int", "check_number", "check_columns",
+    "check_out_file", "check_int", "check_number", "check_columns", "parse_tau",
 ]
 
-OBJECTIVES = ("accuracy", "macro_f1")  # == autotl.train.OBJECTIVES (not imported: that module imports torch)
 _MAX_SEED = 2**63 - 1
 
 
@@ -243,7 +243,7 @@ def _check_train_config(cfg: Any) -> None:
 def _check_time_budget(value: Any) -> None:
     if value is None:
         return
-    from .search._recipe import parse_duration
+    from ._recipe import parse_duration
 
     if isinstance(value, str) and not value.strip():
         raise AutotlError("--time-budget '': give a duration like 90s, 20m, 1h or 1h30m")
@@ -280,12 +280,30 @@ def _check_retrieval(fixed: Mapping[str, Any], options: Mapping[str, Any]) -> No
                           "no effect; give --retrieval-k 1 or more, or drop them")
 
 
+def parse_tau(value: Any) -> float | None:
+    """``None``/``"none"``/``"off"``/``inf`` → ``None`` (no dropout); otherwise a float >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none", "null", "off", "no", "inf", "infinity"):
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise AutotlError(f"dropout_tau {value!r}: give a number >= 0, or 'none' for no dropout") from None
+    tau = float(value)
+    if math.isinf(tau) and tau > 0:
+        return None
+    if not tau >= 0:
+        raise AutotlError(f"dropout_tau {value!r}: must be >= 0 (or 'none' for no dropout)")
+    return tau
+
+
 def _check_dropout_fixed(fixed: Mapping[str, Any], options: Mapping[str, Any]) -> None:
     tau_given = "dropout_tau" in fixed and fixed["dropout_tau"] is not None
     tau = None
     if tau_given:
-        from .dropout.strategy import parse_tau
-
         try:
             tau = parse_tau(fixed["dropout_tau"])
         except AutotlError as exc:
@@ -352,7 +370,7 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
             raise AutotlError(f"--storage {_shown(storage)}: give an Optuna storage URL (sqlite:///study.db, "
                               "postgresql://user@host/db) or leave it out for RUN_DIR/study.db")
     if recipe is not None and search is not False:
-        from .search._recipe import load_recipe
+        from ._recipe import load_recipe
 
         load_recipe(recipe)  # a typo in the name or the file is reported now, not after the scoring pass
     fixed, opts = dict(fixed_params or {}), dict(options or {})
@@ -389,8 +407,6 @@ def check_dropout_options(*, tau: Any = None, mode: Any = "spread", focus_class:
                           device: Any = "auto", cache_dir: Any = None, top: Any = 20, write_clean: Any = None,
                           path_column: Any = None, label_column: Any = None, **_other: Any) -> None:
     check_columns(path_column=path_column, label_column=label_column)
-    from .dropout.strategy import parse_tau
-
     try:
         tau_value = parse_tau(tau)
     except AutotlError as exc:

@@ -6,7 +6,7 @@ constant, so their output (the activation at *cut* ``n``) can be computed once a
 trial then trains only ``stages[n:]`` and the head. Cut ``N`` (all stages frozen) is the pooled
 feature vector: a linear probe.
 
-Where the stages come from: the EfficientNet / MobileNet family keeps its historical split
+Where the stages come from: the EfficientNet / MobileNet family keeps its per-block split
 (stem, every ``blocks.i``, the conv head), which cache keys and recipes count on. Every other
 timm model is split along timm's own layer grouping, ``model.group_matcher(coarse=True)`` (the
 stem / block groups of layer-wise LR decay), at the points where its ``forward_features`` hands a
@@ -79,7 +79,7 @@ def same_preprocessing(a: dict, b: dict) -> bool:
 
 
 def _efficientnet_family_stages(model: nn.Module) -> tuple[Stages, nn.Module] | None:
-    """The historical split of EfficientNet / MobileNet. timm's grouping differs (it merges
+    """The per-block split of EfficientNet / MobileNet. timm's grouping differs (it merges
     EfficientNet's conv head into the last block, MobileNetV3's conv head sits after pooling),
     and caches and recipes count these stages."""
     kids = dict(model.named_children())
@@ -281,9 +281,9 @@ def staged_backbone(model: nn.Module) -> tuple[Stages, nn.Module]:
             h, w = min(int(h), 96), min(int(w), 96)
         x = torch.randn(2, int(c), int(h), int(w), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            legacy = _efficientnet_family_stages(model)
-            if legacy is not None:
-                (stages, pool), features = legacy, model.forward_features(x)
+            family = _efficientnet_family_stages(model)
+            if family is not None:
+                (stages, pool), features = family, model.forward_features(x)
                 got = _compose(stages, pool, x)
             else:
                 try:
@@ -422,12 +422,25 @@ class TransferNet(nn.Module):
     def new_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"head.{n}", p) for n, p in self.head.named_parameters()]
 
-    def trainable_modules(self) -> Iterable[nn.Module]:
-        return [*self.stages[self.frozen :], *([] if self.pool_frozen else [self.pool]), self.head]
-
     def stage_module_name(self, stage_name: str) -> str:
         """Module path inside this net of a stage given by its backbone name (e.g. 'blocks.5')."""
         return f"stages.{self.stage_names.index(stage_name)}"
+
+
+class SuffixView(nn.Module):
+    """The part of a TransferNet a trial trains, as the regulariser sees it: from the activation at
+    ``cut`` to the pooled features (the loop applies the heads; regularisers' hooks address
+    ``net.stages.i``). ``extra``, the module a ``TrainingHooks`` trains beside the net, is a child so
+    it is among the trained parameters and in a regulariser's source copy."""
+
+    def __init__(self, net: TransferNet, cut: int, extra: nn.Module | None = None):
+        super().__init__()
+        self.net = net
+        self.cut = cut
+        self.extra = extra
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features_from(a, self.cut)
 
 
 def _pooled_dim(stages: Stages, pool: nn.Module, model: nn.Module) -> int:

@@ -46,8 +46,8 @@ import bisect
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,44 +58,8 @@ from . import _console
 from .data import Sample
 from .features import ActivationSet, FeatureExtractor, ImageDataset, make_loader, train_transform
 from .models import SourceModel
-from .stages import TransferNet, resolve_frozen
-
-OBJECTIVES = ("accuracy", "macro_f1")
-
-
-@dataclass
-class TrainConfig:
-    """Training settings of one run: what is frozen, optimiser, schedule, regulariser (the search varies these)."""
-
-    frozen_stages: int | str = "all"
-    epochs: int = 15
-    lr: float = 3e-3  # head learning rate; the pretrained stages get lr * backbone_lr_ratio
-    backbone_lr_ratio: float = 0.1
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.0  # > 0: mixup of the trainable part's inputs, mixing weight ~ Beta(α, α)
-    rand_augment: int = 0  # > 0: RandAugment of this magnitude on decoded training images (no prefix cache)
-    patience: int = 5
-    early_stopping: bool = True  # False: train all epochs, keep the last (a refit for a chosen epoch count)
-    # stop after this many epochs of the ``epochs``-long schedule (a refit follows the schedule its trial
-    # used and stops where the trial's folds chose); None: run the schedule to its end
-    stop_epoch: int | None = None
-    optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
-    objective: str = "accuracy"
-    seed: int = 0
-    use_cache: str | bool = "auto"  # True | False | "auto" (cache when it fits in memory)
-    # regularisation (see autotl.regularizers)
-    regularizer: str = "none"  # "none" | "l2sp" | "kd"
-    reg_lambda: float = 0.0  # λ: weight of the regulariser
-    reg_beta: float = 0.0  # L2-SP β on the new head
-    reg_decay: float = 1.0  # λ_e = λ · decay^epoch
-    kd_layers: list[str] = field(default_factory=list)
-    dtnh: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .stages import SuffixView, TransferNet, resolve_frozen
+from .train_config import OBJECTIVES, TrainConfig
 
 
 @dataclass
@@ -272,27 +236,12 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
     return conf.tolist()
 
 
-class _SuffixView(nn.Module):
-    """The part of a TransferNet a trial trains, as the regulariser sees it: from the activation at
-    ``cut`` to the pooled features (the loop applies the heads; regularisers' hooks address
-    ``net.stages.i``). ``extra``, the module a ``TrainingHooks`` trains beside the net, is a child so
-    it is among the trained parameters and in a regulariser's source copy."""
-
-    def __init__(self, net: TransferNet, cut: int, extra: nn.Module | None = None):
-        super().__init__()
-        self.net = net
-        self.cut = cut
-        self.extra = extra
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features_from(a, self.cut)
-
-
 def _optimizer(net: TransferNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    from .regularizers import turns_off_weight_decay
+
     backbone = [p for _, p in net.shared_parameters()]
     head = [p for _, p in net.new_parameters()]
-    # L2-SP replaces weight decay: decay towards zero would fight the pull towards w0.
-    wd = 0.0 if cfg.regularizer == "l2sp" else cfg.weight_decay
+    wd = 0.0 if turns_off_weight_decay(cfg) else cfg.weight_decay
     groups = [{"params": head, "lr": cfg.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_ratio})
@@ -322,7 +271,7 @@ def _warmup_cosine(opt, total_steps: int, warmup_steps: int, round_start_steps: 
         opt, lambda step: round_lr_factor(step, total_steps, warmup_steps, round_start_steps))
 
 
-def _make_regularizer(cfg: TrainConfig, view: _SuffixView):
+def _make_regularizer(cfg: TrainConfig, view: SuffixView):
     """The regulariser ``cfg.regularizer`` names, built by its registered class from ``cfg`` and bound
     to ``view``; None when it is off. Unknown names raise a ValueError listing the registered ones."""
     if cfg.regularizer == "none" or cfg.reg_lambda <= 0 and cfg.reg_beta <= 0:
@@ -499,7 +448,7 @@ def train_model(
                                device=torch.device("cpu") if cached else device, seed=cfg.seed)
     if cached:
         train_loader.num_workers = 0  # tensors already in memory
-    view = _SuffixView(net, cut, extra_module)
+    view = SuffixView(net, cut, extra_module)
     reg = _make_regularizer(cfg, view)
     try:
         if reg is not None and getattr(reg, "source_model", None) is not None:

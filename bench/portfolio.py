@@ -78,7 +78,7 @@ def measure_task(task: str, seed: int, work: Path, cache: Path) -> dict:
     from autotl.search._folds import plan_selection
     from autotl.search._objective import Objective
     from autotl.search._probe import cross_validate_probe, refit_probe
-    from autotl.search._recipe import parse_recipe
+    from autotl._recipe import parse_recipe
 
     root = work / f"{task}-s{seed}"
     shutil.rmtree(root, ignore_errors=True)

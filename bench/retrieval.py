@@ -1,4 +1,4 @@
-"""Selective joint fine-tuning where it should help: scarce cats-vs-dogs targets, deeper unfreezing (issue 12).
+"""Selective joint fine-tuning where it should help: scarce cats-vs-dogs targets, deeper unfreezing.
 
 Target: 10 and 20 images per class drawn from ``cats_vs_dogs/train`` (a new draw per seed: the
 seed changes the images, the head initialisation, the batch order, the flips and the pool

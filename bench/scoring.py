@@ -1,4 +1,4 @@
-"""How well does `autotl score` predict fine-tuned accuracy? (issue 3)
+"""How well does `autotl score` predict fine-tuned accuracy?
 
 For every candidate source model and two target datasets (cats_vs_dogs; the same with 10 % of
 its training images per class, same validation set):
@@ -44,7 +44,7 @@ from autotl.data import DatasetIndex, scan_dataset  # noqa: E402
 from autotl.features import FeatureExtractor  # noqa: E402
 from autotl.models import create_source_model, set_torch_threads  # noqa: E402
 from autotl.score import METRICS, RULES, ScoreRow, rank_rows, score_models  # noqa: E402
-from autotl.scoring import kendall_tau  # noqa: E402
+from autotl.transferability import kendall_tau  # noqa: E402
 from autotl.train import TrainConfig, train_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Frozen computation at the machine's speed, int8 export and streamed predict, in one run (issue 14).
+"""Frozen computation at the machine's speed, int8 export and streamed predict, in one run.
 
 Everything is measured in this one process (children for the fits), on the same images, with the
 compared methods alternated batch by batch or run by run, so that a machine shared with other jobs

@@ -148,13 +148,18 @@ def limited_torch_threads(n: int):
 
 
 @pytest.fixture
-def single_thread(monkeypatch):
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    with limited_torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def single_thread(monkeypatch, one_thread):
     """One torch thread, and ``fit`` is kept from resetting it."""
     import autotl.run
 
     monkeypatch.setattr(autotl.run, "set_torch_threads", lambda: None)
-    with limited_torch_threads(1):
-        yield
 
 
 def tiny_training_setup(folder: Path):

@@ -16,15 +16,11 @@ from autotl.features import FeatureExtractor, decode_workers
 from autotl.models import create_source_model
 from autotl.stages import staged_backbone
 
-from conftest import limited_torch_threads
 
 SPECS = ["test_efficientnet=random", "resnet10t=random"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Issue 15, items 2, 3, 4 and 7: no traceback, no silently ignored flag, checks before any work.
+"""Bad input: no traceback, no silently ignored flag, checks before any work.
 
 Usage errors go through the real console entry point (``python -m autotl`` in a subprocess); a bad
 value must be refused before the data are scanned or a model loaded: exit code 2, one line naming
@@ -401,7 +401,7 @@ def test_all_trials_failing_says_what_broke(tmp_path):
     import optuna
 
     from autotl.search._fit import refit_best
-    from autotl.search._recipe import load_recipe
+    from autotl._recipe import load_recipe
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="maximize")

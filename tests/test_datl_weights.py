@@ -15,20 +15,17 @@ from autotl.models import create_source_model
 from autotl.retrieval import JointData, pool_class_weights, scan_pool
 from autotl.retrieval.joint import JointFineTuningHooks, random_neighbours
 from autotl.retrieval.strategy import _class_weights
-from autotl.scoring.datl import pool_importance_weights
+from autotl.transferability.datl import pool_importance_weights
 from autotl.score import safe_label
 from autotl.stages import TransferNet
 from autotl.train import TrainConfig, TrainingSetup
-from conftest import limited_torch_threads, write_image_folder
+from conftest import write_image_folder
 
 # two ImageNet wnids (tench = 0, English springer = 217) with unequal counts, and one other class
 POOL = {"n01440764": 9, "n02102040": 3, "other": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Distributed search (issue 7): workers join a study in a real PostgreSQL server; a killed worker's trial is retried."""
+"""Distributed search: workers join a study in a real PostgreSQL server; a killed worker's trial is retried."""
 
 from __future__ import annotations
 

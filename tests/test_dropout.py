@@ -18,13 +18,9 @@ from autotl.dropout import (
     select_dropout,
 )
 from autotl.errors import AutotlError
-from conftest import limited_torch_threads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(rng, n, d, k, sep):

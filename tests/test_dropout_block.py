@@ -12,16 +12,12 @@ from torch import nn
 
 from autotl.dropout.block_influence import block_influence_scores
 from autotl.dropout.influence import fit_logistic_head, influence_scores
-from conftest import limited_torch_threads
 
 L2 = 0.3
 N_TRAIN, N_VAL, N_FLIPPED = 60, 24, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block() -> nn.Module:

@@ -4,6 +4,7 @@ image folder with deliberately mislabelled training images (moved into another c
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 from pathlib import Path
@@ -234,15 +235,16 @@ def test_fraction_mode_and_bad_mode(index, source, extractor, tmp_path):
 
 
 def test_fit_end_to_end_with_dropout(noisy_folder, reuse_source, monkeypatch, tmp_path):
-    import autotl.fit
     from autotl.fit import fit
+
+    fit_module = importlib.import_module("autotl.fit")  # ``autotl.fit`` is the function
 
     # ONNX export + parity is tested in test_export.py and costs ~30 s on a busy CPU: not the subject here
     def export(net, source, run_dir, val):  # a stand-in model file (the card records its hash)
         (run_dir / "model.onnx").write_bytes(b"stand-in")
         return {"passed": True, "max_abs_diff": 0.0, "skipped": "test"}
 
-    monkeypatch.setattr(autotl.fit, "export_and_verify", export)
+    monkeypatch.setattr(fit_module, "export_and_verify", export)
     passes = []
     original = FeatureExtractor._compute
 

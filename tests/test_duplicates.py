@@ -1,4 +1,4 @@
-"""Duplicate images across and within splits (issue 15, item 6) and unsupported image formats (item 7)."""
+"""Duplicate images across and within splits, and unsupported image formats."""
 
 from __future__ import annotations
 
@@ -284,7 +284,7 @@ def test_cats_vs_dogs_no_copies_one_known_near_duplicate():
     assert seconds < 60
 
 
-# --------------------------------------------------------------------------- unsupported formats (item 7)
+# --------------------------------------------------------------------------- unsupported formats
 
 
 def test_gif_and_heic_in_class_folders_are_listed_as_skipped(tmp_path, logged):

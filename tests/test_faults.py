@@ -1,4 +1,4 @@
-"""Fault matrix (issue 7): Ctrl-C in every phase, SIGKILL, OOM/NaN trials, disk full, a data fuzzer.
+"""Fault matrix: Ctrl-C in every phase, SIGKILL, OOM/NaN trials, disk full, a data fuzzer.
 
 Rows covered elsewhere (not repeated here): Ctrl-C during a trial → tests/test_search.py
 (test_keyboard_interrupt_then_resume, test_cli_interrupt_resume_and_json); data changed between

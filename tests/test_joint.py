@@ -1,4 +1,4 @@
-"""Selective joint fine-tuning (issue 6): the source pool, the joint step, the hard-sample rounds and
+"""Selective joint fine-tuning: the source pool, the joint step, the hard-sample rounds and
 the ``retrieval`` strategy end to end (tiny random-weight timm model, generated image folders)."""
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from autotl.retrieval import neighbours as neighbours_mod
 from autotl.retrieval.joint import JointFineTuningHooks, _source_head, round_boundaries, smoothing_entropy
 from autotl.retrieval.schedule import HardSampleSchedule
 from autotl.retrieval.strategy import SelectiveJointFineTuning
-from autotl.stages import TransferNet
+from autotl.stages import SuffixView, TransferNet
 from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies, train_strategy
 from autotl import train as train_mod
-from autotl.train import TrainConfig, TrainingHooks, _SuffixView, round_lr_factor, train_model
+from autotl.train import TrainConfig, TrainingHooks, round_lr_factor, train_model
 from conftest import limited_torch_threads
 
 MODEL = "test_efficientnet@64=random"
@@ -113,7 +113,7 @@ def test_joint_step_updates_each_head_only_from_its_own_domain(source):
     torch.manual_seed(0)
     net = TransferNet.from_source(source.model, 2, -2)  # the last two stages shared and trainable
     head_s = torch.nn.Linear(net.head.in_features, 5)
-    view = _SuffixView(net, net.frozen, head_s)  # what train_model trains: the source head as its extra module
+    view = SuffixView(net, net.frozen, head_s)  # what train_model trains: the source head as its extra module
     a = net.forward_prefix(torch.randn(8, 3, 64, 64), net.frozen).detach()
     xt, xs = a[:4], a[4:]
     yt, ys = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 4, 2, 3])
@@ -324,7 +324,7 @@ def test_joint_rounds_keep_the_last_round_and_record_its_scores(source, index, f
 
 
 def test_source_head_init_is_a_searched_choice(source, index, folders, extractor, tmp_path):
-    from autotl.search._recipe import load_recipe
+    from autotl._recipe import load_recipe
 
     assert "source_head_init" in SelectiveJointFineTuning.params
     dim = load_recipe("retrieval").dimension("source_head_init")  # the shipped retrieval recipe searches it

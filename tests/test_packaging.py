@@ -1,5 +1,5 @@
 """The built wheel is a working autotl: it ships the recipes, installs into a fresh venv, and a short
-search runs from that venv's ``autotl`` executable, outside the checkout (issue 13)."""
+search runs from that venv's ``autotl`` executable, outside the checkout."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _build_prerequisites_missing() -> str | None:
 
 def test_checkout_reads_the_top_level_recipes():
     import autotl
-    from autotl.search._recipe import list_recipes, recipe_dirs
+    from autotl._recipe import list_recipes, recipe_dirs
 
     if Path(autotl.__file__).resolve().parent != ROOT / "autotl":
         pytest.skip(f"autotl is imported from {autotl.__file__}, not from this checkout")
@@ -140,7 +140,7 @@ def test_wheel_ships_recipes_installs_into_fresh_venv_and_searches(tmp_path):
 
         outside = tmp_path / "elsewhere"  # not the checkout: nothing may come from the working tree
         outside.mkdir()
-        probe = ("import json, autotl; from autotl.search._recipe import recipe_dirs, list_recipes; "
+        probe = ("import json, autotl; from autotl._recipe import recipe_dirs, list_recipes; "
                  "print(json.dumps({'file': autotl.__file__, 'dirs': [str(d) for d in recipe_dirs()], "
                  "'recipes': {k: str(v) for k, v in list_recipes().items()}}))")
         proc = log.run([python, "-c", probe], timeout=120, cwd=outside, env=env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -300,8 +301,8 @@ def test_predict_does_not_import_torch(exported_model, image_dir):
     code = textwrap.dedent(
         f"""
         import sys
-        import autotl.predict
-        res = autotl.predict.predict({str(path)!r}, [{str(image_dir)!r}], top_k=2)
+        from autotl.predict import predict
+        res = predict({str(path)!r}, [{str(image_dir)!r}], top_k=2)
         res.table(); res.to_json()
         assert len(res.predictions) == 8, res.to_json()
         heavy = sorted(m for m in ("torch", "torchvision", "timm") if m in sys.modules)
@@ -347,7 +348,7 @@ def test_csv_rows_are_written_as_they_are_computed(exported_model, image_dir, tm
 
 
 def test_parallel_decode_is_bounded_and_gives_the_serial_answer(exported_model, image_dir, monkeypatch):
-    import autotl.predict as predict_module
+    predict_module = importlib.import_module("autotl.predict")  # ``autotl.predict`` is the function
 
     _, path, _ = exported_model
     serial = Predictor(path).predict_paths(image_dir, batch_size=1, workers=1)

@@ -1,4 +1,4 @@
-"""One registry shape for strategies, regularisers and filter banks (issue 13, item 3)."""
+"""One registry shape for strategies, regularisers and filter banks."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from autotl.retrieval.filterbanks import (
     list_filter_banks,
 )
 from autotl.retrieval.neighbours import BANKS, create_banks
-from autotl.stages import TransferNet
+from autotl.stages import SuffixView, TransferNet
 from autotl.strategy import (
     STRATEGIES,
     BaseStrategy,
@@ -39,7 +39,7 @@ from autotl.strategy import (
     list_strategies,
     strategy_params,
 )
-from autotl.train import TrainConfig, _make_regularizer, _SuffixView
+from autotl.train import TrainConfig, _make_regularizer, _optimizer
 
 
 # ----------------------------------------------------------------------------- members for the tests
@@ -117,7 +117,7 @@ def _view(frozen: int = 2):
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
     net = TransferNet.from_source(model, 3, frozen=frozen)
-    return _SuffixView(net, frozen)
+    return SuffixView(net, frozen)
 
 
 # ----------------------------------------------------------------------------- abstract bases
@@ -253,9 +253,28 @@ def test_a_registered_filter_bank_is_a_retrieval_bank_choice(registered):
         create_banks("luma+gabor")  # one spelling per bank set (the registry order)
 
 
+def test_a_regularizer_that_replaces_weight_decay_turns_it_off_in_the_optimiser(registered):
+    class _PullToStart(_HeadNorm):
+        name = "pull-to-start"
+        replaces_weight_decay = True
+
+    registered(REGULARIZERS, "pull-to-start", _PullToStart, order=40)
+    registered(REGULARIZERS, "head-norm", _HeadNorm, order=50)
+    net = _view().net
+
+    def decay(name: str, **coefficients) -> set[float]:
+        cfg = TrainConfig(regularizer=name, weight_decay=0.05, **coefficients)
+        return {group["weight_decay"] for group in _optimizer(net, cfg).param_groups}
+
+    assert decay("pull-to-start", reg_lambda=0.1) == {0.0} and decay("head-norm", reg_lambda=0.1) == {0.05}
+    assert decay("l2sp", reg_lambda=0.1) == {0.0} and decay("l2sp") == {0.0}  # whatever its coefficients
+    assert decay("kd", reg_lambda=0.1) == decay("none") == {0.05}
+    assert decay("L2SP") == {0.05}  # not a registered spelling: training refuses it once it is active (below)
+
+
 def test_the_regularizer_name_in_a_config_must_be_exact():
-    # the optimiser compares cfg.regularizer == "l2sp" to turn weight decay off, so "L2SP" in a
-    # config would get L2-SP and weight decay; it is refused instead of silently mixed
+    # the optimiser asks the regulariser registered under the name as written whether it replaces
+    # weight decay, so "L2SP" in a config would get L2-SP and weight decay; it is refused instead
     with pytest.raises(ValueError, match="write it as 'l2sp'"):
         _make_regularizer(TrainConfig(regularizer="L2SP", reg_lambda=0.1), _view())
 

@@ -16,9 +16,9 @@ from autotl.regularizers import (
     CoefficientSchedule,
     FeatureMapKD,
     NoRegularizer,
-    available_regularizers,
     create_regularizer,
     dtnh_direction,
+    list_regularizers,
     regularized_backward,
 )
 
@@ -298,7 +298,7 @@ def test_no_regularizer_and_registry():
     logits, state = reg.forward(model, torch.randn(2, 3, 32, 32))
     st = regularized_backward(nn.functional.cross_entropy(logits, torch.tensor([0, 1])), reg, state, 1.0, dtnh=True)
     assert st.penalty == 0.0 and not st.projected and st.norm_d == pytest.approx(st.norm_j)
-    assert {"none", "l2sp", "kd"} <= set(available_regularizers())
+    assert {"none", "l2sp", "kd"} <= set(list_regularizers())
     assert isinstance(create_regularizer("L2SP", alpha=0.5), L2SP)
     with pytest.raises(ValueError, match="available"):
         create_regularizer("delta")
@@ -321,10 +321,10 @@ def test_coefficient_schedule():
 # --------------------------------------------------------------------- built from a TrainConfig
 def _suffix_view(frozen: int):
     from autotl.stages import TransferNet
-    from autotl.train import _SuffixView
+    from autotl.stages import SuffixView
 
     net = TransferNet.from_source(_tiny("test_efficientnet"), 3, frozen=frozen)
-    return _SuffixView(net, frozen)
+    return SuffixView(net, frozen)
 
 
 def _applied_regulariser_gradient(cfg, view):

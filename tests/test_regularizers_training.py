@@ -14,13 +14,10 @@ import torch
 from autotl import regularizers
 from autotl.regularizers import L2SP, FeatureMapKD
 from autotl.train import TrainConfig, train_model
-from conftest import limited_torch_threads, tiny_training_setup
+from conftest import tiny_training_setup
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``autotl report``: the self-contained HTML page about a run (issue 7).
+"""``autotl report``: the self-contained HTML page about a run.
 
 Most tests build a fake run folder by writing the artefacts directly (JSON, CSV, tiny images, a
 small Optuna study); one fits a tiny real model.

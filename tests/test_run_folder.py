@@ -1,21 +1,22 @@
-"""A run folder is one unit (issue 15, items 1 and 5): --out is checked before any work, a finished
+"""A run folder is one unit: --out is checked before any work, a finished
 run is replaced only with --overwrite (and kept until the new one is published), and a model is
 never used with a card that does not describe it."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
 import pytest
 
-import autotl.fit
 from autotl.card import ModelCard
 from autotl.errors import AutotlError
 from autotl.fit import fit
 from autotl.predict import Predictor
 
 MODEL = "test_efficientnet=random"
+fit_module = importlib.import_module("autotl.fit")  # ``autotl.fit`` is the function
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -27,7 +28,7 @@ def no_export(monkeypatch):
         (run_dir / "model.onnx").write_bytes(b"onnx of " + str(net.head.out_features).encode() + bytes(run_dir.name, "utf8"))
         return {"passed": True, "max_abs_diff": 0.0, "skipped": "test"}
 
-    monkeypatch.setattr(autotl.fit, "export_and_verify", export)
+    monkeypatch.setattr(fit_module, "export_and_verify", export)
 
 
 def _fit(data, out, **kw):
@@ -115,11 +116,11 @@ def test_no_interrupt_leaves_a_model_beside_a_card_that_does_not_describe_it(dat
     def interrupted_export(net, source, run_dir, val):
         raise KeyboardInterrupt  # before the new model file is in place
 
-    monkeypatch.setattr(autotl.fit, "export_and_verify", interrupted_export)
+    monkeypatch.setattr(fit_module, "export_and_verify", interrupted_export)
     # (a) the old card is put back beside the untouched old model
     run, final = _published_parts(data, out)
     with pytest.raises(KeyboardInterrupt):
-        autotl.fit.publish(run, final)
+        fit_module.publish(run, final)
     assert (out / "model.onnx").read_bytes() == old_model and (out / "model.json").read_text() == old_card
 
     # (b) the new model is written, then the interrupt comes before its card
@@ -127,9 +128,9 @@ def test_no_interrupt_leaves_a_model_beside_a_card_that_does_not_describe_it(dat
         (run_dir / "model.onnx").write_bytes(b"a different model")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(autotl.fit, "export_and_verify", new_model_then_interrupt)
+    monkeypatch.setattr(fit_module, "export_and_verify", new_model_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        autotl.fit.publish(run, final)
+        fit_module.publish(run, final)
     assert not (out / "model.json").exists()  # no card rather than a wrong one
     card = ModelCard.load(out / "model.json.previous")
     with pytest.raises(AutotlError, match="not the model"):

@@ -31,18 +31,14 @@ from autotl.score import (  # noqa: E402
     safe_label,
     score_models,
 )
-from autotl.scoring import hscore, leep, logme, softmax  # noqa: E402
+from autotl.transferability import hscore, leep, logme, softmax  # noqa: E402
 from autotl.train import TrainConfig, train_model  # noqa: E402
-from conftest import limited_torch_threads
 
 SPECS = ("test_efficientnet@64=random", "test_resnet@64=random")
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Strategy search (issue 4): recipes, the study (resume, Ctrl-C, failing trials), the trial cache, CLI."""
+"""Strategy search: recipes, the study (resume, Ctrl-C, failing trials), the trial cache, CLI."""
 
 from __future__ import annotations
 

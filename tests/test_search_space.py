@@ -13,7 +13,7 @@ from autotl.models import create_source_model
 from autotl.run import Run
 from autotl.search._cost import CostModel, feasible_frozen, measure_costs
 from autotl.search._fit import plan_search
-from autotl.search._recipe import load_recipe, parse_recipe
+from autotl._recipe import load_recipe, parse_recipe
 from autotl.strategy import config_from_params
 from autotl.train import TrainConfig, mixup, train_model
 

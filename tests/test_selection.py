@@ -1,4 +1,4 @@
-"""Honest selection (issue 10): folds that never let an image both decide and score, the one-SE rule,
+"""Honest selection: folds that never let an image both decide and score, the one-SE rule,
 the objective's wiring of each fold's parts, search as the default and --no-search."""
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ def test_time_budget_alone_starts_a_search_and_no_search_does_not(tmp_path, make
 
 def test_default_search_budget_is_automatic_and_printed(tmp_path, make_image_folder, monkeypatch):
     """Plain fit (no flags) searches under the automatic budget, which is printed before it starts."""
-    import autotl.fit
     import autotl.search
+    from autotl.fit import fit
 
     data = make_image_folder(tmp_path / "d", {"cat": 5, "dog": 5}, size=(16, 16))
     seen = {}
@@ -195,10 +195,10 @@ def test_default_search_budget_is_automatic_and_printed(tmp_path, make_image_fol
 
     monkeypatch.setattr(autotl.search, "search", fake_search)
     with pytest.raises(AutotlError, match="stop here"):
-        autotl.fit.fit(data, tmp_path / "run", models=[MODEL], cache_dir=tmp_path / "cache")
+        fit(data, tmp_path / "run", models=[MODEL], cache_dir=tmp_path / "cache")
     assert seen["time_budget"] == pytest.approx(60 + 0.18 * 10) and seen["trials"] is None
     with pytest.raises(AutotlError, match="stop here"):
-        autotl.fit.fit(data, tmp_path / "run2", models=[MODEL], cache_dir=tmp_path / "cache", trials=3)
+        fit(data, tmp_path / "run2", models=[MODEL], cache_dir=tmp_path / "cache", trials=3)
     assert seen["time_budget"] is None and seen["trials"] == 3  # --trials alone: no time limit
 
 

@@ -1,4 +1,4 @@
-"""Stages from timm's own grouping: several exact cuts for ResNet, ConvNeXt and ViT, the legacy
+"""Stages from timm's own grouping: several exact cuts for ResNet, ConvNeXt and ViT, the per-block
 EfficientNet / MobileNet split kept, glue code in forward_features never cut through."""
 
 import copy
@@ -9,13 +9,9 @@ import torch
 from torch import nn
 
 from autotl.stages import TransferNet, staged_backbone
-from conftest import limited_torch_threads
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _input(model: nn.Module, small: int = 64) -> torch.Tensor:

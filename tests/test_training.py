@@ -14,10 +14,7 @@ from autotl.train import TrainConfig, TrainingHooks, classification_metrics, tra
 from conftest import limited_torch_threads
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "resnet10t", "mobilenetv3_small_050"])

@@ -12,13 +12,10 @@ from torch.utils.data import TensorDataset
 
 from autotl.models import create_source_model
 from autotl.train import TrainConfig, TrainingHooks, train_model
-from conftest import limited_torch_threads, tiny_training_setup
+from conftest import tiny_training_setup
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with limited_torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

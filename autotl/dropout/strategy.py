@@ -33,6 +33,7 @@ import torch
 
 from .._console import log
 from ..errors import AutotlError
+from ..options import parse_tau
 from ..strategy import BaseStrategy, StrategyContext
 from .influence import InfluenceResult, LinearHead, fit_logistic_head, influence_scores
 from .selection import DropoutReport, select_dropout
@@ -212,8 +213,7 @@ def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, nu
     """``block_influence_scores`` through stage ``cut`` (the last) of ``source``'s network and the head,
     on the activations at that cut; cached in memory like ``compute_influence``. Float32, with a
     bounded L-BFGS fit and CG (``BLOCK_*``)."""
-    from ..stages import TransferNet
-    from ..train import _SuffixView
+    from ..stages import SuffixView, TransferNet
     from .block_influence import block_influence_scores
 
     a, y = _as_array(train_a, np.float32), _as_array(train_y, np.int64).reshape(-1)
@@ -228,7 +228,7 @@ def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, nu
                                 cached=True)
     net = TransferNet.from_source(source.model, int(num_classes), int(cut))
     net.head.requires_grad_(False)  # block_influence_scores brings its own head
-    result, model = block_influence_scores(_SuffixView(net, int(cut)), torch.from_numpy(a), torch.from_numpy(y),
+    result, model = block_influence_scores(SuffixView(net, int(cut)), torch.from_numpy(a), torch.from_numpy(y),
                                            torch.from_numpy(av), torch.from_numpy(yv), int(num_classes), l2=l2,
                                            focus_class=focus_class, dtype=torch.float32, fit_tol=1e-5,
                                            fit_max_iter=fit_max_iter, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
@@ -241,26 +241,6 @@ def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, nu
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return out
-
-
-def parse_tau(value: Any) -> float | None:
-    """``None``/``"none"``/``"off"``/``inf`` → ``None`` (no dropout); otherwise a float >= 0."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "none", "null", "off", "no", "inf", "infinity"):
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise AutotlError(f"dropout_tau {value!r}: give a number >= 0, or 'none' for no dropout") from None
-    tau = float(value)
-    if math.isinf(tau) and tau > 0:
-        return None
-    if not tau >= 0:
-        raise AutotlError(f"dropout_tau {value!r}: must be >= 0 (or 'none' for no dropout)")
-    return tau
 
 
 def resolve_focus_class(name: Any, classes: Sequence[str]) -> int | None:

@@ -1,4 +1,4 @@
-"""Transfer-learning regularisers of the strategy search (issue 4).
+"""Transfer-learning regularisers of the strategy search.
 
 - ``BaseRegularizer`` (extension point), ``NoRegularizer``
 - ``L2SP``: α/2‖ω_S − ω_S⁰‖² + β/2‖ω_new‖² with a closed-form gradient
@@ -19,13 +19,11 @@ from .base import (
     create_regularizer,
     list_regularizers,
     regularizer_from_config,
+    turns_off_weight_decay,
 )
 from .dtnh import CoefficientSchedule, StepStats, dtnh_direction, regularized_backward
 from .kd import FeatureMapKD
 from .l2sp import L2SP
-
-# The older name of ``list_regularizers`` (autotl.search._recipe validates recipes with it).
-available_regularizers = list_regularizers
 
 __all__ = [
     "BaseRegularizer",
@@ -40,5 +38,5 @@ __all__ = [
     "create_regularizer",
     "list_regularizers",
     "regularizer_from_config",
-    "available_regularizers",
+    "turns_off_weight_decay",
 ]

@@ -26,8 +26,8 @@ from torch import nn
 
 from .._registry import Registry, UnknownNameError
 
-if TYPE_CHECKING:  # autotl.train imports this package (lazily); a runtime import would be a cycle
-    from ..train import TrainConfig
+if TYPE_CHECKING:
+    from ..train_config import TrainConfig
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 
@@ -59,11 +59,15 @@ class BaseRegularizer(ABC):
         the graph must be retained after computing ∇J. Conservative default True; regularisers of the
         weights only (L2-SP) set False.
     is_noop: True when Ω ≡ 0 (the training loop can skip the second gradient).
+    replaces_weight_decay: True when Ω already pulls the weights towards a reference (L2-SP: ω_s), so
+        the optimiser's weight decay, a pull towards zero that would fight it, is off whenever this
+        regulariser is the configured one.
     """
 
     name: str = "base"
     shares_graph: bool = True
     is_noop: bool = False
+    replaces_weight_decay: bool = False
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -74,7 +78,7 @@ class BaseRegularizer(ABC):
     @abstractmethod
     def from_config(cls, config: "TrainConfig", model: nn.Module) -> "BaseRegularizer":
         """The (unbound) regulariser a training run with ``config`` uses on ``model``, the module
-        being trained (``autotl.train._SuffixView``: ``model.net`` is the ``TransferNet``)."""
+        being trained (``autotl.stages.SuffixView``: ``model.net`` is the ``TransferNet``)."""
 
     @classmethod
     def is_active(cls, config: "TrainConfig") -> bool:
@@ -189,9 +193,16 @@ def create_regularizer(name: str, **kwargs: Any) -> BaseRegularizer:
 def regularizer_class(config: "TrainConfig") -> type[BaseRegularizer]:
     """The class ``config.regularizer`` names (unknown names raise ``UnknownNameError``)."""
     name = config.regularizer
-    if REGULARIZERS.key(name) != name:  # training compares the exact name too ("l2sp" turns weight decay off)
+    if REGULARIZERS.key(name) != name:  # the optimiser reads the name as written too (turns_off_weight_decay)
         raise UnknownNameError(f"regularizer {name!r}: write it as {REGULARIZERS.key(name)!r}")
     return REGULARIZERS.get_class(name)
+
+
+def turns_off_weight_decay(config: "TrainConfig") -> bool:
+    """Whether the regulariser ``config.regularizer`` names, spelled as registered, replaces the
+    optimiser's weight decay (``replaces_weight_decay``), whatever its coefficients."""
+    name = config.regularizer
+    return name in REGULARIZERS and REGULARIZERS.key(name) == name and REGULARIZERS.get_class(name).replaces_weight_decay
 
 
 def regularizer_from_config(config: "TrainConfig", model: nn.Module) -> BaseRegularizer | None:

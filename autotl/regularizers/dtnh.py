@@ -23,7 +23,7 @@ The paper also decays the regularisation coefficient per epoch by a ratio in [0,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -57,9 +57,6 @@ class StepStats:
     norm_j: float
     norm_omega: float
     norm_d: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _cos(a: float, na2: float, nb2: float) -> float:

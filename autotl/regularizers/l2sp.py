@@ -39,6 +39,7 @@ class L2SP(BaseRegularizer):
 
     name = "l2sp"
     shares_graph = False
+    replaces_weight_decay = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.1, *, exclude_norm_and_bias: bool = False):
         super().__init__()

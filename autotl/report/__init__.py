@@ -1,4 +1,4 @@
-"""``autotl report RUN_DIR``: one self-contained HTML page about a run (issue 7).
+"""``autotl report RUN_DIR``: one self-contained HTML page about a run.
 
 Sections, each from the artefacts the run folder holds (a one-line note when they are absent):
 the best strategy in words (model.json), the data (data.json: classes, counts per split, skipped

@@ -26,7 +26,6 @@ from .descriptors import (
 )
 from .filterbanks import (
     ConvFilterBank,
-    FilterBank,
     GaborFilterBank,
     GaborParams,
     SourceConvStages,
@@ -50,7 +49,6 @@ __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_N_BINS",
     "Described",
-    "FilterBank",
     "GaborFilterBank",
     "GaborParams",
     "HardSampleSchedule",

@@ -28,7 +28,7 @@ from .._console import progress as _progress
 from .._images import UnreadableImageError, load_rgb
 from .._io import atomic_path
 from ..errors import AutotlError
-from .filterbanks import FilterBank, _digest
+from .filterbanks import BaseFilterBank, _digest
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -149,7 +149,7 @@ def _quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def fit_bin_edges(
-    bank: FilterBank,
+    bank: BaseFilterBank,
     target_images,
     n_bins: int = DEFAULT_N_BINS,
     max_samples_per_filter: int = 65_536,
@@ -254,7 +254,7 @@ def responses_to_histograms(responses: torch.Tensor, edges: torch.Tensor, eps: f
 
 
 def histograms(
-    bank: FilterBank, images: torch.Tensor, edges: torch.Tensor, *, eps: float = DEFAULT_EPS
+    bank: BaseFilterBank, images: torch.Tensor, edges: torch.Tensor, *, eps: float = DEFAULT_EPS
 ) -> torch.Tensor:
     """Descriptors of images (B, 3, H, W) in [0, 1] -> (B, F, n_bins); see :func:`responses_to_histograms`."""
     return responses_to_histograms(bank.responses(images), edges, eps)
@@ -279,7 +279,7 @@ def _torch_threads(n: int | None):
 
 
 def describe_folder(
-    bank: FilterBank,
+    bank: BaseFilterBank,
     paths: Sequence[PathLike],
     edges: torch.Tensor,
     *,

@@ -10,7 +10,7 @@ the responses to a filter bank, with two choices of bank:
   ImageNet-pretrained CNN *together with their non-linear activation*
   (:func:`source_conv_bank`, :func:`source_filter_bank`).
 
-A :class:`FilterBank` takes RGB images in ``[0, 1]`` (B, 3, H, W) and returns response maps
+A :class:`BaseFilterBank` takes RGB images in ``[0, 1]`` (B, 3, H, W) and returns response maps
 (B, F, h, w); it does its own preprocessing (greyscale for Gabor, the model's mean/std for a CNN).
 ``bank.groups`` gives the number of filters of each layer, which eq. (1) uses to weight every
 histogram by ``1/N_h``; ``bank.key`` is a stable string (name + hash of all weights) for caches.
@@ -39,7 +39,6 @@ from ..errors import AutotlError
 
 __all__ = [
     "BaseFilterBank",
-    "FilterBank",
     "FILTER_BANKS",
     "create_filter_bank",
     "list_filter_banks",
@@ -126,10 +125,6 @@ class BaseFilterBank(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, groups={self.groups}, key={self.key!r})"
-
-
-# The older name; descriptors, knn and neighbours annotate banks with it.
-FilterBank = BaseFilterBank
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +414,7 @@ class GaborFilterBank(BaseFilterBank):
 def gabor_filter_bank(
     scales: int = 4, orientations: int = 6, ksize: int | None = None, *, stride: int = 2, **kw
 ) -> GaborFilterBank:
-    """The paper's Gabor bank as a :class:`FilterBank` (48 filters with the defaults)."""
+    """The paper's Gabor bank as a :class:`BaseFilterBank` (48 filters with the defaults)."""
     return GaborFilterBank(scales, orientations, ksize, stride=stride, **kw)
 
 
@@ -727,7 +722,7 @@ class FirstConvsFilterBank(ConvFilterBank):
 
 
 def source_filter_bank(model: nn.Module, stages: int = 1) -> ConvFilterBank:
-    """:func:`source_conv_bank` wrapped as a :class:`FilterBank` using the model's own mean/std."""
+    """:func:`source_conv_bank` wrapped as a :class:`BaseFilterBank` using the model's own mean/std."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or type(model).__name__
     mod = source_conv_bank(model, stages)

@@ -72,7 +72,7 @@ from .pool import SourcePool
 from .schedule import HardSampleSchedule
 
 __all__ = ["JointData", "JointFineTuningHooks", "train_joint", "joint_step_loss", "round_boundaries", "smoothing_entropy",
-           "random_neighbours", "write_retrieval_csv", "pool_store_stats"]
+           "random_neighbours", "write_retrieval_csv"]
 
 
 @dataclass
@@ -197,10 +197,6 @@ def _store_for(source: SourceModel, cut: int) -> _PoolStore:
             _STORES.popitem(last=False)
     _STORES.move_to_end(key)
     return store
-
-
-def pool_store_stats() -> dict[str, int]:
-    return {"stores": len(_STORES), "pool_rows": sum(len(s.rows) for s in _STORES.values())}
 
 
 class _PartnerDataset(Dataset):

@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .filterbanks import FilterBank, filter_weights
+from .filterbanks import BaseFilterBank, filter_weights
 
 __all__ = ["KnnResult", "pairwise_symmetric_kl", "knn", "retrieve", "combine_banks"]
 
@@ -145,7 +145,7 @@ def combine_banks(
     query: Sequence[torch.Tensor] | torch.Tensor,
     pool: Sequence[torch.Tensor] | torch.Tensor,
     *,
-    banks: Sequence[FilterBank] | None = None,
+    banks: Sequence[BaseFilterBank] | None = None,
     groups: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenate per-bank histograms along the filter axis -> (query, pool, weights).
@@ -179,7 +179,7 @@ def retrieve(
     pool: Sequence[torch.Tensor] | torch.Tensor,
     k: int,
     *,
-    banks: Sequence[FilterBank] | None = None,
+    banks: Sequence[BaseFilterBank] | None = None,
     groups: Sequence[Sequence[int]] | None = None,
     chunk_size: int = 4096,
     dtype: torch.dtype = torch.float32,

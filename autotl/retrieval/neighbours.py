@@ -28,7 +28,7 @@ from .._console import log
 from ..data import Sample
 from ..errors import AutotlError
 from .descriptors import DEFAULT_IMAGE_SIZE, DEFAULT_N_BINS, describe_folder, fit_bin_edges
-from .filterbanks import FILTER_BANKS, FilterBank, create_filter_bank
+from .filterbanks import FILTER_BANKS, BaseFilterBank, create_filter_bank
 from .knn import KnnResult, retrieve
 from .pool import SourcePool
 
@@ -86,7 +86,7 @@ def clear_retrieval_cache() -> None:
     _MEMO.clear()
 
 
-def create_banks(name: str, source_model: torch.nn.Module | None = None) -> list[FilterBank]:
+def create_banks(name: str, source_model: torch.nn.Module | None = None) -> list[BaseFilterBank]:
     """The banks of one ``retrieval_bank`` value (see ``BANKS``): ``"gabor"`` (48 Gabor filters),
     ``"conv"`` (the source model's stem and first block stage; first stage only where two are not
     supported), ``"firstconvs"`` (the paper's best bank: the responses after the activation of the
@@ -120,7 +120,7 @@ def _edge_subset(paths: Sequence[str], n: int) -> list[str]:
 class PoolRetrieval:
     """One bank choice + target-fitted edges + pool descriptors; exact K-NN for target images."""
 
-    def __init__(self, pool: SourcePool, bank: str, banks: list[FilterBank], edges: list[torch.Tensor], *,
+    def __init__(self, pool: SourcePool, bank: str, banks: list[BaseFilterBank], edges: list[torch.Tensor], *,
                  cache_dir: str | os.PathLike | None, image_size: int, n_bins: int, show_progress: bool = True):
         self.pool = pool
         self.bank = bank

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._console import log, progress
-from .._images import UnreadableImageError, check_image, is_image_path
+from .._images import UnreadableImageError, check_image
 from .._io import atomic_write_json
 from ..data import is_folder_entry, walk_images
 from ..data import Sample
@@ -183,14 +183,14 @@ def scan_pool(root: str | os.PathLike, *, verify: bool = True, cache_dir: str | 
 def pool_class_weights(pool: SourcePool, p_t: Sequence[float] | np.ndarray, class_names: Sequence[str] | None = None
                        ) -> tuple[np.ndarray, dict[str, Any]]:
     """Per-pool-class DATL weights w = P_t / P_s from the target distribution ``p_t`` over the source
-    model's classes, with P_s the pool's own class distribution (``autotl.scoring.pool_importance_weights``).
+    model's classes, with P_s the pool's own class distribution (``autotl.transferability.pool_importance_weights``).
 
     A pool class is source class ``imagenet index`` when ``p_t`` covers ImageNet-1k (1000 entries)
     and the folder is a wnid, else the source class with the same name, else unmatched (weight 1).
     The mean weight over the pool *images* is 1 (the source loss keeps its scale).
     Returns (weights (n_classes,) float32, what was matched).
     """
-    from ..scoring.datl import pool_importance_weights
+    from ..transferability.datl import pool_importance_weights
 
     p_t = np.nan_to_num(np.asarray(p_t, dtype=np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
     names = list(class_names or [])

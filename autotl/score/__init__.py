@@ -1,4 +1,4 @@
-"""``autotl score``: rank candidate source models before training anything (issue 3).
+"""``autotl score``: rank candidate source models before training anything.
 
 For every candidate, ONE forward pass over the target *training* split (never val/test) yields
 the pooled penultimate features and the source-head logits (``FeatureExtractor.extract``, cached
@@ -16,7 +16,7 @@ on disk so the training that follows reuses it). From those arrays only:
   probabilities) and the **shrinkage H-score** (Ledoit-Wolf), all "higher = more transferable".
 
 **Ranking rule.** A rule is a set of metrics; models are ordered by their mean rank across those
-metrics (``scoring.combine_ranks``; ties keep the order given). ``DEFAULT_RULE`` is ``"logme"``,
+metrics (``transferability.combine_ranks``; ties keep the order given). ``DEFAULT_RULE`` is ``"logme"``,
 picked by ``bench/scoring.py`` (table at ``_rules.DEFAULT_RULE``).
 
 Use from ``fit``: score the candidates with the extractors training will use, keep the top k::
@@ -26,14 +26,15 @@ Use from ``fit``: score the candidates with the extractors training will use, ke
     scoring = report.to_json()        # for FitResult.scoring / the model card
 
 Modules: ``_compute`` (feature pass + metrics, ``score_models``, ``score``), ``_rules`` (ranking),
-``_report`` (rows, report, JSON), ``_datl_files`` (``datl/*.npz``), ``_text`` (tables for people).
+``_row`` (one model's scores), ``_report`` (the ranked report, JSON), ``_datl_files`` (``datl/*.npz``), ``_text`` (tables for people).
 """
 
 from __future__ import annotations
 
 from ._compute import default_models, default_score_dir, parse_priors, score, score_models
 from ._datl_files import load_datl_weights, safe_label
-from ._report import ScoreReport, ScoreRow
+from ._report import ScoreReport
+from ._row import ScoreRow
 from ._rules import DEFAULT_RULE, METRIC_TITLES, METRICS, RULES, rank_rows
 from ._text import TOP_CLASSES
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import _console
 from ..errors import AutotlError
-from ._report import ScoreReport, ScoreRow
+from ._report import ScoreReport
+from ._row import ScoreRow
 from ._rules import DEFAULT_RULE, METRICS, rank_rows, rule_metrics
 from ._text import TOP_CLASSES
 
@@ -28,7 +29,7 @@ def _check_options(rule: str, top: int) -> None:
 
 
 def _resolve_prior(source, prior_path) -> tuple[np.ndarray, str, list[str]]:
-    from ..scoring import load_prior
+    from ..transferability import load_prior
 
     c = source.num_source_classes
     names = list(source.source_classes) if source.source_classes else [str(i) for i in range(c)]
@@ -79,7 +80,7 @@ def _metric(notes: list[str], name: str, fn, *args) -> float:
 
 def _score_one(source, ext, train, cuts, prior_path, top) -> ScoreRow:
     """The row of one candidate: its (cached) feature pass, then every metric on those arrays."""
-    from ..scoring import datl_weights, hscore, leep, logme, softmax
+    from ..transferability import datl_weights, hscore, leep, logme, softmax
     from ..stages import resolve_frozen
 
     if isinstance(cuts, Mapping):  # per candidate: the cuts its later trials read, computed in this pass

@@ -13,7 +13,7 @@ from .._io import atomic_path
 from ..errors import AutotlError
 
 if TYPE_CHECKING:
-    from ._report import ScoreRow
+    from ._row import ScoreRow
 
 DATL_DIR = "datl"
 

@@ -1,80 +1,20 @@
-"""What scoring found: one ``ScoreRow`` per candidate, the ranked ``ScoreReport`` and its JSON."""
+"""What scoring found: the ranked ``ScoreReport`` of the candidates' ``ScoreRow``s and its JSON."""
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json
 from ..errors import AutotlError
 from ._datl_files import datl_weights_file, save_datl_weights
+from ._row import ScoreRow
 from ._rules import DEFAULT_RULE, RULES, rank_rows
 from ._text import SCORED_SPLIT_NOTE, TOP_CLASSES, looks_like_lines, score_table
 
 SCORING_FILE = "scoring.json"
-
-
-def _finite_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(float(x)) else float(x)
-
-
-@dataclass
-class ScoreRow:
-    """Every number ``autotl score`` knows about one candidate source model."""
-
-    label: str
-    spec: str
-    weights_origin: str
-    input_size: int
-    params: int
-    num_source_classes: int
-    feature_dim: int
-    n_images: int
-    feature_pass_s: float  # wall time of the (single) feature pass; ~0 when it came from the cache
-    forward_batches: int  # batches this call pushed through the backbone (0 = cache hit)
-    metrics_s: float  # wall time of DATL + LogME + LEEP + H-score on the cached arrays
-    scores: dict[str, float]  # METRICS -> value (NaN: not available, e.g. no source head)
-    datl: dict[str, Any] | None = None  # score_name, score, top_mass_10, prior, top_classes
-    notes: list[str] = field(default_factory=list)
-    mean_rank: float = float("nan")
-    rank: int = 0
-    # not serialised: what fit reuses
-    source: Any = field(default=None, repr=False, compare=False)
-    extractor: Any = field(default=None, repr=False, compare=False)
-    weights: Any = field(default=None, repr=False, compare=False)  # scoring.DatlWeights
-    class_names: list[str] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def cached(self) -> bool:
-        return self.forward_batches == 0
-
-    @property
-    def seconds(self) -> float:
-        return self.feature_pass_s + self.metrics_s
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "model": self.label,
-            "spec": self.spec,
-            "weights_origin": self.weights_origin,
-            "input_size": self.input_size,
-            "params": self.params,
-            "num_source_classes": self.num_source_classes,
-            "feature_dim": self.feature_dim,
-            "n_images": self.n_images,
-            "feature_pass_s": round(self.feature_pass_s, 3),
-            "forward_batches": self.forward_batches,
-            "cached": self.cached,
-            "metrics_s": round(self.metrics_s, 3),
-            "scores": {k: _finite_or_none(v) for k, v in self.scores.items()},
-            "mean_rank": _finite_or_none(self.mean_rank),
-            "datl": self.datl,
-            "notes": list(self.notes),
-        }
 
 
 @dataclass
@@ -130,11 +70,11 @@ class ScoreReport:
     def table(self):
         """A rich table (model, input size, params, feature-pass time, scores, rank); the DATL top
         classes are in ``looks_like_lines()``."""
-        return score_table(self)
+        return score_table(self.rows, self.rule, self.data)
 
     def looks_like_lines(self, k: int = TOP_CLASSES) -> list[str]:
         """Per model: 'MODEL: your images look like: tabby (w=123), Egyptian cat (w=80), ...'."""
-        return looks_like_lines(self, k)
+        return looks_like_lines(self.rows, k)
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write ``datl/<model>.npz`` (p_t, p_s, w, class_names) per model, then ``scoring.json``."""

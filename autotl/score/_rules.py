@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..errors import AutotlError
 
 if TYPE_CHECKING:
-    from ._report import ScoreRow
+    from ._row import ScoreRow
 
 METRICS = ("datl", "logme", "leep", "hscore")
 METRIC_TITLES = {"datl": "DATL KL", "logme": "LogME", "leep": "LEEP", "hscore": "H-score"}
@@ -58,7 +58,7 @@ def rule_metrics(rule: str) -> tuple[str, ...]:
 
 def rank_rows(rows: Sequence[ScoreRow], rule: str) -> list[ScoreRow]:
     """Set ``mean_rank`` and ``rank`` of ``rows`` by ``rule``; returns them best first."""
-    from ..scoring import combine_ranks
+    from ..transferability import combine_ranks
 
     metrics = rule_metrics(rule)
     rows = list(rows)

@@ -1,6 +1,6 @@
-"""The strategy search (issue 4): an Optuna study over *how* to transfer.
+"""The strategy search: an Optuna study over *how* to transfer.
 
-The space is declared in ``recipes/*.yaml`` (see ``autotl.search._recipe`` for the format): source
+The space is declared in ``recipes/*.yaml`` (see ``autotl._recipe`` for the format): source
 model (top-k candidates), frozen stages (relative to the end), learning rate, epochs, regulariser
 (none / L2-SP / feature-map KD), its coefficients, DTNH, decay — and every parameter of a registered
 strategy (``autotl.strategy.STRATEGIES``). A seeded multivariate TPE sampler proposes trials, a
@@ -21,7 +21,7 @@ from ._select import complexity, select_one_se
 from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective, TrialFailed
 from ._plots import save_plots
-from ._recipe import (
+from .._recipe import (
     Condition,
     Dimension,
     Recipe,

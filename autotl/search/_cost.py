@@ -22,7 +22,7 @@ import torch
 
 from ..train import TrainConfig, should_cache
 from ._folds import Selection
-from ._recipe import FROZEN, Recipe, resolve_frozen_relative
+from .._recipe import FROZEN, Recipe, resolve_frozen_relative
 
 SVD_FLOP_FACTOR = 4.0  # a thin SVD costs a few times rows^2 * cols multiply-adds
 PROBE_HVPS_PER_LAMBDA = 25  # Newton-CG products per penalty of a warm-started path (measured: 120-270 for 7)

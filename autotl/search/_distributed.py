@@ -1,4 +1,4 @@
-"""Distributed search: workers on other hosts join a study in a shared RDB storage (issue 7).
+"""Distributed search: workers on other hosts join a study in a shared RDB storage.
 
 ``autotl fit DIR --storage postgresql://... --study NAME`` creates the study and stores in its user
 attributes everything a worker needs (``worker``: data folder, split, models, base config, the
@@ -110,7 +110,7 @@ def _plain(obj: Any) -> Any:
 
 def recipe_from_json(doc: dict[str, Any]):
     """Rebuild a :class:`Recipe` from ``Recipe.to_json()`` (the study's ``recipe`` user attr)."""
-    from ._recipe import parse_recipe
+    from .._recipe import parse_recipe
 
     space = {}
     for name, d in doc["space"].items():
@@ -119,9 +119,7 @@ def recipe_from_json(doc: dict[str, Any]):
         if kind == "model":
             space[name] = {"top_k": d["top_k"]} if d.get("top_k") is not None else {}
             continue
-        if kind in ("fixed", "categorical"):
-            pass
-        elif d.get("step") is None:
+        if d.get("step") is None:  # a range without a step: absent, or null in the stored JSON
             d.pop("step", None)
         if kind in ("int", "float"):
             d["type"] = kind

@@ -23,7 +23,7 @@ from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective
 from ._plots import save_plots
 from ._cost import feasible_frozen, measure_costs
-from ._recipe import FROZEN, Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative, restrict_choices
+from .._recipe import FROZEN, Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative, restrict_choices
 from ._select import portfolio_rank, select_one_se
 from ._study import DEFAULT_STUDY, SearchOutcome, SearchSettings, run_study, shown_url, stored_study_attr, storage_url
 

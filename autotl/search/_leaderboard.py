@@ -7,7 +7,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from ._recipe import FROZEN, MODEL, Recipe
+from .._recipe import FROZEN, MODEL, Recipe
 
 _REG_NAMES = {"l2sp": "L2-SP", "kd": "feature-map KD", "none": "no regulariser"}
 _SHORT = {"l2sp": "L2-SP", "kd": "KD"}

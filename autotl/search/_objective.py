@@ -21,30 +21,11 @@ from ..models import SourceModel
 from ..strategy import StrategyContext, apply_strategies, config_from_params, train_strategy
 from ..train import TrainConfig, classification_metrics, predict_logits, should_cache
 from ._folds import Fold, Selection
-from ._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
+from ._oof import OutOfFold
+from .._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
 
 
 OOF_MAX_VALUES = 2_000_000  # out-of-fold probabilities kept per trial up to this many (8 MB in the storage)
-
-
-class OutOfFold:
-    """Each scored image's class probabilities, averaged over the folds that scored it."""
-
-    def __init__(self, selection: Selection, num_classes: int):
-        self.rows = {str(s.path): i for i, s in enumerate(selection.scored_samples)}
-        self.sums = torch.zeros(len(self.rows), num_classes, dtype=torch.float64)
-        self.counts = torch.zeros(len(self.rows), dtype=torch.float64)
-
-    def add(self, samples, logits: torch.Tensor) -> None:
-        self.add_probs(samples, torch.softmax(logits.double(), dim=1))
-
-    def add_probs(self, samples, probs: torch.Tensor) -> None:
-        idx = torch.tensor([self.rows[str(s.path)] for s in samples], dtype=torch.long)
-        self.sums.index_add_(0, idx, probs.double())
-        self.counts.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
-
-    def probs(self):
-        return (self.sums / self.counts.clamp_min(1)[:, None]).numpy()
 
 
 def score_fold(net, extractor, samples, num_classes: int) -> tuple[dict[str, float], torch.Tensor]:

@@ -25,6 +25,7 @@ import torch
 from ..probe import DEFAULT_LAMBDAS, FeatureSpec, ReducedFeatures, feature_matrix
 from ..strategy import StrategyContext, apply_strategies
 from ..train import classification_metrics
+from ._oof import OutOfFold
 
 LAMBDAS = DEFAULT_LAMBDAS
 
@@ -103,8 +104,6 @@ def fold_training(objective, params: dict[str, Any], setup) -> tuple[list[list],
 
 def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: Sequence[float] = LAMBDAS) -> ProbeCV:
     """Every fold of the probe trial at once (module docstring)."""
-    from ._objective import OutOfFold
-
     train_sets, contexts = fold_training(objective, params, setup)
     spec = contexts[0].features or FeatureSpec((setup.source.label,))
     table = objective.probe_table()

@@ -14,7 +14,7 @@ from .. import _console
 from .._version import __version__
 from ..errors import AutotlError
 from ._objective import Objective, TrialFailed
-from ._recipe import Recipe
+from .._recipe import Recipe
 
 STUDY_FILE = "study.db"
 DEFAULT_STUDY = "autotl"

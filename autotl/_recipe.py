@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from ..errors import AutotlError
+from .errors import AutotlError
 
 MODEL = "model"
 FROZEN = "frozen_stages"
@@ -102,23 +102,23 @@ def _valid_frozen(v: Any) -> bool:
 
 # --------------------------------------------------------------------------------------- targets
 def _train_fields() -> dict[str, Any]:
-    from ..train import TrainConfig
+    from .train_config import TrainConfig
 
     base = TrainConfig()
     return {name: getattr(base, name) for name in TrainConfig.__dataclass_fields__}
 
 
 def _strategy_params() -> set[str]:
-    from ..strategy import strategy_params
+    from .strategy import strategy_params
 
     return set(strategy_params())
 
 
 def _allowed_values(target: str) -> tuple | None:
     if target == "regularizer":
-        from ..regularizers import available_regularizers
+        from .regularizers import list_regularizers
 
-        return tuple(available_regularizers())
+        return tuple(list_regularizers())
     if target == "optimizer":
         return ("adamw", "sgd")
     return None
@@ -564,7 +564,7 @@ def recipe_dirs() -> list[Path]:
     In a source checkout (editable install) that is the top-level ``recipes/``, their one home in
     git; an installed wheel has them as ``autotl/recipes/``, copied there by the build (setup.py).
     """
-    pkg = Path(__file__).resolve().parents[1]
+    pkg = Path(__file__).resolve().parent
     checkout = pkg.parent
     # Only a checkout has pyproject.toml beside the package; in site-packages a sibling
     # "recipes" folder would belong to some other distribution.

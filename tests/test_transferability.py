@@ -1,4 +1,4 @@
-"""Pure-math tests of autotl.scoring: DATL weights, priors, LogME, LEEP, H-score, ranks."""
+"""Pure-math tests of autotl.transferability: DATL weights, priors, LogME, LEEP, H-score, ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from autotl.errors import AutotlError
-from autotl.scoring import (
+from autotl.transferability import (
     combine_ranks,
     datl_weights,
     hscore,

@@ -1,4 +1,4 @@
-"""Source-model scoring: DATL label-distribution weights and transferability metrics.
+"""Transferability estimates for a source model, the maths behind ``autotl.score``: DATL weights and metrics.
 
 All functions take arrays from one feature pass over the target images (numpy or torch) and
 compute in float64:

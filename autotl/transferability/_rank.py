@@ -63,7 +63,7 @@ def _check_probs(p: np.ndarray, name: str) -> None:
     if (p < -1e-9).any() or not np.allclose(p.sum(axis=1), 1.0, rtol=0, atol=1e-4):
         raise ValueError(
             f"{name} must hold probabilities (rows >= 0 summing to 1); "
-            "apply autotl.scoring.softmax to source-head logits first"
+            "apply autotl.transferability.softmax to source-head logits first"
         )
 
 
