@@ -26,6 +26,8 @@ _LAZY = {
     "scan_dataset": "autotl.data:scan_dataset",
     "create_source_model": "autotl.models:create_source_model",
     "TrainConfig": "autotl.train:TrainConfig",
+    "DevicePolicy": "autotl.device:DevicePolicy",
+    "resolve_policy": "autotl.device:resolve_policy",
     "demo": "autotl.demo:demo",
     "score": "autotl.score:score",
     "score_models": "autotl.score:score_models",

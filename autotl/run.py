@@ -1,7 +1,8 @@
 """The run object: what every step of ``autotl fit`` (and a search worker) shares.
 
-``Run.open`` scans the data, picks the device, creates the run folder, loads each candidate source
-model once and puts one ``SharedActivations`` (frozen-activation cache) in front of each. Scoring,
+``Run.open`` scans the data, resolves the device policy (``autotl.device``), creates the run folder,
+loads each candidate source model once and puts one ``SharedActivations`` (frozen-activation cache)
+in front of each. Scoring,
 the search, the refit and publishing all take the run; nothing below it imports ``autotl.fit``.
 """
 
@@ -22,11 +23,11 @@ from ._io import atomic_write_json
 from ._version import __version__
 from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
+from .device import DevicePolicy, as_policy, configure_torch
 from .errors import AutotlError
 from .features import FeatureExtractor
 from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, list_packaged_models, set_torch_threads
 from .options import check_out_dir
-from .train import pick_device
 
 
 def default_cache_dir() -> Path:
@@ -125,6 +126,10 @@ class Run:
     val_fraction: float = 0.1  # of the automatic val split (recorded for workers rebuilding the same split)
     duplicates: str = "warn"  # what the scan did with byte-identical copies (workers scan the same way)
     start: float = field(default_factory=time.monotonic)
+    policy: DevicePolicy | None = None  # how the run uses ``device``, resolved once (None: the device's default)
+
+    def __post_init__(self) -> None:
+        self.policy = as_policy(self.policy if self.policy is not None else self.device)
 
     def drop_replaced(self) -> None:
         """After publishing: delete the runs --overwrite moved aside (also those of an overwrite
@@ -136,7 +141,7 @@ class Run:
     @classmethod
     def open(cls, data_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
              models: Sequence[str | ModelSpec] = (), val_fraction: float = 0.1, seed: int = 0,
-             device: str | torch.device | None = "auto", cache_dir: str | os.PathLike | None = None,
+             device: str | torch.device | DevicePolicy | None = "auto", cache_dir: str | os.PathLike | None = None,
              index: DatasetIndex | None = None, resume: bool = False, overwrite: bool = False,
              duplicates: str = "warn") -> "Run":
         start = time.monotonic()
@@ -148,15 +153,17 @@ class Run:
             index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates)
             _console.log(index.summary_table())
         prepare_run_folder(run_dir, data_dir, overwrite=overwrite)
-        dev = device if isinstance(device, torch.device) else pick_device(device)
+        policy = as_policy(device)
+        configure_torch(policy)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         loaded = [create_source_model(m) for m in (list(models) or default_candidates())]
         sources = {s.label: s for s in loaded}
         if len(sources) != len(loaded):
             raise AutotlError("--model: the same model is given twice; give each candidate once")
-        extractors = {label: SharedActivations(FeatureExtractor(s, device=dev, cache_dir=cache), index.train, index.val,
+        extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache), index.train, index.val,
                                                index.test) for label, s in sources.items()}
-        return cls(index, run_dir, dev, cache, sources, extractors, seed, float(val_fraction), duplicates, start)
+        return cls(index, run_dir, policy.device, cache, sources, extractors, seed, float(val_fraction), duplicates, start,
+                   policy)
 
     @property
     def labels(self) -> list[str]:
