@@ -221,8 +221,8 @@ def resolve_policy(device: str | torch.device | None = "auto", *, settings_for: 
             memory_bytes=memory_bytes if memory_bytes is not None else _free_memory(dev), time_at_train_batch=True)
     # CPU: one decoder beside the compute threads for training; for a frozen pass one per four cores
     # (decoding a 224 px photo costs about a fifth of its onnxruntime forward)
-    return DevicePolicy(dev, loader_workers=1 if cores > 1 else 0, decode_workers=max(1, cores // 4) if cores > 1 else 0,
-                        memory_bytes=memory_bytes)
+    return DevicePolicy(dev, loader_workers=1 if cores > 1 else 0,
+                        decode_workers=max(1, cores // 4) if cores > 1 else 0, memory_bytes=memory_bytes)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -206,7 +206,8 @@ class FeatureExtractor:
         """``batch_size``, or larger where the policy sizes frozen-pass batches from free memory."""
         if self.policy.memory_bytes is None:
             return self.batch_size
-        per_image = activation_bytes_per_image(runner.graph, self.source.data_config["input_size"], self.policy.value_bytes)
+        size = self.source.data_config["input_size"]
+        per_image = activation_bytes_per_image(runner.graph, size, self.policy.value_bytes)
         return self.policy.frozen_batch(self.batch_size, per_image, n_images)
 
     def _compute(self, samples: Sequence[Sample], key: str, runner: FrozenForward, description: str) -> None:
@@ -217,8 +218,8 @@ class FeatureExtractor:
             if need > self.max_cache_bytes:
                 raise MemoryError(f"caching cut {c} needs {need / 2**30:.1f} GiB > {self.max_cache_bytes / 2**30:.1f} GiB")
         dtypes = {**{f"cut{c}": _MAP_DTYPE for c in cuts}, "pooled": np.float32, "logits": np.float32, "labels": np.int64}
-        loader = make_loader(ImageDataset(samples, self.transform), batch_size=self._pass_batch(runner, n), shuffle=False,
-                             device=self.policy, workers=decode_workers(self.policy))
+        loader = make_loader(ImageDataset(samples, self.transform), batch_size=self._pass_batch(runner, n),
+                             shuffle=False, device=self.policy, workers=decode_workers(self.policy))
         with contextlib.ExitStack() as files, _console.progress(f"{description} ({self.source.label})", total=n) as bar:
             out = _Outputs(n, dtypes, {w: self._path(key, w) for w in dtypes}, files)
             for images, labels, idx in loader:

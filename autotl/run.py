@@ -160,10 +160,10 @@ class Run:
         sources = {s.label: s for s in loaded}
         if len(sources) != len(loaded):
             raise AutotlError("--model: the same model is given twice; give each candidate once")
-        extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache), index.train, index.val,
-                                               index.test) for label, s in sources.items()}
-        return cls(index, run_dir, policy.device, cache, sources, extractors, seed, float(val_fraction), duplicates, start,
-                   policy)
+        extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache), index.train,
+                                               index.val, index.test) for label, s in sources.items()}
+        return cls(index, run_dir, policy.device, cache, sources, extractors, seed, float(val_fraction), duplicates,
+                   start, policy)
 
     @property
     def labels(self) -> list[str]:

@@ -28,8 +28,8 @@ CPU = torch.device("cpu")
 # CUDA's settings on the CPU; pinned memory off (a CPU-only torch warns on every pinned batch)
 CUDA_LIKE = resolve_policy("cpu", settings_for="cuda", cores=3, memory_bytes=None)
 # the same assertions on a real GPU where there is one (``bench/gpu.py`` runs this file there)
-POLICIES = [pytest.param("cuda-like", id="cuda-like"),
-            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+POLICIES = [pytest.param("cuda-like", id="cuda-like"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 
 def _policy(name: str) -> DevicePolicy:
@@ -327,8 +327,8 @@ def test_training_runs_under_the_policys_autocast_and_format(setup, monkeypatch,
 def test_default_cpu_training_stays_fp32(setup, monkeypatch):
     index, source, ex = setup
     seen = _Seen(monkeypatch)
-    train_model(source, index.train, index.val, 2, TrainConfig(frozen_stages=0, epochs=1, batch_size=8, use_cache=False),
-                extractor=ex, device="cpu")
+    cfg = TrainConfig(frozen_stages=0, epochs=1, batch_size=8, use_cache=False)
+    train_model(source, index.train, index.val, 2, cfg, extractor=ex, device="cpu")
     rows = seen.at(0)
     assert rows and all(r["out"] == torch.float32 and not r["cl_in"] for r in rows)
 
@@ -406,7 +406,8 @@ def test_cost_model_times_as_the_trials_run(tmp_path, make_image_folder, monkeyp
     batches = []
     monkeypatch.setattr(cost_mod, "_timed", lambda fn: (fn(), 1.0)[1])  # decoding 4 images "takes" 1 s
     real = cost_mod._stage_seconds
-    monkeypatch.setattr(cost_mod, "_stage_seconds", lambda net, images, p: (batches.append(len(images)), real(net, images, p))[1])
+    monkeypatch.setattr(cost_mod, "_stage_seconds",
+                        lambda net, images, p: (batches.append(len(images)), real(net, images, p))[1])
     recipe = parse_recipe({"space": {"frozen_stages": ["all", 0]}}, "t")
     cost = cost_mod.measure_costs(run, recipe, TrainConfig(batch_size=16), plan_selection(run.index, k=2, repeats=1))
     assert set(batches) == {16}  # a GPU's per-image time depends on the batch: timed at the training one

@@ -261,7 +261,8 @@ def _probs_cached(net: TransferNet, x: torch.Tensor, cut: int, policy: DevicePol
 
 
 @torch.no_grad()
-def _probs_images(net: TransferNet, samples: Sequence[Sample], transform, policy: DevicePolicy, batch: int) -> torch.Tensor:
+def _probs_images(net: TransferNet, samples: Sequence[Sample], transform, policy: DevicePolicy,
+                  batch: int) -> torch.Tensor:
     net.eval()
     loader = make_loader(ImageDataset(samples, transform), batch_size=max(batch, 64), shuffle=False, device=policy)
     out = []
