@@ -514,6 +514,8 @@ def train_model(
     finally:
         if reg is not None:  # KD's forward hooks sit on the net's stages: never hand them back
             reg.close()
+        # persistent decoder workers end now, not whenever the traceback of a pruned trial is freed
+        train_loader = None  # noqa: F841
     policy.release(net).eval()
     return TrainResult(net, cfg, history, stopper.best_epoch, stopper.best, time.monotonic() - start, cached, len(train_samples))
 

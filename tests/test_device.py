@@ -235,6 +235,24 @@ def test_training_loader_follows_the_policy(setup, monkeypatch, use_cache, hooks
         assert dl.persistent_workers == (hooks is None)
 
 
+def test_persistent_workers_end_with_the_training_run(setup):
+    """A pruned trial raises out of the loop; its traceback must not keep the decoders alive."""
+    import multiprocessing
+
+    index, source, ex = setup
+    before = set(multiprocessing.active_children())
+
+    def prune(metrics):
+        raise RuntimeError("pruned")
+
+    policy = dataclasses.replace(CUDA_LIKE, loader_workers=1)
+    cfg = TrainConfig(frozen_stages=0, epochs=2, batch_size=8, use_cache=False)
+    with pytest.raises(RuntimeError, match="pruned") as raised:
+        train_model(source, index.train, index.val, 2, cfg, extractor=ex, device=policy, on_epoch=prune)
+    assert raised.traceback  # still held here, as a study's bookkeeping may hold it
+    assert set(multiprocessing.active_children()) <= before
+
+
 def test_frozen_pass_decodes_with_the_policys_workers(setup, monkeypatch):
     index, source, _ = setup
     used = []
