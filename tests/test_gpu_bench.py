@@ -98,3 +98,23 @@ def test_an_overrunning_step_is_killed_with_its_children_and_keeps_its_partial_r
         time.sleep(0.05)
     else:
         pytest.fail("the step's child outlived the kill")
+
+
+def test_the_search_data_is_a_per_class_subset(tmp_path, make_image_folder):
+    bench = _bench()
+    src = make_image_folder(tmp_path / "cvd", {"cat": [5, 3], "dog": [4, 3]}, splits=["train", "val"])
+    assert bench.find_data(None) in (None, *[p / "cats_vs_dogs" for p in bench.DATA_PLACES])
+    assert bench.find_data(str(src)) == src
+    sub = bench._subset(src, tmp_path / "sub", 2, 1)
+    counts = {(p.parent.parent.name, p.parent.name) for p in sub.rglob("*.png")}
+    assert counts == {("train", "cat"), ("train", "dog"), ("val", "cat"), ("val", "dog")}
+    assert len(list((sub / "train" / "cat").iterdir())) == 2 and len(list((sub / "val" / "dog").iterdir())) == 1
+
+
+def test_the_full_run_needs_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(SystemExit, match="--smoke"):
+        _bench().main([])
