@@ -61,11 +61,12 @@ SCALES = {
     "cuda": {"boxes": {"tests": 90, "features": 110, "finetune": 110, "search": 230, "export": 40}, "deadline": 470,
              "feature_images": 2048, "cpu_feature_images": 256, "forward_batch": 256, "forward_repeats": 10,
              "finetune_images": 6144, "finetune_batch": 64, "train_per_class": 200, "val_per_class": 50,
-             "budget": 120, "search_batch": 64, "tests_k": "cuda and not like"},
+             "budget": 120, "trials": None, "search_batch": 64, "tests_k": "cuda and not like"},
     "smoke": {"boxes": {"tests": 120, "features": 90, "finetune": 90, "search": 180, "export": 60}, "deadline": 600,
               "feature_images": 16, "cpu_feature_images": 16, "forward_batch": 8, "forward_repeats": 2,
               "finetune_images": 8, "finetune_batch": 4, "train_per_class": 8, "val_per_class": 3,
-              "budget": 4, "search_batch": 8, "tests_k": "test_autocast_context"},
+              # a budget that keeps the probe baseline on a loaded machine; three trials at most
+              "budget": 20, "trials": 3, "search_batch": 8, "tests_k": "test_autocast_context"},
 }
 SMOKE_MODEL = "test_efficientnet@64=random"
 
@@ -467,8 +468,8 @@ def step_search(cfg: dict, result: Path) -> dict:
     doc = {"models": models, "budget_s": sc["budget"], "policy": policy.describe()}
     _partial(result, doc)
     t0 = time.monotonic()
-    res = fit(cfg["data"], Path(cfg["work"]) / "run", models=models, time_budget=sc["budget"], device=policy,
-              cache_dir=Path(cfg["work"]) / "cache", seed=0, batch_size=sc["search_batch"])
+    res = fit(cfg["data"], Path(cfg["work"]) / "run", models=models, time_budget=sc["budget"], trials=sc["trials"],
+              device=policy, cache_dir=Path(cfg["work"]) / "cache", seed=0, batch_size=sc["search_batch"])
     doc["wall_s"] = round(time.monotonic() - t0, 1)
     doc["run_dir"] = str(res.run_dir)
     search = res.search or {}
