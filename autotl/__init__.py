@@ -25,6 +25,8 @@ _LAZY = {
     "Predictor": "autotl.predict:Predictor",
     "scan_dataset": "autotl.data:scan_dataset",
     "create_source_model": "autotl.models:create_source_model",
+    "HUB_ZOO": "autotl.zoo:HUB_ZOO",
+    "zoo_models": "autotl.zoo:zoo_models",
     "TrainConfig": "autotl.train:TrainConfig",
     "DevicePolicy": "autotl.device:DevicePolicy",
     "resolve_policy": "autotl.device:resolve_policy",

@@ -42,19 +42,20 @@ class SharedActivations:
     def __getattr__(self, name: str) -> Any:  # num_stages, map_bytes, forward_batches, source, cache_dir, ...
         return getattr(self.extractor, name)
 
-    def extract(self, samples: Sequence[Sample], cuts: Sequence[int] = (), *, description: str = "features") -> ActivationSet:
+    def extract(self, samples: Sequence[Sample], cuts: Sequence[int] = (), *, view: str = "center",
+                description: str = "features") -> ActivationSet:
         samples = list(samples)
         if not samples or any(samples == known for known in self._lists):
-            return self.extractor.extract(samples, cuts, description=description)
+            return self.extractor.extract(samples, cuts, view=view, description=description)
         where = [self._where.get(s.path) for s in samples]
         if any(w is None for w in where):
-            return self.extractor.extract(samples, cuts, description=description)
+            return self.extractor.extract(samples, cuts, view=view, description=description)
         parts = sorted({li for li, _ in where})
-        sets = {li: self.extractor.extract(self._lists[li], cuts, description=description) for li in parts}
-        map_cuts = list(sets[parts[0]].maps)
+        sets = {li: self.extractor.extract(self._lists[li], cuts, view=view, description=description) for li in parts}
+        map_cuts, tap_cuts = list(sets[parts[0]].maps), list(sets[parts[0]].taps)
         # gather rows: one index per list, then put them back in the requested order
         order: list[int] = []
-        pooled, logits, maps = [], [], {c: [] for c in map_cuts}
+        pooled, logits, maps, taps = [], [], {c: [] for c in map_cuts}, {c: [] for c in tap_cuts}
         for li in parts:
             rows = [(i, r) for i, (l, r) in enumerate(where) if l == li]
             idx = torch.tensor([r for _, r in rows], dtype=torch.long)
@@ -64,6 +65,8 @@ class SharedActivations:
             logits.append(acts.source_logits[idx] if acts.source_logits is not None else None)
             for c in map_cuts:
                 maps[c].append(acts.maps[c][idx])
+            for c in tap_cuts:
+                taps[c].append(acts.taps[c][idx])
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return ActivationSet(
@@ -71,4 +74,5 @@ class SharedActivations:
             pooled=torch.cat(pooled)[inverse],
             source_logits=None if any(p is None for p in logits) else torch.cat(logits)[inverse],
             maps={c: torch.cat(m)[inverse] for c, m in maps.items()},
+            taps={c: torch.cat(t)[inverse] for c, t in taps.items()},
         )

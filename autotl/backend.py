@@ -31,13 +31,13 @@ from . import _console
 from ._io import atomic_path
 from .device import DevicePolicy, as_policy, cpu_cores
 
-__all__ = ["FrozenForward", "EagerForward", "OrtForward", "pick_backend", "frozen_forward", "cpu_cores", "PARITY_ATOL",
+__all__ = ["FrozenForward", "EagerForward", "OrtForward", "pick_backend", "frozen_forward", "cpu_cores", "global_pool", "PARITY_ATOL",
            "BACKENDS"]
 
 PARITY_ATOL = 1e-4
 ORT_BATCH = 16
 BACKENDS = ("onnxruntime", "eager", "cuda-bf16", "cuda-fp32")  # the CPU ones and CUDA's (DevicePolicy.eager_name)
-_GRAPH_FORMAT = 1  # bump when the exported graph's outputs change meaning
+_GRAPH_FORMAT = 2  # bump when the exported graph's outputs change meaning
 
 
 def pick_backend(device: torch.device | DevicePolicy, requested: str | None = None) -> str:
@@ -61,35 +61,51 @@ def pick_backend(device: torch.device | DevicePolicy, requested: str | None = No
     return "onnxruntime"
 
 
-class _FrozenGraph(nn.Module):
-    """stages → pool (→ source classifier), returning the input of every stage in ``cuts``, then
-    the pooled features, then the logits (when there is a classifier)."""
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """An activation pooled to one vector per image: the spatial mean of a conv map ``(N, C, H, W)``,
+    the token mean of a transformer's ``(N, T, D)``; flat activations as they are."""
+    if x.ndim == 4:
+        return x.mean(dim=(2, 3))
+    if x.ndim == 3:
+        return x.mean(dim=1)
+    return x.flatten(1)
 
-    def __init__(self, stages: Sequence[nn.Module], pool: nn.Module, classifier: nn.Module | None, cuts: Sequence[int]):
+
+class _FrozenGraph(nn.Module):
+    """stages → pool (→ source classifier), returning the input of every stage in ``cuts``, then the
+    pooled activation at every cut in ``taps`` (intermediate-stage features), then the pooled
+    features, then the logits (when there is a classifier)."""
+
+    def __init__(self, stages: Sequence[nn.Module], pool: nn.Module, classifier: nn.Module | None, cuts: Sequence[int],
+                 taps: Sequence[int] = ()):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.pool = pool
         self.classifier = classifier
         self.cuts = tuple(cuts)
+        self.taps = tuple(taps)
 
     def forward(self, x: torch.Tensor):
-        outs = []
+        maps, taps = [], []
         for i, stage in enumerate(self.stages):
             if i in self.cuts:
-                outs.append(x)
+                maps.append(x)
+            if i in self.taps:
+                taps.append(global_pool(x))
             x = stage(x)
         pooled = self.pool(x)
-        outs.append(pooled)
+        outs = [*maps, *taps, pooled]
         if self.classifier is not None:
             outs.append(self.classifier(pooled))
         return tuple(outs)
 
     def output_names(self) -> list[str]:
-        return [f"cut{c}" for c in self.cuts] + ["pooled"] + (["logits"] if self.classifier is not None else [])
+        return ([f"cut{c}" for c in self.cuts] + [f"tap{c}" for c in self.taps] + ["pooled"]
+                + (["logits"] if self.classifier is not None else []))
 
 
 class FrozenForward(abc.ABC):
-    """Preprocessed images → {"cut<i>", "pooled", "logits"?: float32 arrays} through the frozen network."""
+    """Preprocessed images → {"cut<i>", "tap<i>", "pooled", "logits"?: float32 arrays} through the frozen network."""
 
     name: str
 
@@ -150,12 +166,14 @@ class OrtForward(FrozenForward):
         return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(self.names)}
 
 
-def graph_key(label: str, weights_id: str, input_size: Sequence[int], cuts: Sequence[int], with_logits: bool) -> str:
+def graph_key(label: str, weights_id: str, input_size: Sequence[int], cuts: Sequence[int], with_logits: bool,
+              taps: Sequence[int] = ()) -> str:
     """Identity of one exported frozen graph (also the torch/onnx versions that wrote it)."""
     import onnx
 
     ident = {"model": label, "weights": weights_id, "input_size": [int(v) for v in input_size], "cuts": list(cuts),
-             "logits": bool(with_logits), "torch": torch.__version__, "onnx": onnx.__version__, "format": _GRAPH_FORMAT}
+             "taps": list(taps), "logits": bool(with_logits), "torch": torch.__version__, "onnx": onnx.__version__,
+             "format": _GRAPH_FORMAT}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -191,16 +209,16 @@ def parity(forward: FrozenForward, graph: _FrozenGraph, input_size: Sequence[int
 
 
 def frozen_forward(stages: Sequence[nn.Module], pool: nn.Module, classifier: nn.Module | None, cuts: Sequence[int], *,
-                   backend: str, device: torch.device | DevicePolicy, input_size: Sequence[int], label: str, weights_id: str,
-                   graph_dir: Path | None) -> FrozenForward:
+                   backend: str, device: torch.device | DevicePolicy, input_size: Sequence[int], label: str,
+                   weights_id: str, graph_dir: Path | None, taps: Sequence[int] = ()) -> FrozenForward:
     """The runner for one pass. ``onnxruntime`` exports (or reuses) the graph in ``graph_dir`` (a
     temporary folder without a cache) and checks it against eager; on any failure, eager."""
-    graph = _FrozenGraph(stages, pool, classifier, sorted(int(c) for c in cuts))
+    graph = _FrozenGraph(stages, pool, classifier, sorted(int(c) for c in cuts), sorted(int(t) for t in taps))
     if backend != "onnxruntime":
         return EagerForward(graph, device)
     import tempfile
 
-    key = graph_key(label, weights_id, input_size, graph.cuts, classifier is not None)
+    key = graph_key(label, weights_id, input_size, graph.cuts, classifier is not None, graph.taps)
     scratch = None
     if graph_dir is None:
         scratch = tempfile.TemporaryDirectory(prefix="autotl-graph-")

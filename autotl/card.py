@@ -76,7 +76,9 @@ class ModelCard:
     preprocessing: dict
     source_model: dict = field(default_factory=dict)  # {"name", "weights_origin", ...}
     frozen_stages: int | None = None
-    metrics: dict = field(default_factory=dict)  # {"val": {...}, "test": {...}}
+    metrics: dict = field(default_factory=dict)  # {"val": {...}, "test": {...}}, each with its "role"
+    # the headline: accuracy on new images with a 95 % interval and how it was computed (autotl.estimate)
+    estimate: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)  # TrainConfig, stages, what each strategy did
     data: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)

@@ -88,9 +88,12 @@ def _frozen(value: str) -> int | str:
 
 @app.command()
 def fit(
-    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ [test/]."),
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ [test/], or a label file (.csv/.tsv: image path, label [, split] per row)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<data>-<time>)."),
     model: List[str] = typer.Option([], "--model", "-m", help="timm model NAME[@SIZE][=CHECKPOINT|random]; repeatable."),
+    zoo: Optional[str] = typer.Option(None, "--models", help="Candidate source models: auto (the packaged ones + the hub zoo's for this device when cached or downloadable; the default without --model), packaged, hub or all; added to any --model."),
+    path_column: Optional[str] = typer.Option(None, "--path-column", help="Label file: the column of image paths (default: the header's path/file/filename/image column)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label file: the column of labels (default: the header's label/class/category column)."),
     frozen_stages: str = typer.Option("all", "--frozen-stages", help="Stages to freeze: N, -N (all but N) or 'all' (linear probe)."),
     epochs: int = typer.Option(15, help="Maximum epochs (early stopping on validation)."),
     lr: float = typer.Option(3e-3, help="Head learning rate (pretrained stages get a tenth)."),
@@ -122,7 +125,7 @@ def fit(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx (int8: static QDQ, calibrated on training images), kept only within 0.5 accuracy points of fp32 on val."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Fit a classifier on DATA_DIR and export a verified ONNX model.
+    """Fit a classifier on DATA_DIR (a folder or a CSV of paths and labels) and export a verified ONNX model.
 
     `autotl fit DIR` ranks the candidate source models, searches how to transfer under an automatic
     time budget (each trial cross-validated on images that decided nothing about it), refits the
@@ -139,7 +142,8 @@ def fit(
 
         ins = inspect_dropout(data_dir, model=model[0] if model else "tf_efficientnet_lite0",
                               tau=DEFAULT_INSPECT_TAU if dropout_tau is None else dropout_tau, focus_class=focus_class,
-                              out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, show=not as_json)
+                              out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, show=not as_json,
+                              path_column=path_column, label_column=label_column)
         _emit(ins.to_json(), as_json)
         return
     fixed_params = {k: v for k, v in {"dropout_tau": dropout_tau, "retrieval_k": retrieval_k, "retrieval_bank": retrieval_bank,
@@ -150,10 +154,10 @@ def fit(
                          batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
                          cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume, overwrite=overwrite, duplicates=duplicates,
                          storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds,
-                         ensemble=ensemble, quantize=quantize)
+                         ensemble=ensemble, quantize=quantize, zoo=zoo, path_column=path_column, label_column=label_column)
     except SearchInterrupted as exc:
         command = _resume_command(exc.run_dir, data_dir, {
-            "--model": model, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
+            "--model": model, "--models": zoo, "--path-column": path_column, "--label-column": label_column, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
             "--study": study, "--top-k": top_k, "--cv-folds": cv_folds, "--no-ensemble": not ensemble, "--objective": objective,
             "--seed": seed, "--val-fraction": val_fraction, "--duplicates": duplicates, "--cache-dir": cache_dir, "--device": device,
             "--batch-size": batch_size, "--frozen-stages": frozen_stages, "--epochs": epochs, "--lr": lr,
@@ -169,7 +173,7 @@ def fit(
 
 
 _DRY_RUN_USES = {"data_dir", "out", "model", "dropout_tau", "focus_class", "val_fraction", "seed", "device", "cache_dir",
-                 "dry_run_dropout", "as_json"}
+                 "dry_run_dropout", "as_json", "path_column", "label_column"}
 
 
 def _dry_run_alone(values: dict[str, Any]) -> None:
@@ -226,21 +230,22 @@ TABLE_ROWS = 50  # predictions shown in the console table (the CSV / --json have
 @app.command()
 def predict(
     model_path: Path = typer.Argument(..., help="model.onnx or model.int8.onnx written by `autotl fit` (model.json beside it)."),
-    paths: List[Path] = typer.Argument(..., help="Image files or folders."),
+    paths: List[Path] = typer.Argument(..., help="Image files, folders, or label files (.csv/.tsv) with a path column."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="Labels to show per image."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file (row by row as images are classified)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime call."),
+    path_column: Optional[str] = typer.Option(None, "--path-column", help="Label files: the column of image paths (default: the header's path/file/filename/image column)."),
 ) -> None:
     """Classify images with an exported model, model.onnx or model.int8.onnx (onnxruntime only; no torch)."""
     from .options import check_predict_options
     from .predict import predict as predict_api
 
     _console.set_quiet(as_json)
-    check_predict_options(top_k=top_k, csv=csv, batch_size=batch_size)  # before the model loads
+    check_predict_options(top_k=top_k, csv=csv, batch_size=batch_size, path_column=path_column)  # before the model loads
     # streamed: the CSV is written as it goes; the table holds only its first rows (--json needs all)
     result = predict_api(model_path, paths, top_k=top_k, batch_size=batch_size, csv=csv,
-                         keep=None if as_json else TABLE_ROWS)
+                         keep=None if as_json else TABLE_ROWS, path_column=path_column)
     if as_json:
         _emit(result.to_json(), True)
     else:
@@ -256,7 +261,7 @@ def predict(
 def export(
     run: Path = typer.Argument(..., help="A finished run folder (the --out of `autotl fit`)."),
     quantize: str = typer.Option(..., "--quantize", help="int8: write model.int8.onnx (static QDQ, calibrated on the run's training images), kept only within 0.5 accuracy points of fp32 on val."),
-    data: Optional[Path] = typer.Option(None, "--data", help="The run's data folder, if it moved (default: the one the fit read)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The run's data folder or label file, if it moved (default: the one the fit read)."),
     val_fraction: float = typer.Option(0.1, help="The fit's --val-fraction (when its data had no val/ folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
@@ -289,13 +294,16 @@ def info(
         import torch
 
         from .run import default_cache_dir
-        from .models import list_packaged_models
+        from .models import cached_hub_file, list_packaged_models
+        from .zoo import HUB_ZOO, hub_offline
 
         doc = {
             "autotl": __version__, "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
             "onnxruntime": onnxruntime.__version__, "cuda": torch.cuda.is_available(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "packaged_models": list_packaged_models(), "cache_dir": str(default_cache_dir()),
+            "hub_zoo": [{"name": m.name, "tier": m.tier, "cached": cached_hub_file(m.name) is not None} for m in HUB_ZOO],
+            "hub_offline": hub_offline() or False,
         }
     if as_json:
         _emit(doc, True)
@@ -345,7 +353,7 @@ def worker(
 
 @app.command(cls=_defaults_from("autotl.dropout.dryrun:inspect_dropout"))
 def dropout(
-    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ and val/ (and an optional test/)."),
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ and val/ (and an optional test/), or a label file (.csv/.tsv)."),
     tau: Optional[str] = typer.Option(None, "--tau", help="Drop images scoring above TAU robust spreads (0 = every image predicted "
                                                           "to hurt, the paper's rule); 'none' only scores. With --mode fraction: "
                                                           "share of harmful images."),
@@ -361,6 +369,8 @@ def dropout(
     seed: Optional[int] = typer.Option(None, help="Seed for the validation split."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
+    path_column: Optional[str] = typer.Option(None, "--path-column", help="Label file: the column of image paths."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label file: the column of labels."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show (and optionally remove) the training images predicted to hurt validation loss, without training."""
@@ -368,7 +378,7 @@ def dropout(
 
     _console.set_quiet(as_json)
     result = inspect_dropout(data_dir, focus_class=focus_class, out=out, cache_dir=cache_dir, write_clean=write_clean,
-                             link=not copy, show=not as_json,
+                             link=not copy, show=not as_json, path_column=path_column, label_column=label_column,
                              **_given(model=model, tau=tau, mode=mode, l2=l2, val_fraction=val_fraction, seed=seed,
                                       device=device, top=top))
     _emit(result.to_json(), as_json)
@@ -402,7 +412,7 @@ def report(
 
 @app.command(cls=_defaults_from("autotl.score:score"))
 def score(
-    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ \\[test/]."),
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ \\[test/], or a label file (.csv/.tsv)."),
     model: List[str] = typer.Option([], "--model", "-m",
                                     help="Candidate timm model NAME\\[@SIZE]\\[+reinitK]\\[=CHECKPOINT|random]; repeatable "
                                          "(default: every model with packaged weights)."),
@@ -417,6 +427,8 @@ def score(
     seed: Optional[int] = typer.Option(None, help="Seed of the train/val split (as fit)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
+    path_column: Optional[str] = typer.Option(None, "--path-column", help="Label file: the column of image paths."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label file: the column of labels."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Rank candidate source models on DATA_DIR by DATL weights, LogME, LEEP and H-score (train split only)."""
@@ -425,6 +437,7 @@ def score(
     _console.set_quiet(as_json)
     out = out if out is not None else default_score_dir(data_dir)
     ranked = score_api(data_dir, model, out=out, prior_files=parse_priors(prior), cache_dir=cache_dir,
+                       path_column=path_column, label_column=label_column,
                        **_given(rule=rule, top=top, val_fraction=val_fraction, seed=seed, device=device))
     if as_json:
         _emit({**ranked.to_json(), "run_dir": str(out)}, True)

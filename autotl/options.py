@@ -24,7 +24,7 @@ from .errors import AutotlError
 __all__ = [
     "check_fit_options", "check_score_options", "check_dropout_options", "check_predict_options",
     "check_report_options", "check_worker_options", "check_frozen_stages", "check_device", "check_out_dir",
-    "check_out_file", "check_int", "check_number",
+    "check_out_file", "check_int", "check_number", "check_columns",
 ]
 
 OBJECTIVES = ("accuracy", "macro_f1")  # == autotl.train.OBJECTIVES (not imported: that module imports torch)
@@ -309,11 +309,18 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
                       epochs: Any = 15, lr: Any = 3e-3, batch_size: Any = 64, objective: Any = None,
                       val_fraction: Any = 0.1, seed: Any = 0, device: Any = "auto", cache_dir: Any = None,
                       config: Any = None, fixed_params: Any = None, options: Any = None, duplicates: Any = "warn",
-                      quantize: Any = None, **_other: Any) -> None:
+                      quantize: Any = None, zoo: Any = None, path_column: Any = None, label_column: Any = None,
+                      **_other: Any) -> None:
     """Every ``autotl.fit.fit`` argument that can be checked without reading the data or loading a
     model (called with ``fit``'s ``locals()``; arguments it does not know are left to ``fit``)."""
     if data_dir is None or (isinstance(data_dir, str) and not data_dir.strip()):
-        raise AutotlError("DATA_DIR: give the folder of images (one sub-folder per class, or train/ val/ [test/])")
+        raise AutotlError("DATA_DIR: give the folder of images (one sub-folder per class, or train/ val/ [test/]) "
+                          "or a label file (CSV of image paths and labels)")
+    check_columns(path_column=path_column, label_column=label_column)
+    if zoo is not None:
+        from .zoo import ZOO_CHOICES
+
+        check_choice("--models", zoo, ZOO_CHOICES)
     if config is not None:
         from dataclasses import asdict
 
@@ -359,9 +366,18 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
     check_out_dir("--out", out if out is not None else "runs")
 
 
+def check_columns(**columns: Any) -> None:
+    """``--path-column`` / ``--label-column``: a column name of the label file, when given."""
+    for name, value in columns.items():
+        if value is not None:
+            check_name("--" + name.replace("_", "-"), value, "column name of the label file's header")
+
+
 # ------------------------------------------------------------------------------------------ others
 def check_score_options(*, out: Any = None, val_fraction: Any = 0.1, seed: Any = 0, device: Any = "auto",
-                        cache_dir: Any = None, top: Any = None, cuts: Any = (), **_other: Any) -> None:
+                        cache_dir: Any = None, top: Any = None, cuts: Any = (), path_column: Any = None,
+                        label_column: Any = None, **_other: Any) -> None:
+    check_columns(path_column=path_column, label_column=label_column)
     check_fraction("--val-fraction", val_fraction, "validation share")
     check_seed("--seed", seed)
     check_device("--device", device)
@@ -376,7 +392,8 @@ def check_score_options(*, out: Any = None, val_fraction: Any = 0.1, seed: Any =
 def check_dropout_options(*, tau: Any = None, mode: Any = "spread", focus_class: Any = None, out: Any = None,
                           l2: Any = 1e-2, min_keep_fraction: Any = 0.1, val_fraction: Any = 0.1, seed: Any = 0,
                           device: Any = "auto", cache_dir: Any = None, top: Any = 20, write_clean: Any = None,
-                          **_other: Any) -> None:
+                          path_column: Any = None, label_column: Any = None, **_other: Any) -> None:
+    check_columns(path_column=path_column, label_column=label_column)
     from .dropout.strategy import parse_tau
 
     try:
@@ -412,7 +429,9 @@ def check_quantize(quantize: Any, *, optional: bool = True) -> None:
         raise AutotlError(f"--quantize {_shown(quantize)}: use {' or '.join(QUANTIZE_MODES)} (e.g. --quantize int8)")
 
 
-def check_predict_options(*, top_k: Any = 5, batch_size: Any = 32, csv: Any = None, **_other: Any) -> None:
+def check_predict_options(*, top_k: Any = 5, batch_size: Any = 32, csv: Any = None, path_column: Any = None,
+                          **_other: Any) -> None:
+    check_columns(path_column=path_column)
     check_int("--top-k", top_k, minimum=1, what="a number of labels")
     check_int("--batch-size", batch_size, minimum=1)
     check_out_file("--csv", csv, "predictions.csv")

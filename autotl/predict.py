@@ -26,6 +26,7 @@ from autotl._console import progress
 from autotl._csv import safe_row
 from autotl._images import IMAGE_EXTENSIONS, UnreadableImageError, is_image_path, load_rgb
 from autotl._io import atomic_path, atomic_write_text
+from autotl._labels import is_label_file, read_label_file
 from autotl.card import ModelCard, card_path_for, check_model_matches
 from autotl.errors import AutotlError
 
@@ -188,12 +189,16 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def expand_image_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given (any extension) and folders expanded recursively to their image files.
+def expand_image_paths(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+                       path_column: str | None = None) -> list[Path]:
+    """Files as given (any extension), folders expanded recursively to their image files, and label
+    files (``.csv``, ``.tsv``) to the images of their path column (``path_column``, else the column
+    the header names ``path``, ``file``, ``image``...; relative to the file's folder; other columns,
+    labels included, are not read).
 
     Hidden files and folders (``.name``) inside a folder are skipped; each folder's files are
-    sorted; duplicates are dropped. A path that does not exist, or nothing found at all, is an
-    ``AutotlError``.
+    sorted; a label file's images keep their row order; duplicates are dropped. A path that does not exist
+    (a row's file included, named by its line), or nothing found at all, is an ``AutotlError``.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -208,6 +213,8 @@ def expand_image_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
                 (f for f in path.rglob("*") if is_image_path(f) and not _is_hidden(f.relative_to(path)) and f.is_file()),
                 key=lambda f: f.as_posix(),
             )
+        elif is_label_file(path) and path.is_file():
+            found = [row.path for row in read_label_file(path, path_column=path_column, labels=False).rows]
         elif path.exists() or path.is_symlink():
             found = [path]  # an explicit file: try it, an unreadable one is reported per image
         else:
@@ -375,7 +382,7 @@ class Predictor:
         return softmax(self.logits(preprocess_batch(list(images), self.preprocessing)), axis=1)
 
     def stream(self, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5, batch_size: int = 32,
-               workers: int | None = None) -> Iterator[tuple[list[dict], list[dict]]]:
+               workers: int | None = None, path_column: str | None = None) -> Iterator[tuple[list[dict], list[dict]]]:
         """(predictions, unreadable images) batch by batch, in path order, as they are computed.
 
         ``workers`` threads (default: one per core) decode and preprocess the next batches while
@@ -385,7 +392,7 @@ class Predictor:
             raise AutotlError(f"--top-k {top_k}: must be at least 1")
         if int(batch_size) < 1:
             raise AutotlError(f"--batch-size {batch_size}: must be at least 1")
-        files = expand_image_paths(paths)
+        files = expand_image_paths(paths, path_column=path_column)
         k = min(int(top_k), len(self.classes))
         classes = np.asarray(self.classes, dtype=object)
         workers = max(1, int(workers or _cores()))
@@ -413,8 +420,9 @@ class Predictor:
 
     def predict_paths(self, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5,
                       batch_size: int = 32, *, csv: str | os.PathLike | None = None, keep: int | None = None,
-                      workers: int | None = None) -> PredictionResult:
-        """Classify image files and folders (recursively); unreadable images land in ``errors``.
+                      workers: int | None = None, path_column: str | None = None) -> PredictionResult:
+        """Classify image files, folders (recursively) and label files' path columns (``path_column``:
+        see ``expand_image_paths``); unreadable images land in ``errors``.
 
         ``csv``: every row is written to that file as it is computed (the file appears, complete,
         when the last image is done). ``keep``: hold at most this many predictions in the result
@@ -423,7 +431,8 @@ class Predictor:
         result = PredictionResult(classes=list(self.classes), model=str(self.onnx_path), top_k=k, n_total=0)
         with contextlib.ExitStack() as stack:
             writer = stack.enter_context(_CsvStream(csv, k)) if csv is not None else None
-            for predictions, errors in self.stream(paths, top_k=top_k, batch_size=batch_size, workers=workers):
+            for predictions, errors in self.stream(paths, top_k=top_k, batch_size=batch_size, workers=workers,
+                                                   path_column=path_column):
                 result.n_total += len(predictions)
                 result.errors += errors
                 if writer is not None:
@@ -500,11 +509,12 @@ def _error_rows(errors: list[dict], width: int) -> list[list[str]]:
 
 def predict(model_path: str | os.PathLike, paths: str | os.PathLike | Iterable[str | os.PathLike],
             top_k: int = 5, batch_size: int = 32, *, csv: str | os.PathLike | None = None, keep: int | None = None,
-            workers: int | None = None) -> PredictionResult:
-    """Classify image files / folders with an exported ``model.onnx`` or ``model.int8.onnx`` (or
-    their folder); ``csv``/``keep``/``workers`` as in ``Predictor.predict_paths``."""
+            workers: int | None = None, path_column: str | None = None) -> PredictionResult:
+    """Classify image files / folders / label files of paths with an exported ``model.onnx`` or
+    ``model.int8.onnx`` (or their folder); ``csv``/``keep``/``workers``/``path_column`` as in
+    ``Predictor.predict_paths``."""
     from autotl.options import check_predict_options
 
-    check_predict_options(top_k=top_k, batch_size=batch_size, csv=csv)
+    check_predict_options(top_k=top_k, batch_size=batch_size, csv=csv, path_column=path_column)
     return Predictor(model_path).predict_paths(paths, top_k=top_k, batch_size=batch_size, csv=csv, keep=keep,
-                                               workers=workers)
+                                               workers=workers, path_column=path_column)

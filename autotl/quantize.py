@@ -193,6 +193,7 @@ def quantize_run(run_dir: str | os.PathLike, *, quantize: str = "int8", data_dir
     fit's), its report written onto the card."""
     import json
 
+    from autotl._labels import is_label_file
     from autotl.card import CARD_NAME, ModelCard, check_model_matches
     from autotl.data import scan_dataset
     from autotl.errors import AutotlError
@@ -213,10 +214,14 @@ def quantize_run(run_dir: str | os.PathLike, *, quantize: str = "int8", data_dir
         raise AutotlError(f"{run_dir}: config.json / data.json unreadable ({exc}); run `autotl fit ... --quantize int8` "
                           "again instead") from None
     root = Path(data_dir) if data_dir is not None else Path(config.get("data_dir", ""))
-    if not root.is_dir():
-        raise AutotlError(f"--data {root}: the run's data folder is not there; pass --data with its current location")
+    if not (root.is_dir() or (is_label_file(root) and root.is_file())):
+        raise AutotlError(f"--data {root}: the run's data folder (or label file) is not there; pass --data with its "
+                          "current location")
     seed = int((config.get("train_config") or {}).get("seed", 0))
-    index = scan_dataset(root, val_fraction=val_fraction, seed=seed)
+    # a label file is read with the columns the fit used (named by flags or detected)
+    columns = ((recorded.get("label_file") or {}).get("columns") or {}) if root.is_file() else {}
+    index = scan_dataset(root, val_fraction=val_fraction, seed=seed, path_column=columns.get("path"),
+                         label_column=columns.get("label"))
     if recorded.get("fingerprint") and index.fingerprint() != recorded["fingerprint"]:
         raise AutotlError(f"--data {root}: these are not the images the run was fitted on (files changed since, or the fit "
                           "used another --val-fraction / --duplicates); calibrate on the fit's data or refit with --quantize int8")

@@ -20,13 +20,14 @@ import torch
 
 from . import _console
 from ._io import atomic_write_json
+from ._memory import BoundedMemory
 from ._version import __version__
 from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
 from .device import DevicePolicy, as_policy, configure_torch
 from .errors import AutotlError
 from .features import FeatureExtractor
-from .models import DEFAULT_MODEL, ModelSpec, SourceModel, create_source_model, list_packaged_models, set_torch_threads
+from .models import ModelSpec, SourceModel, create_source_model, set_torch_threads, shared_input_config
 from .options import check_out_dir
 
 
@@ -39,9 +40,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "autotl" / "features"
 
 
-def default_candidates() -> list[str]:
-    """The candidate source models when none is named: every packaged ImageNet model installed."""
-    return list_packaged_models() or [DEFAULT_MODEL]
+def default_candidates(zoo: str = "auto", device: torch.device | None = None) -> list[SourceModel]:
+    """The candidate source models ``--models`` selects (loaded): by default every packaged ImageNet
+    model installed, plus the hub zoo's models for ``device`` whose weights are cached or can be
+    downloaded now (``autotl.zoo``)."""
+    from .zoo import zoo_models
+
+    return zoo_models(zoo, device)
 
 
 def default_run_dir(data_dir: str | os.PathLike, kind: str = "") -> Path:
@@ -101,15 +106,18 @@ class FinalModel:
     """The model a run publishes: trained by the one strategy the flags describe, or refitted from
     the search's winner; with what the card says about how it was chosen."""
 
-    result: Any  # autotl.train.TrainResult
-    source: SourceModel
-    extractor: SharedActivations
+    model: Any  # autotl.fitted.Fitted: the selected (or only) model
     decided_by: dict[str, str]
     notes: dict[str, Any] = field(default_factory=dict)  # search params, the strategy in words, what each strategy did
     search: dict[str, Any] | None = None
-    # an ensemble chosen after the search (autotl.ensemble.EnsembleMember, primary = ``result`` first);
-    # empty: the single model ``result`` is published
+    # an ensemble chosen after the search (autotl.ensemble.EnsembleMember, in the graph's order);
+    # empty: the single model is published
     members: list[Any] = field(default_factory=list)
+
+    @property
+    def source(self) -> SourceModel:
+        """The source model whose preprocessing the exported graph takes (its first member's)."""
+        return self.members[0].source if self.members else self.model.source
 
 
 @dataclass
@@ -126,6 +134,8 @@ class Run:
     val_fraction: float = 0.1  # of the automatic val split (recorded for workers rebuilding the same split)
     duplicates: str = "warn"  # what the scan did with byte-identical copies (workers scan the same way)
     start: float = field(default_factory=time.monotonic)
+    # what steps and trials share within this run (probe feature reductions, ...); bounded, never global
+    memory: BoundedMemory = field(default_factory=lambda: BoundedMemory(16))
     policy: DevicePolicy | None = None  # how the run uses ``device``, resolved once (None: the device's default)
 
     def __post_init__(self) -> None:
@@ -143,27 +153,37 @@ class Run:
              models: Sequence[str | ModelSpec] = (), val_fraction: float = 0.1, seed: int = 0,
              device: str | torch.device | DevicePolicy | None = "auto", cache_dir: str | os.PathLike | None = None,
              index: DatasetIndex | None = None, resume: bool = False, overwrite: bool = False,
-             duplicates: str = "warn") -> "Run":
+             duplicates: str = "warn", zoo: str | None = None, path_column: str | None = None,
+             label_column: str | None = None) -> "Run":
+        """``models``: the named candidates; ``zoo`` (``--models``) adds the ones it selects, and
+        selects them alone (``auto`` by default) when none is named (``default_candidates``)."""
         start = time.monotonic()
         set_torch_threads()
         data_dir = Path(data_dir)
         run_dir = Path(out) if out is not None else default_run_dir(data_dir)
         check_run_folder(run_dir, data_dir, resume=resume, overwrite=overwrite)
         if index is None:
-            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates)
+            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates,
+                                 path_column=path_column, label_column=label_column)
             _console.log(index.summary_table())
         prepare_run_folder(run_dir, data_dir, overwrite=overwrite)
         policy = as_policy(device)
         configure_torch(policy)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
-        loaded = [create_source_model(m) for m in (list(models) or default_candidates())]
+        loaded = [create_source_model(m) for m in models]
+        if zoo is not None or not loaded:
+            named = {s.label for s in loaded}
+            loaded += [s for s in default_candidates(zoo or "auto", policy.device) if s.label not in named]
+        shared = shared_input_config([s.data_config for s in loaded])
+        for s in loaded:  # one preprocessing for the run: any mix of backbones reads the same input
+            s.share_input(shared)
         sources = {s.label: s for s in loaded}
         if len(sources) != len(loaded):
             raise AutotlError("--model: the same model is given twice; give each candidate once")
         extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache), index.train,
                                                index.val, index.test) for label, s in sources.items()}
         return cls(index, run_dir, policy.device, cache, sources, extractors, seed, float(val_fraction), duplicates,
-                   start, policy)
+                   start, policy=policy)
 
     @property
     def labels(self) -> list[str]:

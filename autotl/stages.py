@@ -20,10 +20,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 ALL = "all"
+# A source model carrying this submodule takes a run's shared preprocessed input: the adapter turns
+# it into the model's own (see ``SourceModel.share_input``); it runs first in the first stage.
+INPUT_ADAPTER = "autotl_input_adapter"
 
 Stages = list[tuple[str, nn.Module]]
 
@@ -49,6 +53,29 @@ class _PreLogits(nn.Module):
 
     def forward(self, x):
         return self.model.forward_head(x, pre_logits=True)
+
+
+class InputAdapter(nn.Module):
+    """An image preprocessed one way → as another model expects it: un-normalise, resize, normalise."""
+
+    def __init__(self, given: dict, wanted: dict):
+        super().__init__()
+        self.size = tuple(int(v) for v in wanted["input_size"][1:])
+        self.same_size = tuple(int(v) for v in given["input_size"][1:]) == self.size
+        for name, cfg in (("p", given), ("m", wanted)):
+            self.register_buffer(f"{name}_mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer(f"{name}_std", torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.p_std + self.p_mean
+        if not self.same_size:
+            x = nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return (x - self.m_mean) / self.m_std
+
+
+def same_preprocessing(a: dict, b: dict) -> bool:
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    return all(tuple(np.atleast_1d(a.get(k))) == tuple(np.atleast_1d(b.get(k))) for k in keys)
 
 
 def _efficientnet_family_stages(model: nn.Module) -> tuple[Stages, nn.Module] | None:
@@ -246,6 +273,7 @@ def staged_backbone(model: nn.Module) -> tuple[Stages, nn.Module]:
 
     was_training = model.training
     model.eval()
+    adapter = model._modules.pop(INPUT_ADAPTER, None)  # split the model itself; the adapter goes in front
     try:
         cfg = get_model_input_config(model)
         c, h, w = cfg["input_size"]
@@ -270,6 +298,11 @@ def staged_backbone(model: nn.Module) -> tuple[Stages, nn.Module]:
         stages, pool = [("features", _ForwardFeatures(model))], _PreLogits(model)
     finally:
         model.train(was_training)
+        if adapter is not None:
+            model._modules[INPUT_ADAPTER] = adapter
+    if adapter is not None:
+        name, first = stages[0]
+        stages[0] = (name, nn.Sequential(adapter, first))
     return stages, pool
 
 

@@ -2,9 +2,10 @@
 
 A strategy (data dropout, selective joint fine-tuning, ...) reads its parameters from the trial's
 parameter dict (the recipe declares their ranges), and before training may replace the training
-samples (``ctx.train_samples``) or the training function (``ctx.train_fn``, same signature as
-``autotl.train.train_model``). Adding one is one new module with a ``BaseStrategy`` subclass plus
-one ``STRATEGIES.register`` line (name, ``"module:Class"``, order) and its dimensions in the recipes.
+samples (``ctx.train_samples``), set the feature layout a probe reads (``ctx.features``) or add
+``autotl.train.TrainingHooks`` to the one training loop (``ctx.hooks``): every strategy trains
+through ``train_strategy``. Adding one is one new module with a ``BaseStrategy`` subclass plus one
+``STRATEGIES.register`` line (name, ``"module:Class"``, order) and its dimensions in the recipes.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ._registry import Registry
 from .data import DatasetIndex, Sample
 from .features import FeatureExtractor
 from .models import SourceModel
-from .train import TrainConfig, train_model
+from . import train as _train
+from .train import TrainConfig, TrainingHooks, TrainResult
 
 
 @dataclass
@@ -31,7 +33,7 @@ class StrategyContext:
     run_dir: Path
     config: TrainConfig
     train_samples: list[Sample]
-    train_fn: Callable[..., Any] = train_model
+    hooks: list[TrainingHooks] = field(default_factory=list)  # added by strategies, run in their order
     options: dict[str, Any] = field(default_factory=dict)  # run-wide options (e.g. source_pool, focus_class)
     notes: dict[str, Any] = field(default_factory=dict)  # what each strategy did, for the card and report
     final: bool = False  # True for the final refit: strategies write their artefacts (csv files)
@@ -40,10 +42,16 @@ class StrategyContext:
     # fold's decision part, never the images that score it; None = the val split.
     reference: list[Sample] | None = None
     reference_name: str = "val split"
+    # the run's candidate models in ranked order, and the feature layout a linear probe reads
+    # (set by the ``features`` strategy; None: the source model's pooled features)
+    candidates: list[str] = field(default_factory=list)
+    features: Any = None
 
     def __post_init__(self) -> None:
         if self.reference is None:
             self.reference = list(self.index.val)
+        if not self.candidates:
+            self.candidates = [self.source.label]
 
 
 class BaseStrategy(ABC):
@@ -70,8 +78,10 @@ class BaseStrategy(ABC):
 # decides which training images are kept and retrieval looks up pool neighbours for the kept ones
 # (``ctx.train_samples``) and wraps training in the joint trainer.
 STRATEGIES: Registry[BaseStrategy] = Registry("strategy", BaseStrategy)
+STRATEGIES.register("features", "autotl.probe:ProbeFeatures", order=5)
 STRATEGIES.register("dropout", "autotl.dropout.strategy:DataDropout", order=10)
 STRATEGIES.register("retrieval", "autotl.retrieval.strategy:SelectiveJointFineTuning", order=20)
+STRATEGIES.register("lpft", "autotl.finetune:ProbeStartedFineTuning", order=30)
 
 
 def list_strategies() -> list[str]:
@@ -92,6 +102,14 @@ def create_strategies(names: list[str] | None = None) -> list[BaseStrategy]:
 
 def strategy_params() -> set[str]:
     return {p for s in create_strategies() for p in s.params}
+
+
+def train_strategy(ctx: StrategyContext, val_samples, *, device=None, deadline: float | None = None,
+                   on_epoch=None) -> TrainResult:
+    """Train what the strategies made of ``ctx`` (its samples, config and hooks) in the one training loop,
+    early-stopped (or not, per the config) on ``val_samples``."""
+    return _train.train_model(ctx.source, ctx.train_samples, list(val_samples), len(ctx.index.classes), ctx.config,
+                              extractor=ctx.extractor, device=device, deadline=deadline, on_epoch=on_epoch, hooks=ctx.hooks)
 
 
 def apply_strategies(ctx: StrategyContext, params: dict[str, Any]) -> StrategyContext:

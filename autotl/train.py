@@ -80,6 +80,9 @@ class TrainConfig:
     rand_augment: int = 0  # > 0: RandAugment of this magnitude on decoded training images (no prefix cache)
     patience: int = 5
     early_stopping: bool = True  # False: train all epochs, keep the last (a refit for a chosen epoch count)
+    # stop after this many epochs of the ``epochs``-long schedule (a refit follows the schedule its trial
+    # used and stops where the trial's folds chose); None: run the schedule to its end
+    stop_epoch: int | None = None
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
     objective: str = "accuracy"
     seed: int = 0
@@ -166,12 +169,61 @@ class TrainingHooks(abc.ABC):
     def end_round(self, round_idx: int) -> None:
         """After the last epoch of round ``round_idx`` when another round follows."""
 
+    def end_training(self, net: TransferNet, evaluate: Callable[[TransferNet], dict[str, float]]) -> None:
+        """Once the kept epoch's weights are back in ``net``: may change ``net`` in place (e.g. weight
+        interpolation); ``evaluate(net)`` gives its metrics on the run's validation images."""
 
-class _NoHooks(TrainingHooks):
-    """Plain training: nothing added."""
+    def finish(self, result: "TrainResult") -> None:
+        """After training, with what it returns (e.g. to report what the hooks did)."""
 
-    def setup(self, run: TrainingSetup) -> None:
-        return None
+
+class _AllHooks(TrainingHooks):
+    """Several strategies' hooks in one loop, in the strategies' order. Per-epoch and end-of-training
+    calls go to each; at most one may add extra rows (and their loss) or split training into rounds;
+    the modules they train beside the net are trained together."""
+
+    def __init__(self, hooks: Sequence[TrainingHooks]):
+        self.hooks = list(hooks)
+        extra = [h for h in self.hooks if type(h).extra_dataset is not TrainingHooks.extra_dataset]
+        rounds = [h for h in self.hooks if tuple(h.round_starts) != (0,)]
+        if len(extra) > 1 or len(rounds) > 1:
+            names = ", ".join(type(h).__name__ for h in (extra if len(extra) > 1 else rounds))
+            raise ValueError(f"hooks {names} each add extra rows or rounds; one training run takes one of them")
+        self.extra = extra[0] if extra else None
+        self.round_starts = rounds[0].round_starts if rounds else (0,)
+        self.extra_cache_images = sum(h.extra_cache_images for h in self.hooks)
+        labels = [h.progress_label for h in self.hooks if h.progress_label != TrainingHooks.progress_label]
+        self.progress_label = labels[0] if labels else TrainingHooks.progress_label
+
+    def setup(self, run: TrainingSetup) -> nn.Module | None:
+        modules = [m for m in (h.setup(run) for h in self.hooks) if m is not None]
+        return None if not modules else modules[0] if len(modules) == 1 else nn.ModuleList(modules)
+
+    def extra_dataset(self) -> Dataset | None:
+        return self.extra.extra_dataset() if self.extra is not None else None
+
+    def extra_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.extra.extra_loss(features, labels)
+
+    def start_epoch(self, epoch: int) -> None:
+        for h in self.hooks:
+            h.start_epoch(epoch)
+
+    def end_epoch(self, metrics: EpochMetrics) -> None:
+        for h in self.hooks:
+            h.end_epoch(metrics)
+
+    def end_round(self, round_idx: int) -> None:
+        for h in self.hooks:
+            h.end_round(round_idx)
+
+    def end_training(self, net: TransferNet, evaluate) -> None:
+        for h in self.hooks:
+            h.end_training(net, evaluate)
+
+    def finish(self, result: "TrainResult") -> None:
+        for h in self.hooks:
+            h.finish(result)
 
 
 class _WithExtra(Dataset):
@@ -397,7 +449,7 @@ def train_model(
     device: torch.device | str | DevicePolicy | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     deadline: float | None = None,
-    hooks: TrainingHooks | None = None,
+    hooks: TrainingHooks | Sequence[TrainingHooks] | None = None,
 ) -> TrainResult:
     """Train a new head (and the unfrozen stages) on ``train_samples``, early-stopped on val.
 
@@ -412,7 +464,7 @@ def train_model(
         raise ValueError(f"objective must be one of {OBJECTIVES}")
     policy = as_policy(device, getattr(extractor, "policy", None))
     device = policy.device
-    hooks = _NoHooks() if hooks is None else hooks
+    hooks = _AllHooks([] if hooks is None else [hooks] if isinstance(hooks, TrainingHooks) else list(hooks))
     set_seed(cfg.seed)
     start = time.monotonic()
     net = TransferNet.from_source(source.model, num_classes, cfg.frozen_stages, seed=cfg.seed)
@@ -503,7 +555,7 @@ def train_model(
                 hooks.end_epoch(metrics)
                 if on_epoch is not None:
                     on_epoch(metrics)
-                if stopper.should_stop(deadline):
+                if stopper.should_stop(deadline) or (cfg.stop_epoch is not None and epoch + 1 >= cfg.stop_epoch):
                     break
                 if round_idx + 1 < len(round_starts) and epoch + 1 == round_starts[round_idx + 1]:
                     hooks.end_round(round_idx)
@@ -511,13 +563,17 @@ def train_model(
         unexpected = net.load_state_dict(stopper.state, strict=False).unexpected_keys
         if unexpected:  # changeable_state names only keys of this net
             raise RuntimeError(f"best-epoch state has keys the net lacks: {unexpected[:3]}")
+        hooks.end_training(net, lambda n: _evaluate(n, cut, val_x, val_y, num_classes, device, cfg.batch_size))
     finally:
         if reg is not None:  # KD's forward hooks sit on the net's stages: never hand them back
             reg.close()
         # persistent decoder workers end now, not whenever the traceback of a pruned trial is freed
         train_loader = None  # noqa: F841
     policy.release(net).eval()
-    return TrainResult(net, cfg, history, stopper.best_epoch, stopper.best, time.monotonic() - start, cached, len(train_samples))
+    result = TrainResult(net, cfg, history, stopper.best_epoch, stopper.best, time.monotonic() - start, cached,
+                         len(train_samples))
+    hooks.finish(result)
+    return result
 
 
 @torch.no_grad()

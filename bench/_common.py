@@ -39,10 +39,32 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     Console(width=200).print(table)
 
 
+def commit() -> str:
+    """The checked-out commit (``+dirty`` when the tree has uncommitted changes)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_average() -> list[float]:
+    """The 1/5/15-minute load averages: a figure taken at a load above 2.5 on 2 cores is not a figure."""
+    import os
+
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"bench": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}
+    payload = {"bench": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit(),
+               "load_average_at_write": load_average(), "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return path

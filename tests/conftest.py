@@ -8,6 +8,8 @@ import os
 
 # Tests never reach a model hub: fail fast instead of retrying over a dead network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# ... nor read this machine's Hugging Face cache: hub candidates in a test are the test's own (fake_hub_cache).
+os.environ["HF_HUB_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"autotl-test-hf-{os.getpid()}")
 os.environ.setdefault("AUTOTL_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"autotl-test-cache-{os.getpid()}"))
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -67,6 +69,44 @@ def write_image_folder(
                 img = class_image(ci, len(names), size, rng)
                 img.save(folder / f"{name}_{i:03d}{ext}")
     return root
+
+
+def write_fake_hub_cache(cache: str | Path, names: Sequence[str], revision: str = "0" * 39 + "1") -> Path:
+    """A Hugging Face hub cache folder as huggingface_hub lays it out, holding random-init weights
+    (safetensors) of the timm models ``names`` (``arch.tag``): ``models--timm--NAME/snapshots/REV/
+    model.safetensors`` and ``refs/main`` = REV. Returns ``cache``."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    cache = Path(cache)
+    for name in names:
+        repo = cache / f"models--timm--{name}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+        snapshot = repo / "snapshots" / revision
+        snapshot.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            model = timm.create_model(name, pretrained=False)
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+                  str(snapshot / "model.safetensors"))
+    return cache
+
+
+@pytest.fixture
+def fake_hub_cache(tmp_path, monkeypatch):
+    """Factory: ``fake_hub_cache(names)`` -> a hub cache holding random weights of ``names``, made
+    this process's Hugging Face cache (``HF_HUB_CACHE``; huggingface_hub reads it at import)."""
+    import huggingface_hub.constants
+
+    def make(names: Sequence[str]) -> Path:
+        cache = write_fake_hub_cache(tmp_path / "hf-hub", names)
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        return cache
+
+    return make
 
 
 @pytest.fixture

@@ -246,9 +246,9 @@ def test_fit_end_to_end_with_dropout(noisy_folder, reuse_source, monkeypatch, tm
     passes = []
     original = FeatureExtractor._compute
 
-    def counting(self, samples, key, cuts, description):
+    def counting(self, samples, key, cuts, description, view="center"):
         passes.append((len(samples), description))
-        return original(self, samples, key, cuts, description)
+        return original(self, samples, key, cuts, description, view)
 
     monkeypatch.setattr(FeatureExtractor, "_compute", counting)
     root, flipped = noisy_folder

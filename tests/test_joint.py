@@ -27,11 +27,11 @@ from autotl.retrieval import (
 )
 from autotl.retrieval import joint as joint_mod
 from autotl.retrieval import neighbours as neighbours_mod
-from autotl.retrieval.joint import _source_head, round_boundaries, smoothing_entropy
+from autotl.retrieval.joint import JointFineTuningHooks, _source_head, round_boundaries, smoothing_entropy
 from autotl.retrieval.schedule import HardSampleSchedule
 from autotl.retrieval.strategy import SelectiveJointFineTuning
 from autotl.stages import TransferNet
-from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies
+from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies, train_strategy
 from autotl import train as train_mod
 from autotl.train import TrainConfig, TrainingHooks, _SuffixView, round_lr_factor, train_model
 from conftest import limited_torch_threads
@@ -335,7 +335,7 @@ def test_source_head_init_is_a_searched_choice(source, index, folders, extractor
         ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages=-1, epochs=1, batch_size=8),
                               list(index.train), options=dict(opts))
         SelectiveJointFineTuning().apply(ctx, {"retrieval_k": 1, "source_head_init": init})
-        ctx.train_fn(source, ctx.train_samples, index.val, 2, ctx.config, extractor=extractor)
+        train_strategy(ctx, index.val)
         got[init] = ctx.notes["retrieval"]["source_head_init"]
     assert got["imagenet"].startswith("imagenet rows (2/3") and got["random"] == "random"
     assert "source head random" in SelectiveJointFineTuning().describe({"retrieval_k": 1, "source_head_init": "random"})
@@ -365,7 +365,7 @@ def test_second_apply_reuses_descriptors(source, index, folders, extractor, tmp_
         ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages=-1),
                               list(index.train), options=dict(opts))
         SelectiveJointFineTuning().apply(ctx, {"retrieval_k": 2, "retrieval_bank": "gabor"})
-        assert ctx.train_fn.func is train_joint
+        assert [type(h) for h in ctx.hooks] == [JointFineTuningHooks]
         return ctx.notes["retrieval"]
 
     before = retrieval_stats()

@@ -185,3 +185,64 @@ def test_classification_metrics():
     assert m["accuracy"] == pytest.approx(0.75)
     # class 0: P=2/3 R=1 F1=0.8; class 1: P=1 R=0.5 F1=2/3
     assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_stop_epoch_follows_the_full_schedule_and_stops_where_asked(make_image_folder, tmp_path):
+    """A refit trains the trial's schedule (same length, so the same learning rate at every step) and
+    stops after the epoch the folds chose: the learning rate it ends at is mid-schedule, not zero."""
+    index = scan_dataset(make_image_folder(tmp_path / "d", {"a": 8, "b": 8}, size=(40, 40)))
+    source = create_source_model("test_efficientnet=random")
+    ex = FeatureExtractor(source, cache_dir=None)
+    rates = []
+
+    class Rates(TrainingHooks):
+        def setup(self, run):
+            return None
+
+        def end_epoch(self, metrics):
+            rates.append(metrics.epoch)
+
+    seen = {}
+    import autotl.train as train_mod
+
+    real = train_mod._warmup_cosine
+
+    def spy(opt, total, warm, starts=(0,)):
+        seen["total"] = total
+        seen["opt"] = opt
+        return real(opt, total, warm, starts)
+
+    with limited_torch_threads(1), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "_warmup_cosine", spy)
+        cfg = TrainConfig(frozen_stages="all", epochs=6, batch_size=8, early_stopping=False, stop_epoch=2, warmup_epochs=0)
+        res = train_model(source, index.train, index.val, 2, cfg, extractor=ex, hooks=Rates())
+    assert len(res.history) == 2 and rates == [0, 1]
+    steps_per_epoch = -(-len(index.train) // 8)
+    assert seen["total"] == 6 * steps_per_epoch  # the schedule of 6 epochs, not a compressed one of 2
+    lr_end = seen["opt"].param_groups[0]["lr"]
+    assert 0.4 * cfg.lr < lr_end < 0.9 * cfg.lr  # a third of the way down the cosine, not at its end
+
+
+def test_refit_trains_the_trials_schedule_up_to_their_chosen_epoch(monkeypatch):
+    """The search's refit of a trained trial keeps its epoch count and stops after its median best epoch."""
+    import types
+
+    import autotl.search._fit as fit_mod
+
+    captured = {}
+
+    def fake_train(ctx, val, device=None):
+        captured["cfg"] = ctx.config
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(fit_mod, "train_strategy", fake_train)
+    setup = types.SimpleNamespace(config=TrainConfig(frozen_stages=-1, epochs=6), source=None, extractor=None)
+    objective = types.SimpleNamespace(setup=lambda params: setup, options={}, candidates=[])
+    run = types.SimpleNamespace(index=types.SimpleNamespace(val=[], classes=["a", "b"]), run_dir=None, device="cpu")
+    plan = types.SimpleNamespace(run=run, objective=objective)
+    trial = types.SimpleNamespace(number=3, user_attrs={"best_epoch": 2})
+    monkeypatch.setattr(fit_mod, "StrategyContext", lambda *a, **k: types.SimpleNamespace(config=a[4], notes={}))
+    monkeypatch.setattr(fit_mod, "apply_strategies", lambda ctx, params: ctx)
+    with pytest.raises(RuntimeError, match="stop here"):
+        fit_mod._refit(plan, trial, {}, [])
+    assert captured["cfg"].epochs == 6 and captured["cfg"].stop_epoch == 3 and not captured["cfg"].early_stopping

@@ -80,6 +80,8 @@ def inspect_dropout(
     write_clean: str | os.PathLike | None = None,
     link: bool = True,
     show: bool = True,
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> DropoutInspection:
     """Score every training image of ``data_dir`` and write what dropout at ``tau`` would drop.
 
@@ -89,7 +91,7 @@ def inspect_dropout(
     ``runs/<data>-dropout-<time>``).  ``write_clean=DIR`` writes a cleaned copy of the data set
     in split layout (``DIR/train/<class>/`` without the dropped images, ``DIR/val/``, ``DIR/test/``
     unchanged), hard-linked when possible (``link=False``: copied); the user's folder is never
-    modified.
+    modified. ``data_dir`` may be a label file (``path_column``/``label_column``: see ``autotl.fit``).
     """
     from ..data import scan_dataset
     from ..features import FeatureExtractor
@@ -101,7 +103,7 @@ def inspect_dropout(
 
     check_dropout_options(tau=tau, mode=mode, focus_class=focus_class, out=out, l2=l2, min_keep_fraction=min_keep_fraction,
                           val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, top=top,
-                          write_clean=write_clean)
+                          write_clean=write_clean, path_column=path_column, label_column=label_column)
     t_start = time.perf_counter()
     tau_value = parse_tau(tau)
     if mode not in ("spread", "fraction"):
@@ -110,7 +112,7 @@ def inspect_dropout(
         raise AutotlError(f"--tau {tau_value:g}: in mode 'fraction' tau is a share in [0, 1]")
     set_torch_threads()
     data_dir = Path(data_dir)
-    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
+    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, path_column=path_column, label_column=label_column)
     focus = resolve_focus_class(focus_class, index.classes)
     if not index.val:
         raise AutotlError(f"{data_dir}: no validation images; the influence reference needs a val split")
@@ -184,16 +186,17 @@ def _check_clean_dir(path: str | os.PathLike, data_root: Path) -> Path:
 
 
 def _relative_in_class(path: Path, root: Path, class_name: str) -> Path:
-    """The path of an image below its class folder (nested folders kept)."""
+    """The path of an image below its class folder (nested folders kept); an image of a label file
+    outside a class folder keeps its whole path below the file's folder, so no two images collide."""
     try:
         parts = Path(path).relative_to(root).parts
-    except ValueError:
-        return Path(Path(path).name)
+    except ValueError:  # an absolute path of a label file, elsewhere
+        return Path(*Path(path).parts[1:])
     if len(parts) >= 3 and parts[0].lower() in _SPLIT_DIRS and parts[1] == class_name:
         return Path(*parts[2:])
     if len(parts) >= 2 and parts[0] == class_name:
         return Path(*parts[1:])
-    return Path(parts[-1])
+    return Path(*parts)
 
 
 def _place(src: Path, dst: Path, link: bool) -> None:

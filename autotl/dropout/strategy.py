@@ -277,12 +277,12 @@ def resolve_focus_class(name: Any, classes: Sequence[str]) -> int | None:
 def _training_cuts(ctx: StrategyContext, n_images: int) -> list[int]:
     """The prefix cut the trial's training will read from the cache, so one pass serves both."""
     from ..stages import resolve_frozen
-    from ..train import should_cache, train_model
+    from ..train import should_cache
 
     try:
         n_stages = ctx.extractor.num_stages
         cut = resolve_frozen(ctx.config.frozen_stages, n_stages)
-        if cut < n_stages and ctx.train_fn is train_model and should_cache(ctx.extractor, n_images, cut, ctx.config.use_cache):
+        if cut < n_stages and should_cache(ctx.extractor, n_images, cut, ctx.config.use_cache):
             return [cut]
     except Exception:  # an unusual config or extractor: training computes what it needs itself
         pass

@@ -1,4 +1,4 @@
-"""The data section: folder, split, images per class and split, skipped files."""
+"""The data section: folder (and label file), split, images per class and split, skipped files."""
 
 from __future__ import annotations
 
@@ -19,9 +19,14 @@ def data_section(doc: Doc) -> str:
     items = []
     if root:
         items.append(("folder", f'<span class="mono">{esc(root)}</span>'))
+    label_file = ds.get("label_file") if isinstance(ds.get("label_file"), dict) else None
+    if label_file:
+        items.append(("label file", f'<span class="mono">{esc(str(label_file.get("path", "")))}</span> '
+                                    f'(sha256 <span class="mono">{esc(str(label_file.get("sha256", ""))[:16])}</span>)'))
     split = ds.get("split")
     if split:
-        items.append(("split", esc({"folders": "train/ val/ [test/] folders as given"}.get(split, split))))
+        given = "the label file's split column" if label_file else "train/ val/ [test/] folders as given"
+        items.append(("split", esc({"folders": given}.get(split, split))))
     items.append(("classes", str(len(classes))))
     items.append(("images", esc(f'{ds.get("n_train", "?")} train, {ds.get("n_val", "?")} val, {ds.get("n_test", "?")} test')))
     skipped = ds.get("skipped")

@@ -1,13 +1,12 @@
 """Selective joint fine-tuning (Ge & Yu 2017, §3.1 and §4.1): one shared backbone, two heads.
 
-``train_joint`` has the signature of ``autotl.train.train_model`` plus one keyword, ``joint``
-(a :class:`JointData`: the source pool, the neighbour search, K0, the source-loss weight), so a
-strategy sets ``ctx.train_fn = functools.partial(train_joint, joint=data)``. It is ``train_model``
-with :class:`JointFineTuningHooks` (``autotl.train.TrainingHooks``): the pool partners are the
-hooks' extra rows, the source-head loss their extra term, eq. 3 their per-round callback. It
-returns a ``TrainResult`` whose ``net`` is a plain ``TransferNet`` for the *target* task: the source
-head is the hooks' module, trained beside it and dropped at the end (export sees the target classes
-only).
+The strategy adds :class:`JointFineTuningHooks` (``autotl.train.TrainingHooks``, built by
+``joint_hooks`` from a :class:`JointData`: the source pool, the neighbour search, K0, the source-loss
+weight) to the one training loop: the pool partners are the hooks' extra rows, the source-head loss
+their extra term, eq. 3 their per-round callback. Training returns a ``TrainResult`` whose ``net`` is
+a plain ``TransferNet`` for the *target* task: the source head is the hooks' module, trained beside it
+and dropped at the end (export sees the target classes only). ``train_joint`` is that loop with
+those hooks, for callers outside a strategy (benchmarks).
 
 Every mini-batch holds B target images and, for each, one pool image drawn uniformly from that
 target's current neighbour set (its first K_i exact nearest pool images under eq. 1). Both halves
@@ -191,7 +190,7 @@ _STORE_LIMIT = 2
 
 def _store_for(source: SourceModel, cut: int) -> _PoolStore:
     dc = {k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()}
-    key = json.dumps([source.label, source.weights_id, dc, int(cut)], sort_keys=True, default=str)
+    key = json.dumps([source.label, source.input_id, dc, int(cut)], sort_keys=True, default=str)
     store = _STORES.get(key)
     if store is None:
         store = _STORES[key] = _PoolStore()
@@ -373,6 +372,9 @@ class JointFineTuningHooks(TrainingHooks):
                             "mean_k": round(float(self.counts.float().mean()), 3) if n else 0.0,
                             "max_k": int(self.counts.max()) if n else 0})
 
+    def finish(self, result: TrainResult) -> None:
+        self.write_notes(result.seconds)
+
     def write_notes(self, seconds: float) -> None:
         """What the run did, into ``joint.notes``; ``retrieval.csv`` too when ``joint.csv_path`` is set."""
         joint, cached = self.joint, self.store is not None
@@ -390,6 +392,18 @@ class JointFineTuningHooks(TrainingHooks):
             joint.notes["csv"] = str(joint.csv_path)
 
 
+def joint_hooks(joint: JointData, source: SourceModel, train_samples: Sequence[Sample], num_classes: int,
+                config: TrainConfig, extractor: FeatureExtractor | None = None) -> "JointFineTuningHooks | None":
+    """The hooks that make the training loop joint fine-tuning; None when every stage is frozen (no
+    shared trainable layer: the source task could not change the target, so only the head trains)."""
+    n_stages = extractor.num_stages if extractor is not None else len(staged_backbone(source.model)[0])
+    if resolve_frozen(config.frozen_stages, n_stages) >= n_stages:
+        joint.notes.update({"joint": False, "reason": "all stages frozen: no shared trainable layer, trained the target head only"})
+        _console.log("retrieval: all stages frozen, so the source task cannot change the target; training the target head only")
+        return None
+    return JointFineTuningHooks(joint, source, train_samples, num_classes, config)
+
+
 def train_joint(
     source: SourceModel,
     train_samples: Sequence[Sample],
@@ -403,21 +417,10 @@ def train_joint(
     deadline: float | None = None,
     joint: JointData,
 ) -> TrainResult:
-    """``train_model`` with a source task trained jointly on retrieved pool images (module docstring)."""
-    start = time.monotonic()
-    # the extractor knows the stage count; splitting the model again is only for a caller without one
-    n_stages = extractor.num_stages if extractor is not None else len(staged_backbone(source.model)[0])
-    if resolve_frozen(config.frozen_stages, n_stages) >= n_stages:
-        joint.notes.update({"joint": False, "reason": "all stages frozen: no shared trainable layer, trained the target head only"})
-        _console.log("retrieval: all stages frozen, so the source task cannot change the target; training the target head only")
-        return train_model(source, train_samples, val_samples, num_classes, config, extractor=extractor, device=device,
-                           on_epoch=on_epoch, deadline=deadline)
-    hooks = JointFineTuningHooks(joint, source, train_samples, num_classes, config)
-    result = train_model(source, hooks.train_samples, val_samples, num_classes, config, extractor=extractor,
-                         device=device, on_epoch=on_epoch, deadline=deadline, hooks=hooks)
-    result.seconds = time.monotonic() - start  # the neighbour search is this trainer's time too
-    hooks.write_notes(result.seconds)
-    return result
+    """``train_model`` with the joint fine-tuning hooks (module docstring)."""
+    hooks = joint_hooks(joint, source, train_samples, num_classes, config, extractor)
+    return train_model(source, train_samples, val_samples, num_classes, config, extractor=extractor, device=device,
+                       on_epoch=on_epoch, deadline=deadline, hooks=hooks)
 
 
 def _selected(nb_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

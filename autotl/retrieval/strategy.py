@@ -9,15 +9,14 @@ when the parameter is not given) and ``retrieval_cache_dir``.
 
 ``apply``: scan the pool, fit the equal-mass bins on the target *training split* (the full split,
 so a data-dropout subset does not change the descriptors), describe the pool and the target
-images (disk cache + in-memory memo across trials), search the exact K-NN under eq. (1), and set
-``ctx.train_fn`` to the joint trainer. On the final fit it writes ``retrieval.csv`` (rewritten
+images (disk cache + in-memory memo across trials), search the exact K-NN under eq. (1), and add
+the joint fine-tuning hooks to the training loop (``ctx.hooks``). On the final fit it writes ``retrieval.csv`` (rewritten
 after training with the neighbours the hard-sample rounds added) and ``retrieval.jpg`` (a few
 target images with their nearest pool images).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from .._console import log
 from ..errors import AutotlError
 from ..strategy import BaseStrategy, StrategyContext
-from .joint import JointData, random_neighbours, train_joint, write_retrieval_csv
+from .joint import JointData, random_neighbours, joint_hooks, write_retrieval_csv
 from .neighbours import BANKS, get_retrieval
 from .pool import SourcePool, pool_class_weights, scan_pool
 from .schedule import HardSampleSchedule
@@ -158,7 +157,9 @@ class SelectiveJointFineTuning(BaseStrategy):
                 notes["contact_sheet"] = str(write_contact_sheet(ctx.run_dir / "retrieval.jpg", train, pool, shown))
             except Exception as exc:  # noqa: BLE001 - a picture is a nicety
                 notes["contact_sheet_error"] = f"{type(exc).__name__}: {exc}"
-        ctx.train_fn = functools.partial(train_joint, joint=data)
+        hooks = joint_hooks(data, ctx.source, ctx.train_samples, len(ctx.index.classes), ctx.config, ctx.extractor)
+        if hooks is not None:
+            ctx.hooks.append(hooks)
         log(f"retrieval: K0={k0} ({bank}) over {len(pool)} pool images: {notes['initial_pool_images']} distinct "
             f"neighbours for {len(train)} target images" + (" [random ablation]" if mode == "random" else "")
             + f" ({'memory' if memory_hit else 'cache hit' if retr.pool_cache_hit else 'computed'}, {notes['retrieval_seconds']:.1f}s)")

@@ -82,6 +82,8 @@ def _score_one(source, ext, train, cuts, prior_path, top) -> ScoreRow:
     from ..scoring import datl_weights, hscore, leep, logme, softmax
     from ..stages import resolve_frozen
 
+    if isinstance(cuts, Mapping):  # per candidate: the cuts its later trials read, computed in this pass
+        cuts = cuts.get(source.label, ())
     want = sorted({resolve_frozen(int(c), ext.num_stages) for c in cuts})
     before = ext.forward_batches
     t0 = time.monotonic()
@@ -131,7 +133,7 @@ def score_models(
     extractors: Mapping[str, Any] | Sequence[Any] | None = None,
     prior_files: Mapping[str, str | os.PathLike] | None = None,
     rule: str = DEFAULT_RULE,
-    cuts: Sequence[int] = (),
+    cuts: Sequence[int] | Mapping[str, Sequence[int]] = (),
     top: int = TOP_CLASSES,
     cache_dir: str | os.PathLike | None = None,
     device: str = "cpu",
@@ -143,7 +145,8 @@ def score_models(
     ``sources``); by default one per source on ``cache_dir`` (default: autotl's feature cache).
     Pass the ones training will use: their memory and disk caches then serve training without a
     second pass. ``cuts``: prefix activations to compute in the same pass (negative = from the
-    end, as ``frozen_stages``: ``[-1]`` for a trial that trains the last stage). ``prior_files``:
+    end, as ``frozen_stages``: ``[-1]`` for a trial that trains the last stage), the same for every
+    candidate or a mapping by candidate label. ``prior_files``:
     class-count file per model label (``"*"`` = every model without its own entry).
     ``run_dir``: where to save ``scoring.json`` and ``datl/<model>.npz``.
     """
@@ -169,7 +172,7 @@ def score_models(
     from ..options import check_frozen_stages
 
     for source, ext in zip(sources, exts):  # --frozen-stages against each model, before any feature pass
-        for c in cuts:
+        for c in (cuts.get(source.label, ()) if isinstance(cuts, Mapping) else cuts):
             check_frozen_stages(int(c), ext.num_stages, source.label)
     rows = [_score_one(source, ext, train, cuts, prior_files.get(source.label, prior_files.get("*")), top)
             for source, ext in zip(sources, exts)]
@@ -230,11 +233,14 @@ def score(
     cache_dir: str | os.PathLike | None = None,
     cuts: Sequence[int] = (),
     top: int = TOP_CLASSES,
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> ScoreReport:
     """Scan ``data_dir``, load the candidate models and score them (mirrors ``autotl score``).
 
     The split is the one ``fit`` makes with the same ``val_fraction`` and ``seed``: only its
     training part is read. With ``out`` the report and the DATL weights are saved there.
+    ``data_dir`` may be a label file (``path_column``/``label_column``: see ``autotl.fit``).
     """
     from ..data import scan_dataset
     from ..models import create_source_model, set_torch_threads
@@ -243,9 +249,10 @@ def score(
     from ..options import check_score_options
 
     _check_options(rule, top)  # before the models load: a typo costs nothing
-    check_score_options(out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, cuts=cuts)
+    check_score_options(out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, cuts=cuts,
+                        path_column=path_column, label_column=label_column)
     set_torch_threads()
-    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed)
+    index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, path_column=path_column, label_column=label_column)
     _console.log(index.summary_table())
     sources = [create_source_model(m) for m in (list(models) or default_models())]
     for s in sources:

@@ -24,6 +24,8 @@ from ..train import TrainConfig, should_cache
 from ._folds import Selection
 from ._recipe import FROZEN, Recipe, resolve_frozen_relative
 
+SVD_FLOP_FACTOR = 4.0  # a thin SVD costs a few times rows^2 * cols multiply-adds
+PROBE_HVPS_PER_LAMBDA = 25  # Newton-CG products per penalty of a warm-started path (measured: 120-270 for 7)
 ESTIMATE_SLACK = 1.25  # a trial is not started only when its estimate exceeds the time left by this factor
 MAX_TRIAL_SHARE = 0.5  # a configuration that alone would take over half the budget leaves no room to compare
 FOLD_OVERHEAD_S = 0.1  # beyond the net's copy (measured): optimiser, loaders, the fold's evaluation
@@ -47,6 +49,22 @@ class CostModel:
     n_images: int = 0
     fold_setup: float = FOLD_OVERHEAD_S  # seconds to set up one fold's training run (measured)
     measure_seconds: float = 0.0
+    # solved probes: measured float rates of the two kernels a probe trial spends its time in
+    svd_flops_per_s: float = 1e9
+    bmm_flops_per_s: float = 1e9
+    probe_dims: dict[str, int] = field(default_factory=dict)  # feature width of each model's pooled block / per tap
+    n_classes: int = 2
+
+    def probe_seconds(self, dim: int, views: int, n_lambdas: int = 7) -> float:
+        """Estimated wall time of a solved probe trial on ``dim`` features with ``views`` rows per image:
+        the reduction of its feature table (an SVD, once per layout) and the Newton-CG solves of every
+        fold (``PROBE_HVPS_PER_LAMBDA`` Hessian-vector products per penalty, each two batched products)."""
+        rows = max(1, self.n_images * views)
+        r = min(rows, dim)
+        svd = (rows * rows * dim if rows < dim else rows * dim * dim) * SVD_FLOP_FACTOR
+        n_train = (self.fold_sizes[0] + self.fold_sizes[1]) * views
+        hvp = 4.0 * self.n_folds * n_train * r * self.n_classes
+        return svd / self.svd_flops_per_s + n_lambdas * PROBE_HVPS_PER_LAMBDA * hvp / self.bmm_flops_per_s
 
     def trial_seconds(self, label: str, cfg: TrainConfig, params: Mapping[str, Any] | None = None,
                       extractor=None) -> float:
@@ -74,6 +92,7 @@ class CostModel:
 
         return {"ms_per_image": {"train_step": table(self.step), "prefix_forward": table(self.prefix),
                                  "eval_forward": table(self.eval), "decode": round(self.decode * 1000, 3)},
+                "probe_gflops": {"svd": round(self.svd_flops_per_s / 1e9, 2), "bmm": round(self.bmm_flops_per_s / 1e9, 2)},
                 "fold_sizes": list(self.fold_sizes), "n_folds": self.n_folds, "fold_setup_s": round(self.fold_setup, 3),
                 "measure_seconds": round(self.measure_seconds, 2)}
 
@@ -104,6 +123,19 @@ def _stage_seconds(net, images: torch.Tensor, policy) -> tuple[list[float], floa
         net.head(net.pool(x))
         policy.synchronize()
     return times, (time.perf_counter() - t0) / len(images)
+
+
+def measure_probe_rates(model: CostModel) -> None:
+    """The float rates of a probe trial's two kernels on this machine, from one small timed run each
+    (the faster of two: a busy machine only ever makes a timing too slow)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 1024, generator=gen)
+    z = torch.randn(4, 128, 128, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 128, 8, generator=gen, dtype=torch.float64)
+    svd = min(_timed(lambda: torch.linalg.svd(x, full_matrices=False)) for _ in range(2))
+    bmm = min(_timed(lambda: [torch.bmm(z, w) for _ in range(20)]) for _ in range(2))
+    model.svd_flops_per_s = SVD_FLOP_FACTOR * 128 * 128 * 1024 / max(svd, 1e-6)
+    model.bmm_flops_per_s = 20 * 2.0 * 4 * 128 * 128 * 8 / max(bmm, 1e-6)
 
 
 def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) -> CostModel:
@@ -151,6 +183,8 @@ def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) 
         ds = ImageDataset(sample, train_transform(first.data_config))
         # the training loader's workers decode in parallel
         model.decode = _timed(lambda: [ds[i] for i in range(len(ds))]) / len(sample) / max(1, policy.loader_workers)
+    model.n_classes = len(index.classes)
+    measure_probe_rates(model)
     model.measure_seconds = time.monotonic() - t0
     return model
 

@@ -87,7 +87,9 @@ def worker_attrs(run, base, *, target: int, options: dict[str, Any], fixed: dict
                  cv_folds: int, cv_repeats: int | None) -> dict[str, Any]:
     """What a worker needs to rebuild the objective (the study's ``worker`` user attr, plain JSON)."""
     return {
-        "data_dir": str(Path(run.index.root).resolve()),
+        # a label file's run is rebuilt from the file with the same columns; a folder's from the folder
+        "data_dir": str(Path(run.index.source).resolve()),
+        "columns": dict((run.index.label_file or {}).get("columns") or {}),
         "val_fraction": float(run.val_fraction),
         "duplicates": run.duplicates,
         "seed": int(run.seed),

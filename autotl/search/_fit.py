@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from .. import _console
 from .._io import atomic_write_json
 from ..errors import AutotlError
 from ..run import FinalModel, Run
-from ..strategy import StrategyContext, apply_strategies
+from ..fitted import fitted_from_training
+from ..strategy import StrategyContext, apply_strategies, train_strategy
 from .. import train as _train
 from ..train import TrainConfig, should_cache
 from ._distributed import WORKER_ATTR, worker_attrs
@@ -22,7 +24,7 @@ from ._objective import Objective
 from ._plots import save_plots
 from ._cost import feasible_frozen, measure_costs
 from ._recipe import FROZEN, Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative, restrict_choices
-from ._select import select_one_se
+from ._select import portfolio_rank, select_one_se
 from ._study import DEFAULT_STUDY, SearchOutcome, SearchSettings, run_study, shown_url, stored_study_attr, storage_url
 
 
@@ -34,6 +36,13 @@ def prefix_cuts(recipe: Recipe, extractor, n_images: int, base: TrainConfig) -> 
     n = extractor.num_stages
     cuts = {resolve_frozen_relative(v, n) for v in recipe.frozen_values(base.frozen_stages)}
     return sorted(c for c in cuts if c < n and should_cache(extractor, n_images, c, base.use_cache))
+
+
+def search_cuts(run: Run, recipe: Recipe, base: TrainConfig) -> dict[str, list[int]]:
+    """Per candidate, the prefix cuts the recipe's trials will read from the cache: computed in the
+    scoring pass, so one forward per model and image serves ranking, probes and fine-tunes."""
+    n_images = len(run.index.train) + len(run.index.val)
+    return {label: prefix_cuts(recipe, ex, n_images, base) for label, ex in run.extractors.items()}
 
 
 def _log_trial(metric: str):
@@ -72,6 +81,7 @@ class SearchPlan:
     prefetch: dict[str, Any]
     objective_reason: str = ""
     ensemble: bool = True  # greedy ensemble selection over the trials after the search
+    portfolio: list = field(default_factory=list)  # the recipe's portfolio in its own (prior) order
 
     @property
     def selection(self) -> Selection:
@@ -92,6 +102,45 @@ def with_pool_dimension(recipe: Recipe) -> Recipe:
     if recipe.dimension("frozen_stages") is not None:
         spec["when"] = {"frozen_stages": {"not": "all"}}
     return add_dimensions(recipe, {"retrieval_k": spec})
+
+
+def _candidate_backbones(recipe: Recipe, n_candidates: int) -> Recipe:
+    """Keep the ``backbones`` choices (rank positions) that exist among this run's candidates."""
+    from ..probe import parse_backbones
+
+    dim = recipe.dimension("backbones")
+    if dim is None or dim.kind != "categorical":
+        return recipe
+    keep = [c for c in dim.choices if max(int(p) for p in str(c).split("+")) <= n_candidates]
+    if not keep:
+        keep = [dim.choices[0]]
+    parse_backbones(keep[0], ["x"] * n_candidates)  # a malformed choice fails here with its one-line message
+    return restrict_choices(recipe, "backbones", keep) if len(keep) < len(dim.choices) else recipe
+
+
+def _baseline_params(recipe: Recipe, baseline: dict[str, Any], candidates: list[str]) -> dict[str, Any]:
+    """A portfolio entry's parameters by target (what the objective's set-up reads)."""
+    by_target = {recipe.dimension(name).target: value for name, value in baseline.items() if recipe.dimension(name)}
+    by_target.setdefault("model", candidates[0])
+    return by_target
+
+
+def portfolio_in_cost_order(objective: Objective, recipe: Recipe) -> Recipe:
+    """The portfolio (the recipe's ``baselines``) enqueued cheapest first, by the cost model; the
+    order among equal estimates is the recipe's. Entries with a trial estimate are logged."""
+    if not recipe.baselines or objective.cost is None:
+        return recipe
+    costs = []
+    for b in recipe.baselines:
+        params = {**objective.fixed, **_baseline_params(recipe, b, objective.candidates)}
+        try:
+            costs.append(objective.estimate_seconds(params, objective.setup(params)))
+        except (KeyError, ValueError, AutotlError):
+            costs.append(float("inf"))
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], i))
+    _console.log("portfolio (cheapest first): " + ", ".join(
+        f"#{i} ≈{costs[i]:.1f}s" if costs[i] != float("inf") else f"#{i}" for i in order))
+    return dataclasses.replace(recipe, baselines=[recipe.baselines[i] for i in order])
 
 
 def plan_search(
@@ -164,6 +213,9 @@ def plan_search(
     how = f"computed, {batches} batches" if batches else "from the disk cache"
     _console.log(f"prefix cache ready in {seconds:.1f}s ({how}; cuts {cut_text})")
 
+    recipe = _candidate_backbones(recipe, len(run.labels))
+    objective = Objective(run, recipe, base, selection, options=options, fixed=dict(fixed or {}), cost=cost)
+    recipe = objective.recipe = portfolio_in_cost_order(objective, recipe)
     settings = SearchSettings(recipe=recipe, trials=n_trials, time_budget=budget, storage=url,
                               study_name=name, resume=resume, seed=run.seed,
                               user_attrs={WORKER_ATTR: worker_attrs(run, base, target=n_trials, options=options,
@@ -172,14 +224,14 @@ def plan_search(
                                           FEASIBLE_ATTR: list(keep) if keep else None,
                                           # the user's space (workers rebuild it and restrict it the same way)
                                           "recipe": user_recipe.to_json()})
-    objective = Objective(run, recipe, base, selection, options=options, fixed=dict(fixed or {}), cost=cost)
     fingerprint = {"data_fingerprint": index.fingerprint(), "recipe_space": user_recipe.fingerprint(),
                    "objective": base.objective, "candidates": run.labels, "selection": selection.kind,
                    "folds": len(selection.folds)}
     prefetch = {"seconds": round(seconds, 2), "batches": batches, "cuts": cuts_by_model,
                 "cost_model": {**cost.to_json(), "frozen_estimates_s": {k: round(v, 1) for k, v in estimates.items()},
                                "frozen_kept": list(keep) if keep else None}}
-    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, objective_reason, ensemble)
+    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, objective_reason, ensemble,
+                      list(user_recipe.baselines))
 
 
 def search(run: Run, base: TrainConfig, **kwargs: Any) -> FinalModel:
@@ -202,8 +254,9 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
         except KeyError:
             return dict(t.params)
 
-    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of, candidates,
-                                     oof_labels=[s.label for s in plan.selection.scored_samples])
+    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of,
+                                     oof_labels=[s.label for s in plan.selection.scored_samples],
+                                     prior=portfolio_rank(plan.portfolio))
     if best_trial is None:
         errors = [r["error"] for r in rows if r.get("error")]
         if errors:  # the trials broke: more time would not help; say what broke and what to change
@@ -232,16 +285,19 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
     labelled = list(index.train) + list(index.val)
     planned = objective.setup(params)
     words = describe_strategy(params, frozen=planned.config.frozen_stages, num_stages=planned.extractor.num_stages,
-                              stage_names=[n for n, _ in planned.extractor.stages])
+                              stage_names=[n for n, _ in planned.extractor.stages],
+                              solved_l2=ua.get("lambda") if ua.get("probe") else None)
     _console.log(f"[bold]selected strategy[/] (trial {best_trial.number}, {plan.selection.kind} {base.objective} "
                  f"{best_trial.value:.4f} ± {ua.get('value_std', 0.0):.3f}): {words}")
-    result, setup, ctx, cfg, best_epoch = _refit(plan, best_trial, params, labelled)
-    ensemble_doc, members = None, []
+    fitted, notes, refit_info = _refit(plan, best_trial, params, labelled)
+    ensemble_doc, members, chosen = None, [], ChosenEnsemble()
     if plan.ensemble:
         chosen = choose_ensemble(plan, study, best_trial, params_of)
         ensemble_doc = chosen.doc
         if chosen.trials:
-            members = _refit_members(plan, chosen, best_trial, result, setup, params_of, labelled)
+            members = _refit_members(plan, chosen, best_trial, fitted, params_of, labelled)
+    estimate = search_estimate(plan, study, best_trial, chosen)
+    _console.log(f"estimate for new images: {estimate.line()}")
     plots = save_plots(study, run.run_dir / "plots")
     atomic_write_json(run.run_dir / "leaderboard.json", rows)
     states: dict[str, int] = {}
@@ -258,13 +314,13 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
         "search_seconds": round(outcome.seconds, 2), "prefix_cache": plan.prefetch,
         "mean_trial_seconds": {"cached": _mean([r["seconds"] for r in done if r["cached"]]),
                                "uncached": _mean([r["seconds"] for r in done if r["cached"] is False])},
-        "candidates": candidates, "refit_on": "all labelled images (train + val)", "refit_epochs": cfg.epochs,
+        "candidates": candidates, "refit_on": "all labelled images (train + val)", "refit": refit_info,
         "ensemble": ensemble_doc,
-        "selection": plan.selection.to_json(), "selection_rule": rule,
+        "selection": plan.selection.to_json(), "selection_rule": rule, "estimate": estimate.to_json(),
         "best": {"number": best_trial.number, "value": best_trial.value, "value_std": ua.get("value_std"),
                  "value_se": ua.get("value_se"), "n_folds": ua.get("n_folds"), "decide_score": ua.get("decide_score"),
                  "params": params, "accuracy": ua.get("accuracy"), "macro_f1": ua.get("macro_f1"),
-                 "best_epoch": best_epoch, "description": words},
+                 "best_epoch": refit_info.get("best_epoch"), "description": words},
         "plots": plots, "leaderboard": rows,
     }
     decided_by = {
@@ -280,27 +336,93 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
     if members:
         decided_by["ensemble_selection"] = ("greedy forward selection with replacement on the trials' out-of-fold "
                                             "probabilities of the scoring parts (log loss); each member refitted like the winner")
-    return FinalModel(result, setup.source, setup.extractor, decided_by,
-                      {"search_params": params, "description": words, "strategies": ctx.notes}, search_doc,
+    return FinalModel(fitted, decided_by, {"search_params": params, "description": words, "strategies": notes}, search_doc,
                       members=members)
 
 
 def _refit(plan: SearchPlan, trial, params: dict[str, Any], labelled: list):
-    """(result, setup, strategy context, config, best epoch) of ``trial``'s strategy retrained on all
-    labelled images for the epoch count its folds chose (median best epoch), no early stopping."""
+    """(``Fitted``, strategy notes, what the refit did) of ``trial``'s strategy retrained on all
+    labelled images: a probe solved with the trial's penalty; a trained net for the epoch count its
+    folds chose (median best epoch), no early stopping."""
     run, objective, index = plan.run, plan.objective, plan.run.index
     setup = objective.setup(params)
+    ua = trial.user_attrs
+    if ua.get("probe"):
+        from ._probe import compare_bagging, refit_probe
+
+        bagging = compare_bagging(objective, params, setup, float(ua["lambda"]))
+        bag = bagging["use_bag"]
+        _console.log(f"trial {trial.number} (a probe): " + (
+            f"its {len(plan.selection.folds)} fold models averaged (the bag did not lose to a refit, nested: log loss "
+            f"{bagging['bag']['log_loss']:.4f} vs {bagging['single_refit']['log_loss']:.4f})" if bag else
+            f"refitted on all {len(labelled)} labelled images (a bag of fold models lost, nested: log loss "
+            f"{bagging['bag']['log_loss']:.4f} vs {bagging['single_refit']['log_loss']:.4f})"))
+        fitted, notes = refit_probe(objective, params, setup, float(ua["lambda"]), float(ua.get("n_train") or len(labelled)),
+                                    labelled, bag=bag)
+        return fitted, notes, {"kind": "probe", "l2": notes["probe"]["l2"], "n_train": notes["probe"]["n_train"],
+                               "bagging": bagging}
+    params = {**params, **(ua.get("refit_params") or {})}  # what the folds chose for the refit (e.g. WiSE-FT alpha)
     cfg = copy.deepcopy(setup.config)
-    best_epoch = int(trial.user_attrs.get("best_epoch", cfg.epochs - 1))
-    cfg.epochs = best_epoch + 1
+    best_epoch = int(ua.get("best_epoch", cfg.epochs - 1))
+    cfg.stop_epoch = best_epoch + 1  # the trials' schedule (same length), stopped where their folds chose
     cfg.early_stopping = False
-    ctx = StrategyContext(index, setup.source, setup.extractor, run.run_dir, cfg, labelled, train_fn=_train.train_model,
-                          options=dict(objective.options), final=True)
+    ctx = StrategyContext(index, setup.source, setup.extractor, run.run_dir, cfg, labelled,
+                          options=dict(objective.options), final=True, candidates=list(objective.candidates))
     apply_strategies(ctx, params)
-    _console.log(f"refitting trial {trial.number} on all {len(labelled)} labelled images for {cfg.epochs} epoch(s) …")
-    result = ctx.train_fn(setup.source, ctx.train_samples, index.val, len(index.classes), ctx.config,
-                          extractor=setup.extractor, device=run.device)
-    return result, setup, ctx, cfg, best_epoch
+    _console.log(f"refitting trial {trial.number} on all {len(labelled)} labelled images for {cfg.stop_epoch} of its "
+                 f"{cfg.epochs}-epoch schedule …")
+    result = train_strategy(ctx, index.val, device=run.device)
+    fitted = fitted_from_training(result, setup.source, setup.extractor, len(index.classes))
+    return fitted, ctx.notes, {"kind": "trained", "schedule_epochs": cfg.epochs, "epochs": cfg.stop_epoch,
+                               "best_epoch": best_epoch}
+
+
+def _configurations(study) -> list[list[float]]:
+    """Per-fold accuracy of every configuration the search scored: each complete trial, and each
+    penalty of a probe trial's path (all chosen on the same folds)."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name != "COMPLETE":
+            continue
+        ua = t.user_attrs
+        out += [list(c) for c in ua.get("path_fold_accuracy") or ([ua["fold_accuracy"]] if ua.get("fold_accuracy") else [])]
+    return out
+
+
+def ensemble_fold_accuracy(plan: SearchPlan, chosen: "ChosenEnsemble") -> list[float]:
+    """The published ensemble's accuracy on each fold's scoring part, from its members' out-of-fold
+    probabilities (averaged over partitions when the folds repeat)."""
+    import numpy as np
+
+    from ..ensemble import decode_probs
+
+    samples = plan.selection.scored_samples
+    row = {str(s.path): i for i, s in enumerate(samples)}
+    probs = sum(w * decode_probs(t.user_attrs["oof"]).astype(np.float64) for t, w in zip(chosen.trials, chosen.weights))
+    pred = probs.argmax(1)
+    out = []
+    for fold in plan.selection.folds:
+        idx = [row[str(s.path)] for s in fold.score]
+        out.append(float(np.mean([pred[i] == samples[i].label for i in idx])) if idx else 0.0)
+    return out
+
+
+def search_estimate(plan: SearchPlan, study, best_trial, chosen: "ChosenEnsemble"):
+    """The headline estimate of a searched model (``autotl.estimate``): the test split when there is
+    one, else the selected trial's (or the ensemble's) cross-validated accuracy corrected for the
+    choice among every configuration scored on the same folds."""
+    from ..estimate import corrected_cv
+
+    ua = best_trial.user_attrs
+    configs = _configurations(study)
+    selected = list(ua.get("fold_accuracy") or [])
+    what = f"trial {best_trial.number}"
+    if chosen.trials:
+        selected = ensemble_fold_accuracy(plan, chosen)
+        configs.append(selected)
+        what = f"ensemble of trials {', '.join(str(t.number) for t in chosen.trials)}"
+    se = plan.selection.standard_error(selected) if selected else 0.0
+    return corrected_cv(selected, configs, se, plan.selection.n_scored, extra={"of": what})
 
 
 @dataclass
@@ -350,9 +472,10 @@ def choose_ensemble(plan: SearchPlan, study, best_trial, params_of) -> ChosenEns
            "oof_objective": {"selected_trial": round(objective_of(single), 4), "ensemble": round(objective_of(ens), 4)},
            "n_scored": len(labels)}
     better = (len(picked.members) >= 2 and doc["oof_log_loss"]["ensemble"] < doc["oof_log_loss"]["selected_trial"]
-              and doc["oof_objective"]["ensemble"] >= doc["oof_objective"]["selected_trial"])
+              and doc["oof_objective"]["ensemble"] > doc["oof_objective"]["selected_trial"])
     if not better:
-        doc.update(used=False, reason="the greedy ensemble has one member, or is not better out of fold than the selected trial")
+        doc.update(used=False, reason="the greedy ensemble has one member, or is not strictly better out of fold than the "
+                                      "selected trial (lower log loss and a higher objective)")
         _console.log(f"ensemble: not used ({doc['reason']})")
         return ChosenEnsemble(doc=doc)
     order = sorted(picked.members, key=lambda i: (numbers[i] != best_trial.number, -picked.counts[i]))
@@ -363,18 +486,16 @@ def choose_ensemble(plan: SearchPlan, study, best_trial, params_of) -> ChosenEns
     return ChosenEnsemble([trials[i] for i in order], [picked.weights[i] for i in order], doc)
 
 
-def _refit_members(plan: SearchPlan, chosen: ChosenEnsemble, best_trial, best_result, best_setup, params_of,
-                   labelled: list) -> list:
-    """Every member refitted on all labelled images (the winner's refit is reused), primary first."""
+def _refit_members(plan: SearchPlan, chosen: ChosenEnsemble, best_trial, best_fitted, params_of, labelled: list) -> list:
+    """Every member refitted on all labelled images (the winner's refit is reused), in the graph's order."""
     from ..ensemble import EnsembleMember
 
     members = []
     for trial, weight in zip(chosen.trials, chosen.weights):
         params = params_of(trial)
-        if trial.number == best_trial.number:
-            result, setup = best_result, best_setup
-        else:
-            result, setup, _, _, _ = _refit(plan, trial, params, labelled)
-        words = describe_strategy(params, frozen=setup.config.frozen_stages, num_stages=setup.extractor.num_stages)
-        members.append(EnsembleMember(result, setup.source, setup.extractor, weight, f"trial {trial.number}", words))
+        fitted = best_fitted if trial.number == best_trial.number else _refit(plan, trial, params, labelled)[0]
+        setup = plan.objective.setup(params)
+        words = describe_strategy(params, frozen=setup.config.frozen_stages, num_stages=setup.extractor.num_stages,
+                                  solved_l2=trial.user_attrs.get("lambda") if trial.user_attrs.get("probe") else None)
+        members.append(EnsembleMember(fitted, weight, f"trial {trial.number}", words))
     return members

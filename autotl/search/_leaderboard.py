@@ -20,13 +20,19 @@ def _fmt(v: Any) -> str:
 
 
 def describe_strategy(params: dict[str, Any], *, frozen: int | None = None, num_stages: int | None = None,
-                      stage_names: list[str] | None = None, epochs_run: int | None = None) -> str:
-    """One sentence: what is frozen, how it is trained and regularised, which strategies are on."""
+                      stage_names: list[str] | None = None, epochs_run: int | None = None,
+                      solved_l2: float | None = None) -> str:
+    """One sentence: what is frozen, how it is trained and regularised, which strategies are on.
+    ``solved_l2``: a linear probe solved to its optimum with this penalty (no lr, no epochs)."""
     from ..strategy import create_strategies
     from ..train import TrainConfig
 
     base = TrainConfig()
     model = params.get(MODEL, "the source model")
+    if solved_l2 is not None:
+        parts = [f"linear probe (L2 logistic regression to its optimum, λ={_fmt(float(solved_l2))}) on frozen features"]
+        parts += [s.describe(params) for s in create_strategies() if s.is_active(params)]
+        return "; ".join(parts)
     if frozen is not None and num_stages is not None and frozen >= num_stages:
         what = f"linear probe on frozen {model} features"
     elif frozen is not None and num_stages is not None:
@@ -89,7 +95,9 @@ def trial_rows(study, recipe: Recipe, candidates: list[str], objective: str) -> 
         }
         if t.state.name == "PRUNED" and row["value"] is None and t.intermediate_values:
             row["value"] = t.intermediate_values[max(t.intermediate_values)]
-        row["description"] = describe_strategy(params, frozen=row["frozen"], num_stages=row["num_stages"])
+        row["probe_l2"] = ua.get("lambda") if ua.get("probe") else None
+        row["description"] = describe_strategy(params, frozen=row["frozen"], num_stages=row["num_stages"],
+                                               solved_l2=row["probe_l2"])
         rows.append(row)
     order = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
     rows.sort(key=lambda r: (order.get(r["state"], 5), -(r["value"] if r["value"] is not None else -1e9),
@@ -125,10 +133,13 @@ def leaderboard_table(rows: list[dict[str, Any]], *, objective: str, top: int = 
         state = ("cut off" if r["interrupted"] else short.get(r["state"], r["state"].lower())) + ("*" if r["baseline"] else "")
         style = "bold green" if r["number"] == best else ("dim" if r["state"] != "COMPLETE" else None)
         lr = p.get("lr")
+        lr_text = f"{lr:.1e}" if isinstance(lr, float) else str(lr or "-")
+        if r.get("probe_l2") is not None:  # solved probe: a penalty, no learning rate or epochs
+            lr_text, epochs = f"λ {r['probe_l2']:.0e}", "-"
         cells = [str(r["number"]), state, value]
         if show_model:
-            cells.append(str(p.get(MODEL, "")))
-        cells += [frozen, f"{lr:.1e}" if isinstance(lr, float) else str(lr or "-"), epochs, reg,
+            cells.append(str(p.get(MODEL) or f"#{p.get('backbones') or 1}"))
+        cells += [frozen, lr_text, epochs, reg,
                   (f"{r['seconds']:.1f}" if r["seconds"] is not None else "-") + ("" if r["cached"] is not False else " img")]
         table.add_row(*cells, style=style)
     notes = ["s: seconds per trial (img: trained on images, not on cached activations)"]

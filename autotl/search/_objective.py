@@ -15,10 +15,10 @@ import torch
 from ..data import DatasetIndex
 from ..errors import AutotlError
 from ..ensemble import encode_probs
+from ..finetune import refit_values
 from ..run import Run
 from ..models import SourceModel
-from ..strategy import StrategyContext, apply_strategies, config_from_params
-from .. import train as _train
+from ..strategy import StrategyContext, apply_strategies, config_from_params, train_strategy
 from ..train import TrainConfig, classification_metrics, predict_logits, should_cache
 from ._folds import Fold, Selection
 from ._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
@@ -36,8 +36,11 @@ class OutOfFold:
         self.counts = torch.zeros(len(self.rows), dtype=torch.float64)
 
     def add(self, samples, logits: torch.Tensor) -> None:
+        self.add_probs(samples, torch.softmax(logits.double(), dim=1))
+
+    def add_probs(self, samples, probs: torch.Tensor) -> None:
         idx = torch.tensor([self.rows[str(s.path)] for s in samples], dtype=torch.long)
-        self.sums.index_add_(0, idx, torch.softmax(logits.double(), dim=1))
+        self.sums.index_add_(0, idx, probs.double())
         self.counts.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
 
     def probs(self):
@@ -100,6 +103,7 @@ class Objective:
     overrun_s: float = 30.0  # a trial started in budget stops this long past it (its score is then dropped)
     started: list[int] = field(default_factory=list)  # trial numbers started by this process
     cost: Any = None  # ``_cost.CostModel``: a trial that cannot finish in the time left is not started
+    best_probe: tuple[float, float] = (float("-inf"), 0.0)  # (value, penalty) of the best probe trial so far
 
     @property
     def candidates(self) -> list[str]:
@@ -118,8 +122,12 @@ class Objective:
         return self.run.device
 
     def setup(self, params: dict[str, Any]) -> TrialSetup:
-        """Trial parameters (by target) → source, extractor and a TrainConfig (frozen resolved)."""
-        label = params.get(MODEL, self.candidates[0])
+        """Trial parameters (by target) → source, extractor and a TrainConfig (frozen resolved). A probe
+        over several backbones is set up on the first of them (the others are read from the table)."""
+        from ..probe import parse_backbones
+
+        label = (parse_backbones(params["backbones"], self.candidates)[0] if params.get("backbones")
+                 else params.get(MODEL, self.candidates[0]))
         if label not in self.run.sources:
             raise AutotlError(f"model {label!r} of this study is not among the candidates ({', '.join(self.candidates)}); "
                               "resume with the same --model list")
@@ -129,14 +137,46 @@ class Objective:
         cfg.objective = self.base.objective
         return TrialSetup(params, self.run.sources[label], extractor, cfg)
 
+    def probe_spec(self, params: dict[str, Any]):
+        """The feature layout a probe trial with ``params`` reads (what the ``features`` strategy sets)."""
+        from ..probe import FeatureSpec, parse_backbones
+
+        return FeatureSpec(parse_backbones(params.get("backbones"), self.candidates), int(params.get("taps") or 0),
+                           bool(params.get("flip")))
+
+    def probe_dim(self, spec) -> int:
+        """Width of ``spec``'s concatenated features (from the cached scoring pass)."""
+        from ..probe import feature_blocks
+
+        def widths(label: str) -> dict:
+            acts = self.run.extractors[label].extract(list(self.index.train), description="train features")
+            return {None: int(acts.pooled.shape[1]), **{c: int(t.shape[1]) for c, t in acts.taps.items()}}
+
+        return sum(self.run.memory.get(("widths", label), lambda: widths(label))[cut]
+                   for label, cut in feature_blocks(spec, self.run.extractors))
+
+    def estimate_seconds(self, params: dict[str, Any], setup: TrialSetup) -> float:
+        """The cost model's estimate of a trial with ``params`` (a solved probe or a trained trial)."""
+        if solved_probe(setup):
+            spec = self.probe_spec(params)
+            return self.cost.probe_seconds(self.probe_dim(spec), len(spec.views))
+        return self.cost.trial_seconds(setup.source.label, setup.config, params, setup.extractor)
+
+    def probe_table(self):
+        """The labelled images as probe rows, shared by every probe trial (and the refit) of the run."""
+        from ._probe import ProbeTable
+
+        labelled = list(self.index.train) + list(self.index.val)
+        return self.run.memory.get(("probe-table", len(labelled)), lambda: ProbeTable(self.run, labelled))
+
     def train_fold(self, setup: TrialSetup, params: dict[str, Any], fold: Fold, *, deadline: float | None = None):
         """(TrainResult, strategy notes) of one fold: strategies see the fold's training and decision parts only."""
         ctx = StrategyContext(self.index, setup.source, setup.extractor, self.run_dir, copy.deepcopy(setup.config),
-                              list(fold.train), train_fn=_train.train_model, options=dict(self.options), final=False,
-                              reference=list(fold.decide), reference_name="fold's decision part")
+                              list(fold.train), options=dict(self.options), final=False,
+                              reference=list(fold.decide), reference_name="fold's decision part",
+                              candidates=list(self.candidates))
         apply_strategies(ctx, params)
-        result = ctx.train_fn(setup.source, ctx.train_samples, list(fold.decide), len(self.index.classes), ctx.config,
-                              extractor=setup.extractor, device=self.device, deadline=deadline)
+        result = train_strategy(ctx, fold.decide, device=self.device, deadline=deadline)
         return result, ctx.notes
 
     def _check_time(self, trial, setup: TrialSetup, params: dict[str, Any], hard: float | None) -> None:
@@ -144,7 +184,7 @@ class Objective:
         (the enqueued baseline always runs), and stop the study when nothing the recipe allows could."""
         from ._cost import ESTIMATE_SLACK, MAX_TRIAL_SHARE, cheapest_trial_seconds
 
-        estimate = self.cost.trial_seconds(params.get(MODEL, self.candidates[0]), setup.config, params, setup.extractor)
+        estimate = self.estimate_seconds(params, setup)
         trial.set_user_attr("estimated_seconds", round(estimate, 2))
         left = hard - time.monotonic() if hard is not None else None
         if left is None or trial.user_attrs.get("baseline"):
@@ -157,6 +197,23 @@ class Objective:
         cheapest = cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
         raise _not_started(trial, estimate, allowed, stop=cheapest > ESTIMATE_SLACK * left)
 
+    def _probe_trial(self, trial, params: dict[str, Any], setup: TrialSetup) -> float:
+        """Every fold of a linear probe at once (``_probe``); the same attributes a trained trial stores."""
+        from ._probe import cross_validate_probe, summary_attrs
+
+        cv = cross_validate_probe(self, params, setup)
+        value = statistics.fmean(cv.scores)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"probe {self.base.objective} is {value}")
+        if value > self.best_probe[0]:  # fine-tunes start from the head of the best probe so far (LP-FT)
+            self.best_probe = (value, cv.lam)
+            self.options["probe_l2"] = cv.lam
+        for k, v in {**summary_attrs(cv, self.selection, self.base.objective), "strategies": _jsonable(cv.notes)}.items():
+            trial.set_user_attr(k, _jsonable(v))
+        if cv.oof[cv.chosen].size <= OOF_MAX_VALUES:
+            trial.set_user_attr("oof", encode_probs(cv.oof[cv.chosen]))
+        return value
+
     def __call__(self, trial) -> float:
         import optuna
 
@@ -167,6 +224,10 @@ class Objective:
         status = "error"
         try:
             params = {**self.fixed, **self.recipe.sample(trial, self.candidates)}
+            same = _same_as_done(trial)
+            if same is not None:  # a duplicate would only repeat a measurement and crowd the choice
+                trial.set_user_attr("not_started", f"the same parameters as trial {same}")
+                raise optuna.TrialPruned(f"not started: the same parameters as trial {same}")
             setup = self.setup(params)
             trial.set_user_attr("frozen", setup.config.frozen_stages)
             trial.set_user_attr("num_stages", setup.extractor.num_stages)
@@ -175,19 +236,25 @@ class Objective:
             hard = self.deadline + self.overrun_s if self.deadline is not None else None
             if self.cost is not None:
                 self._check_time(trial, setup, params, hard)
-            scores, decide_scores, epochs, n_train, notes = [], [], [], [], {}
+            if solved_probe(setup):
+                value = self._probe_trial(trial, params, setup)
+                status = "ok"
+                return value
+            scores, decide_scores, epochs, n_train, notes, fold_notes, accuracy = [], [], [], [], {}, [], []
             n_classes = len(self.index.classes)
             oof = OutOfFold(self.selection, n_classes)
             for i, fold in enumerate(self.selection.folds):
                 if hard is not None and time.monotonic() > hard:
                     raise optuna.TrialPruned(f"time budget spent after {i} of {len(self.selection.folds)} folds")
                 result, notes = self.train_fold(setup, params, fold, deadline=hard)
+                fold_notes.append(notes)
                 m, logits = score_fold(result.net, setup.extractor, fold.score, n_classes)
                 oof.add(fold.score, logits)
                 for what, v in (("validation", result.best.score(objective)), ("held-out", m[objective])):
                     if not math.isfinite(v):
                         raise FloatingPointError(f"fold {i}: {what} {objective} is {v}")
                 scores.append(m[objective])
+                accuracy.append(m["accuracy"])
                 decide_scores.append(result.best.score(objective))
                 epochs.append(result.best_epoch)
                 n_train.append(result.n_train)
@@ -202,7 +269,8 @@ class Objective:
                          "best_epoch": int(statistics.median_low(epochs)), "epochs_run": len(result.history),
                          "cached": result.cached, "n_train": int(statistics.fmean(n_train)),
                          "accuracy" if objective == "accuracy" else "macro_f1": value,
-                         "strategies": _jsonable(notes)}.items():
+                         "strategies": _jsonable(notes), "refit_params": _jsonable(refit_values(fold_notes)),
+                         "fold_accuracy": accuracy}.items():
                 trial.set_user_attr(k, _jsonable(v))
             if oof.sums.numel() <= OOF_MAX_VALUES:  # what ensemble selection reads
                 trial.set_user_attr("oof", encode_probs(oof.probs()))
@@ -225,6 +293,22 @@ class Objective:
                 "forward_batches": self.run.forward_batches() - fb0,
                 "interrupted": status == "interrupted",
             })
+
+
+def _same_as_done(trial) -> int | None:
+    """The number of a complete trial with exactly these parameters, if any."""
+    from optuna.trial import TrialState
+
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params:
+            return t.number
+    return None
+
+
+def solved_probe(setup: TrialSetup) -> bool:
+    """A linear probe the convex solver fits (all stages frozen; mixup and RandAugment need the loop)."""
+    cfg = setup.config
+    return cfg.frozen_stages >= setup.extractor.num_stages and cfg.mixup_alpha <= 0 and cfg.rand_augment <= 0
 
 
 def _not_started(trial, estimate: float, left: float, stop: bool):

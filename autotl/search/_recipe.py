@@ -52,10 +52,10 @@ _NOT_SEARCHABLE = {
 }
 _DIM_KEYS = {"choices", "low", "high", "log", "step", "type", "value", "when", "param", "top_k"}
 _TOP_KEYS = {"name", "description", "trials", "time_budget", "sampler", "pruner", "baselines", "space"}
-_PRUNERS = ("median", "hyperband", "none")
+_PRUNERS = ("median", "hyperband", "paired", "none")
 _SAMPLER_KEYS = {"type", "n_startup_trials", "multivariate", "group", "seed"}
 _PRUNER_KEYS = {"type", "n_startup_trials", "n_warmup_steps", "interval_steps", "min_resource", "max_resource",
-                "reduction_factor"}
+                "reduction_factor", "margin_se", "min_folds"}
 
 
 # --------------------------------------------------------------------------------------- durations
@@ -394,14 +394,15 @@ def _parse_dimension(source: str, name: str, spec: Any, fields: dict[str, Any], 
     when = _parse_when(source, where, spec["when"], earlier) if "when" in spec else ()
 
     if target == MODEL:
-        if name != MODEL or set(spec) - {"top_k"}:
-            raise _err(source, where, "the model dimension is written 'model: {top_k: N}' (the candidates come from --model / scoring)")
+        if name != MODEL or set(spec) - {"top_k", "when"}:
+            raise _err(source, where, "the model dimension is written 'model: {top_k: N}' (optionally with 'when'; the "
+                                      "candidates come from --model / scoring)")
         k = spec.get("top_k")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise _err(source, where, f"top_k must be a positive integer, got {k!r}")
-        if earlier:
-            raise _err(source, where, "declare 'model' first (other dimensions may depend on it)")
-        return Dimension(name, target, "model", top_k=k)
+        if earlier and not when:
+            raise _err(source, where, "declare 'model' first (other dimensions may depend on it), or give it a 'when'")
+        return Dimension(name, target, "model", top_k=k, when=when)
     if "top_k" in spec:
         raise _err(source, where, "top_k belongs to the 'model' dimension")
 

@@ -147,6 +147,10 @@ def make_pruner(recipe: Recipe):
     kind = cfg.pop("type", "median")
     if kind == "none":
         return optuna.pruners.NopPruner()
+    if kind == "paired":
+        from ._pruning import PairedFoldPruner
+
+        return PairedFoldPruner(margin_se=float(cfg.get("margin_se", 1.0)), min_folds=int(cfg.get("min_folds", 1)))
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=int(cfg.get("min_resource", 1)),
                                               max_resource=cfg.get("max_resource", "auto"),

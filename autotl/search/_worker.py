@@ -80,10 +80,12 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     probe, attrs = load_worker_study(url, study_name)
     w = attrs[WORKER_ATTR]
     data = Path(data_dir) if data_dir is not None else Path(w["data_dir"])
-    if not data.is_dir():
-        raise AutotlError(f"--data {data}: not a folder on this host; give the study's data folder "
+    if not (data.is_dir() or (data.is_file() and w.get("columns"))):
+        raise AutotlError(f"--data {data}: not on this host; give the study's data folder or label file "
                           f"(created from {w['data_dir']}) with --data")
-    index = scan_dataset(data, val_fraction=w["val_fraction"], seed=w["seed"], duplicates=w.get("duplicates", "warn"))
+    columns = w.get("columns") or {}
+    index = scan_dataset(data, val_fraction=w["val_fraction"], seed=w["seed"], duplicates=w.get("duplicates", "warn"),
+                         path_column=columns.get("path"), label_column=columns.get("label"))
     if index.fingerprint() != attrs.get("data_fingerprint"):
         raise AutotlError(f"--data {data}: differs from the data study {study_name!r} was created with "
                           "(files added, removed, edited or re-split); give the same data folder")

@@ -1,0 +1,433 @@
+"""Linear probes on frozen features, solved to optimality, many at once.
+
+A probe is multinomial logistic regression with an L2 penalty on standardised features (each
+feature centred and scaled by its training mean and spread), the convex problem that wins on small
+data when it is solved to convergence and regularised well (Kornblith et al. 2019; the scikit-learn
+``LogisticRegression`` recipe). A cross-validated trial needs one such problem per fold and per
+penalty; here every fold is one problem of a batch, solved together:
+
+- when a problem has fewer training rows than features (the usual case: tens to hundreds of images,
+  thousands of features) it is solved in the span of its rows, exactly: the solution of an
+  L2-penalised linear model lies there (representer theorem), so one thin SVD of the standardised
+  rows turns ``d`` unknowns per class into at most ``n``;
+- Newton's method with Jacobi-preconditioned conjugate gradients on closed-form Hessian-vector
+  products, a backtracking line search per problem, float64 in the reduced space;
+- a path of penalties is solved from the strongest to the weakest, each warm-started from the
+  previous solution.
+
+The feature layout a probe reads is a ``FeatureSpec``: which backbones (concatenated), how many
+intermediate-stage taps of each (pooled activations, Head2Toe-style), and whether it trains on the
+left-right flipped view too and averages its predictions over both views (flip test-time
+augmentation). ``ProbeNet`` is the same computation as one module, for the exported graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .strategy import BaseStrategy
+
+__all__ = ["FeatureSpec", "ProbeFeatures", "parse_backbones", "ReducedFeatures", "ProbeSolution", "feature_matrix", "feature_blocks", "ProbeNet", "ProbeModel",
+           "DEFAULT_LAMBDAS", "BIAS_L2"]
+
+# Penalties of the mean objective on standardised features: from strong (a near-constant head) to
+# weak (almost unregularised). sklearn's C = 1 on n images is lambda = 1/n.
+DEFAULT_LAMBDAS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+PROB_FLOOR = 1e-6  # as autotl.ensemble: log-probabilities of averaged probabilities are floored alike
+BIAS_L2 = 1e-6  # softmax is invariant to a common bias shift: a trace of damping keeps H definite
+_STD_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a probe reads: ``models`` (candidate labels, concatenated in this order), ``taps`` (the
+    pooled outputs of each model's last ``taps`` stages before its final one, beside its pooled
+    features) and ``flip`` (train on both views, predict with the mean over both)."""
+
+    models: tuple[str, ...]
+    taps: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("a probe reads at least one model's features")
+        if self.taps < 0:
+            raise ValueError(f"taps must be >= 0, got {self.taps}")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return ("center", "flip") if self.flip else ("center",)
+
+    def describe(self) -> str:
+        what = " + ".join(self.models)
+        extra = [f"{self.taps} intermediate stage(s) each"] if self.taps else []
+        extra += ["flip views + flip TTA"] if self.flip else []
+        return what + (f" ({', '.join(extra)})" if extra else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"models": list(self.models), "taps": self.taps, "flip": self.flip}
+
+
+def feature_blocks(spec: FeatureSpec, extractors: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """The concatenated blocks, in order: ``(model, cut)`` for a tap, ``(model, None)`` for pooled."""
+    blocks: list[tuple[str, int | None]] = []
+    for label in spec.models:
+        ex = extractors[label]
+        taps = list(ex.tap_cuts)[-spec.taps:] if spec.taps else []
+        blocks += [(label, None)] + [(label, c) for c in taps]
+    return blocks
+
+
+def feature_matrix(spec: FeatureSpec, extractors: dict[str, Any], samples: Sequence, view: str = "center") -> torch.Tensor:
+    """``(n, d)`` float32: the blocks of ``spec`` for ``samples`` seen as ``view`` (cached passes)."""
+    samples = list(samples)
+    parts = []
+    acts = {}
+    for label, cut in feature_blocks(spec, extractors):
+        if label not in acts:
+            acts[label] = extractors[label].extract(samples, view=view, description=f"{view} features")
+        a = acts[label]
+        parts.append(a.pooled if cut is None else a.taps[cut])
+    return torch.cat([p.float() for p in parts], dim=1)
+
+
+# ------------------------------------------------------------------------------------- the strategy
+def parse_backbones(value: Any, candidates: Sequence[str]) -> tuple[str, ...]:
+    """``"1+2"`` (rank positions among the run's ranked candidates, 1 = the top one) → their labels;
+    positions beyond the candidates are dropped (a recipe written for three models on a run with one)."""
+    text = "1" if value is None else str(value)
+    try:
+        picks = [int(p) for p in text.split("+")]
+    except ValueError:
+        from .errors import AutotlError
+
+        raise AutotlError(f"backbones {value!r}: give rank positions joined by '+', e.g. 1, 2 or 1+2+3") from None
+    if not picks or min(picks) < 1 or len(set(picks)) != len(picks):
+        from .errors import AutotlError
+
+        raise AutotlError(f"backbones {value!r}: rank positions start at 1 and appear once each")
+    labels = tuple(candidates[p - 1] for p in picks if p <= len(candidates))
+    return labels or (candidates[0],)
+
+
+class ProbeFeatures(BaseStrategy):
+    """What a linear probe reads: ``backbones`` (which ranked candidates' features, concatenated:
+    ``"1"``, ``"2"``, ``"1+2+3"``), ``taps`` (pooled intermediate-stage features of each, from the
+    last ``taps`` stages before the final one; Evci et al. 2022, Head2Toe) and ``flip`` (train on the
+    mirrored images too and average predictions over both views). Computed once per run through the
+    frozen backend; the exported graph computes the same layout (``ProbeNet``)."""
+
+    name = "features"
+    params = ("backbones", "taps", "flip")
+
+    def is_active(self, params: dict[str, Any]) -> bool:
+        return (str(params.get("backbones") or "1") != "1" or bool(params.get("taps")) or bool(params.get("flip")))
+
+    def apply(self, ctx, params: dict[str, Any]) -> None:
+        models = parse_backbones(params.get("backbones"), ctx.candidates)
+        ctx.features = FeatureSpec(models, int(params.get("taps") or 0), bool(params.get("flip")))
+        ctx.notes[self.name] = {**ctx.features.to_json(), "description": ctx.features.describe()}
+
+    def describe(self, params: dict[str, Any]) -> str:
+        parts = [f"features of ranked model(s) {params.get('backbones') or '1'}"]
+        if params.get("taps"):
+            parts.append(f"+ {params['taps']} intermediate stage(s) each")
+        if params.get("flip"):
+            parts.append("+ flipped views, flip TTA")
+        return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------- the solver
+@dataclass
+class ProbeSolution:
+    """Probe heads for a batch of problems and a path of penalties, in the reduced coordinates of the
+    ``ReducedFeatures`` they were fitted on: ``theta[l, b]`` is ``(K, r + 1)`` (weights | bias)."""
+
+    theta: torch.Tensor  # (L, B, K, r + 1) float64
+    lambdas: tuple[float, ...]
+    newton_iterations: list[int] = field(default_factory=list)
+    grad_norm: torch.Tensor | None = None  # (L, B)
+
+
+class ReducedFeatures:
+    """One feature matrix over a fixed list of rows (every labelled image, in each view), standardised
+    and reduced once so that every probe on any subset of its rows is a small problem.
+
+    Standardisation uses every row (no label is read: it is part of the feature map, fixed before any
+    fold is cut). When there are fewer rows than features, ``z = U S`` of the thin SVD
+    ``x_std = U S V^T``: any probe trained on a subset of these rows has its weights in the span of
+    ``V`` (representer theorem), so solving for ``w`` with ``W = V w`` is exact and
+    ``||W|| = ||w||``."""
+
+    def __init__(self, x: torch.Tensor):
+        x = x.float()
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"features must be (N, d) with N > 0, got {tuple(x.shape)}")
+        self.n_rows, self.dim = x.shape
+        mean = x.mean(0)
+        scale = x.std(0, unbiased=False)
+        self.mean = mean
+        self.scale = torch.where(scale > _STD_FLOOR, scale, torch.ones_like(scale))
+        xs = (x - mean) / self.scale
+        if self.n_rows < self.dim:
+            u, s_, vh = torch.linalg.svd(xs, full_matrices=False)
+            self.z, self.basis = (u * s_).double(), vh.T.contiguous()  # (N, r), (d, r)
+        else:
+            self.z, self.basis = xs.double(), None
+
+    @property
+    def rank(self) -> int:
+        return int(self.z.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held (what a run's bounded memory counts)."""
+        parts = [self.z, self.mean, self.scale] + ([self.basis] if self.basis is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def solve(self, rows: torch.Tensor, labels: torch.Tensor, num_classes: int,
+              lambdas: Sequence[float] = DEFAULT_LAMBDAS, *, tol: float = 1e-6, max_iter: int = 50) -> ProbeSolution:
+        """Fit one probe per row of ``rows`` (``(B, n)`` indices into this matrix, -1 = padding) on
+        ``labels`` (``(B, n)``), for every penalty (strongest first: each warm-starts the next).
+        Minimises the mean cross-entropy over the rows + ``lambda/2 ||W||^2`` (+ a trace on the bias)."""
+        if rows.ndim != 2 or labels.shape != rows.shape:
+            raise ValueError(f"rows and labels must be (B, n); got {tuple(rows.shape)} and {tuple(labels.shape)}")
+        if not lambdas or min(lambdas) <= 0:
+            raise ValueError("lambdas must be positive")
+        live = (rows >= 0).double()
+        w = live / live.sum(1, keepdim=True).clamp_min(1.0)
+        z = self.z[rows.clamp_min(0)] * live[..., None]
+        y1 = _one_hot(labels.long(), num_classes, torch.float64) * live[..., None]
+        b = rows.shape[0]
+        theta = torch.zeros(b, num_classes, self.rank + 1, dtype=torch.float64)
+        thetas, iters, norms = [], [], []
+        for lam in lambdas:
+            f = _Batch(z, y1, w, torch.full((b,), float(lam), dtype=torch.float64))
+            theta, it, gn = _newton(f, theta, tol, max_iter)
+            thetas.append(theta)
+            iters.append(it)
+            norms.append(gn.float())
+        return ProbeSolution(torch.stack(thetas), tuple(float(v) for v in lambdas), iters, torch.stack(norms))
+
+    def logits(self, theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``theta`` ``(B, K, r + 1)``, ``rows`` ``(B, m)`` (-1 = padding, gets zeros) → ``(B, m, K)`` float32."""
+        z = self.z[rows.clamp_min(0)]
+        out = torch.baddbmm(theta[:, :, -1][:, None, :], z, theta[:, :, :-1].transpose(1, 2))
+        return (out * (rows >= 0)[..., None]).float()
+
+    def head(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``theta`` ``(..., K, r + 1)`` → ``(weight (..., d, K), bias (..., K))`` on raw features:
+        ``logits = x @ weight + bias`` (the reduction and the standardisation folded in)."""
+        wr = theta[..., :-1].transpose(-1, -2).float()  # (..., r, K)
+        w_std = self.basis @ wr if self.basis is not None else wr
+        weight = w_std / self.scale[:, None]
+        bias = theta[..., -1].float() - (self.mean @ weight)
+        return weight, bias
+
+
+def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    return torch.nn.functional.one_hot(y.clamp_min(0), k).to(dtype)
+
+
+class _Batch:
+    """Softmax regression objective of B problems on reduced rows ``z`` ``(B, n, r)``; parameters
+    ``theta`` ``(B, K, r + 1)`` (weights | bias); ``w`` ``(B, n)`` row weights summing to 1 per problem."""
+
+    def __init__(self, z: torch.Tensor, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor):
+        self.z, self.y1, self.w = z, y1, w
+        b, _, r = z.shape
+        k = y1.shape[-1]
+        reg = torch.empty(b, 1, r + 1, dtype=z.dtype)
+        reg[:, :, :r] = lam.to(z.dtype).view(b, 1, 1)
+        reg[:, :, r] = BIAS_L2
+        self.reg = reg.expand(b, k, r + 1)
+        self.r = r
+
+    def _scores(self, theta: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(theta[:, :, self.r][:, None, :], self.z, theta[:, :, : self.r].transpose(1, 2))
+
+    def _back(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a.transpose(1, 2) @ self.z, a.sum(1)[..., None]], dim=2)
+
+    def value(self, theta: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(self._scores(theta), dim=-1)
+        ce = -(self.y1 * logp).sum(-1)
+        return (self.w * ce).sum(1) + 0.5 * (self.reg * theta * theta).sum((1, 2))
+
+    def value_grad(self, theta: torch.Tensor):
+        logp = torch.log_softmax(self._scores(theta), dim=-1)
+        ce = -(self.y1 * logp).sum(-1)
+        value = (self.w * ce).sum(1) + 0.5 * (self.reg * theta * theta).sum((1, 2))
+        p = logp.exp()
+        grad = self._back(self.w[..., None] * (p - self.y1)) + self.reg * theta
+        return value, grad, p
+
+    def hvp(self, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        u = self._scores(v)
+        a = p * u - p * (p * u).sum(-1, keepdim=True)
+        return self._back(self.w[..., None] * a) + self.reg * v
+
+    def diagonal(self, p: torch.Tensor) -> torch.Tensor:
+        q = self.w[..., None] * p * (1.0 - p)  # (B, n, K)
+        dw = q.transpose(1, 2) @ (self.z * self.z)
+        return torch.cat([dw, q.sum(1)[..., None]], dim=2) + self.reg
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum((1, 2))
+
+
+def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, rtol: torch.Tensor, max_iter: int,
+         active: torch.Tensor) -> torch.Tensor:
+    """Preconditioned CG for ``H s = rhs`` on every active problem at once."""
+    s = torch.zeros_like(rhs)
+    r = rhs.clone()
+    zr = inv_diag * r
+    d = zr.clone()
+    rz = _dot(r, zr)
+    bnorm = rhs.flatten(1).norm(dim=1)
+    todo = active & (bnorm > 0)
+    for _ in range(max_iter):
+        if not bool(todo.any()):
+            break
+        hd = f.hvp(d, p)
+        curv = _dot(d, hd)
+        ok = todo & (curv > 0)
+        alpha = torch.where(ok, rz / torch.where(curv > 0, curv, torch.ones_like(curv)), torch.zeros_like(curv))
+        s = s + alpha.view(-1, 1, 1) * d
+        r = r - alpha.view(-1, 1, 1) * hd
+        todo = ok & (r.flatten(1).norm(dim=1) > rtol * bnorm)
+        zr = inv_diag * r
+        rz_new = _dot(r, zr)
+        beta = torch.where(todo, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        d = zr + beta.view(-1, 1, 1) * d
+        rz = rz_new
+    return s
+
+
+def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    value, grad, p = f.value_grad(theta)
+    gnorm = grad.flatten(1).norm(dim=1)
+    goal = tol * gnorm.clamp_min(1.0)
+    it = 0
+    while it < max_iter:
+        active = gnorm > goal
+        if not bool(active.any()):
+            break
+        it += 1
+        forcing = torch.clamp(gnorm.sqrt(), max=0.1)
+        step = _pcg(f, p, -grad, 1.0 / f.diagonal(p), forcing, 200, active)
+        slope = _dot(grad, step)
+        bad = slope >= 0  # not a descent direction (numerical breakdown): the gradient step
+        step = torch.where(bad.view(-1, 1, 1), -grad, step)
+        slope = torch.where(bad, -gnorm * gnorm, slope)
+        t = torch.where(active, torch.ones_like(value), torch.zeros_like(value))
+        pending = active.clone()
+        new_theta = theta
+        for _ in range(30):
+            cand = theta + t.view(-1, 1, 1) * step
+            cand_value = f.value(cand)
+            ok = pending & (cand_value <= value + 1e-4 * t * slope + 1e-12 * value.abs())
+            new_theta = torch.where(ok.view(-1, 1, 1), cand, new_theta)
+            pending = pending & ~ok
+            if not bool(pending.any()):
+                break
+            t = torch.where(pending, t * 0.5, t)
+        stuck = pending  # no decrease found: as optimal as the arithmetic allows
+        theta = new_theta
+        value, grad, p = f.value_grad(theta)
+        gnorm = torch.where(stuck, torch.zeros_like(gnorm), grad.flatten(1).norm(dim=1))
+    return theta, it, grad.flatten(1).norm(dim=1)
+
+
+# ------------------------------------------------------------------------------------- a fitted probe
+@dataclass
+class ProbeModel:
+    """A fitted probe on raw features of ``spec``'s layout: ``weight`` ``(H, d, K)``, ``bias`` ``(H, K)``
+    (H > 1: bagged heads whose probabilities are averaged), ``lam`` its penalty."""
+
+    spec: FeatureSpec
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lam: float
+    n_train: int
+
+    def probs(self, extractors: dict[str, Any], samples: Sequence) -> torch.Tensor:
+        """``(n, K)`` float64 probabilities: averaged over heads and, with ``flip``, over both views."""
+        total = None
+        for view in self.spec.views:
+            x = feature_matrix(self.spec, extractors, samples, view)
+            logits = torch.einsum("nd,hdk->hnk", x, self.weight) + self.bias[:, None, :]
+            p = torch.softmax(logits.double(), dim=-1).mean(0)
+            total = p if total is None else total + p
+        return total / len(self.spec.views)
+
+    def logits(self, extractors: dict[str, Any], samples: Sequence) -> torch.Tensor:
+        """Log-probabilities, as ``ProbeNet`` returns them."""
+        return torch.log(self.probs(extractors, samples).clamp_min(PROB_FLOOR)).float()
+
+    def net(self, extractors: dict[str, Any]) -> "ProbeNet":
+        """The exported module: the backbones' frozen stages, taps, concatenation, heads, flip TTA."""
+        backbones = []
+        for label in self.spec.models:
+            ex = extractors[label]
+            taps = [c for lab, c in feature_blocks(self.spec, extractors) if lab == label and c is not None]
+            backbones.append(([m for _, m in ex.stages], ex.pool, taps))
+        return ProbeNet(backbones, self.weight, self.bias, flip=self.spec.flip)
+
+
+# ------------------------------------------------------------------------------------- the graph
+class ProbeNet(nn.Module):
+    """A probe as one module: each backbone's stages (frozen) and pooling, its taps pooled, the blocks
+    concatenated as ``FeatureSpec`` lays them out, a linear head (or the mean of several heads'
+    probabilities: bagged fold heads), and with ``flip`` the probabilities averaged over the image
+    and its mirror. Returns log-probabilities (logits whose softmax is the averaged probabilities)."""
+
+    def __init__(self, backbones: Sequence[tuple[Sequence[nn.Module], nn.Module, Sequence[int]]], weight: torch.Tensor,
+                 bias: torch.Tensor, *, flip: bool = False):
+        """``backbones``: per model ``(stages, pool, tap_cuts)``; ``weight`` ``(H, d, K)`` or ``(d, K)``,
+        ``bias`` ``(H, K)`` or ``(K,)``: H heads whose probabilities are averaged."""
+        super().__init__()
+        self.stages = nn.ModuleList(nn.ModuleList(st) for st, _, _ in backbones)
+        self.pools = nn.ModuleList(pool for _, pool, _ in backbones)
+        self.tap_cuts = [tuple(int(c) for c in taps) for _, _, taps in backbones]
+        weight = weight if weight.ndim == 3 else weight[None]
+        bias = bias if bias.ndim == 2 else bias[None]
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.flip = bool(flip)
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[-1])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        from .backend import global_pool
+
+        parts = []
+        for stages, pool, taps in zip(self.stages, self.pools, self.tap_cuts):
+            a, tapped = x, {}
+            for i, stage in enumerate(stages):
+                if i in taps:
+                    tapped[i] = global_pool(a)
+                a = stage(a)
+            parts += [pool(a)] + [tapped[c] for c in taps]
+        return torch.cat(parts, dim=1)
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        logits = torch.einsum("nd,hdk->hnk", f, self.weight) + self.bias[:, None, :]
+        return torch.softmax(logits, dim=-1).mean(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self._probs(x)
+        if self.flip:
+            probs = 0.5 * (probs + self._probs(x.flip(-1)))
+        return torch.log(probs.clamp_min(PROB_FLOOR))

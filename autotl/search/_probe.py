@@ -1,0 +1,270 @@
+"""Probe trials: every fold of a linear-probe trial solved at once on the run's cached features.
+
+A probe trial (``frozen_stages: all``) does not run the training loop per fold: its strategies
+(data dropout, the feature layout) pick each fold's training images, then one batched convex solve
+(``autotl.probe``) fits every fold for a path of penalties, strongest first, each warm-started from
+the last. The penalty is chosen inside the trial by the out-of-fold log loss (a smooth, proper
+score: on a few dozen scored images accuracy moves in whole images and cannot rank penalties), and
+every penalty's per-fold scores are kept, so the final estimate can account for that choice too.
+
+A probe trains on all of a fold's non-scoring images (its training and decision parts): without
+early stopping there is nothing for the decision part to decide, except the data-dropout reference,
+whose images are then trained on but never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..probe import DEFAULT_LAMBDAS, FeatureSpec, ReducedFeatures, feature_matrix
+from ..strategy import StrategyContext, apply_strategies
+from ..train import classification_metrics
+
+LAMBDAS = DEFAULT_LAMBDAS
+
+
+def probe_rows_key(spec: FeatureSpec) -> tuple:
+    return ("probe-features", spec.models, spec.taps, spec.flip)
+
+
+class ProbeTable:
+    """The labelled images as rows (centre views, then flipped views) and, per feature layout, the
+    reduced features over them; kept in the run's bounded memory so trials share them."""
+
+    def __init__(self, run, samples: Sequence):
+        self.run = run
+        self.samples = list(samples)
+        self.row = {str(s.path): i for i, s in enumerate(self.samples)}
+        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
+
+    def features(self, spec: FeatureSpec) -> ReducedFeatures:
+        def build() -> ReducedFeatures:
+            parts = [feature_matrix(spec, self.run.extractors, self.samples, view) for view in spec.views]
+            return ReducedFeatures(torch.cat(parts))
+
+        return self.run.memory.get(probe_rows_key(spec) + (len(self.samples),), build)
+
+    def rows(self, samples: Sequence, spec: FeatureSpec) -> list[list[int]]:
+        """Per view, the rows of ``samples`` (view v of image i is row ``v * n + i``)."""
+        base = [self.row[str(s.path)] for s in samples]
+        n = len(self.samples)
+        return [[v * n + r for r in base] for v in range(len(spec.views))]
+
+
+def _pad(lists: Sequence[Sequence[int]]) -> torch.Tensor:
+    width = max(1, max(len(x) for x in lists))
+    out = torch.full((len(lists), width), -1, dtype=torch.long)
+    for i, x in enumerate(lists):
+        out[i, : len(x)] = torch.tensor(list(x), dtype=torch.long)
+    return out
+
+
+@dataclass
+class ProbeCV:
+    """What one probe trial measured: per penalty, the fold scores and out-of-fold probabilities."""
+
+    lambdas: tuple[float, ...]
+    fold_scores: list[list[float]]  # [penalty][fold]
+    fold_accuracy: list[list[float]]  # [penalty][fold] (the headline estimate is of accuracy)
+    fold_losses: list[list[float]]
+    oof: list[np.ndarray]  # [penalty] (n_scored, K) probabilities, averaged over partitions
+    oof_loss: list[float]  # [penalty] mean out-of-fold log loss
+    chosen: int  # index of the penalty the trial keeps
+    n_train: list[int]  # training rows (images) per fold
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> list[float]:
+        return self.fold_scores[self.chosen]
+
+    @property
+    def lam(self) -> float:
+        return self.lambdas[self.chosen]
+
+
+def _view_probs(features: ReducedFeatures, theta: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Probabilities averaged over the views' rows (flip test-time augmentation)."""
+    probs = None
+    for r in rows:
+        p = torch.softmax(features.logits(theta, r).double(), dim=-1)
+        probs = p if probs is None else probs + p
+    return probs / len(rows)
+
+
+def fold_training(objective, params: dict[str, Any], setup) -> tuple[list[list], list[StrategyContext]]:
+    """Each fold's training images after the trial's strategies (dropout), and the contexts."""
+    train_sets, contexts = [], []
+    for fold in objective.selection.folds:
+        ctx = StrategyContext(objective.index, setup.source, setup.extractor, objective.run_dir, setup.config,
+                              list(fold.train) + list(fold.decide), options=dict(objective.options), final=False,
+                              reference=list(fold.decide), reference_name="fold's decision part",
+                              candidates=list(objective.candidates))
+        apply_strategies(ctx, params)
+        train_sets.append(list(ctx.train_samples))
+        contexts.append(ctx)
+    return train_sets, contexts
+
+
+def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: Sequence[float] = LAMBDAS) -> ProbeCV:
+    """Every fold of the probe trial at once (module docstring)."""
+    from ._objective import OutOfFold
+
+    train_sets, contexts = fold_training(objective, params, setup)
+    spec = contexts[0].features or FeatureSpec((setup.source.label,))
+    table = objective.probe_table()
+    features = table.features(spec)
+    folds = objective.selection.folds
+    train_rows = [sum(table.rows(samples, spec), []) for samples in train_sets]
+    rows = _pad(train_rows)
+    labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
+    solution = features.solve(rows, labels, len(objective.index.classes), lambdas)
+    score_rows = [[_pad([r]) for r in table.rows(f.score, spec)] for f in folds]
+    n_classes = len(objective.index.classes)
+    metric = objective.base.objective
+    fold_scores, fold_accuracy, fold_losses, oofs, oof_losses = [], [], [], [], []
+    scored = objective.selection.scored_samples
+    scored_labels = np.array([s.label for s in scored])
+    for li in range(len(lambdas)):
+        oof = OutOfFold(objective.selection, n_classes)
+        scores, accuracy, losses = [], [], []
+        for fi, fold in enumerate(folds):
+            theta = solution.theta[li, fi : fi + 1]
+            probs = _view_probs(features, theta, score_rows[fi])[0]
+            y = torch.tensor([s.label for s in fold.score], dtype=torch.long)
+            logp = torch.log(probs.clamp_min(1e-12))
+            m = classification_metrics(logp.float(), y, n_classes)
+            scores.append(m[metric])
+            accuracy.append(m["accuracy"])
+            losses.append(m["loss"])
+            oof.add_probs(fold.score, probs)
+        p = oof.probs()
+        fold_scores.append(scores)
+        fold_accuracy.append(accuracy)
+        fold_losses.append(losses)
+        oofs.append(p)
+        oof_losses.append(float(-np.log(np.clip(p[np.arange(len(scored_labels)), scored_labels], 1e-6, 1.0)).mean()))
+    chosen = int(np.argmin(oof_losses))
+    notes = {name: note for ctx in contexts[:1] for name, note in ctx.notes.items()}
+    return ProbeCV(tuple(float(v) for v in lambdas), fold_scores, fold_accuracy, fold_losses, oofs, oof_losses, chosen,
+                   [len(s) for s in train_sets], notes)
+
+
+def summary_attrs(cv: ProbeCV, selection, objective_name: str) -> dict[str, Any]:
+    """The trial's user attributes (the same keys a trained trial stores, plus the penalty path)."""
+    scores = cv.scores
+    value = statistics.fmean(scores)
+    return {
+        "value_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        "value_se": selection.standard_error(scores),
+        "n_folds": len(scores), "fold_scores": scores, "cached": True, "probe": True,
+        "lambda": cv.lam, "lambda_path": list(cv.lambdas),
+        "path_fold_scores": cv.fold_scores, "path_oof_loss": [round(v, 5) for v in cv.oof_loss],
+        "fold_accuracy": cv.fold_accuracy[cv.chosen], "path_fold_accuracy": cv.fold_accuracy,
+        "n_train": int(statistics.fmean(cv.n_train)),
+        "accuracy" if objective_name == "accuracy" else "macro_f1": value,
+    }
+
+
+
+
+BAG_INNER_FOLDS = 5
+
+
+def compare_bagging(objective, params: dict[str, Any], setup, lam: float) -> dict[str, Any]:
+    """Does shipping the fold models averaged (a bag) lose to one model refitted on all images?
+
+    Nested, so that the comparison decides nothing it is scored on: within each outer fold, the bag
+    of models trained on inner folds of its training images against one model trained on all of them,
+    both scored on the outer fold's scoring part (out-of-fold log loss and accuracy over all folds).
+    That mirrors the choice the refit faces (the bag of the k fold models vs the refit on everything)
+    one level down. A probe trial is a fraction of a second, so the k x k problems cost little."""
+    from ..search._folds import stratified_folds
+
+    train_sets, contexts = fold_training(objective, params, setup)
+    spec = contexts[0].features or FeatureSpec((setup.source.label,))
+    table = objective.probe_table()
+    features = table.features(spec)
+    folds = objective.selection.folds
+    rng = np.random.default_rng([objective.run.seed, 0xBA6])
+    problems, owner = [], []  # (rows) per problem; owner: (outer fold, inner index or -1 for the single model)
+    for fi, samples in enumerate(train_sets):
+        problems.append(sum(table.rows(samples, spec), []))
+        owner.append((fi, -1))
+        k = max(2, min(BAG_INNER_FOLDS, min(np.bincount([s.label for s in samples]))))
+        parts = stratified_folds(samples, k, rng)
+        for j in range(k):
+            inner = [s for i, part in enumerate(parts) if i != j for s in part]
+            problems.append(sum(table.rows(inner, spec), []))
+            owner.append((fi, j))
+    rows = _pad(problems)
+    labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
+    n = max(1, statistics.fmean(len(x) for x in problems))
+    solution = features.solve(rows, labels, len(objective.index.classes), [lam])
+    single_p, bag_p, y_all = [], [], []
+    for fi, fold in enumerate(folds):
+        score_rows = [_pad([r]) for r in table.rows(fold.score, spec)]
+        members = [pi for pi, (f, j) in enumerate(owner) if f == fi]
+        probs = {owner[pi][1]: _view_probs(features, solution.theta[0, pi:pi + 1], score_rows)[0] for pi in members}
+        single_p.append(probs.pop(-1))
+        bag_p.append(torch.stack(list(probs.values())).mean(0))
+        y_all += [s.label for s in fold.score]
+    y = torch.tensor(y_all)
+
+    def measure(ps):
+        p = torch.cat(ps)
+        return {"log_loss": round(float(-torch.log(p[torch.arange(len(y)), y].clamp_min(1e-6)).mean()), 5),
+                "accuracy": round(float((p.argmax(1) == y).double().mean()), 5)}
+
+    single, bag = measure(single_p), measure(bag_p)
+    use = bag["log_loss"] <= single["log_loss"] and bag["accuracy"] >= single["accuracy"]
+    return {"single_refit": single, "bag": bag, "use_bag": bool(use), "mean_training_rows": round(n, 1),
+            "rule": "nested: inner-fold bag vs one model on each outer fold's training images, scored on the outer "
+                    "fold; the bag ships when it loses on neither out-of-fold log loss nor accuracy"}
+
+
+def refit_probe(objective, params: dict[str, Any], setup, lam: float, n_fold_train: float, samples: Sequence,
+                *, bag: bool = False):
+    """(``Fitted``, strategy notes) of the probe ``params`` describes. With ``bag``, the fold models of
+    the trial's own cross-validation (the same training images, the same penalty) averaged; otherwise
+    one model on ``samples`` (all labelled images), with the trial's penalty kept per image as the folds
+    used it: the same C, in scikit-learn's terms (lambda scaled by the folds' training size over the
+    refit's)."""
+    from ..fitted import fitted_probe
+    from ..probe import ProbeModel
+
+    if bag:
+        train_sets, contexts = fold_training(objective, params, setup)
+        spec = contexts[0].features or FeatureSpec((setup.source.label,))
+        table = objective.probe_table()
+        features = table.features(spec)
+        rows = _pad([sum(table.rows(t, spec), []) for t in train_sets])
+        labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
+        solution = features.solve(rows, labels, len(objective.index.classes), [float(lam)])
+        weight, bias = features.head(solution.theta[0])  # (F, d, K), (F, K)
+        notes = {name: note for name, note in contexts[0].notes.items()}
+        model = ProbeModel(spec, weight, bias, float(lam), int(statistics.fmean(len(t) for t in train_sets)))
+        notes["probe"] = {"l2": float(lam), "bagged_fold_models": len(train_sets), "n_train": model.n_train,
+                          "features": spec.to_json()}
+        return fitted_probe(model, objective.run.extractors, setup.source), notes
+
+    ctx = StrategyContext(objective.index, setup.source, setup.extractor, objective.run_dir, setup.config, list(samples),
+                          options=dict(objective.options), final=True, candidates=list(objective.candidates))
+    apply_strategies(ctx, params)
+    spec = ctx.features or FeatureSpec((setup.source.label,))
+    table = objective.probe_table()
+    features = table.features(spec)
+    rows = _pad([sum(table.rows(ctx.train_samples, spec), [])])
+    labels = table.labels.repeat(len(spec.views))[rows.clamp_min(0)]
+    n = len(ctx.train_samples)
+    refit_lam = float(lam) * float(n_fold_train) / max(1, n)
+    solution = features.solve(rows, labels, len(objective.index.classes), [refit_lam])
+    weight, bias = features.head(solution.theta[0])
+    model = ProbeModel(spec, weight, bias, refit_lam, n)
+    ctx.notes["probe"] = {"l2": refit_lam, "l2_in_folds": float(lam), "n_train": n, "features": spec.to_json()}
+    return fitted_probe(model, objective.run.extractors, setup.source), ctx.notes
