@@ -30,6 +30,8 @@ _LAZY = {
     "HUB_ZOO": "autotl.zoo:HUB_ZOO",
     "zoo_models": "autotl.zoo:zoo_models",
     "TrainConfig": "autotl.train_config:TrainConfig",
+    "DevicePolicy": "autotl.device:DevicePolicy",
+    "resolve_policy": "autotl.device:resolve_policy",
     "demo": "autotl.demo:demo",
     "score": "autotl.score:score",
     "score_models": "autotl.score:score_models",

@@ -1,4 +1,4 @@
-"""Where frozen computation runs: onnxruntime on CPU, channels_last + bf16 autocast on CUDA, eager as fallback.
+"""Where frozen computation runs: onnxruntime on CPU, the device policy's eager path on CUDA, eager as fallback.
 
 The frozen source backbone does most of a run's arithmetic (scoring every candidate, the prefix
 caches, evaluation, data-dropout features) and never changes during a run, so it does not need
@@ -7,9 +7,10 @@ exactly the frozen computation — the requested cuts' activations, the pooled f
 source logits in one pass — exported once per (model, weights, cuts, input size) into
 ``<cache>/graphs/`` beside the feature cache. Every session is first checked against PyTorch on
 a seeded batch (max |Δ| ≤ ``PARITY_ATOL`` on every output); one that fails, or an export that
-raises, falls back to eager and says so once. On CUDA the eager modules run channels_last under
-bf16 autocast (what the GPU is fast at); those numbers differ from fp32, which is why the backend
-name is part of every feature-cache key (``FeatureExtractor._key``).
+raises, falls back to eager and says so once. On CUDA the eager modules run as the run's
+``DevicePolicy`` says (channels_last under bf16 autocast: what the GPU is fast at); those numbers
+differ from fp32, which is why the backend name (``DevicePolicy.eager_name``, e.g. ``cuda-bf16``)
+is part of every feature-cache key (``FeatureExtractor._key``).
 """
 
 from __future__ import annotations
@@ -28,25 +29,24 @@ from torch import nn
 
 from . import _console
 from ._io import atomic_path
+from .device import DevicePolicy, as_policy, cpu_cores
 
 __all__ = ["FrozenForward", "EagerForward", "OrtForward", "pick_backend", "frozen_forward", "cpu_cores", "global_pool", "PARITY_ATOL",
            "BACKENDS"]
 
 PARITY_ATOL = 1e-4
 ORT_BATCH = 16
-BACKENDS = ("onnxruntime", "eager", "cuda-bf16")
+BACKENDS = ("onnxruntime", "eager", "cuda-bf16", "cuda-fp32")  # the CPU ones and CUDA's (DevicePolicy.eager_name)
 _GRAPH_FORMAT = 2  # bump when the exported graph's outputs change meaning
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def pick_backend(device: torch.device, requested: str | None = None) -> str:
-    """``cuda-bf16`` on a GPU; on CPU ``onnxruntime`` when it is installed, else ``eager``.
-    ``requested`` (or ``$AUTOTL_FROZEN_BACKEND``) forces ``eager`` or ``onnxruntime`` on CPU."""
-    if device.type == "cuda":
-        return "cuda-bf16"
+def pick_backend(device: torch.device | DevicePolicy, requested: str | None = None) -> str:
+    """The policy's eager path (``cuda-bf16`` on a GPU) where it runs on a GPU or under autocast; on
+    CPU ``onnxruntime`` when it is installed, else ``eager``. ``requested`` (or
+    ``$AUTOTL_FROZEN_BACKEND``) forces ``eager`` or ``onnxruntime`` on CPU."""
+    policy = as_policy(device)
+    if policy.needs_eager:
+        return policy.eager_name
     requested = requested or os.environ.get("AUTOTL_FROZEN_BACKEND") or None
     if requested not in (None, "onnxruntime", "eager"):
         from .errors import AutotlError
@@ -122,28 +122,24 @@ class FrozenForward(abc.ABC):
 
 
 class EagerForward(FrozenForward):
-    """PyTorch eager: fp32 on CPU; channels_last + bf16 autocast on CUDA."""
+    """PyTorch eager as the device policy says: fp32 on CPU; channels_last + bf16 autocast on CUDA."""
 
-    def __init__(self, graph: _FrozenGraph, device: torch.device):
+    def __init__(self, graph: _FrozenGraph, device: torch.device | DevicePolicy):
         super().__init__(graph)
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.name = "cuda-bf16" if self.cuda else "eager"
-        self.graph = graph.to(device).eval()
-        if self.cuda:
-            self.graph = self.graph.to(memory_format=torch.channels_last)
+        self.policy = as_policy(device)
+        self.device = self.policy.device
+        self.name = self.policy.eager_name
+        self.graph = self.policy.module(graph).eval()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        x = images.to(self.device, non_blocking=True)
-        if self.cuda:
-            x = x.to(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        x = self.policy.format_input(images.to(self.device, non_blocking=True))
+        with self.policy.autocast():
             outs = self.graph(x)
         return {n: o.detach().float().cpu().numpy() for n, o in zip(self.names, outs)}
 
     def close(self) -> None:
-        self.graph.cpu()
+        self.policy.release(self.graph)
 
 
 class OrtForward(FrozenForward):
@@ -213,8 +209,8 @@ def parity(forward: FrozenForward, graph: _FrozenGraph, input_size: Sequence[int
 
 
 def frozen_forward(stages: Sequence[nn.Module], pool: nn.Module, classifier: nn.Module | None, cuts: Sequence[int], *,
-                   backend: str, device: torch.device, input_size: Sequence[int], label: str, weights_id: str,
-                   graph_dir: Path | None, taps: Sequence[int] = ()) -> FrozenForward:
+                   backend: str, device: torch.device | DevicePolicy, input_size: Sequence[int], label: str,
+                   weights_id: str, graph_dir: Path | None, taps: Sequence[int] = ()) -> FrozenForward:
     """The runner for one pass. ``onnxruntime`` exports (or reuses) the graph in ``graph_dir`` (a
     temporary folder without a cache) and checks it against eager; on any failure, eager."""
     graph = _FrozenGraph(stages, pool, classifier, sorted(int(c) for c in cuts), sorted(int(t) for t in taps))

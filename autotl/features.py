@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import _console
-from .backend import FrozenForward, cpu_cores, frozen_forward, pick_backend
+from .backend import FrozenForward, frozen_forward, pick_backend
+from .device import DevicePolicy, activation_bytes_per_image, as_policy
 from ._images import load_rgb
 from ._io import atomic_path
 from .data import Sample
@@ -68,34 +69,19 @@ def train_transform(data_config: dict, *, rand_augment: int = 0):
     return create_transform(**data_config, is_training=True, **extra)
 
 
-def loader_workers(device: torch.device) -> int:
-    cores = cpu_cores()
-    if device.type == "cuda":
-        return min(8, cores)
-    return 1 if cores > 1 else 0  # one decoder beside the compute threads on small CPUs
+def decode_workers(device: torch.device | DevicePolicy) -> int:
+    """Decoder processes for a frozen pass (``DevicePolicy.decode_workers``)."""
+    return as_policy(device).decode_workers
 
 
-def decode_workers(device: torch.device) -> int:
-    """Decoder processes for a frozen pass: on CPU one per four cores (decoding a 224 px photo
-    costs about a fifth of its onnxruntime forward), so decode overlaps compute without starving it."""
-    cores = cpu_cores()
-    if device.type == "cuda":
-        return min(8, cores)
-    return max(1, cores // 4) if cores > 1 else 0
-
-
-def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0,
-                workers: int | None = None) -> DataLoader:
-    workers = loader_workers(device) if workers is None else workers
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
-    )
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device | DevicePolicy, seed: int = 0,
+                workers: int | None = None, persistent: bool = False) -> DataLoader:
+    """A loader with the device policy's settings (workers, pinned memory, prefetch); ``workers``
+    overrides the count, ``persistent`` keeps the workers across epochs where the policy does (only
+    for a data set that does not change between epochs: workers hold a copy)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed) if shuffle else None,
+                      **as_policy(device).loader_kwargs(workers, persistent=persistent))
 
 
 def files_fingerprint(samples: Sequence[Sample]) -> str:
@@ -129,14 +115,16 @@ class FeatureExtractor:
     read back memory-mapped, so a cache of any size costs page cache, not resident memory.
     """
 
-    def __init__(self, source: SourceModel, *, device: torch.device | str = "cpu", cache_dir: str | Path | None = None,
-                 batch_size: int = 64, max_cache_bytes: int = 3 << 30, backend: str | None = None):
+    def __init__(self, source: SourceModel, *, device: torch.device | str | DevicePolicy = "cpu",
+                 cache_dir: str | Path | None = None, batch_size: int = 64, max_cache_bytes: int = 3 << 30,
+                 backend: str | None = None):
         self.source = source
-        self.device = torch.device(device)
+        self.policy = as_policy(device)  # the run's: training with this extractor on its device uses it too
+        self.device = self.policy.device
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
         self.max_cache_bytes = max_cache_bytes
-        self.backend = pick_backend(self.device, backend)
+        self.backend = pick_backend(self.policy, backend)
         self.stages, self.pool = staged_backbone(source.model)
         self.num_stages = len(self.stages)
         self.transform = eval_transform(source.data_config)
@@ -228,9 +216,17 @@ class FeatureExtractor:
     def _runner(self, cuts: list[int]) -> FrozenForward:
         classifier = self.source.model.get_classifier() if self.source.num_source_classes else None
         return frozen_forward([m for _, m in self.stages], self.pool, classifier, cuts, backend=self.backend,
-                              device=self.device, input_size=self.source.data_config["input_size"],
+                              device=self.policy, input_size=self.source.data_config["input_size"],
                               label=self.source.label, weights_id=self.source.input_id,
                               graph_dir=self.cache_dir / "graphs" if self.cache_dir else None, taps=self.tap_cuts)
+
+    def _pass_batch(self, runner: FrozenForward, n_images: int) -> int:
+        """``batch_size``, or larger where the policy sizes frozen-pass batches from free memory."""
+        if self.policy.memory_bytes is None:
+            return self.batch_size
+        size = self.source.data_config["input_size"]
+        per_image = activation_bytes_per_image(runner.graph, size, self.policy.value_bytes)
+        return self.policy.frozen_batch(self.batch_size, per_image, n_images)
 
     def _compute(self, samples: Sequence[Sample], key: str, runner: FrozenForward, description: str,
                  view: str = "center") -> None:
@@ -242,8 +238,8 @@ class FeatureExtractor:
                 raise MemoryError(f"caching cut {c} needs {need / 2**30:.1f} GiB > {self.max_cache_bytes / 2**30:.1f} GiB")
         dtypes = {**{f"cut{c}": _MAP_DTYPE for c in cuts}, **{f"tap{c}": np.float32 for c in runner.graph.taps},
                   "pooled": np.float32, "logits": np.float32, "labels": np.int64}
-        loader = make_loader(ImageDataset(samples, self.transform), batch_size=self.batch_size, shuffle=False,
-                             device=self.device, workers=decode_workers(self.device))
+        loader = make_loader(ImageDataset(samples, self.transform), batch_size=self._pass_batch(runner, n),
+                             shuffle=False, device=self.policy, workers=decode_workers(self.policy))
         with contextlib.ExitStack() as files, _console.progress(
                 f"{description} ({self.source.label}{', flipped' if view == 'flip' else ''})", total=n) as bar:
             out = _Outputs(n, dtypes, {w: self._path(key, w) for w in dtypes}, files)

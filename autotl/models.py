@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .device import set_torch_threads  # noqa: F401 - callers take it from here
 from .errors import AutotlError
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -415,12 +416,3 @@ def _source_class_names(model: nn.Module) -> list[str] | None:
         return [info.index_to_description(i) for i in range(1000)]
     except Exception:  # noqa: BLE001 - class names are a nicety, never fatal
         return None
-
-
-def set_torch_threads() -> None:
-    """Use every core we were given (cgroup-aware), not more."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))

@@ -101,11 +101,16 @@ def check_name(flag: str, value: Any, what: str, *, optional: bool = True) -> st
 
 # ------------------------------------------------------------------------------------------ device
 def check_device(flag: str, device: Any) -> None:
-    """``auto``/None, ``cpu``, ``cuda``/``cuda:N`` (only with that CUDA device present) or ``mps`` (when available)."""
+    """``auto``/None, ``cpu``, ``cuda``/``cuda:N`` (only with that CUDA device present) or ``mps`` (when
+    available); from the API also a ``DevicePolicy`` (its device is checked)."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return
     import torch
 
+    from .device import DevicePolicy
+
+    if isinstance(device, DevicePolicy):
+        device = device.device
     fix = "use --device auto, cpu, cuda or cuda:N"
     if isinstance(device, torch.device):
         dev = device

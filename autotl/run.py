@@ -1,7 +1,8 @@
 """The run object: what every step of ``autotl fit`` (and a search worker) shares.
 
-``Run.open`` scans the data, picks the device, creates the run folder, loads each candidate source
-model once and puts one ``SharedActivations`` (frozen-activation cache) in front of each. Scoring,
+``Run.open`` scans the data, resolves the device policy (``autotl.device``), creates the run folder,
+loads each candidate source model once and puts one ``SharedActivations`` (frozen-activation cache)
+in front of each. Scoring,
 the search, the refit and publishing all take the run; nothing below it imports ``autotl.fit``.
 """
 
@@ -23,11 +24,11 @@ from ._memory import BoundedMemory
 from ._version import __version__
 from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
+from .device import DevicePolicy, as_policy, configure_torch
 from .errors import AutotlError
 from .features import FeatureExtractor
 from .models import ModelSpec, SourceModel, create_source_model, set_torch_threads, shared_input_config
 from .options import check_out_dir
-from .train import pick_device
 
 
 def default_cache_dir() -> Path:
@@ -135,6 +136,10 @@ class Run:
     start: float = field(default_factory=time.monotonic)
     # what steps and trials share within this run (probe feature reductions, ...); bounded, never global
     memory: BoundedMemory = field(default_factory=lambda: BoundedMemory(16))
+    policy: DevicePolicy | None = None  # how the run uses ``device``, resolved once (None: the device's default)
+
+    def __post_init__(self) -> None:
+        self.policy = as_policy(self.policy if self.policy is not None else self.device)
 
     def drop_replaced(self) -> None:
         """After publishing: delete the runs --overwrite moved aside (also those of an overwrite
@@ -146,7 +151,7 @@ class Run:
     @classmethod
     def open(cls, data_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
              models: Sequence[str | ModelSpec] = (), val_fraction: float = 0.1, seed: int = 0,
-             device: str | torch.device | None = "auto", cache_dir: str | os.PathLike | None = None,
+             device: str | torch.device | DevicePolicy | None = "auto", cache_dir: str | os.PathLike | None = None,
              index: DatasetIndex | None = None, resume: bool = False, overwrite: bool = False,
              duplicates: str = "warn", zoo: str | None = None, path_column: str | None = None,
              label_column: str | None = None) -> "Run":
@@ -162,21 +167,23 @@ class Run:
                                  path_column=path_column, label_column=label_column)
             _console.log(index.summary_table())
         prepare_run_folder(run_dir, data_dir, overwrite=overwrite)
-        dev = device if isinstance(device, torch.device) else pick_device(device)
+        policy = as_policy(device)
+        configure_torch(policy)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         loaded = [create_source_model(m) for m in models]
         if zoo is not None or not loaded:
             named = {s.label for s in loaded}
-            loaded += [s for s in default_candidates(zoo or "auto", dev) if s.label not in named]
+            loaded += [s for s in default_candidates(zoo or "auto", policy.device) if s.label not in named]
         shared = shared_input_config([s.data_config for s in loaded])
         for s in loaded:  # one preprocessing for the run: any mix of backbones reads the same input
             s.share_input(shared)
         sources = {s.label: s for s in loaded}
         if len(sources) != len(loaded):
             raise AutotlError("--model: the same model is given twice; give each candidate once")
-        extractors = {label: SharedActivations(FeatureExtractor(s, device=dev, cache_dir=cache), index.train, index.val,
-                                               index.test) for label, s in sources.items()}
-        return cls(index, run_dir, dev, cache, sources, extractors, seed, float(val_fraction), duplicates, start)
+        extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache), index.train,
+                                               index.val, index.test) for label, s in sources.items()}
+        return cls(index, run_dir, policy.device, cache, sources, extractors, seed, float(val_fraction), duplicates,
+                   start, policy=policy)
 
     @property
     def labels(self) -> list[str]:

@@ -56,6 +56,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from . import _console
 from .data import Sample
+from .device import DevicePolicy, as_policy, pick_device
 from .features import ActivationSet, FeatureExtractor, ImageDataset, make_loader, train_transform
 from .models import SourceModel
 from .stages import SuffixView, TransferNet, resolve_frozen
@@ -100,6 +101,7 @@ class TrainingSetup:
     extractor: FeatureExtractor
     train_inputs: torch.Tensor | None  # (n, ...) activations at ``cut`` of the training samples; None unless cached
     train_labels: torch.Tensor  # (n,) int64
+    policy: DevicePolicy | None = None  # how the loop uses ``device`` (autocast, memory format); None: its default
 
 
 class TrainingHooks(abc.ABC):
@@ -210,12 +212,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    if device and device != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     pred = logits.argmax(1)
     acc = (pred == labels).float().mean().item() if len(labels) else 0.0
@@ -322,17 +318,17 @@ class _EarlyStopping:
         return self.bad_epochs >= self.patience or (deadline is not None and time.monotonic() > deadline)
 
 
-def _suffix_input(x: torch.Tensor, net: TransferNet, cut: int, cached: bool) -> torch.Tensor:
+def _suffix_input(x: torch.Tensor, net: TransferNet, cut: int, cached: bool, policy: DevicePolicy) -> torch.Tensor:
     """A batch as the trainable suffix takes it: cached maps get a random horizontal flip (our
-    augmentation there), decoded images go through the frozen prefix; channels_last on CUDA."""
+    augmentation there), decoded images go through the frozen prefix (under the policy's autocast);
+    in the policy's memory format."""
     if cached and x.ndim == 4:
         flip = torch.rand(x.shape[0], device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = policy.format_input(x)
     if not cached and cut > 0:
-        with torch.no_grad():
-            x = net.forward_prefix(x, cut)
-    if x.is_cuda and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), policy.autocast():
+            x = policy.format_input(net.forward_prefix(x, cut))
     return x
 
 
@@ -399,13 +395,15 @@ def train_model(
     config: TrainConfig,
     *,
     extractor: FeatureExtractor | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | DevicePolicy | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     deadline: float | None = None,
     hooks: TrainingHooks | Sequence[TrainingHooks] | None = None,
 ) -> TrainResult:
     """Train a new head (and the unfrozen stages) on ``train_samples``, early-stopped on val.
 
+    ``device``: a ``DevicePolicy``, or a device (None: auto) run as the extractor's policy says
+    when the extractor is on it (the run's policy travels with its extractors), else by its default.
     ``on_epoch`` sees every epoch's metrics (the search reports them to its pruner and may raise
     ``optuna.TrialPruned`` from it). ``deadline`` (time.monotonic) stops training early. ``hooks``
     add extra rows, loss terms and epoch/round callbacks (module docstring).
@@ -413,7 +411,8 @@ def train_model(
     cfg = config
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
-    device = pick_device(device) if not isinstance(device, torch.device) else device
+    policy = as_policy(device, getattr(extractor, "policy", None))
+    device = policy.device
     hooks = _AllHooks([] if hooks is None else [hooks] if isinstance(hooks, TrainingHooks) else list(hooks))
     set_seed(cfg.seed)
     start = time.monotonic()
@@ -423,7 +422,7 @@ def train_model(
     # RandAugment works on decoded images: the training rows cannot come from the prefix cache then
     cached = should_cache(extractor, n_images, cut, cfg.use_cache) and cfg.rand_augment <= 0
     if extractor is None:
-        extractor = FeatureExtractor(source, device=device)
+        extractor = FeatureExtractor(source, device=policy)
     val_acts = extractor.extract(val_samples, [cut], description="val features")
     val_x, val_y = val_acts.at(cut, net.num_stages), val_acts.labels
     if cached:
@@ -434,20 +433,17 @@ def train_model(
         train_inputs, train_labels = None, torch.tensor([s.label for s in train_samples], dtype=torch.long)
         train_set = ImageDataset(train_samples, train_transform(source.data_config, rand_augment=cfg.rand_augment))
 
-    use_cuda = device.type == "cuda"
-    net.to(device)
-    if use_cuda:
-        net.to(memory_format=torch.channels_last)
-    extra_module = hooks.setup(TrainingSetup(net, cut, cached, device, extractor, train_inputs, train_labels))
+    policy.module(net)
+    extra_module = hooks.setup(TrainingSetup(net, cut, cached, device, extractor, train_inputs, train_labels, policy))
     if extra_module is not None:
-        extra_module.to(device)
+        policy.module(extra_module)
     extra_set = hooks.extra_dataset()
     if extra_set is not None:
         train_set = _WithExtra(train_set, extra_set)
-    train_loader = make_loader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                               device=torch.device("cpu") if cached else device, seed=cfg.seed)
-    if cached:
-        train_loader.num_workers = 0  # tensors already in memory
+    # cached tensors are already in memory: no workers; decoded images: workers kept across epochs
+    # unless the hooks' extra rows change between epochs (a worker would keep its stale copy)
+    train_loader = make_loader(train_set, batch_size=cfg.batch_size, shuffle=True, device=policy, seed=cfg.seed,
+                               workers=0 if cached else None, persistent=extra_set is None)
     view = SuffixView(net, cut, extra_module)
     reg = _make_regularizer(cfg, view)
     try:
@@ -487,9 +483,9 @@ def train_model(
                     if extra_set is not None:  # one forward pass for both: shared batch-norm statistics
                         x = torch.cat([x, batch[2].to(device, non_blocking=True).float()])
                         y_extra = batch[3].to(device, non_blocking=True)
-                    x = _suffix_input(x, net, cut, cached)
+                    x = _suffix_input(x, net, cut, cached, policy)
                     x, mix = mixup(x, n, cfg.mixup_alpha)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                    with policy.autocast():
                         features, state = _forward(view, reg, x)
                         target_loss = mix.loss(criterion, net.head(features[:n]).float(), y)
                         loss = target_loss if extra_set is None else target_loss + hooks.extra_loss(features[n:], y_extra)
@@ -499,7 +495,7 @@ def train_model(
                     steps += 1
                     total += target_loss.item() * n
                     count += n
-                m = _evaluate(net, cut, val_x, val_y, num_classes, device, cfg.batch_size)
+                m = _evaluate(net, cut, val_x, val_y, num_classes, policy, cfg.batch_size)
                 metrics = EpochMetrics(epoch, total / max(1, count), m["loss"], m["accuracy"], m["macro_f1"],
                                        time.monotonic() - t0, lam, projected / max(1, steps))
                 history.append(metrics)
@@ -520,9 +516,9 @@ def train_model(
     finally:
         if reg is not None:  # KD's forward hooks sit on the net's stages: never hand them back
             reg.close()
-    net.cpu().eval()
-    if use_cuda:
-        net.to(memory_format=torch.contiguous_format)
+        # persistent decoder workers end now, not whenever the traceback of a pruned trial is freed
+        train_loader = None  # noqa: F841
+    policy.release(net).eval()
     result = TrainResult(net, cfg, history, stopper.best_epoch, stopper.best, time.monotonic() - start, cached,
                          len(train_samples))
     hooks.finish(result)
@@ -530,13 +526,13 @@ def train_model(
 
 
 @torch.no_grad()
-def _evaluate(net: TransferNet, cut: int, x: torch.Tensor, y: torch.Tensor, num_classes: int, device, batch_size: int) -> dict:
+def _evaluate(net: TransferNet, cut: int, x: torch.Tensor, y: torch.Tensor, num_classes: int, policy: DevicePolicy,
+              batch_size: int) -> dict:
     net.eval()
     out = []
-    use_cuda = device.type == "cuda"
     for i in range(0, len(x), max(batch_size, 256)):
-        xb = x[i : i + max(batch_size, 256)].to(device).float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+        xb = policy.format_input(x[i : i + max(batch_size, 256)].to(policy.device).float())
+        with policy.autocast():
             out.append(net.forward_from(xb, cut).float().cpu())
     logits = torch.cat(out) if out else torch.zeros(0, num_classes)
     return classification_metrics(logits, y, num_classes)

@@ -97,7 +97,7 @@ def inspect_dropout(
     from ..features import FeatureExtractor
     from ..run import default_cache_dir, default_run_dir
     from ..models import create_source_model, set_torch_threads
-    from ..train import pick_device
+    from ..device import pick_device
 
     from ..options import check_dropout_options
 

@@ -63,6 +63,7 @@ from .._csv import safe_row
 from .._images import load_rgb
 from .._io import atomic_path
 from ..data import Sample
+from ..device import DevicePolicy, as_policy
 from ..features import FeatureExtractor, ImageDataset, eval_transform, make_loader, train_transform
 from ..models import SourceModel
 from ..stages import TransferNet, resolve_frozen, staged_backbone
@@ -244,18 +245,27 @@ def _source_head(net: TransferNet, source: SourceModel, pool: SourcePool, init: 
 
 
 @torch.no_grad()
-def _probs_cached(net: TransferNet, x: torch.Tensor, cut: int, device, batch: int = 256) -> torch.Tensor:
+def _probs_cached(net: TransferNet, x: torch.Tensor, cut: int, policy: DevicePolicy, batch: int = 256) -> torch.Tensor:
     net.eval()
-    out = [torch.softmax(net.forward_from(x[i:i + batch].to(device).float(), cut).float(), 1).cpu()
-           for i in range(0, len(x), batch)]
+    out = []
+    for i in range(0, len(x), batch):
+        with policy.autocast():
+            logits = net.forward_from(policy.format_input(x[i:i + batch].to(policy.device).float()), cut)
+        out.append(torch.softmax(logits.float(), 1).cpu())
     return torch.cat(out) if out else torch.zeros(0, net.head.out_features)
 
 
 @torch.no_grad()
-def _probs_images(net: TransferNet, samples: Sequence[Sample], transform, device, batch: int) -> torch.Tensor:
+def _probs_images(net: TransferNet, samples: Sequence[Sample], transform, policy: DevicePolicy,
+                  batch: int) -> torch.Tensor:
     net.eval()
-    loader = make_loader(ImageDataset(samples, transform), batch_size=max(batch, 64), shuffle=False, device=device)
-    return torch.cat([torch.softmax(net(x.to(device)).float(), 1).cpu() for x, _, _ in loader])
+    loader = make_loader(ImageDataset(samples, transform), batch_size=max(batch, 64), shuffle=False, device=policy)
+    out = []
+    for x, _, _ in loader:
+        with policy.autocast():
+            logits = net(policy.format_input(x.to(policy.device, non_blocking=True)))
+        out.append(torch.softmax(logits.float(), 1).cpu())
+    return torch.cat(out)
 
 
 class JointFineTuningHooks(TrainingHooks):
@@ -339,10 +349,11 @@ class JointFineTuningHooks(TrainingHooks):
     def end_round(self, round_idx: int) -> None:
         """Eq. 3: classify the target training images, grow the hard ones' neighbour counts."""
         run = self.run
+        policy = as_policy(run.policy if run.policy is not None else run.device)
         if run.cached:
-            probs = _probs_cached(run.net, run.train_inputs, run.cut, run.device)
+            probs = _probs_cached(run.net, run.train_inputs, run.cut, policy)
         else:
-            probs = _probs_images(run.net, self.train_samples, eval_transform(self.source.data_config), run.device,
+            probs = _probs_images(run.net, self.train_samples, eval_transform(self.source.data_config), policy,
                                   self.config.batch_size)
         cat = self.schedule.classify(probs, run.train_labels)
         self.rounds[-1].update({"wrong": int((cat == 2).sum()), "uncertain": int((cat == 1).sum())})

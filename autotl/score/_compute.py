@@ -245,7 +245,7 @@ def score(
     """
     from ..data import scan_dataset
     from ..models import create_source_model, set_torch_threads
-    from ..train import pick_device
+    from ..device import pick_device
 
     from ..options import check_score_options
 

@@ -107,16 +107,21 @@ BACKWARD_FACTOR = 3.0  # forward + backward ≈ 3 forwards (the backward pass co
 
 
 @torch.no_grad()
-def _stage_seconds(net, images: torch.Tensor) -> tuple[list[float], float]:
-    """Seconds per image of each stage, and of pooling + head, from one timed forward pass."""
+def _stage_seconds(net, images: torch.Tensor, policy) -> tuple[list[float], float]:
+    """Seconds per image of each stage, and of pooling + head, from one timed forward pass run as
+    the trials run (the device policy's autocast and memory format; queued GPU work waited for)."""
     x = images
     times = []
-    for stage in net.stages:
+    with policy.autocast():
+        for stage in net.stages:
+            policy.synchronize()
+            t0 = time.perf_counter()
+            x = stage(x)
+            policy.synchronize()
+            times.append((time.perf_counter() - t0) / len(images))
         t0 = time.perf_counter()
-        x = stage(x)
-        times.append((time.perf_counter() - t0) / len(images))
-    t0 = time.perf_counter()
-    net.head(net.pool(x))
+        net.head(net.pool(x))
+        policy.synchronize()
     return times, (time.perf_counter() - t0) / len(images)
 
 
@@ -142,6 +147,7 @@ def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) 
     from ..stages import TransferNet
 
     t0 = time.monotonic()
+    policy = run.policy
     folds = selection.folds
     sizes = tuple(sum(len(getattr(f, part)) for f in folds) / max(1, len(folds)) for part in ("train", "decide", "score"))
     index = run.index
@@ -154,14 +160,15 @@ def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) 
         nets = []
         for _ in range(2):  # the faster of two: a timing on a busy machine is only ever too slow
             t_setup = time.perf_counter()
-            nets.append(TransferNet.from_source(source.model, len(index.classes), "all").to(run.device).eval())
+            nets.append(policy.module(TransferNet.from_source(source.model, len(index.classes), "all")).eval())
             setup_s.append(time.perf_counter() - t_setup)
         net = nets[0]
         del nets
         c, h, w = source.data_config["input_size"]
-        _stage_seconds(net, torch.rand(1, c, h, w, device=run.device))  # warm-up (allocator, kernels)
-        images = torch.rand(_TIMED_BATCH, c, h, w, device=run.device)
-        timings = [_stage_seconds(net, images) for _ in range(TIMING_REPEATS)]
+        batch = policy.timing_batch(_TIMED_BATCH, base.batch_size)
+        _stage_seconds(net, policy.format_input(torch.rand(batch, c, h, w, device=run.device)), policy)  # warm-up
+        images = policy.format_input(torch.rand(batch, c, h, w, device=run.device))
+        timings = [_stage_seconds(net, images, policy) for _ in range(TIMING_REPEATS)]
         stages = [min(t[0][i] for t in timings) for i in range(len(timings[0][0]))]
         head = min(t[1] for t in timings)
         for cut in sorted({resolve_frozen_relative(v, n) for v in frozen_values}):
@@ -174,7 +181,8 @@ def measure_costs(run, recipe: Recipe, base: TrainConfig, selection: Selection) 
     sample = list(index.train)[:4]
     if sample:
         ds = ImageDataset(sample, train_transform(first.data_config))
-        model.decode = _timed(lambda: [ds[i] for i in range(len(ds))]) / len(sample)
+        # the training loader's workers decode in parallel
+        model.decode = _timed(lambda: [ds[i] for i in range(len(ds))]) / len(sample) / max(1, policy.loader_workers)
     model.n_classes = len(index.classes)
     measure_probe_rates(model)
     model.measure_seconds = time.monotonic() - t0
