@@ -341,3 +341,22 @@ def test_dropping_removes_mostly_flipped_labels():
     # and the cleaned set really is better on validation
     cleaned = fit_logistic_head(x[keep], noisy[keep], 2, l2=1e-2)
     assert cleaned.total_loss(xv, yv) < head.total_loss(xv, yv)
+
+
+def test_influence_in_the_span_of_the_training_rows_is_exact():
+    """With fewer training rows than features the head is fitted in the rows' span: the same scores
+    (and predictions) as the head on every feature."""
+    from autotl.dropout.strategy import _standardise, compute_influence
+
+    rng = np.random.default_rng(3)
+    n, d, k = 24, 90, 3
+    y = rng.integers(0, k, n)
+    x = rng.normal(size=(n, d)) + 1.5 * np.eye(k)[y] @ rng.normal(size=(k, d))
+    yv = rng.integers(0, k, 12)
+    xv = rng.normal(size=(12, d)) + 1.5 * np.eye(k)[yv] @ rng.normal(size=(k, d))
+    reduced = compute_influence(x, y, xv, yv, k, l2=1e-2, use_cache=False).result
+    xs, xvs = _standardise(x, xv)
+    head = fit_logistic_head(xs, y, k, l2=1e-2)
+    full = influence_scores(head, xs, y, xvs, yv)
+    assert np.allclose(reduced.scores, full.scores, rtol=1e-5, atol=1e-9)
+    assert np.array_equal(reduced.predicted, full.predicted)

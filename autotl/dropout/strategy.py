@@ -132,6 +132,23 @@ def _standardise(train_x: np.ndarray, val_x: np.ndarray) -> tuple[np.ndarray, np
     return xc / scale, (val_x - mu) / scale
 
 
+def _span_of_training_rows(train_x: np.ndarray, val_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The features in an orthonormal basis of the training rows' span, when there are fewer rows than
+    features: the same influence scores, from a head with n instead of D weights per class.
+
+    Exact: the penalised optimum's weights lie in that span (representer theorem); there the Hessian is
+    the data part plus the damping, on the complement the damping alone, and every training gradient
+    lies in the span, so ``g_i^T H^-1 g_val`` only sees the reference gradient's projection — its
+    features projected onto the span, which the basis gives. Predictions are unchanged likewise."""
+    n, d = train_x.shape
+    if n >= d:
+        return train_x, val_x
+    _, s, vh = np.linalg.svd(train_x, full_matrices=False)
+    keep = s > s.max() * 1e-10 if s.size else s.astype(bool)
+    basis = vh[keep].T  # (D, r)
+    return train_x @ basis, val_x @ basis
+
+
 def compute_influence(
     train_x,
     train_y,
@@ -168,6 +185,7 @@ def compute_influence(
                                 cached=True)
 
     xs, xvs = _standardise(x.astype(np.float64), xv.astype(np.float64))
+    xs, xvs = _span_of_training_rows(xs, xvs)
     # the head does not depend on the reference set: reuse it across focus classes
     head, fit_seconds = None, 0.0
     if use_cache:
