@@ -512,7 +512,7 @@ def train_model(
         unexpected = net.load_state_dict(stopper.state, strict=False).unexpected_keys
         if unexpected:  # changeable_state names only keys of this net
             raise RuntimeError(f"best-epoch state has keys the net lacks: {unexpected[:3]}")
-        hooks.end_training(net, lambda n: _evaluate(n, cut, val_x, val_y, num_classes, device, cfg.batch_size))
+        hooks.end_training(net, lambda n: _evaluate(n, cut, val_x, val_y, num_classes, policy, cfg.batch_size))
     finally:
         if reg is not None:  # KD's forward hooks sit on the net's stages: never hand them back
             reg.close()

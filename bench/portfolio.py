@@ -81,8 +81,12 @@ def measure_task(task: str, seed: int, work: Path, cache: Path) -> dict:
     from autotl._recipe import parse_recipe
 
     root = work / f"{task}-s{seed}"
-    shutil.rmtree(root, ignore_errors=True)
-    data, test = build_task(task, seed, root)
+    if (root / "data").is_dir() and (root / "test").is_dir():  # rebuilt files would miss the feature cache
+        data, test = root / "data", root / "test"
+        shutil.rmtree(root / "run", ignore_errors=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        data, test = build_task(task, seed, root)
     run = Run.open(data, root / "run", seed=seed, cache_dir=cache)
     base = _base_config(run.index, None, frozen_stages="all", epochs=15, lr=3e-3, batch_size=64, seed=seed, objective=None)
     score_candidates(run, base)

@@ -83,10 +83,11 @@ def test_a_wrong_graph_falls_back_to_eager(index, tmp_path):
         for p in other.parameters():
             p.add_(0.05)
     stages, pool = staged_backbone(other)
-    key = backend.graph_key(source.label, source.weights_id, source.data_config["input_size"], [], True)
+    taps = list(range(1, len(stages)))  # the pass's intermediate-stage taps (FeatureExtractor.tap_cuts)
+    key = backend.graph_key(source.label, source.input_id, source.data_config["input_size"], [], True, taps)
     stale = tmp_path / "cache" / "graphs" / f"{key}.onnx"
-    backend.export_frozen_graph(backend._FrozenGraph([m for _, m in stages], pool, other.get_classifier(), []), stale,
-                                source.data_config["input_size"])
+    backend.export_frozen_graph(backend._FrozenGraph([m for _, m in stages], pool, other.get_classifier(), [], taps),
+                                stale, source.data_config["input_size"])
     ex = FeatureExtractor(source, cache_dir=tmp_path / "cache", batch_size=4)
     acts = ex.extract(index.train)
     assert ex.backend == "eager"

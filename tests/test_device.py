@@ -405,7 +405,7 @@ def test_cost_model_times_as_the_trials_run(tmp_path, make_image_folder, monkeyp
     import autotl.search._cost as cost_mod
     from autotl.run import Run
     from autotl.search._folds import plan_selection
-    from autotl.search._recipe import parse_recipe
+    from autotl._recipe import parse_recipe
 
     waits = []
 

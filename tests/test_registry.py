@@ -141,7 +141,7 @@ def test_a_base_cannot_be_instantiated_without_its_abstract_methods(base, method
 # ----------------------------------------------------------------------------- explicit order
 def test_each_registry_lists_its_members_in_explicit_order():
     # dropout before retrieval: retrieval works on the samples dropout keeps
-    assert list_strategies() == ["dropout", "retrieval"] == [s.name for s in create_strategies()]
+    assert list_strategies() == ["features", "dropout", "retrieval", "lpft"] == [s.name for s in create_strategies()]
     assert list_regularizers() == ["none", "l2sp", "kd"]
     assert list_filter_banks() == ["gabor", "conv", "firstconvs"]
     assert tuple(BANKS) == ("gabor", "conv", "firstconvs", "gabor+conv", "gabor+firstconvs", "conv+firstconvs", "gabor+conv+firstconvs")
@@ -162,7 +162,7 @@ def test_order_is_the_given_order_not_registration_order():
 def test_strategies_are_applied_in_registry_order(registered, tmp_path):
     registered(STRATEGIES, "every-second", _KeepEverySecond, order=30)
     registered(STRATEGIES, "record-first", _RecordFirst, order=5)
-    assert list_strategies() == ["record-first", "dropout", "retrieval", "every-second"]
+    assert list_strategies() == ["features", "record-first", "dropout", "retrieval", "every-second", "lpft"]
     samples = [Sample(Path(f"{i}.png"), i % 2) for i in range(6)]
     index = DatasetIndex(root=tmp_path, classes=["a", "b"], train=samples, val=samples[:2], test=[], skipped=[],
                          split="folders")
@@ -177,8 +177,8 @@ def test_strategies_are_applied_in_registry_order(registered, tmp_path):
 # ----------------------------------------------------------------------------- unknown names
 def test_an_unknown_name_is_a_clear_error_listing_the_known_names():
     for create, known in [
-        (create_strategy, "dropout, retrieval"),
-        (lambda n: create_strategies([n]), "dropout, retrieval"),
+        (create_strategy, "features, dropout, retrieval, lpft"),
+        (lambda n: create_strategies([n]), "features, dropout, retrieval, lpft"),
         (create_regularizer, "none, l2sp, kd"),
         (create_filter_bank, "gabor, conv, firstconvs"),
     ]:
@@ -223,7 +223,7 @@ def test_an_unregistered_member_is_gone_from_every_listing():
     STRATEGIES.unregister("every-second")
     REGULARIZERS.unregister("head-norm")
     FILTER_BANKS.unregister("luma")
-    assert list_strategies() == ["dropout", "retrieval"] and "every_second" not in strategy_params()
+    assert list_strategies() == ["features", "dropout", "retrieval", "lpft"] and "every_second" not in strategy_params()
     assert list_regularizers() == ["none", "l2sp", "kd"] and tuple(BANKS) == ("gabor", "conv", "firstconvs", "gabor+conv", "gabor+firstconvs", "conv+firstconvs", "gabor+conv+firstconvs")
     with pytest.raises(UnknownNameError):
         create_regularizer("head-norm")
