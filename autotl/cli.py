@@ -108,7 +108,7 @@ def fit(
     ensemble: bool = typer.Option(True, "--ensemble/--no-ensemble", help="Search: publish a greedy ensemble of trials (one ONNX graph) when it beats the selected trial out of fold."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough, retrieval (selective joint fine-tuning, with --source-pool) or a .yaml file (default: default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted study of --out (same data, recipe and models)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the finished run in --out (kept until the new one is published)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out (kept until the new one is published, put back if it fails; your own files there stay)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the study (default sqlite:///OUT/study.db)."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default 'autotl')."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Search: candidate source models among --model (default: the recipe's or all)."),

@@ -104,9 +104,11 @@ def fit(
     error rule and refitted on all labelled images. ``search=False`` trains the one strategy the
     arguments describe (a linear probe by default), early-stopped on val. ``fixed_params`` fixes search
     parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` sets run-wide ones (e.g.
-    ``{"source_pool": "pool/"}``: the search then also varies retrieval K). ``resume`` continues an
-    interrupted study in the same run folder; ``overwrite`` replaces a finished run there (which is
-    otherwise refused). ``ensemble``: after the search, greedy ensemble selection over the trials'
+    ``{"source_pool": "pool/"}``: the search then also varies retrieval K; pool images that are copies of
+    data images are left out, see :func:`source_pool_overlap`). ``resume`` continues an interrupted
+    study in the same run folder; ``overwrite`` replaces a finished run there (which is otherwise
+    refused); the earlier run is put back if this one fails (``autotl.run.claim_run_folder``), and a
+    second fit on the same folder is refused while this one runs. ``ensemble``: after the search, greedy ensemble selection over the trials'
     out-of-fold predictions may publish several refitted trials as one averaged graph (only when it
     is better out of fold than the selected trial). ``quantize="int8"`` also writes ``model.int8.onnx``
     when it keeps the fp32 model's validation accuracy within 0.5 points (``autotl.quantize``).

@@ -132,15 +132,24 @@ class RunFolder:
             self._log(f"{self.path}: keeps {shown}{more} as they are (not written by autotl: never moved or deleted)")
         earlier = autotl_entries(self.path)
         if earlier and not resume:
-            self.replaced_finished = is_finished(self.path)
-            self.aside = self.path / SET_ASIDE
-            self.aside.mkdir()
-            for entry in earlier:
-                os.replace(entry, self.aside / entry.name)
-            if self.replaced_finished:
+            finished, aside, moved = is_finished(self.path), self.path / SET_ASIDE, []
+            aside.mkdir()
+            try:
+                for entry in earlier:
+                    os.replace(entry, aside / entry.name)
+                    moved.append(entry)
+                _mark(self.path, data_dir)
+            except BaseException:  # nothing of this run exists yet (the marker is written atomically, last): undo the moves
+                for entry in moved:
+                    os.replace(aside / entry.name, entry)
+                with contextlib.suppress(OSError):
+                    aside.rmdir()
+                raise
+            self.aside, self.replaced_finished = aside, finished
+            if finished:
                 self._log(f"the earlier run in {self.path} is set aside until this one is published "
                           "(it is put back if this one fails)")
-        if not (resume and (self.path / RUN_MARKER).is_file()):
+        elif not (resume and (self.path / RUN_MARKER).is_file()):
             _mark(self.path, data_dir)
 
     def commit(self) -> None:
@@ -240,8 +249,8 @@ def claim_run_folder(out: str | os.PathLike, data_dir: str | os.PathLike, *, res
             check_run_folder(out, data_dir, resume=resume, overwrite=overwrite)  # again: now nobody else changes it
             check_continuation(out, resume=resume, overwrite=overwrite, search=search, storage=storage)
             folder.foreign = foreign_entries(out)
+            folder.begin(resume=resume, data_dir=data_dir)  # undoes itself if it fails
             try:
-                folder.begin(resume=resume, data_dir=data_dir)
                 yield folder
             except BaseException as exc:
                 if resume and not created:

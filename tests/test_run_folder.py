@@ -217,7 +217,7 @@ def test_an_overwrite_killed_before_it_published_is_undone_next_time(data, tmp_p
 
 
 # ----------------------------------------------------------------------------------------- one owner
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(autotl.fit.__file__).resolve().parents[1]  # subprocesses run the autotl this test imports
 
 
 def _python(code: str, *args) -> subprocess.Popen:

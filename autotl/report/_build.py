@@ -130,7 +130,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
 
     if plots not in PLOT_MODES:
         raise AutotlError(f"--plots {plots!r}: use one of {', '.join(PLOT_MODES)}")
-    check_report_options(out=out, run_dir=run_dir)
+    check_report_options(out=out, run_dir=run_dir if Path(run_dir).is_dir() else None)  # (load_run says what else is wrong)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
     in_run = Path(run_dir).is_dir() and os.path.realpath(path.parent) == os.path.realpath(run_dir)
     # written into the run folder: that folder is ours meanwhile (not while a fit replaces it)
