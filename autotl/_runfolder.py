@@ -28,17 +28,19 @@ from typing import Iterator
 from . import _console
 from .errors import AutotlError
 
-__all__ = ["RUN_MARKER", "LOCK_NAME", "SET_ASIDE", "PUBLISHED", "RUN_FILES", "is_run_folder", "is_finished",
-           "autotl_entries", "foreign_entries", "hold_run_folder", "lock_holder"]
+__all__ = ["RUN_MARKER", "LOCK_NAME", "SET_ASIDE", "DISCARDED", "PUBLISHED", "RUN_FILES", "is_run_folder",
+           "is_finished", "autotl_entries", "foreign_entries", "hold_run_folder", "lock_holder"]
 
 RUN_MARKER = "autotl-run.json"  # written into every run folder: what makes a folder autotl's to replace
 LOCK_NAME = ".autotl.lock"
 SET_ASIDE = ".autotl-replaced"  # the earlier run while a fit replaces it (autotl.run)
+DISCARDED = ".autotl-discarded"  # the earlier run once replaced, while it is deleted
 PUBLISHED = ("model.json", "model.onnx")  # a folder holding these holds a finished run
 # Every top-level name autotl writes into a run folder. Anything else there is the user's: never
 # moved with a run, never deleted.
 RUN_FILES = frozenset({
-    RUN_MARKER, LOCK_NAME, SET_ASIDE, *PUBLISHED, "model.int8.onnx", "model.json.previous", "model.failed-parity.onnx",
+    RUN_MARKER, LOCK_NAME, SET_ASIDE, DISCARDED, *PUBLISHED, "model.int8.onnx", "model.json.previous",
+    "model.failed-parity.onnx",
     "config.json", "history.json", "data.json", "result.json", "report.html", "scoring.json", "datl",
     "study.db", "study.db-journal", "study.db-wal", "study.db-shm", "leaderboard.json", "plots", "artifacts",
     "dropped.csv", "influence.csv", "dropped.jpg", "retrieval.csv", "retrieval.jpg",
@@ -70,7 +72,8 @@ def _entries(folder: Path) -> list[Path]:
 
 def autotl_entries(folder: str | os.PathLike) -> list[Path]:
     """The files and folders of a run that autotl wrote (not the lock, not a set-aside run)."""
-    return [p for p in _entries(Path(folder)) if _is_autotl_name(p.name) and p.name not in (LOCK_NAME, SET_ASIDE)]
+    internal = (LOCK_NAME, SET_ASIDE, DISCARDED)
+    return [p for p in _entries(Path(folder)) if _is_autotl_name(p.name) and p.name not in internal]
 
 
 def foreign_entries(folder: str | os.PathLike) -> list[Path]:

@@ -21,8 +21,8 @@ import torch
 
 from . import _console
 from ._io import atomic_write_json
-from ._runfolder import (LOCK_NAME, RUN_MARKER, SET_ASIDE, autotl_entries, foreign_entries, hold_run_folder, is_finished,
-                         is_run_folder)
+from ._runfolder import (DISCARDED, LOCK_NAME, RUN_MARKER, SET_ASIDE, autotl_entries, foreign_entries, hold_run_folder,
+                         is_finished, is_run_folder)
 from ._version import __version__
 from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
@@ -74,7 +74,8 @@ def check_run_folder(out: Path, data_dir: Path, *, resume: bool, overwrite: bool
     next scan would see the run's files as a class); a folder of other files; a finished run,
     unless ``--resume`` continues it or ``--overwrite`` replaces it."""
     check_output_dir("--out", out, data=[data_dir], run_folder_ok=True)
-    if out.is_dir() and any(p.name not in (LOCK_NAME, SET_ASIDE) for p in out.iterdir()) and not is_run_folder(out):
+    internal = (LOCK_NAME, SET_ASIDE, DISCARDED)
+    if out.is_dir() and any(p.name not in internal for p in out.iterdir()) and not is_run_folder(out):
         raise AutotlError(f"--out {out}: holds files that are not an autotl run; give a new or empty folder "
                           "(autotl replaces only its own runs)")
     if is_finished(out) and not (resume or overwrite):
@@ -100,7 +101,13 @@ def check_continuation(out: Path, *, resume: bool, overwrite: bool, search: bool
 
 
 class RunFolder:
-    """A fit's hold on its run folder (see :func:`claim_run_folder`)."""
+    """A fit's hold on its run folder (see :func:`claim_run_folder`).
+
+    The earlier run is set aside into ``OUT/.autotl-replaced``; ``.complete`` is written there once
+    every file is moved, so whenever a kill comes the next fit can tell (``recover``) whether the
+    folder holds the earlier run's files (no ``.complete``: put them all back), a new run that never
+    published (remove it, put the earlier run back) or a published one (``model.json``: drop the
+    earlier run, first renamed to ``OUT/.autotl-discarded`` so it is never half put back)."""
 
     def __init__(self, path: Path, created: list[Path], foreign: list[Path]):
         self.path = path
@@ -113,14 +120,16 @@ class RunFolder:
         _console.log(_console.clean_text(message), markup=False)
 
     def recover(self) -> None:
-        """An overwrite killed before it finished left the earlier run set aside: publish finished
-        the new run (drop the old one) or it did not (put the old one back)."""
+        """Finish what a killed fit left: see the class docstring."""
+        _remove(self.path / DISCARDED)
         aside = self.path / SET_ASIDE
         if not aside.is_dir():
             return
-        if is_finished(self.path):
-            shutil.rmtree(aside, ignore_errors=True)
-            return
+        if (aside / _COMPLETE).exists():
+            if (self.path / "model.json").exists():
+                self._drop(aside)
+                return
+            self._remove_this_run()
         self._put_back(aside)
         self._log(f"{self.path}: put back the earlier run that an interrupted --overwrite had set aside")
 
@@ -132,18 +141,15 @@ class RunFolder:
             self._log(f"{self.path}: keeps {shown}{more} as they are (not written by autotl: never moved or deleted)")
         earlier = autotl_entries(self.path)
         if earlier and not resume:
-            finished, aside, moved = is_finished(self.path), self.path / SET_ASIDE, []
+            finished, aside = is_finished(self.path), self.path / SET_ASIDE
             aside.mkdir()
             try:
                 for entry in earlier:
                     os.replace(entry, aside / entry.name)
-                    moved.append(entry)
+                (aside / _COMPLETE).touch()
                 _mark(self.path, data_dir)
-            except BaseException:  # nothing of this run exists yet (the marker is written atomically, last): undo the moves
-                for entry in moved:
-                    os.replace(aside / entry.name, entry)
-                with contextlib.suppress(OSError):
-                    aside.rmdir()
+            except BaseException:  # nothing of this run exists yet (the marker is written atomically, last)
+                self._put_back(aside)
                 raise
             self.aside, self.replaced_finished = aside, finished
             if finished:
@@ -155,7 +161,7 @@ class RunFolder:
     def commit(self) -> None:
         """The new run is published: the earlier one goes."""
         if self.aside is not None:
-            shutil.rmtree(self.aside, ignore_errors=True)
+            self._drop(self.aside)
             if self.replaced_finished:
                 self._log(f"replaced the earlier run in {self.path}")
             self.aside = None
@@ -167,28 +173,39 @@ class RunFolder:
     def roll_back(self) -> bool:
         """This run failed: remove what it wrote and put the earlier run back. True when a finished
         earlier run is back in place."""
+        self._remove_this_run()
+        if self.aside is None:
+            return False
+        self._put_back(self.aside)
+        self.aside = None
+        if self.replaced_finished:
+            self._log(f"the earlier run in {self.path} is back in place (this run failed before it was published)")
+        return self.replaced_finished
+
+    def _remove_this_run(self) -> None:
         for entry in autotl_entries(self.path):
             _remove(entry)
-        if self.aside is not None:
-            self._put_back(self.aside)
-            self.aside = None
-            if self.replaced_finished:
-                self._log(f"the earlier run in {self.path} is back in place (this run failed before it was published)")
-                return True
-        return False
 
     def _put_back(self, aside: Path) -> None:
-        for entry in autotl_entries(self.path):
-            _remove(entry)
+        (aside / _COMPLETE).unlink(missing_ok=True)  # from here on, whatever is in it is the earlier run's
         for entry in sorted(aside.iterdir()):
             os.replace(entry, self.path / entry.name)
         aside.rmdir()
+
+    def _drop(self, aside: Path) -> None:
+        trash = self.path / DISCARDED
+        _remove(trash)
+        os.replace(aside, trash)
+        _remove(trash)
 
     def remove_created(self) -> None:
         """The folders this command created, when nothing is left in them."""
         for folder in self.created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+_COMPLETE = ".complete"
 
 
 def _mark(out: Path, data_dir: Path) -> None:
@@ -239,8 +256,10 @@ def claim_run_folder(out: str | os.PathLike, data_dir: str | os.PathLike, *, res
     (an interrupted search: resumable) keeps the new run unless it was replacing a finished one.
     An exception that put a finished run back gets ``restored_earlier_run = True``."""
     out, data_dir = Path(out), Path(data_dir)
-    check_run_folder(out, data_dir, resume=resume, overwrite=overwrite)
-    check_continuation(out, resume=resume, overwrite=overwrite, search=search, storage=storage)
+    check_output_dir("--out", out, data=[data_dir], run_folder_ok=True)
+    if not any((out / name).exists() for name in (SET_ASIDE, DISCARDED)):  # (else: recovered first, then checked)
+        check_run_folder(out, data_dir, resume=resume, overwrite=overwrite)
+        check_continuation(out, resume=resume, overwrite=overwrite, search=search, storage=storage)
     created = _make_folders(out)
     folder = RunFolder(out, created, [])
     try:

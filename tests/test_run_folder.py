@@ -200,20 +200,31 @@ def test_an_interrupted_search_is_kept_unless_it_was_replacing_a_finished_run(da
     assert _listing(out) == before and info.value.restored_earlier_run
 
 
-def test_an_overwrite_killed_before_it_published_is_undone_next_time(data, tmp_path, no_export):
+@pytest.mark.parametrize("killed", ["setting_aside", "training", "after_publishing"])
+def test_an_overwrite_killed_anywhere_is_finished_or_undone_next_time(killed, data, tmp_path, no_export):
+    """What a SIGKILL during an overwrite leaves, at each stage: the next fit puts the earlier run
+    back whole (or, once the new one was published, drops it), never a mix of the two."""
     out = tmp_path / "run"
     _fit(data, out)
     before = _listing(out)
-    aside = out / ".autotl-replaced"  # what a SIGKILL during an overwrite leaves
+    aside = out / ".autotl-replaced"
     aside.mkdir()
-    for entry in list(out.iterdir()):
-        if entry != aside:
-            entry.rename(aside / entry.name)
-    (out / "autotl-run.json").write_text("{}")
-    (out / "scoring.json").write_text("{}")
+    entries = sorted(p for p in out.iterdir() if p != aside)
+    for entry in entries[: len(entries) // 2] if killed == "setting_aside" else entries:
+        entry.rename(aside / entry.name)
+    if killed != "setting_aside":
+        (aside / ".complete").touch()
+        (out / "autotl-run.json").write_text("{}")
+        (out / "scoring.json").write_text("{} of the new run")
+    if killed == "after_publishing":
+        (out / "model.json").write_text("the new card")
+        with pytest.raises(AutotlError, match="holds an earlier run"):
+            _fit(data, out)
+        assert not aside.exists() and (out / "model.json").read_text() == "the new card"
+        return
     with pytest.raises(AutotlError, match="holds an earlier run"):
         _fit(data, out)
-    assert _listing(out) == before
+    assert _listing(out) == before and not aside.exists()
 
 
 # ----------------------------------------------------------------------------------------- one owner
