@@ -98,6 +98,8 @@ def _me(command: str) -> dict:
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: assume it lives (refuse rather than share)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -237,7 +237,8 @@ def check_output_file(flag: str, path: str | os.PathLike | None, *, inputs: Iter
             what = "replace a file" if os.path.lexists(target) else "add an image"
             raise AutotlError(f"{flag} {target}: would {what} in {folder}, a folder this command reads; {fix} outside it")
     suffix = target.suffix.lower()
-    if os.path.lexists(target) and (is_image_path(target) or suffix in _MODEL_EXTENSIONS) and Path(example).suffix.lower() != suffix:
+    kept_kind = is_image_path(target) or suffix in _MODEL_EXTENSIONS
+    if os.path.lexists(target) and kept_kind and Path(example).suffix.lower() != suffix:
         raise AutotlError(f"{flag} {target}: is {'a model' if suffix in _MODEL_EXTENSIONS else 'an image'}, not "
                           f"a {Path(example).suffix or 'output'} file; {fix}")
     if target.name in RUN_FILES and target.name not in set(own) and is_run_folder(real.parent):

@@ -79,8 +79,9 @@ def check_run_folder(out: Path, data_dir: Path, *, resume: bool, overwrite: bool
         raise AutotlError(f"--out {out}: holds files that are not an autotl run; give a new or empty folder "
                           "(autotl replaces only its own runs)")
     if is_finished(out) and not (resume or overwrite):
-        raise AutotlError(f"--out {out}: holds an earlier run (model.json); add --overwrite to replace it, "
-                          "--resume to continue its search, or give another --out")
+        also = ", --resume to continue its search" if (out / "study.db").exists() else ""
+        raise AutotlError(f"--out {out}: holds an earlier run (model.json); add --overwrite to replace it{also}, "
+                          "or give another --out")
 
 
 def check_continuation(out: Path, *, resume: bool, overwrite: bool, search: bool = True, storage: str | None = None) -> None:

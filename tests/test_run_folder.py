@@ -159,6 +159,9 @@ def test_resume_needs_a_search_to_continue(data, tmp_path, no_export):
     with pytest.raises(AutotlError, match=r"--resume: .* fitted without a search .* --overwrite instead of --resume"):
         fit(data, out, models=[MODEL], resume=True, cache_dir=tmp_path / "cache")
     assert _listing(out) == before  # no empty study.db
+    with pytest.raises(AutotlError, match="add --overwrite to replace it, or give") as info:
+        _fit(data, out)  # and without --resume: no advice to add it back
+    assert "--resume" not in str(info.value)
     with pytest.raises(AutotlError, match=r"--resume: .* no search to continue .* drop --resume"):
         fit(data, tmp_path / "new", models=[MODEL], resume=True, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "new").exists()
