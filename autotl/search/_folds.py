@@ -151,8 +151,8 @@ MIN_CLASS_IMAGES_FOR_DECISION = 3  # per class: one to train, one to decide, one
 
 def _fold_or_self_decided(fit_part: list[Sample], decide: list[Sample], score: list[Sample]) -> Fold:
     """The fold; when no class of its training part could spare an image for the decision part, the
-    training part decides too (the same tuple: ``Selection.self_decided`` counts them). Its score
-    stays honest: the scoring part still decides nothing."""
+    training part decides too (``Selection.self_decided`` counts them). Its score stays honest: the
+    scoring part still decides nothing."""
     if decide:
         return Fold(tuple(fit_part), tuple(decide), tuple(score))
     train = tuple(fit_part)
@@ -192,7 +192,7 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
     kk = _folds_for(min(counts), k)
     reps = repeats if repeats is not None else (2 if n < TINY_IMAGES else 1)
     groups = index.duplicate_groups() if hasattr(index, "duplicate_groups") else []
-    folds = []
+    folds, self_decided = [], 0
     for r in range(reps):
         rng = np.random.default_rng([seed, 0xCF, r])
         parts = keep_together(stratified_folds(pool, kk, rng), groups)
@@ -202,9 +202,9 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
                 folds.append(Fold(tuple(train), tuple(others), tuple(parts[j])))
             else:
                 fit_part, decide = stratified_split(others, DECIDE_FRACTION, rng)
+                self_decided += not decide
                 folds.append(_fold_or_self_decided(fit_part, decide, parts[j]))
     rep = f", {reps} partitions" if reps > 1 else ""
-    self_decided = sum(f.decide is f.train for f in folds)
     if trusted_val:
         return Selection("val-cv", folds, kk, reps, seed, {
             "trial_training": "train/ folder (every fold)",
