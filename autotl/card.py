@@ -29,7 +29,7 @@ PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", 
 _REQUIRED_PREPROCESSING = ("input_size", "interpolation", "mean", "std", "crop_pct")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 CROP_MODES = ("center", "squash", "border")
-_FIX = "re-export the model and its card with `autotl fit`, or restore the model.json written with it"
+_FIX = "restore the model.json written with the model, or fit it again with `autotl fit`"
 
 
 def _utc_now() -> str:

@@ -88,9 +88,9 @@ def _frozen(value: str) -> int | str:
 
 @app.command()
 def fit(
-    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ [test/], or a label file (.csv/.tsv: image path, label [, split] per row)."),
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ \\[test/], or a label file (.csv/.tsv: image path, label \\[, split] per row)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<data>-<time>)."),
-    model: List[str] = typer.Option([], "--model", "-m", help="timm model NAME[@SIZE][=CHECKPOINT|random]; repeatable."),
+    model: List[str] = typer.Option([], "--model", "-m", help="timm model NAME\\[@SIZE]\\[=CHECKPOINT|random]; repeatable."),
     zoo: Optional[str] = typer.Option(None, "--models", help="Candidate source models: auto (the packaged ones + the hub zoo's for this device when cached or downloadable; the default without --model), packaged, hub or all; added to any --model."),
     path_column: Optional[str] = typer.Option(None, "--path-column", help="Label file: the column of image paths (default: the header's path/file/filename/image column)."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Label file: the column of labels (default: the header's label/class/category column)."),
@@ -109,9 +109,9 @@ def fit(
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Search: stop after this long (90s, 20m, 1h; whichever of trials/budget ends first; default: automatic from the data size unless --trials is given)."),
     cv_folds: int = typer.Option(5, "--cv-folds", help="Search: folds of the cross-validation that scores each trial (small data sets)."),
     ensemble: bool = typer.Option(True, "--ensemble/--no-ensemble", help="Search: publish a greedy ensemble of trials (one ONNX graph) when it beats the selected trial out of fold."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough or a .yaml file (default: default)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough, retrieval (selective joint fine-tuning, with --source-pool) or a .yaml file (default: default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted study of --out (same data, recipe and models)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the finished run in --out (kept until the new one is published)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out (kept until the new one is published, put back if it fails; your own files there stay)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the study (default sqlite:///OUT/study.db)."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default 'autotl')."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Search: candidate source models among --model (default: the recipe's or all)."),
@@ -156,6 +156,11 @@ def fit(
                          storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds,
                          ensemble=ensemble, quantize=quantize, zoo=zoo, path_column=path_column, label_column=label_column)
     except SearchInterrupted as exc:
+        if getattr(exc, "restored_earlier_run", False):  # --overwrite: nothing new to resume
+            _emit({"interrupted": True, "run_dir": str(exc.run_dir), "restored_earlier_run": True, "resume": None}, as_json)
+            sys.stderr.write(_console.clean_text(f"interrupted: the earlier run in {exc.run_dir} is back in place; the new "
+                                                 "search was discarded") + "\n")
+            raise typer.Exit(130) from None
         command = _resume_command(exc.run_dir, data_dir, {
             "--model": model, "--models": zoo, "--path-column": path_column, "--label-column": label_column, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
             "--study": study, "--top-k": top_k, "--cv-folds": cv_folds, "--no-ensemble": not ensemble, "--objective": objective,
@@ -242,19 +247,20 @@ def predict(
     from .predict import predict as predict_api
 
     _console.set_quiet(as_json)
-    check_predict_options(top_k=top_k, csv=csv, batch_size=batch_size, path_column=path_column)  # before the model loads
+    # before the model loads; --csv never replaces the model, its card or an image
+    check_predict_options(top_k=top_k, csv=csv, batch_size=batch_size, model_path=model_path, paths=paths,
+                          path_column=path_column)
     # streamed: the CSV is written as it goes; the table holds only its first rows (--json needs all)
     result = predict_api(model_path, paths, top_k=top_k, batch_size=batch_size, csv=csv,
                          keep=None if as_json else TABLE_ROWS, path_column=path_column)
-    if as_json:
-        _emit(result.to_json(), True)
-    else:
+    if not as_json:
         _console.console.print(result.table(max_rows=TABLE_ROWS))
     if not result.predictions and result.errors:  # nothing classified: a failure, not an empty success
         first = result.errors[0]
         more = f" (and {len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
         raise AutotlError(f"none of the {len(result.errors)} image(s) could be read: {first['path']}: {first['reason']}{more}; "
                           "pass readable image files (JPEG, PNG, BMP, WebP, TIFF)")
+    _emit(result.to_json(), as_json)
 
 
 @app.command()
@@ -484,16 +490,31 @@ def _usage_line(exc: Exception) -> str:
     return _console.clean_text(f"{message.rstrip('.')}{where}" if where else message)
 
 
+def _wants_json(argv: list[str]) -> bool:
+    """``--json`` among the options (not after ``--``)."""
+    args = list(argv)
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
+def _error(message: str, code: int, as_json: bool) -> int:
+    """One line on stderr; with ``--json`` also one JSON document on stdout (nothing else went there)."""
+    sys.stderr.write(f"error: {message}\n")
+    if as_json:
+        _emit({"error": message, "exit_code": code}, True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit code 2 (usage errors: 2; no traceback)."""
+    """Entry point: user errors become one line on stderr and exit code 2 (usage errors: 2; no traceback);
+    with ``--json`` the error is also one JSON document on stdout (``error``, ``exit_code``)."""
     kinds = _click_exceptions()
+    as_json = _wants_json(sys.argv[1:] if argv is None else argv)
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int):  # click returns typer.Exit's code when standalone_mode is off
             return rc
     except AutotlError as exc:
-        sys.stderr.write(f"error: {_console.clean_text(exc)}\n")
-        return 2
+        return _error(_console.clean_text(exc), 2, as_json)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
@@ -507,9 +528,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("aborted\n")
             return 130
         if isinstance(exc, kinds["ClickException"]):
-            sys.stderr.write(f"error: {_usage_line(exc)}\n")
             code = getattr(exc, "exit_code", 2)
-            return 2 if isinstance(exc, kinds["UsageError"]) or not isinstance(code, int) or code == 1 else code
+            code = 2 if isinstance(exc, kinds["UsageError"]) or not isinstance(code, int) or code == 1 else code
+            return _error(_usage_line(exc), code, as_json)
         raise
     return 0
 

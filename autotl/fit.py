@@ -29,7 +29,7 @@ from .fitted import fitted_from_training
 from .features import ImageDataset, eval_transform
 from .models import ModelSpec, SourceModel
 from .options import check_fit_options
-from .run import FinalModel, Run, default_cache_dir
+from .run import FinalModel, Run, claim_run_folder, default_cache_dir, default_run_dir
 from .strategy import StrategyContext, apply_strategies, train_strategy
 from .train import TrainConfig
 
@@ -114,9 +114,11 @@ def fit(
     error rule and refitted on all labelled images. ``search=False`` trains the one strategy the
     arguments describe (a linear probe by default), early-stopped on val. ``fixed_params`` fixes search
     parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` sets run-wide ones (e.g.
-    ``{"source_pool": "pool/"}``: the search then also varies retrieval K). ``resume`` continues an
-    interrupted study in the same run folder; ``overwrite`` replaces a finished run there (which is
-    otherwise refused). ``ensemble``: after the search, greedy ensemble selection over the trials'
+    ``{"source_pool": "pool/"}``: the search then also varies retrieval K; pool images that are copies of
+    data images are left out, see :func:`source_pool_overlap`). ``resume`` continues an interrupted
+    study in the same run folder; ``overwrite`` replaces a finished run there (which is otherwise
+    refused); the earlier run is put back if this one fails (``autotl.run.claim_run_folder``), and a
+    second fit on the same folder is refused while this one runs. ``ensemble``: after the search, greedy ensemble selection over the trials'
     out-of-fold predictions may publish several refitted trials as one averaged graph (only when it
     is better out of fold than the selected trial). ``quantize="int8"`` also writes ``model.int8.onnx``
     when it keeps the fp32 model's validation accuracy within 0.5 points (``autotl.quantize``).
@@ -126,35 +128,47 @@ def fit(
     check_fit_options(**locals())  # every flag checked before any work starts (autotl/options.py)
     searching = _wants_search(search, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
                               storage=storage, study=study)
-    run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir,
-                   resume=resume, overwrite=overwrite, duplicates=duplicates, zoo=zoo, path_column=path_column,
-                   label_column=label_column)
-    base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
-                        seed=seed, objective=objective)
+    out = Path(out) if out is not None else default_run_dir(data_dir)
+    keep_on: tuple[type[BaseException], ...] = ()
     if searching:
-        from .search import load_recipe, search_cuts, with_pool_dimension
+        from .search import SearchInterrupted
 
-        recipe = load_recipe(recipe)
-        if (options or {}).get("source_pool"):
-            recipe = with_pool_dimension(recipe)
-        cuts = search_cuts(run, recipe, base)
-    else:
-        cuts = [base.frozen_stages] if isinstance(base.frozen_stages, int) else []
-    scoring = score_candidates(run, base, cuts=cuts)  # the one frozen pass per model over the training images
-    if searching:
-        from .search import search as search_strategies
+        keep_on = (SearchInterrupted,)  # an interrupted search stays, to be resumed
+    # the folder is this process's until the run is published; any failure puts the earlier run back
+    with claim_run_folder(out, data_dir, resume=resume, overwrite=overwrite, search=searching, storage=storage,
+                          keep_on=keep_on):
+        run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device,
+                       cache_dir=cache_dir, resume=resume, overwrite=overwrite, duplicates=duplicates, claimed=True,
+                       zoo=zoo, path_column=path_column, label_column=label_column)
+        base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
+                            seed=seed, objective=objective)
+        pool = source_pool_overlap(run, options)
+        if searching:
+            from .search import load_recipe, search_cuts, with_pool_dimension
 
-        budget = time_budget
-        if budget is None and trials is None:  # (a resumed search gets the automatic budget again)
-            budget = auto_time_budget(run.index, run.device)
-            _console.log(f"search time budget [bold]{budget:.0f}s[/] (automatic for {_n_labelled(run.index)} labelled "
-                         f"images on {run.device.type}; --time-budget to change, --no-search for one plain fit)")
-        final = search_strategies(run, base, trials=trials, time_budget=budget, recipe=recipe, resume=resume,
-                                  storage=storage, study_name=study, top_k=top_k, fixed=dict(fixed_params or {}),
-                                  options=options, cv_folds=cv_folds, ensemble=ensemble, objective_reason=_objective_reason(base, objective, config))
-    else:
-        final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
-    return publish(run, final, scoring=scoring.to_json(), quantize=quantize)
+            recipe = load_recipe(recipe)
+            if (options or {}).get("source_pool"):
+                recipe = with_pool_dimension(recipe)
+            cuts = search_cuts(run, recipe, base)
+        else:
+            cuts = [base.frozen_stages] if isinstance(base.frozen_stages, int) else []
+        scoring = score_candidates(run, base, cuts=cuts)  # the one frozen pass per model over the training images
+        if searching:
+            from .search import search as search_strategies
+
+            budget = time_budget
+            if budget is None and trials is None:  # (a resumed search gets the automatic budget again)
+                budget = auto_time_budget(run.index, run.device)
+                _console.log(f"search time budget [bold]{budget:.0f}s[/] (automatic for {_n_labelled(run.index)} labelled "
+                             f"images on {run.device.type}; --time-budget to change, --no-search for one plain fit)")
+            final = search_strategies(run, base, trials=trials, time_budget=budget, recipe=recipe, resume=resume,
+                                      storage=storage, study_name=study, top_k=top_k, fixed=dict(fixed_params or {}),
+                                      options=options, cv_folds=cv_folds, ensemble=ensemble, objective_reason=_objective_reason(base, objective, config))
+        else:
+            final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
+        if pool is not None:
+            final.notes["source_pool"] = pool
+        return publish(run, final, scoring=scoring.to_json(), quantize=quantize)
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -164,6 +178,24 @@ def _wants_search(search: bool | None, **flags: Any) -> bool:
         raise AutotlError(f"--no-search with {', '.join(given)}: those shape a search; drop --no-search to search, "
                           "or drop them to train one strategy")
     return search is not False
+
+
+def source_pool_overlap(run: Run, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``--source-pool`` checked against the data by content before any training: the pool's
+    byte-identical copies of data images (train, val or test) are left out of every trial and the
+    final fit (``autotl.retrieval.pool.without_data_copies``); the card lists them."""
+    root = (options or {}).get("source_pool")
+    if not root:
+        return None
+    from .retrieval.strategy import data_free_pool
+
+    pool, copies = data_free_pool(root, run.index, run.cache_dir / "retrieval" if run.cache_dir else None)
+    if copies:
+        _console.log(_console.clean_text(
+            f"source pool: {len(copies)} of its images are copies of images of the data set (same bytes); they are "
+            f"left out of the pool (e.g. {copies[0]['pool']} = {copies[0]['data']})"), markup=False)
+    return {"root": str(pool.root), "n_images": len(pool), "data_copies_excluded": len(copies), "compared_by": "sha256",
+            "data_copies": copies[:20]}
 
 
 def _n_labelled(index: DatasetIndex) -> int:
@@ -407,7 +439,6 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         estimate=estimate.to_json(),
     )
     atomic_write_json(run_dir / "result.json", res.to_json())
-    run.drop_replaced()  # --overwrite: the new run is complete, the old one can go
     from .report import try_write_report
 
     try_write_report(run_dir)

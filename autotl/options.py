@@ -19,13 +19,14 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ._runfolder import RUN_FILES, is_run_folder
 from .errors import AutotlError
 from .train_config import OBJECTIVES
 
 __all__ = [
     "check_fit_options", "check_score_options", "check_dropout_options", "check_predict_options",
     "check_report_options", "check_worker_options", "check_frozen_stages", "check_device", "check_out_dir",
-    "check_out_file", "check_int", "check_number", "check_columns", "parse_tau",
+    "check_out_file", "check_output_file", "check_output_dir", "check_int", "check_number", "check_columns", "parse_tau",
 ]
 
 _MAX_SEED = 2**63 - 1
@@ -197,6 +198,80 @@ def check_out_file(flag: str, path: str | os.PathLike | None, example: str = "ou
     _check_writable_parent(flag, path, "file")
 
 
+# ------------------------------------------------------------------------------------------ what autotl may replace
+# One rule for every file and folder autotl writes: it never replaces what the command reads (an
+# input image, a model and its card), a data folder's content, or a run's files (model.onnx,
+# model.json, ...) unless that file is the command's own output. Every command checks its targets
+# here before any work starts.
+_MODEL_EXTENSIONS = (".onnx",)
+
+
+def _real(path: Any) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return _real(a) == _real(b)
+
+
+def check_output_file(flag: str, path: str | os.PathLike | None, *, inputs: Iterable[Any] = (), data: Iterable[Any] = (),
+                      own: Iterable[str] = (), example: str = "out.txt") -> None:
+    """A file a command (re)writes: ``check_out_file``'s checks, then the rule above. ``inputs``:
+    files the command reads; ``data``: folders it reads (nothing in them is replaced, no image is
+    added); ``own``: names of run files that are this command's output (``report.html``). An
+    existing image or ONNX model is never replaced by another kind of file."""
+    if path is None:
+        return
+    from ._images import is_image_path  # numpy + Pillow: only when there is a file to check
+
+    check_out_file(flag, path, example)
+    target, real = Path(os.path.expanduser(os.fspath(path))), _real(path)
+    fix = f"give another file name (e.g. {example})"
+    for source in inputs:
+        if source is not None and os.path.lexists(target) and _same_file(target, Path(os.fspath(source))):
+            raise AutotlError(f"{flag} {target}: is {source}, which this command reads; {fix}")
+    for folder in data:
+        if folder is not None and _within(real, _real(folder)) and (os.path.lexists(target) or is_image_path(target)):
+            what = "replace a file" if os.path.lexists(target) else "add an image"
+            raise AutotlError(f"{flag} {target}: would {what} in {folder}, a folder this command reads; {fix} outside it")
+    suffix = target.suffix.lower()
+    kept_kind = is_image_path(target) or suffix in _MODEL_EXTENSIONS
+    if os.path.lexists(target) and kept_kind and Path(example).suffix.lower() != suffix:
+        raise AutotlError(f"{flag} {target}: is {'a model' if suffix in _MODEL_EXTENSIONS else 'an image'}, not "
+                          f"a {Path(example).suffix or 'output'} file; {fix}")
+    if target.name in RUN_FILES and target.name not in set(own) and is_run_folder(real.parent):
+        raise AutotlError(f"{flag} {target}: is a file of the run in {target.parent} (written by autotl fit); {fix}")
+
+
+def check_output_dir(flag: str, path: str | os.PathLike | None, *, data: Iterable[Any] = (),
+                     run_folder_ok: bool = False) -> None:
+    """A folder a command writes its files into: ``check_out_dir``'s checks, then neither a folder
+    of ``data``, nor inside one (the next scan would take it for a class), nor holding one; nor
+    (unless ``run_folder_ok``: fit's own) the run folder of a fit, whose files it would replace."""
+    if path is None:
+        return
+    path = Path(os.path.expanduser(os.fspath(path)))
+    real = _real(path)
+    for folder in data:
+        if folder is None:
+            continue
+        d = _real(folder)
+        if _within(real, d) or d in real.parents:
+            raise AutotlError(f"{flag} {path}: is the data folder {folder} or overlaps it; give a folder outside the "
+                              "data (e.g. runs/NAME)")
+    check_out_dir(flag, path)
+    if not run_folder_ok and path.is_dir() and is_run_folder(path):
+        raise AutotlError(f"{flag} {path}: is the run folder of an `autotl fit`, whose files this would replace; "
+                          "give another folder")
+
+
 def _check_cache_dir(cache_dir: Any) -> None:
     if cache_dir is None:
         return
@@ -255,10 +330,14 @@ def _check_time_budget(value: Any) -> None:
     parse_duration(value)  # AutotlError for garbage, <= 0, nan, inf
 
 
-def _check_retrieval(fixed: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+def _check_retrieval(fixed: Mapping[str, Any], options: Mapping[str, Any], data_dir: Any = None) -> None:
     pool = options.get("source_pool")
     if pool is not None and not (isinstance(pool, str) and not pool.strip()):
-        _check_existing_dir("--source-pool", pool, "a folder with one sub-folder of images per source class")
+        p = _check_existing_dir("--source-pool", pool, "a folder with one sub-folder of images per source class")
+        d = _real(data_dir) if data_dir is not None else None
+        if d is not None and (_within(_real(p), d) or _real(p) in d.parents):
+            raise AutotlError(f"--source-pool {p}: is the data folder {data_dir} or overlaps it; the pool's images would "
+                              "train beside the images that validate; give a folder of other images")
     elif pool is not None:
         raise AutotlError("--source-pool '': give a folder with one sub-folder of images per source class")
     k = fixed.get("retrieval_k")
@@ -328,7 +407,7 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
                       val_fraction: Any = 0.1, seed: Any = 0, device: Any = "auto", cache_dir: Any = None,
                       config: Any = None, fixed_params: Any = None, options: Any = None, duplicates: Any = "warn",
                       quantize: Any = None, zoo: Any = None, path_column: Any = None, label_column: Any = None,
-                      **_other: Any) -> None:
+                      resume: Any = False, overwrite: Any = False, **_other: Any) -> None:
     """Every ``autotl.fit.fit`` argument that can be checked without reading the data or loading a
     model (called with ``fit``'s ``locals()``; arguments it does not know are left to ``fit``)."""
     if data_dir is None or (isinstance(data_dir, str) and not data_dir.strip()):
@@ -378,9 +457,12 @@ def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = ()
         from ._recipe import load_recipe
 
         load_recipe(recipe)  # a typo in the name or the file is reported now, not after the scoring pass
+    if resume and overwrite:
+        raise AutotlError("--resume with --overwrite: --resume continues the search in --out, --overwrite replaces the "
+                          "run there; give one of them")
     fixed, opts = dict(fixed_params or {}), dict(options or {})
     _check_dropout_fixed(fixed, opts)
-    _check_retrieval(fixed, opts)
+    _check_retrieval(fixed, opts, data_dir)
     check_out_dir("--out", out if out is not None else "runs")
 
 
@@ -394,7 +476,7 @@ def check_columns(**columns: Any) -> None:
 # ------------------------------------------------------------------------------------------ others
 def check_score_options(*, out: Any = None, val_fraction: Any = 0.1, seed: Any = 0, device: Any = "auto",
                         cache_dir: Any = None, top: Any = None, cuts: Any = (), path_column: Any = None,
-                        label_column: Any = None, **_other: Any) -> None:
+                        label_column: Any = None, data_dir: Any = None, **_other: Any) -> None:
     check_columns(path_column=path_column, label_column=label_column)
     check_fraction("--val-fraction", val_fraction, "validation share")
     check_seed("--seed", seed)
@@ -404,13 +486,13 @@ def check_score_options(*, out: Any = None, val_fraction: Any = 0.1, seed: Any =
         check_int("--top", top, minimum=1, what="a number of source classes")
     for c in cuts or ():
         _check_frozen_value(c)
-    check_out_dir("--out", out)
+    check_output_dir("--out", out, data=[data_dir])
 
 
 def check_dropout_options(*, tau: Any = None, mode: Any = "spread", focus_class: Any = None, out: Any = None,
                           l2: Any = 1e-2, min_keep_fraction: Any = 0.1, val_fraction: Any = 0.1, seed: Any = 0,
                           device: Any = "auto", cache_dir: Any = None, top: Any = 20, write_clean: Any = None,
-                          path_column: Any = None, label_column: Any = None, **_other: Any) -> None:
+                          path_column: Any = None, label_column: Any = None, data_dir: Any = None, **_other: Any) -> None:
     check_columns(path_column=path_column, label_column=label_column)
     try:
         tau_value = parse_tau(tau)
@@ -430,9 +512,11 @@ def check_dropout_options(*, tau: Any = None, mode: Any = "spread", focus_class:
     check_device("--device", device)
     _check_cache_dir(cache_dir)
     check_int("--top", top, minimum=1, what="a number of images")
-    check_out_dir("--out", out)
+    check_output_dir("--out", out, data=[data_dir])
     if write_clean is not None:
-        check_out_dir("--write-clean", write_clean)
+        check_output_dir("--write-clean", write_clean, data=[data_dir])
+        if out is not None and (_within(_real(write_clean), _real(out)) or _real(out) in _real(write_clean).parents):
+            raise AutotlError(f"--write-clean {write_clean}: overlaps --out {out}; give the cleaned copy a folder of its own")
 
 
 QUANTIZE_MODES = ("int8",)
@@ -445,17 +529,30 @@ def check_quantize(quantize: Any, *, optional: bool = True) -> None:
         raise AutotlError(f"--quantize {_shown(quantize)}: use {' or '.join(QUANTIZE_MODES)} (e.g. --quantize int8)")
 
 
-def check_predict_options(*, top_k: Any = 5, batch_size: Any = 32, csv: Any = None, path_column: Any = None,
-                          **_other: Any) -> None:
+def check_predict_options(*, top_k: Any = 5, batch_size: Any = 32, csv: Any = None, model_path: Any = None,
+                          paths: Any = (), path_column: Any = None, **_other: Any) -> None:
+    """``--csv`` never replaces the model, its card or an image being classified (nor anything in a
+    folder being classified)."""
     check_columns(path_column=path_column)
     check_int("--top-k", top_k, minimum=1, what="a number of labels")
     check_int("--batch-size", batch_size, minimum=1)
-    check_out_file("--csv", csv, "predictions.csv")
+    if csv is None:
+        return
+    inputs: list[Path] = []
+    if model_path is not None:
+        model = Path(os.fspath(model_path))
+        model = model / "model.onnx" if model.is_dir() else model
+        inputs += [model, model.with_suffix(".json"), model.parent / "model.json"]
+    given = [Path(os.fspath(p)) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths or ())]
+    check_output_file("--csv", csv, inputs=inputs + [p for p in given if not p.is_dir()],
+                      data=[p for p in given if p.is_dir()], example="predictions.csv")
 
 
-def check_report_options(*, out: Any = None, **_other: Any) -> None:
-    """``write_report``'s output file (it checks ``--plots`` itself: the modes are its own)."""
-    check_out_file("--out", out, "report.html")
+def check_report_options(*, out: Any = None, run_dir: Any = None, data_dir: Any = None, **_other: Any) -> None:
+    """``write_report``'s output file, ``out`` or ``RUN_DIR/report.html`` (it checks ``--plots``
+    itself: the modes are its own): never one of the run's other files or in its data folder."""
+    target = out if out is not None else (Path(os.fspath(run_dir)) / "report.html" if run_dir is not None else None)
+    check_output_file("--out", target, data=[data_dir], own={"report.html"}, example="report.html")
 
 
 def check_worker_options(*, storage: Any = None, study: Any = None, trials: Any = None, out: Any = None,

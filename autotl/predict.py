@@ -189,30 +189,46 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def expand_image_paths(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
-                       path_column: str | None = None) -> list[Path]:
+def expand_image_paths(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                       skipped: list[dict] | None = None, *, path_column: str | None = None) -> list[Path]:
     """Files as given (any extension), folders expanded recursively to their image files, and label
     files (``.csv``, ``.tsv``) to the images of their path column (``path_column``, else the column
     the header names ``path``, ``file``, ``image``...; relative to the file's folder; other columns,
     labels included, are not read).
 
     Hidden files and folders (``.name``) inside a folder are skipped; each folder's files are
-    sorted; a label file's images keep their row order; duplicates are dropped. A path that does not exist
-    (a row's file included, named by its line), or nothing found at all, is an ``AutotlError``.
+    sorted; a label file's images keep their row order; duplicates are dropped. Files in a folder in
+    an image format autotl does not read (``.gif``, ``.heic``, ...:
+    ``autotl.data.UNSUPPORTED_IMAGE_EXTENSIONS``) are not classified: with ``skipped`` they are
+    appended there as ``{"path", "reason"}``. A path that does not exist (a row's file included,
+    named by its line), or nothing found at all, is an ``AutotlError``.
     """
+    from autotl.data import UNSUPPORTED_IMAGE_EXTENSIONS
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
     if not paths:
         raise AutotlError("no image paths given; pass image files or folders of images")
     out: list[Path] = []
+    unsupported: list[dict] = []
     seen: set[Path] = set()
     for path in paths:
         if path.is_dir():
-            found = sorted(
-                (f for f in path.rglob("*") if is_image_path(f) and not _is_hidden(f.relative_to(path)) and f.is_file()),
-                key=lambda f: f.as_posix(),
-            )
+            found, other = [], []
+            for f in path.rglob("*"):
+                if _is_hidden(f.relative_to(path)) or not f.is_file():
+                    continue
+                if is_image_path(f):
+                    found.append(f)
+                elif f.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+                    other.append(f)
+            found.sort(key=lambda f: f.as_posix())
+            for f in sorted(other, key=lambda f: f.as_posix()):
+                if f not in seen:
+                    seen.add(f)
+                    fix = UNSUPPORTED_IMAGE_EXTENSIONS[f.suffix.lower()]
+                    unsupported.append({"path": str(f), "reason": f"unsupported format {f.suffix.lower()}: {fix}"})
         elif is_label_file(path) and path.is_file():
             found = [row.path for row in read_label_file(path, path_column=path_column, labels=False).rows]
         elif path.exists() or path.is_symlink():
@@ -223,10 +239,12 @@ def expand_image_paths(paths: str | os.PathLike | Iterable[str | os.PathLike], *
             if f not in seen:
                 seen.add(f)
                 out.append(f)
-    if not out:
+    if not out and not unsupported:
         where = ", ".join(str(p) for p in paths)
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise AutotlError(f"no images found in {where}; expected files with extensions {exts}")
+    if skipped is not None:
+        skipped.extend(unsupported)
     return out
 
 
@@ -342,7 +360,7 @@ class Predictor:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             msg = " ".join(str(exc).split())[:200]
-            raise AutotlError(f"model file {path} is not a loadable ONNX model ({msg}); re-export it with autotl") from None
+            raise AutotlError(f"model file {path} is not a loadable ONNX model ({msg}); use the model.onnx written by `autotl fit` (or fit again)") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self._check_shapes(inp.shape, self.session.get_outputs()[0].shape)
@@ -353,13 +371,13 @@ class Predictor:
         if got is None or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
             raise AutotlError(
                 f"model file {self.onnx_path} takes input {list(in_shape)} but its card {card_path_for(self.onnx_path)} "
-                f"says input_size {want}; the card belongs to another model, re-export it"
+                f"says input_size {want}; the card belongs to another model: use the model.json written with it"
             )
         n_out = out_shape[-1] if out_shape else None
         if isinstance(n_out, int) and n_out != len(self.classes):
             raise AutotlError(
                 f"model file {self.onnx_path} has {n_out} outputs but its card {card_path_for(self.onnx_path)} "
-                f"lists {len(self.classes)} classes; the card belongs to another model, re-export it"
+                f"lists {len(self.classes)} classes; the card belongs to another model: use the model.json written with it"
             )
 
     @property
@@ -392,7 +410,10 @@ class Predictor:
             raise AutotlError(f"--top-k {top_k}: must be at least 1")
         if int(batch_size) < 1:
             raise AutotlError(f"--batch-size {batch_size}: must be at least 1")
-        files = expand_image_paths(paths, path_column=path_column)
+        unsupported: list[dict] = []
+        files = expand_image_paths(paths, unsupported, path_column=path_column)
+        if unsupported:  # listed with the reason, like unreadable images
+            yield [], unsupported
         k = min(int(top_k), len(self.classes))
         classes = np.asarray(self.classes, dtype=object)
         workers = max(1, int(workers or _cores()))
@@ -515,6 +536,8 @@ def predict(model_path: str | os.PathLike, paths: str | os.PathLike | Iterable[s
     ``Predictor.predict_paths``."""
     from autotl.options import check_predict_options
 
-    check_predict_options(top_k=top_k, batch_size=batch_size, csv=csv, path_column=path_column)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    check_predict_options(top_k=top_k, batch_size=batch_size, csv=csv, model_path=model_path, paths=paths,
+                          path_column=path_column)
     return Predictor(model_path).predict_paths(paths, top_k=top_k, batch_size=batch_size, csv=csv, keep=keep,
                                                workers=workers, path_column=path_column)

@@ -191,13 +191,10 @@ def quantize_run(run_dir: str | os.PathLike, *, quantize: str = "int8", data_dir
     """``autotl export RUN --quantize int8``: the int8 model of a finished run, calibrated on its
     training images and gated on its validation images (the data re-scanned and checked to be the
     fit's), its report written onto the card."""
-    import json
-
-    from autotl._labels import is_label_file
-    from autotl.card import CARD_NAME, ModelCard, check_model_matches
-    from autotl.data import scan_dataset
+    from autotl._runfolder import hold_run_folder
+    from autotl.card import CARD_NAME
     from autotl.errors import AutotlError
-    from autotl.options import check_fraction, check_quantize
+    from autotl.options import check_fraction, check_out_dir, check_quantize
 
     check_quantize(quantize, optional=False)
     check_fraction("--val-fraction", val_fraction, "validation share")
@@ -205,6 +202,19 @@ def quantize_run(run_dir: str | os.PathLike, *, quantize: str = "int8", data_dir
     model, card_file = run_dir / "model.onnx", run_dir / CARD_NAME
     if not model.is_file():
         raise AutotlError(f"{run_dir}: no model.onnx there; give a finished run folder (the --out of `autotl fit`)")
+    check_out_dir("RUN", run_dir)  # it gets model.int8.onnx and an updated card: writable, before any work
+    with hold_run_folder(run_dir, flag="RUN", command="export"):
+        return _quantize_run(run_dir, model, card_file, data_dir, val_fraction)
+
+
+def _quantize_run(run_dir: Path, model: Path, card_file: Path, data_dir, val_fraction: float) -> Int8Report:
+    import json
+
+    from autotl._labels import is_label_file
+    from autotl.card import ModelCard, check_model_matches
+    from autotl.data import scan_dataset
+    from autotl.errors import AutotlError
+
     card = ModelCard.load(card_file)
     check_model_matches(card, model, card_file)
     try:

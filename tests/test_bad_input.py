@@ -417,3 +417,228 @@ def test_all_trials_failing_says_what_broke(tmp_path):
     msg = str(info.value)
     assert "3 of 3 trial(s) failed" in msg and "out of memory" in msg and "--batch-size" in msg
     assert "time-budget" not in msg
+
+
+# ============================================================================ never destroy a user's file
+# One rule for every file autotl writes (autotl.options.check_output_file / check_output_dir): it never
+# replaces an input, a data folder's content or a run's files unless that is the command's own output.
+def _run_folder(tmp_path: Path) -> Path:
+    """A folder as `autotl fit` leaves it: marker, model, card (hand-made: no training)."""
+    run = tmp_path / "run"
+    _tiny_onnx(run, ["a", "b"])
+    (run / "autotl-run.json").write_text("{}")
+    return run
+
+
+def _images(folder: Path, n: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (20, 20), (40 * i, 200, 10)).save(folder / f"img_{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("target, fragment", [
+    ("imgs/img_1.png", "would replace a file in"),  # an image being classified
+    ("run/model.onnx", "which this command reads"),  # the model
+    ("run/model.json", "which this command reads"),  # its card
+    ("elsewhere.png", "is an image"),  # an image this command does not even read
+])
+def test_predict_csv_never_replaces_what_it_reads(target, fragment, tmp_path, run_cli):
+    run, imgs = _run_folder(tmp_path), _images(tmp_path / "imgs")
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere.png")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert_one_line_error(run_cli("predict", run / "model.onnx", imgs, "--csv", tmp_path / target), "--csv", fragment)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # a new CSV file next to the images replaces nothing: allowed
+    proc = run_cli("predict", run / "model.onnx", imgs, "--csv", imgs / "predictions.csv")
+    assert proc.returncode == 0 and (imgs / "predictions.csv").read_text().startswith("path,label")
+
+
+def test_report_never_writes_over_a_run_file(tmp_path, run_cli):
+    run = _run_folder(tmp_path)
+    model = (run / "model.onnx").read_bytes()
+    assert_one_line_error(run_cli("report", run, "--out", run / "model.onnx"), "--out", "is a model")
+    assert_one_line_error(run_cli("report", run, "--out", run / "model.json"), "--out", "is a file of the run")
+    assert (run / "model.onnx").read_bytes() == model and json_of(run / "model.json")["classes"] == ["a", "b"]
+    assert run_cli("report", run).returncode == 0 and (run / "report.html").is_file()  # its own output
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("dropout", ["--out", "{data}/x"]),
+    ("score", ["--out", "{data}/x"]),
+    ("dropout", ["--out", "{data}/cat/x"]),
+    ("dropout", ["--out", "{tmp}/out", "--write-clean", "{data}/clean"]),
+    ("dropout", ["--out", "{tmp}/run"]),  # the run folder of a fit: its files would be replaced
+    ("score", ["--out", "{tmp}/run"]),
+])
+def test_dropout_and_score_never_write_into_the_data_or_a_run(command, flags, data, tmp_path, run_cli):
+    run = _run_folder(tmp_path)
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    args = [f.replace("{data}", str(data)).replace("{tmp}", str(tmp_path)) for f in flags]
+    assert_one_line_error(run_cli(command, data, "--model", MODEL, *args), "--")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before  # refused before any work
+    assert (run / "model.onnx").is_file()
+
+
+def test_source_pool_that_is_the_data_is_refused_at_once(data, tmp_path, run_cli):
+    out = tmp_path / "run"
+    for pool in (data, data / "cat", data.parent):
+        assert_one_line_error(run_cli("fit", data, "--model", MODEL, "--out", out, "--source-pool", pool,
+                                      "--retrieval-k", "2"), "--source-pool", "overlaps")
+    assert not out.exists()
+
+
+# ============================================================================ wrong failures
+@pytest.mark.parametrize("args", [
+    ["fit", "{data}", "--epochs", "0"],
+    ["fit", "{data}", "--nosuch"],  # a usage error
+    ["predict", "{tmp}/no.onnx", "{data}"],
+    ["export", "{tmp}", "--quantize", "int8"],
+    ["report", "{tmp}/nothing"],
+    ["score", "{data}", "--top", "0"],
+    ["dropout", "{data}", "--tau", "x"],
+    ["worker", "--storage", "sqlite:///x.db", "--study", "s", "--trials", "0"],
+    ["info", "{tmp}/nothing"],
+])
+def test_json_errors_are_one_json_document(args, data, tmp_path, run_cli):
+    import json
+
+    proc = run_cli(*[a.replace("{data}", str(data)).replace("{tmp}", str(tmp_path)) for a in args], "--json")
+    assert_one_line_error(proc)
+    doc = json.loads(proc.stdout)  # exactly one document, nothing else on stdout
+    assert doc["exit_code"] == 2 and doc["error"] == proc.stderr.strip().removeprefix("error: ")
+
+
+def test_predict_lists_gif_in_a_folder_as_skipped(tmp_path, run_cli):
+    import json
+
+    model = _tiny_onnx(tmp_path / "m", ["a", "b"])
+    imgs = _images(tmp_path / "imgs", 1)
+    Image.new("RGB", (20, 20), (9, 9, 200)).save(imgs / "anim.gif")
+    proc = run_cli("predict", model, imgs, "--json")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["n_images"] == 1
+    assert doc["errors"] == [{"path": str(imgs / "anim.gif"), "reason": "unsupported format .gif: convert to PNG "
+                                                                      "(animations: extract the frames)"}]
+    only = tmp_path / "gifs"
+    only.mkdir()
+    Image.new("RGB", (20, 20)).save(only / "x.gif")
+    assert_one_line_error(run_cli("predict", model, only), "none of the 1 image(s)", "unsupported format .gif")
+    assert run_cli("predict", model, only / "x.gif").returncode == 0  # named directly: classified, as before
+
+
+def test_help_names_every_recipe_and_model_size(run_cli, monkeypatch):
+    import re
+
+    from autotl.search._recipe import list_recipes
+
+    monkeypatch.setenv("COLUMNS", "300")  # no cell cut short with an ellipsis
+    proc = run_cli("fit", "--help")
+    text = re.sub(r"[\s│]", "", proc.stdout)  # the help table's borders and wrapping
+    assert "NAME[@SIZE][=CHECKPOINT|random]" in text
+    recipe_help = text[text.index("--recipe"):text.index("--resume")]
+    assert all(name in recipe_help for name in list_recipes())
+
+
+def test_no_message_suggests_a_command_that_does_not_exist():
+    import re
+
+    from autotl.cli import app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    import autotl
+
+    source = "\n".join(p.read_text(encoding="utf-8") for p in Path(autotl.__file__).parent.rglob("*.py"))
+    suggested = set(re.findall(r"`autotl (\w+)", source))
+    for group in re.findall(r"\(autotl (\w+(?: / \w+)+)\)", source):  # "(autotl export / fit)"
+        suggested |= set(group.split(" / "))
+    assert {"fit", "predict"} <= suggested and suggested <= commands, suggested - commands
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` cannot be written (what chmod a-w does to a user who is not root)."""
+    real_access, real_open = os.access, os.open
+
+    def access(p, mode, **kw):
+        return False if (mode & os.W_OK) and Path(p).resolve() == folder.resolve() else real_access(p, mode, **kw)
+
+    def open_(p, flags, *a, **kw):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and Path(p).resolve().parent == folder.resolve():
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(os, "open", open_)
+
+
+def test_export_and_report_on_a_read_only_run_folder(tmp_path, run_cli, monkeypatch):
+    run = _run_folder(tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    _read_only(monkeypatch, run)
+    assert_one_line_error(run_cli("export", run, "--quantize", "int8"), "RUN", "permission denied")
+    assert_one_line_error(run_cli("report", run), "report.html", "permission denied")
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert run_cli("report", run, "--out", tmp_path / "r.html").returncode == 0  # reading it is fine
+
+
+def test_unwritable_cache_dir_warns_and_runs_without_it(data, tmp_path, run_cli):
+    blocker = tmp_path / "afile"  # a folder cannot be made under a file, whoever you are
+    blocker.write_text("x")
+    proc = run_cli("fit", data, "--model", MODEL, "--out", tmp_path / "run", "--no-search", "--epochs", "1",
+                   "--batch-size", "8", "--cache-dir", blocker / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "running without the disk feature cache" in " ".join(proc.stderr.split())
+    proc = run_cli("dropout", data, "--model", MODEL, "--out", tmp_path / "d", "--cache-dir", blocker / "cache")
+    assert proc.returncode == 0 and "running without the disk feature cache" in " ".join(proc.stderr.split())
+
+
+def test_a_failing_fit_leaves_no_stub_folder(data, tmp_path, run_cli):
+    for flags in (["--frozen-stages", "99"], ["--model", "no_such_model_xyz=random"], ["--dropout-tau", "0",
+                  "--focus-class", "zebra"], ["--storage", "bogus://x", "--trials", "1", "--recipe", "quick"]):
+        out = tmp_path / "run"
+        args = ["--no-search"] if "--storage" not in flags else []
+        proc = run_cli("fit", data, "--out", out, "--epochs", "1", "--batch-size", "8", *args,
+                       *(["--model", MODEL] if "--model" not in flags else []), *flags)
+        assert_one_line_error(proc)
+        assert not out.exists(), flags
+
+
+# ============================================================================ tiny classes
+def test_tiny_classes_plan_folds_that_fit_them(tmp_path, make_image_folder):
+    from autotl.data import scan_dataset
+    from autotl.search._fit import without_unreferenced_dropout
+    from autotl.search._folds import plan_selection
+    from autotl.search._recipe import load_recipe
+
+    tiny = scan_dataset(make_image_folder(tmp_path / "two4", {c: 2 for c in "abcd"}, size=(16, 16)))
+    sel = plan_selection(tiny)
+    assert sel.self_decided == len(sel.folds) > 0
+    for f in sel.folds:  # the score part still decides nothing
+        assert f.decide and not {s.path for s in f.score} & {s.path for s in f.train + f.decide}
+    assert "data dropout is not searched" in sel.decided_by["early_stopping_and_dropout_reference"]
+    recipe = without_unreferenced_dropout(load_recipe("default"), sel, {})
+    assert recipe.dimension("dropout_tau").choices == (None,)
+    with pytest.raises(AutotlError, match="--dropout-tau: .* at least 3 labelled images"):
+        without_unreferenced_dropout(load_recipe("default"), sel, {"dropout_tau": 0.0})
+    roomy = scan_dataset(make_image_folder(tmp_path / "three", {c: 3 for c in "ab"}, size=(16, 16)))
+    assert plan_selection(roomy).self_decided == 0
+    assert without_unreferenced_dropout(load_recipe("default"), plan_selection(roomy), {}).dimension("dropout_tau").choices[-1] == 0.0
+
+
+def test_tiny_classes_search_completes(tmp_path, make_image_folder, run_cli):
+    import json
+
+    two4 = make_image_folder(tmp_path / "two4", {c: 2 for c in "abcd"}, size=(16, 16))
+    out = tmp_path / "run"
+    proc = run_cli("fit", two4, "--model", MODEL, "--out", out, "--recipe", "quick", "--trials", "2",
+                   "--batch-size", "8", "--cache-dir", tmp_path / "cache", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    search = json.loads(proc.stdout)["search"]
+    assert search["states"] == {"complete": 2} and search["selection"]["self_decided_folds"] > 0
+    assert "val/" not in proc.stderr

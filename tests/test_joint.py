@@ -341,6 +341,45 @@ def test_source_head_init_is_a_searched_choice(source, index, folders, extractor
     assert "source head random" in SelectiveJointFineTuning().describe({"retrieval_k": 1, "source_head_init": "random"})
 
 
+def test_pool_copies_of_data_images_are_left_out_by_content(source, index, folders, extractor, tmp_path):
+    """A pool holding copies of the data set's images (renamed, in other folders) is not disjoint
+    from it: those images would train beside the validation images they are. Compared by content
+    (sha256), they are left out of the pool, in every trial and the final fit, and the card says so."""
+    import shutil
+    from types import SimpleNamespace
+
+    from autotl.fit import source_pool_overlap
+    from autotl.retrieval.pool import without_data_copies
+
+    root = tmp_path / "pool"
+    shutil.copytree(folders[1], root)
+    val_img, train_img = index.val[0].path, index.train[0].path
+    shutil.copyfile(val_img, root / "other" / "renamed.png")
+    (root / "n99999999").mkdir()
+    shutil.copyfile(train_img, root / "n99999999" / "only_a_copy.png")  # a class of copies only
+    pool = scan_pool(root)
+    clean, copies = without_data_copies(pool, [*index.train, *index.val, *index.test])
+    assert {(c["pool"], c["data"]) for c in copies} == {(str(root / "other" / "renamed.png"), str(val_img)),
+                                                       (str(root / "n99999999" / "only_a_copy.png"), str(train_img))}
+    assert len(clean) == len(pool) - 2 and clean.classes == [c for c in pool.classes if c != "n99999999"]
+    assert all(0 <= s.label < clean.num_classes for s in clean.samples) and clean.fingerprint != pool.fingerprint
+    assert not {str(s.path) for s in clean.samples} & {c["pool"] for c in copies}
+
+    ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages=-1, epochs=1, batch_size=8),
+                          list(index.train), options={"source_pool": str(root), "retrieval_cache_dir": str(tmp_path / "rc")})
+    SelectiveJointFineTuning().apply(ctx, {"retrieval_k": 2})
+    notes = ctx.notes["retrieval"]
+    assert notes["pool_images"] == len(pool) - 2 and notes["pool_data_copies_excluded"] == 2
+    card = source_pool_overlap(SimpleNamespace(index=index, cache_dir=None), {"source_pool": str(root)})
+    assert card["data_copies_excluded"] == 2 and card["compared_by"] == "sha256" and len(card["data_copies"]) == 2
+
+    same = tmp_path / "same"
+    (same / "n01440764").mkdir(parents=True)
+    shutil.copyfile(val_img, same / "n01440764" / "a.png")
+    with pytest.raises(AutotlError, match="every one of its 1 images is a copy"):
+        without_data_copies(scan_pool(same), [*index.train, *index.val])
+
+
 # ------------------------------------------------------------------ the strategy
 
 

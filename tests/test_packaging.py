@@ -74,6 +74,63 @@ def _build_prerequisites_missing() -> str | None:
     return None
 
 
+def installing_site_dirs() -> list[str]:
+    """The site-packages folders of the interpreter running the tests, whatever made it: the system
+    Python, or a virtualenv (its own site-packages, plus the base's when it was made with
+    --system-site-packages). ``venv --system-site-packages`` from a venv would see only the base's."""
+    import site
+
+    found = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    found += site.getsitepackages()
+    if site.ENABLE_USER_SITE:
+        found.append(site.getusersitepackages())
+    return [p for p in dict.fromkeys(os.path.abspath(p) for p in found) if os.path.isdir(p)]
+
+
+def see_installing_environment(python: Path, log: "StepLog", env: dict[str, str], dirs: list[str] | None = None) -> None:
+    """Make the venv of ``python`` see the installing environment's packages (``dirs``, default
+    ``installing_site_dirs()``), after its own: a .pth file in its site-packages adds those folders
+    as site folders (their own .pth files run too)."""
+    proc = log.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], timeout=60, env=env)
+    assert proc.returncode == 0, log.failure("cannot ask the venv for its site-packages")
+    purelib = Path(proc.stdout.strip().splitlines()[-1])
+    dirs = installing_site_dirs() if dirs is None else dirs
+    (purelib / "_autotl_installing_env.pth").write_text(
+        f"import site; list(map(site.addsitedir, {dirs!r}))\n", encoding="utf-8")
+    log.note(f"venv {purelib} sees {', '.join(dirs)}")
+
+
+def test_venv_sees_the_installing_environments_packages(tmp_path):
+    """What the wheel test relies on, fast: a package only the running environment has (here a
+    stand-in in a site folder of its own) is importable in the venv, and the venv's own packages
+    come first."""
+    import site
+
+    if importlib.util.find_spec("venv") is None:
+        pytest.skip("no venv module")
+    log = StepLog()
+    env = _clean_env(tmp_path)
+    outer = tmp_path / "outer-site-packages"  # as a virtualenv's site-packages would be
+    (outer / "only_outside").mkdir(parents=True)
+    (outer / "only_outside" / "__init__.py").write_text("WHERE = 'outside'\n")
+    (outer / "shadowed").mkdir()
+    (outer / "shadowed" / "__init__.py").write_text("WHERE = 'outside'\n")
+    venv = tmp_path / "venv"
+    proc = log.run([sys.executable, "-m", "venv", "--without-pip", venv], timeout=120, env=env)
+    if proc.returncode != 0:
+        pytest.skip("cannot create a virtual environment here")
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / ("python.exe" if os.name == "nt" else "python")
+    see_installing_environment(python, log, env, [str(outer), *installing_site_dirs()])
+    purelib = next(venv.rglob("_autotl_installing_env.pth")).parent
+    (purelib / "shadowed").mkdir()
+    (purelib / "shadowed" / "__init__.py").write_text("WHERE = 'venv'\n")
+    proc = log.run([python, "-c", "import only_outside, shadowed, rich; print(only_outside.WHERE, shadowed.WHERE)"],
+                   timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, log.failure("the venv does not see the installing environment")
+    assert proc.stdout.split() == ["outside", "venv"]
+    assert site.getsitepackages()  # (the running interpreter has site folders at all)
+
+
 def test_checkout_reads_the_top_level_recipes():
     import autotl
     from autotl._recipe import list_recipes, recipe_dirs
@@ -123,15 +180,15 @@ def test_wheel_ships_recipes_installs_into_fresh_venv_and_searches(tmp_path):
                 assert zf.read(member) == recipe.read_bytes(), f"{member} differs from {recipe}"
         log.note(f"{wheel.name}: ships {', '.join(f'autotl/recipes/{r.name}' for r in RECIPES)}")
 
-        # A fresh venv that sees the system's torch/timm/onnx (no downloads) but gets autotl only
-        # from the wheel; pip comes from the system site-packages too, so the venv needs none.
+        # A fresh venv that sees this environment's torch/timm/onnx (no downloads) but gets autotl
+        # only from the wheel; pip comes from this environment too, so the venv needs none.
         venv = tmp_path / "venv"
-        proc = log.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
-                       timeout=120, env=env)
+        proc = log.run([sys.executable, "-m", "venv", "--without-pip", venv], timeout=120, env=env)
         if proc.returncode != 0:
             pytest.skip("cannot create a virtual environment here: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
         bindir = venv / ("Scripts" if os.name == "nt" else "bin")
         python = bindir / ("python.exe" if os.name == "nt" else "python")
+        see_installing_environment(python, log, env)
         # --ignore-installed: the checkout's editable autotl is visible through the system
         # site-packages, and pip would otherwise call the wheel "already installed".
         proc = log.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel],

@@ -142,7 +142,7 @@ def test_card_validation_errors(tmp_path, content, match):
     with pytest.raises(AutotlError, match=match) as info:
         ModelCard.load(path)
     msg = str(info.value)
-    assert "\n" not in msg and str(path) in msg and "re-export" in msg
+    assert "\n" not in msg and str(path) in msg and "`autotl fit`" in msg and "train" not in msg
 
 
 def test_card_save_refuses_an_invalid_card(tmp_path):

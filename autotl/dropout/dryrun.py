@@ -95,7 +95,7 @@ def inspect_dropout(
     """
     from ..data import scan_dataset
     from ..features import FeatureExtractor
-    from ..run import default_cache_dir, default_run_dir
+    from ..run import default_run_dir, resolve_cache_dir
     from ..models import create_source_model, set_torch_threads
     from ..device import pick_device
 
@@ -103,7 +103,7 @@ def inspect_dropout(
 
     check_dropout_options(tau=tau, mode=mode, focus_class=focus_class, out=out, l2=l2, min_keep_fraction=min_keep_fraction,
                           val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, top=top,
-                          write_clean=write_clean, path_column=path_column, label_column=label_column)
+                          write_clean=write_clean, path_column=path_column, label_column=label_column, data_dir=data_dir)
     t_start = time.perf_counter()
     tau_value = parse_tau(tau)
     if mode not in ("spread", "fraction"):
@@ -118,12 +118,11 @@ def inspect_dropout(
         raise AutotlError(f"{data_dir}: no validation images; the influence reference needs a val split")
     clean_dir = _check_clean_dir(write_clean, index.root) if write_clean is not None else None
     out_dir = Path(out) if out is not None else default_run_dir(data_dir, "dropout")
-    out_dir.mkdir(parents=True, exist_ok=True)
     _console.log(index.summary_table())
 
     source = create_source_model(model)
     _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}")
-    extractor = FeatureExtractor(source, device=pick_device(device), cache_dir=cache_dir or default_cache_dir())
+    extractor = FeatureExtractor(source, device=pick_device(device), cache_dir=resolve_cache_dir(cache_dir))
     t0 = time.perf_counter()
     tr = extractor.extract(index.train, description="train features")
     va = extractor.extract(index.val, description="val features")  # index.test: never
@@ -134,6 +133,7 @@ def inspect_dropout(
     keep, report = select_dropout(res.scores, tau_value, mode=mode, labels=labels, min_keep_fraction=min_keep_fraction)
     summary = dropout_notes(report, outcome, index.classes, tau=tau_value, mode=mode, focus=focus,
                             n_val=len(index.val), min_keep=min_keep_fraction)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failure before leaves no empty folder behind
     files = {k: str(v) for k, v in write_dropout_files(out_dir, index.train, index.classes, res, keep).items()}
     rows = dropout_rows(index.train, index.classes, res, keep, spread=report.spread)
     if clean_dir is not None:
@@ -173,13 +173,11 @@ def _show(ins: DropoutInspection, rows: list[dict], top: int) -> None:
 
 
 def _check_clean_dir(path: str | os.PathLike, data_root: Path) -> Path:
+    """A new or empty folder (``check_dropout_options`` has kept it apart from the data already)."""
+    from ..options import check_output_dir
+
     dest = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    root = Path(os.path.realpath(data_root))
-    real = Path(os.path.realpath(dest))
-    if real == root or root in real.parents:
-        raise AutotlError(f"--write-clean {dest}: is inside the data folder {root}; choose a folder outside it")
-    if real in root.parents:
-        raise AutotlError(f"--write-clean {dest}: contains the data folder {root}; choose a new, separate folder")
+    check_output_dir("--write-clean", dest, data=[data_root])
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise AutotlError(f"--write-clean {dest}: exists and is not empty; give a new folder")
     return dest

@@ -8,6 +8,7 @@ and a Content-Security-Policy that forbids the page from loading anything from e
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -124,12 +125,17 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     ``svg`` (static SVG only: small and script-free). Raises ``AutotlError`` when ``run_dir`` is
     not a run folder. Returns the path written.
     """
+    from .._runfolder import hold_run_folder
     from ..options import check_report_options
 
     if plots not in PLOT_MODES:
         raise AutotlError(f"--plots {plots!r}: use one of {', '.join(PLOT_MODES)}")
-    check_report_options(out=out)
-    run = load_run(run_dir)
-    html_doc, _ = build_html(run, plots=plots)
-    path = Path(out) if out is not None else run.dir / REPORT_NAME
-    return atomic_write_text(path, html_doc)
+    check_report_options(out=out, run_dir=run_dir if Path(run_dir).is_dir() else None)  # (load_run says what else is wrong)
+    path = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
+    in_run = Path(run_dir).is_dir() and os.path.realpath(path.parent) == os.path.realpath(run_dir)
+    # written into the run folder: that folder is ours meanwhile (not while a fit replaces it)
+    with hold_run_folder(run_dir, flag="RUN_DIR", command="report") if in_run else contextlib.nullcontext():
+        run = load_run(run_dir)
+        check_report_options(out=out, run_dir=run_dir, data_dir=run.data_root)
+        html_doc, _ = build_html(run, plots=plots)
+        return atomic_write_text(path, html_doc)

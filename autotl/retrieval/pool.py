@@ -13,6 +13,7 @@ source model's own ImageNet classifier rows, and DATL weights w(y) of the source
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,7 +33,7 @@ from ..data import is_folder_entry, walk_images
 from ..data import Sample
 from ..errors import AutotlError
 
-__all__ = ["SourcePool", "scan_pool", "imagenet_wnids", "pool_class_weights"]
+__all__ = ["SourcePool", "scan_pool", "imagenet_wnids", "pool_class_weights", "without_data_copies"]
 
 _WNID = re.compile(r"^n\d{8}$")
 _CHECK_FORMAT = "autotl.retrieval.pool-check/v1"
@@ -178,6 +179,63 @@ def scan_pool(root: str | os.PathLike, *, verify: bool = True, cache_dir: str | 
     if not samples:
         raise AutotlError(f"--source-pool {root}: none of its {len(files)} images could be read; check the files")
     return SourcePool(root, classes, samples, skipped, imagenet_index, fingerprint)
+
+
+_OVERLAPS: dict[tuple[str, str], tuple["SourcePool", list[dict[str, str]]]] = {}
+
+
+def without_data_copies(pool: SourcePool, data: Sequence[Sample]) -> tuple[SourcePool, list[dict[str, str]]]:
+    """``pool`` less its images that are byte-identical copies (sha256 of the bytes, whatever the
+    path or name) of an image of the data set (``data``: its train, val and test samples): a pool
+    image that is a validation image would train beside itself. Returns (the pool without them,
+    ``[{"pool": path, "data": path}]``). Only files of a size some data image also has are hashed;
+    the outcome is kept for the life of the process (the trials of a search)."""
+    from ..duplicates import content_digest
+
+    data_paths = sorted({os.fspath(s.path) for s in data})
+    key = (pool.fingerprint, hashlib.sha256("\0".join(data_paths).encode("utf-8", "surrogateescape")).hexdigest())
+    if key in _OVERLAPS:
+        return _OVERLAPS[key]
+
+    def size(path: str) -> int:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return -1
+
+    data_sizes: dict[int, list[str]] = {}
+    for path in data_paths:
+        data_sizes.setdefault(size(path), []).append(path)
+    candidates = [i for i, s in enumerate(pool.samples) if size(os.fspath(s.path)) in data_sizes]
+    sizes = {size(os.fspath(pool.samples[i].path)) for i in candidates}
+    digests: dict[bytes, str] = {}
+    for n in sizes:
+        for path in data_sizes[n]:
+            digest = content_digest(path)
+            if digest is not None:
+                digests.setdefault(digest, path)
+    overlap, dropped = [], set()
+    for i in candidates:
+        digest = content_digest(pool.samples[i].path)
+        if digest is not None and digest in digests:
+            dropped.add(i)
+            overlap.append({"pool": os.fspath(pool.samples[i].path), "data": digests[digest]})
+    out = pool
+    if dropped:
+        kept = [s for i, s in enumerate(pool.samples) if i not in dropped]
+        if not kept:
+            raise AutotlError(f"--source-pool {pool.root}: every one of its {len(pool)} images is a copy of an image of the "
+                              "data set; give a pool of other images")
+        fingerprint = hashlib.sha256((pool.fingerprint + "\0without\0" + "\0".join(o["pool"] for o in overlap)).encode(
+            "utf-8", "surrogateescape")).hexdigest()
+        used = sorted({s.label for s in kept})  # a class left without images is no class of the pool any more
+        new_label = {old: new for new, old in enumerate(used)}
+        out = dataclasses.replace(pool, classes=[pool.classes[c] for c in used],
+                                  samples=[Sample(s.path, new_label[s.label]) for s in kept],
+                                  imagenet_index=[pool.imagenet_index[c] for c in used] if pool.imagenet_index else [],
+                                  fingerprint=fingerprint)
+    _OVERLAPS[key] = (out, overlap)
+    return out, overlap
 
 
 def pool_class_weights(pool: SourcePool, p_t: Sequence[float] | np.ndarray, class_names: Sequence[str] | None = None

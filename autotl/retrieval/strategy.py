@@ -29,26 +29,27 @@ from ..errors import AutotlError
 from ..strategy import BaseStrategy, StrategyContext
 from .joint import JointData, random_neighbours, joint_hooks, write_retrieval_csv
 from .neighbours import BANKS, get_retrieval
-from .pool import SourcePool, pool_class_weights, scan_pool
+from .pool import SourcePool, pool_class_weights, scan_pool, without_data_copies
 from .schedule import HardSampleSchedule
 
-__all__ = ["SelectiveJointFineTuning", "load_pool", "retrieval_cache_dir", "write_contact_sheet"]
+__all__ = ["SelectiveJointFineTuning", "load_pool", "data_free_pool", "retrieval_cache_dir", "write_contact_sheet"]
 
 DEFAULT_BANK = "gabor"
 DEFAULT_SOURCE_WEIGHT = 1.0
 _POOLS: dict[str, SourcePool] = {}
 
 
-def retrieval_cache_dir(ctx: StrategyContext) -> Path:
+def retrieval_cache_dir(ctx: StrategyContext) -> Path | None:
+    """Where descriptors are cached (None: nowhere writable, computed each time)."""
     explicit = ctx.options.get("retrieval_cache_dir")
     if explicit:
         return Path(explicit)
     base = getattr(ctx.extractor, "cache_dir", None)
     if base is None:
-        from ..run import default_cache_dir
+        from ..run import resolve_cache_dir
 
-        base = default_cache_dir()
-    return Path(base) / "retrieval"
+        base = resolve_cache_dir(None)
+    return Path(base) / "retrieval" if base is not None else None
 
 
 def load_pool(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> SourcePool:
@@ -58,6 +59,12 @@ def load_pool(root: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     if pool is None:
         pool = _POOLS[key] = scan_pool(key, cache_dir=cache_dir)
     return pool
+
+
+def data_free_pool(root: str | os.PathLike, index, cache_dir: str | os.PathLike | None = None) -> tuple[SourcePool, list]:
+    """The pool at ``root`` without its copies of the data set's images (train, val and test, by
+    content): (pool, ``[{"pool", "data"}]``)."""
+    return without_data_copies(load_pool(root, cache_dir), [*index.train, *index.val, *index.test])
 
 
 def _class_weights(ctx: StrategyContext, pool: SourcePool) -> tuple[np.ndarray | None, str]:
@@ -126,7 +133,7 @@ class SelectiveJointFineTuning(BaseStrategy):
 
         t0 = time.monotonic()
         cache = retrieval_cache_dir(ctx)
-        pool = load_pool(root, cache)
+        pool, copies = data_free_pool(root, ctx.index, cache)
         retr, memory_hit = get_retrieval(pool, bank, ctx.index.train, source_model=ctx.source.model, cache_dir=cache)
         train = list(ctx.train_samples)
         k_search = min(HardSampleSchedule(k0, max_rounds=rounds).max_count, len(pool))
@@ -135,7 +142,7 @@ class SelectiveJointFineTuning(BaseStrategy):
         class_weights, weights_used = _class_weights(ctx, pool)
         notes: dict[str, Any] = {
             "pool": str(pool.root), "pool_images": len(pool), "pool_classes": pool.num_classes,
-            "pool_skipped": len(pool.skipped), "pool_imagenet_classes": sum(i is not None for i in pool.imagenet_index),
+            "pool_skipped": len(pool.skipped), "pool_data_copies_excluded": len(copies), "pool_imagenet_classes": sum(i is not None for i in pool.imagenet_index),
             "k0": k0, "bank": bank, "source_loss_weight": weight, "max_rounds": rounds, "mode": mode,
             "source_weights": weights_used, "source_head_init": head_init,
             "initial_pool_images": int(np.unique(knn.indices[:, :min(k0, k_search)].numpy()).size) if len(train) else 0,

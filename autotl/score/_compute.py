@@ -46,10 +46,9 @@ def _resolve_extractors(sources, extractors, cache_dir, device, batch_size):
     from ..features import FeatureExtractor
 
     if extractors is None:
-        if cache_dir is None:
-            from ..run import default_cache_dir
+        from ..run import resolve_cache_dir
 
-            cache_dir = default_cache_dir()
+        cache_dir = resolve_cache_dir(cache_dir)
         return [FeatureExtractor(s, device=device, cache_dir=cache_dir, batch_size=batch_size) for s in sources]
     if isinstance(extractors, Mapping):
         missing = [s.label for s in sources if s.label not in extractors]
@@ -251,7 +250,7 @@ def score(
 
     _check_options(rule, top)  # before the models load: a typo costs nothing
     check_score_options(out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, cuts=cuts,
-                        path_column=path_column, label_column=label_column)
+                        path_column=path_column, label_column=label_column, data_dir=data_dir)
     set_torch_threads()
     index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, path_column=path_column, label_column=label_column)
     _console.log(index.summary_table())

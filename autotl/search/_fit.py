@@ -143,6 +143,29 @@ def portfolio_in_cost_order(objective: Objective, recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, baselines=[recipe.baselines[i] for i in order])
 
 
+def without_unreferenced_dropout(recipe: Recipe, selection: Selection, fixed: dict[str, Any]) -> Recipe:
+    """Data dropout needs reference images its fold does not train on. Where a fold has none (a
+    class too small to spare one: ``Selection.self_decided``) dropout is left out of the space,
+    and a fixed ``--dropout-tau`` is refused naming the minimum."""
+    if not selection.self_decided:
+        return recipe
+    from ..dropout.strategy import parse_tau
+    from ._folds import MIN_CLASS_IMAGES_FOR_DECISION as need
+
+    dim = recipe.dimension("dropout_tau")
+    for where, value in (("--dropout-tau", fixed.get("dropout_tau")),
+                         (f"{recipe.source}: dropout_tau", dim.value if dim is not None and dim.kind == "fixed" else None)):
+        if value is not None and parse_tau(value) is not None:
+            raise AutotlError(f"{where}: data dropout needs reference images each cross-validation fold does not train "
+                              f"on, and a class here is too small to spare one; give every class at least {need} labelled "
+                              "images (or a val/ folder), or leave data dropout off")
+    if dim is None or not dim.choices or all(c is None for c in dim.choices):
+        return recipe
+    _console.log(f"data dropout is not searched: a class has fewer than {need} labelled images, so the folds have no "
+                 "reference images of their own to measure influence on")
+    return restrict_choices(recipe, "dropout_tau", [None])
+
+
 def plan_search(
     run: Run,
     base: TrainConfig,
@@ -177,6 +200,7 @@ def plan_search(
     run.keep(run.labels[: top_k or recipe.top_k or len(run.labels)])
     index = run.index
     selection = plan_selection(index, seed=run.seed, k=cv_folds, repeats=cv_repeats)
+    recipe = without_unreferenced_dropout(recipe, selection, fixed or {})
     _console.log(f"candidates: {', '.join(f'[bold]{s.label}[/] ({s.weights_origin})' for s in run.sources.values())}; "
                  f"device {run.device}; objective: {base.objective}{objective_reason}; trials scored by "
                  f"{selection.kind} ({len(selection.folds)} folds)")

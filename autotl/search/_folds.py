@@ -55,6 +55,9 @@ class Selection:
     repeats: int
     seed: int
     decided_by: dict[str, str] = field(default_factory=dict)
+    # folds where no class could spare an image for a decision part: they stop early on their own
+    # training images (in effect a fixed epoch count) and have no data-dropout reference
+    self_decided: int = 0
 
     @property
     def n_scored(self) -> int:
@@ -86,7 +89,7 @@ class Selection:
             "kind": self.kind, "k": self.k, "repeats": self.repeats, "n_folds": len(self.folds), "seed": self.seed,
             "n_scored": self.n_scored,
             "fold_sizes": [{"train": len(f.train), "decide": len(f.decide), "score": len(f.score)} for f in self.folds],
-            "decided_by": self.decided_by,
+            "decided_by": self.decided_by, "self_decided_folds": self.self_decided,
         }
 
 
@@ -143,6 +146,19 @@ def keep_together(parts: list[list[Sample]], groups: Sequence[Sequence[Any]]) ->
     return out
 
 
+MIN_CLASS_IMAGES_FOR_DECISION = 3  # per class: one to train, one to decide, one to score
+
+
+def _fold_or_self_decided(fit_part: list[Sample], decide: list[Sample], score: list[Sample]) -> Fold:
+    """The fold; when no class of its training part could spare an image for the decision part, the
+    training part decides too (``Selection.self_decided`` counts them). Its score stays honest: the
+    scoring part still decides nothing."""
+    if decide:
+        return Fold(tuple(fit_part), tuple(decide), tuple(score))
+    train = tuple(fit_part)
+    return Fold(train, train, tuple(score))
+
+
 def _folds_for(min_count: int, k: int) -> int:
     return max(2, min(k, min_count))
 
@@ -176,7 +192,7 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
     kk = _folds_for(min(counts), k)
     reps = repeats if repeats is not None else (2 if n < TINY_IMAGES else 1)
     groups = index.duplicate_groups() if hasattr(index, "duplicate_groups") else []
-    folds = []
+    folds, self_decided = [], 0
     for r in range(reps):
         rng = np.random.default_rng([seed, 0xCF, r])
         parts = keep_together(stratified_folds(pool, kk, rng), groups)
@@ -186,7 +202,8 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
                 folds.append(Fold(tuple(train), tuple(others), tuple(parts[j])))
             else:
                 fit_part, decide = stratified_split(others, DECIDE_FRACTION, rng)
-                folds.append(Fold(tuple(fit_part), tuple(decide), tuple(parts[j])))
+                self_decided += not decide
+                folds.append(_fold_or_self_decided(fit_part, decide, parts[j]))
     rep = f", {reps} partitions" if reps > 1 else ""
     if trusted_val:
         return Selection("val-cv", folds, kk, reps, seed, {
@@ -195,10 +212,15 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
             "trial_ranking": f"{kk}-fold cross-validation over the val/ folder{rep}: each val image scores only in the "
                              "fold where it decided nothing; mean score, one-standard-error rule toward the simpler strategy",
         })
+    decision = f"a stratified {DECIDE_FRACTION:.0%} of each fold's training images (cross-fitted)"
+    if self_decided:
+        decision += (f"; in {self_decided} of {len(folds)} folds no class could spare an image (the smallest class has "
+                     f"{min(counts)} labelled images, {MIN_CLASS_IMAGES_FOR_DECISION} are needed), so those folds stop "
+                     "on their own training images (in effect a fixed epoch count) and data dropout is not searched")
     return Selection("cv", folds, kk, reps, seed, {
         "trial_training": f"{kk - 1} of {kk} stratified folds of all labelled images, less their decision part",
-        "early_stopping_and_dropout_reference": f"a stratified {DECIDE_FRACTION:.0%} of each fold's training images (cross-fitted)",
+        "early_stopping_and_dropout_reference": decision,
         "trial_ranking": f"stratified {kk}-fold cross-validation over all labelled images{rep}: each image scores only in the "
                          "fold that never trained, stopped or referenced on it; mean score, one-standard-error rule "
                          "toward the simpler strategy",
-    })
+    }, self_decided)
