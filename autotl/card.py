@@ -21,7 +21,7 @@ from autotl._io import atomic_write_json
 from autotl._version import __version__
 from autotl.errors import AutotlError
 
-__all__ = ["ModelCard", "card_path_for", "datl_prior", "preprocessing_from_data_config", "CARD_NAME", "PREPROCESSING_KEYS"]
+__all__ = ["ModelCard", "card_path_for", "load_run_card", "estimate_line", "datl_prior", "preprocessing_from_data_config", "CARD_NAME", "PREPROCESSING_KEYS"]
 
 CARD_NAME = "model.json"
 #: The keys of timm's ``resolve_data_config`` (all required in a card but ``crop_mode``).
@@ -117,6 +117,12 @@ class ModelCard:
             kwargs["extra"] = {**unknown, **dict(kwargs.get("extra") or {})}
         return cls(**kwargs)
 
+    def headline(self) -> str | None:
+        """"estimate for new images: 91.2 % (95 % interval 85.0–95.1 %, cross-validated, 40 images)";
+        None for a card without an estimate."""
+        line = estimate_line(self.estimate)
+        return f"estimate for new images: {line}" if line else None
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelCard":
         """Read and validate a card; every problem is an ``AutotlError`` naming the file and the fix."""
@@ -202,6 +208,24 @@ def check_model_matches(card: "ModelCard", model_path: str | os.PathLike, card_p
         raise AutotlError(f"{model_path} is not the model its card {card_path} describes (the two come from different "
                           "runs: a fit was interrupted between writing them); run the same `autotl fit` again, "
                           "with --resume for a search")
+
+
+def estimate_line(estimate: Any) -> str | None:
+    """A card's ``estimate`` in one line (``autotl.estimate.Estimate.line``); None when there is none."""
+    from autotl.estimate import Estimate
+
+    if not isinstance(estimate, Mapping) or estimate.get("accuracy") is None:
+        return None
+    return Estimate(**{k: estimate.get(k) for k in ("accuracy", "low", "high", "kind", "method", "n_images")}).line()
+
+
+def load_run_card(path: str | os.PathLike) -> ModelCard:
+    """The card of a run folder or of a model file (``autotl info RUN``)."""
+    path = Path(path)
+    if not path.exists():
+        raise AutotlError(f"{path}: no such run folder or model file; give a run folder (the --out of `autotl fit`) "
+                          "or its model.onnx")
+    return ModelCard.load(path / CARD_NAME if path.is_dir() else card_path_for(path))
 
 
 def card_path_for(onnx_path: str | os.PathLike) -> Path:

@@ -122,7 +122,7 @@ def fit(
     retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", help="Source neighbours K0 per target image from --source-pool (0 = off)."),
     retrieval_bank: Optional[str] = typer.Option(None, "--retrieval-bank", help="Filter bank for retrieval: gabor, conv, firstconvs (the first two convolutions after their activation) or gabor+conv."),
     source_loss_weight: Optional[float] = typer.Option(None, "--source-loss-weight", help="Weight of the source task's loss (default 1)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx (int8: static QDQ, calibrated on training images), kept only within 0.5 accuracy points of fp32 on val."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx (int8: static QDQ, calibrated on training images), kept only within 0.5 accuracy points of fp32 on images the model did not train on (val; after a search: test, else augmented views)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Fit a classifier on DATA_DIR (a folder or a CSV of paths and labels) and export a verified ONNX model.
@@ -266,7 +266,7 @@ def predict(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A finished run folder (the --out of `autotl fit`)."),
-    quantize: str = typer.Option(..., "--quantize", help="int8: write model.int8.onnx (static QDQ, calibrated on the run's training images), kept only within 0.5 accuracy points of fp32 on val."),
+    quantize: str = typer.Option(..., "--quantize", help="int8: write model.int8.onnx (static QDQ, calibrated on the run's training images), kept only within 0.5 accuracy points of fp32 on images the model did not train on (val; after a search: test, else augmented views)."),
     data: Optional[Path] = typer.Option(None, "--data", help="The run's data folder or label file, if it moved (default: the one the fit read)."),
     val_fraction: float = typer.Option(0.1, help="The fit's --val-fraction (when its data had no val/ folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -284,16 +284,14 @@ def info(
     run: Optional[Path] = typer.Argument(None, help="A run folder or model.onnx: show its model card."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Show the environment (versions, device, offline weights, cache) or a model card."""
+    """Show the environment (versions, device, offline weights, cache) or a model card, its estimate for new images first."""
+    headline = None
     if run is not None:
-        from .card import ModelCard, card_path_for
+        from .card import load_run_card
 
-        if not run.exists():
-            raise AutotlError(f"{run}: no such run folder or model file; give a run folder (the --out of `autotl fit`) "
-                              "or its model.onnx")
-
-        card = ModelCard.load(run / "model.json" if run.is_dir() else card_path_for(run))
-        doc = card.to_json()
+        card = load_run_card(run)
+        doc, headline = card.to_json(), card.headline()
+        doc = {"estimate": doc.pop("estimate"), **doc}  # the headline first
     else:
         import onnxruntime
         import timm
@@ -316,6 +314,8 @@ def info(
     else:
         from rich.pretty import Pretty
 
+        if headline:
+            _console.console.print(headline, markup=False, highlight=False, soft_wrap=True)
         _console.console.print(Pretty(doc))
 
 

@@ -121,7 +121,8 @@ def fit(
     second fit on the same folder is refused while this one runs. ``ensemble``: after the search, greedy ensemble selection over the trials'
     out-of-fold predictions may publish several refitted trials as one averaged graph (only when it
     is better out of fold than the selected trial). ``quantize="int8"`` also writes ``model.int8.onnx``
-    when it keeps the fp32 model's validation accuracy within 0.5 points (``autotl.quantize``).
+    when it keeps the fp32 model's accuracy within 0.5 points on images the model did not train on
+    (``autotl.quantize``: val after ``--no-search``, else test, else augmented views).
     ``duplicates`` (warn, drop, error): what the scan does with byte-identical
     images across splits (see ``autotl.data.scan_dataset``). Ctrl-C raises ``autotl.search.SearchInterrupted``.
     """
@@ -325,15 +326,18 @@ def export_and_verify(net: torch.nn.Module, source: SourceModel, run_dir: Path, 
     return report.to_json()
 
 
-def _int8(run_dir: Path, preprocessing: dict, index: DatasetIndex, quantize: str | None, seed: int) -> dict[str, Any]:
-    """The card's ``int8`` entry: calibrated on train, gated on val (``autotl.quantize``); without
-    ``quantize`` an int8 file of an earlier model in the folder is removed."""
-    from .quantize import INT8_NAME, write_int8
+def _int8(run_dir: Path, preprocessing: dict, index: DatasetIndex, quantize: str | None, seed: int, *,
+          trained_on_val: bool) -> dict[str, Any]:
+    """The card's ``int8`` entry: calibrated on train, gated on images the model did not train on
+    (``autotl.quantize.choose_gate``: val, else test, else augmented views); without ``quantize`` an
+    int8 file of an earlier model in the folder is removed."""
+    from .quantize import INT8_NAME, choose_gate, write_int8
 
     if quantize is None:
         (run_dir / INT8_NAME).unlink(missing_ok=True)
         return {}
-    return {"int8": write_int8(run_dir, preprocessing, index.train, index.val, seed=seed).to_json()}
+    gate = choose_gate(index.val, index.test, list(index.train) + list(index.val), trained_on_val=trained_on_val)
+    return {"int8": write_int8(run_dir, preprocessing, index.train, gate, seed=seed).to_json()}
 
 
 PREVIOUS_CARD = "model.json.previous"
@@ -399,7 +403,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         parity = export_and_verify(net, source, run_dir, index.val)
     model_sha256 = file_sha256(run_dir / "model.onnx")
     preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()}
-    int8 = _int8(run_dir, preprocessing, index, quantize, run.seed)
+    int8 = _int8(run_dir, preprocessing, index, quantize, run.seed, trained_on_val=final.search is not None)
     training = {**fitted.training, **final.notes}
     decided = dict(final.decided_by)
     for name, note in (final.notes.get("strategies") or {}).items():

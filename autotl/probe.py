@@ -207,7 +207,7 @@ class ReducedFeatures:
         b = len(problems)
         w = torch.zeros(self.n_rows, b, dtype=SOLVER_DTYPE)
         for i, rows in enumerate(problems):
-            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            idx = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
             if idx.numel() == 0:
                 raise ValueError(f"problem {i} has no training rows")
             w[idx, i] = 1.0 / idx.numel()

@@ -79,3 +79,24 @@ def test_info_environment_json(capsys):
     code, out, _ = run(["info", "--json"], capsys)
     doc = json.loads(out)
     assert code == 0 and doc["autotl"] == __version__ and "packaged_models" in doc
+
+
+def test_info_leads_with_the_estimate(capsys, tmp_path):
+    """`autotl info RUN` prints the card's headline estimate before anything else."""
+    from autotl.card import ModelCard
+    from autotl.estimate import Estimate, held_out
+
+    est = Estimate(**held_out(0.9, 40, kind="cross-validated", method="mean over the scoring folds").to_json())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ModelCard(classes=["a", "b"], preprocessing={"input_size": [3, 32, 32], "interpolation": "bicubic",
+                                                 "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875},
+              metrics={"val": {"accuracy": 1.0, "role": "trained on: the refit trained on val"}},
+              estimate=est.to_json()).save(run_dir / "model.json")
+    code, out, err = run(["info", str(run_dir)], capsys)
+    first = next(line for line in err.splitlines() if line.strip())
+    assert code == 0 and first == f"estimate for new images: {est.line()}"
+    assert first.startswith("estimate for new images: 90.0 % (95 % interval ") and "cross-validated, 40 images" in first
+    code, out, _ = run(["info", str(run_dir), "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0 and next(iter(doc)) == "estimate" and doc["estimate"]["accuracy"] == 0.9

@@ -9,7 +9,8 @@ import optuna
 import pytest
 import torch
 
-from autotl.ensemble import (EnsembleNet, InputAdapter, decode_probs, encode_probs, greedy_ensemble, log_loss)
+from autotl.ensemble import (PROB_FLOOR, EnsembleNet, InputAdapter, decode_probs, encode_probs, greedy_ensemble,
+                             log_loss)
 from autotl.models import create_source_model
 from autotl.stages import TransferNet
 
@@ -170,3 +171,80 @@ def test_fit_publishes_an_ensemble_as_one_verified_graph(tmp_path, make_image_fo
     assert "ensemble_selection" in card["extra"]["decided_by"]
     out = predict(res.model_path, data, top_k=1)
     assert not out.errors and len(out.labels) == 20
+
+
+def test_an_ensemble_without_the_selected_trial_ships_its_primary_members_input(tmp_path, make_image_folder, monkeypatch):
+    """The selected trial is not a member, and the members sit on backbones with different native
+    input sizes: the graph's input, the card's preprocessing and what predict feeds agree, so
+    predict (torch-free) gives the ensemble's probabilities as computed through the caches."""
+    import json
+
+    import onnxruntime as ort
+
+    import autotl.search._fit as fit_mod
+    from autotl.data import scan_dataset
+    from autotl.ensemble import ensemble_logits
+    from autotl.fit import fit
+    from autotl.predict import predict
+
+    data = make_image_folder(tmp_path / "d", {"cat": 10, "dog": 10}, size=(32, 32))
+    models = ["test_efficientnet=random", "resnet10t@48=random"]  # native inputs 160 and 48 px
+    picked: dict = {}
+    real_select = fit_mod.select_one_se
+
+    def model_of(t):
+        return t.params["model"]
+
+    def select(trials, params_of, candidates, **kw):
+        """The real rule, then overridden: a trial on a model with a second complete trial."""
+        _, rule = real_select(trials, params_of, candidates, **kw)
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        by_model: dict = {}
+        for t in done:
+            by_model.setdefault(model_of(t), []).append(t)
+        assert len(by_model) == 2 and max(len(v) for v in by_model.values()) >= 2, "need trials on both models"
+        crowded = max(by_model, key=lambda m: len(by_model[m]))
+        other = next(m for m in by_model if m != crowded)
+        picked.update(selected=by_model[crowded][0], members=[by_model[other][0], by_model[crowded][1]])
+        return picked["selected"], rule
+
+    def choose(plan, study, best, params_of):
+        assert best.number == picked["selected"].number
+        # primary on the other backbone, second on the selected trial's backbone; the selected trial left out
+        return fit_mod.ChosenEnsemble(list(picked["members"]), [0.6, 0.4], {"used": True, "candidates": 2})
+
+    real_members = fit_mod._refit_members
+
+    def refit_members(*args, **kw):
+        picked["refitted"] = real_members(*args, **kw)
+        return picked["refitted"]
+
+    monkeypatch.setattr(fit_mod, "select_one_se", select)
+    monkeypatch.setattr(fit_mod, "choose_ensemble", choose)
+    monkeypatch.setattr(fit_mod, "_refit_members", refit_members)
+    recipe = {"trials": 5, "sampler": {"n_startup_trials": 5}, "pruner": {"type": "none"},
+              "space": {"model": {"top_k": 2}, "frozen_stages": "all", "lr": {"low": 0.001, "high": 0.03, "log": True},
+                        "epochs": 2}}
+    res = fit(data, tmp_path / "run", models=models, recipe=recipe, trials=5, cv_folds=2, device="cpu", seed=1)
+    members = picked["refitted"]
+    assert [m.source.label for m in members] == [picked["members"][0].params["model"], picked["members"][1].params["model"]]
+    assert len({m.source.label for m in members}) == 2 and picked["selected"].number not in {
+        t.number for t in picked["members"]}
+
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    sess = ort.InferenceSession(str(res.model_path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == card["preprocessing"]["input_size"]
+    assert card["extra"]["ensemble"]["members"][0]["model"] == members[0].source.label
+    assert card["source_model"]["name"] == members[0].source.label  # the card names the graph's primary
+
+    index = scan_dataset(data)
+    samples = sorted(index.train + index.val, key=lambda s: str(s.path))
+    expected = ensemble_logits(members, samples)[0].numpy()  # log-probabilities, floored like the graph's
+    out = predict(res.model_path, [s.path for s in samples], top_k=2)
+    assert not out.errors
+    got = np.array([[dict((t["label"], t["prob"]) for t in p["top"])[c] for c in card["classes"]]
+                    for p in out.predictions])
+    assert [p["path"] for p in out.predictions] == [str(s.path) for s in samples]
+    # compared as log-probabilities: confident members saturate probabilities, which then hide a
+    # preprocessing mismatch (another crop_pct moves them by 1e-5, their logs by 0.8)
+    np.testing.assert_allclose(np.log(np.clip(got, PROB_FLOOR, 1.0)), expected, atol=1e-3)

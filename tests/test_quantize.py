@@ -84,10 +84,10 @@ def test_int8_is_qdq_smaller_and_agrees(fp32_run, tmp_path):
 def test_gate_keeps_a_faithful_int8_model(fp32_run, tmp_path):
     run, pre, train, val = fp32_run
     folder = _copy_run(run, tmp_path)
-    report = quantize.write_int8(folder, pre, train, val, max_drop_points=quantize.MAX_DROP_POINTS)
+    report = quantize.write_int8(folder, pre, train, _val_gate(train, val), max_drop_points=quantize.MAX_DROP_POINTS)
     assert report.kept, report.reason
     assert (folder / quantize.INT8_NAME).is_file()
-    assert report.fp32["val_accuracy"] == 1.0 and report.n_val == len(val) and report.n_calibration == len(train)
+    assert report.fp32["val_accuracy"] == 1.0 and report.gate["n"] == len(val) and report.n_calibration == len(train)
     for kind in ("fp32", "int8"):
         assert report.to_json()[kind]["size_bytes"] == (folder / report.to_json()[kind]["file"]).stat().st_size
         assert report.to_json()[kind]["latency_ms_per_image"] > 0
@@ -113,12 +113,60 @@ def test_gate_refuses_an_int8_model_that_loses_accuracy(fp32_run, tmp_path, monk
         return Path(out_path)
 
     monkeypatch.setattr(quantize, "quantize_static_int8", lossy)
-    report = quantize.write_int8(folder, pre, train, val)
+    report = quantize.write_int8(folder, pre, train, _val_gate(train, val))
     assert not report.kept
     assert report.drop_points > quantize.MAX_DROP_POINTS
     assert "refused" in report.reason and "points" in report.reason and "\n" not in report.reason
     assert not (folder / quantize.INT8_NAME).exists(), "a refused (or stale) int8 model is not left in the run"
     assert not list(folder.glob(".*.tmp"))
+
+
+def _val_gate(train, val):
+    return quantize.choose_gate(val, [], train + val, trained_on_val=False)
+
+
+def test_gate_is_on_images_the_model_did_not_train_on():
+    """val only when the model did not train on it; after a search the test split, else augmented views."""
+    train, val, test = ([_S(Path(f"{k}{i}.png"), i % 2) for i in range(n)] for k, n in (("t", 10), ("v", 4), ("x", 6)))
+    plain = quantize.choose_gate(val, test, train + val, trained_on_val=False)
+    assert plain.images == "val" and plain.samples == val and plain.n == 4
+    searched = quantize.choose_gate(val, test, train + val, trained_on_val=True)
+    assert searched.images == "test" and searched.samples == test and searched.n == 6
+    views = quantize.choose_gate(val, [], train + val, trained_on_val=True)
+    assert views.images == "views" and views.samples == train + val and views.n == quantize.GATE_VIEWS
+    assert all(g.to_json()["trained_on"] is False and g.to_json()["text"] for g in (plain, searched, views))
+
+
+def test_augmented_views_are_new_inputs_and_seeded():
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    views = [quantize.augmented_view(img, np.random.default_rng([0, i])) for i in range(8)]
+    for v in views:
+        assert 0 < v.size[0] <= 50 and 0 < v.size[1] <= 40 and v.mode == "RGB"
+        assert v.size != img.size or not np.array_equal(np.asarray(v), np.asarray(img))
+    assert len({np.asarray(v).tobytes() for v in views}) == len(views)  # each view its own
+    again = quantize.augmented_view(img, np.random.default_rng([0, 3]))
+    assert np.array_equal(np.asarray(again), np.asarray(views[3]))  # the same seed, the same view
+
+
+def test_gate_on_augmented_views_compares_the_models_on_views(fp32_run, tmp_path):
+    """A searched model without a test split: int8 is judged on views of the labelled images, their
+    count and kind on the report, with the two models' agreement beside the accuracy drop."""
+    run, pre, train, val = fp32_run
+    folder = _copy_run(run, tmp_path)
+    gate = quantize.choose_gate(val, [], train + val, trained_on_val=True, views=40)
+    report = quantize.write_int8(folder, pre, train, gate)
+    assert report.gate == {"images": "views", "n": 40, "trained_on": False, "text": gate.text}
+    assert "augmented views" in report.reason and "40" in report.reason
+    assert 0.0 <= report.int8["agreement_with_fp32"] <= 1.0
+    assert {"views_accuracy"} <= set(report.fp32) and {"views_accuracy"} <= set(report.int8)
+    # the views are not the images themselves: the fp32 model, exact on the originals, is not exact on every view
+    paths, labels, view = quantize._gate_inputs(gate, 0)
+    assert len(paths) == 40 and view is not None
+    x = np.concatenate(list(quantize._batches(paths, pre, view=view)))
+    plain = np.concatenate(list(quantize._batches(paths, pre)))
+    assert x.shape == plain.shape and not np.allclose(x, plain)
 
 
 def _copy_run(run: Path, tmp_path: Path) -> Path:
@@ -148,13 +196,27 @@ def test_fit_quantize_writes_the_card_and_predict_uses_the_int8_file(fitted, cap
     int8 = card["extra"]["int8"]
     for kind in ("fp32", "int8"):
         assert {"size_bytes", "latency_ms_per_image", "val_accuracy"} <= set(int8[kind])
-    assert int8["n_calibration"] == 24 and int8["n_val"] == 24
+    assert int8["n_calibration"] == 24 and int8["gate"]["n"] == 24
+    assert int8["gate"]["images"] == "val" and not int8["gate"]["trained_on"]  # --no-search: val was held out
     if not int8["kept"]:
         pytest.fail(f"int8 refused on an easy task: {int8['reason']}")
     capsys.readouterr()
     assert main(["predict", str(run_dir / "model.int8.onnx"), str(data / "val"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["model"].endswith("model.int8.onnx") and doc["n_images"] == 24
+
+
+def test_a_searched_models_int8_gate_is_not_the_val_it_trained_on(tmp_path, capsys):
+    """After a search the refit trains on val: the int8 gate of its card names other images."""
+    data = write_image_folder(tmp_path / "d", {"red": 8, "blue": 8}, size=(32, 32), splits=["train", "val"])
+    run_dir = tmp_path / "run"
+    assert main(["fit", str(data), "--model", "test_efficientnet=random", "--out", str(run_dir), "--trials", "1",
+                 "--cv-folds", "2", "--no-ensemble", "--quantize", "int8", "--json"]) == 0
+    card = json.loads((run_dir / "model.json").read_text())
+    gate = card["extra"]["int8"]["gate"]
+    assert gate["images"] == "views" and gate["n"] == quantize.GATE_VIEWS and gate["trained_on"] is False
+    assert "val_accuracy" not in card["extra"]["int8"]["fp32"] and "views_accuracy" in card["extra"]["int8"]["fp32"]
+    assert card["metrics"]["val"]["role"].startswith("trained on")  # (what the gate avoids)
 
 
 def test_predict_refuses_an_int8_file_its_card_does_not_list(fitted, tmp_path, capsys):

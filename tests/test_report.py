@@ -367,6 +367,49 @@ def test_leaderboard_shows_mean_and_std_over_folds(fake_run, tmp_path):
     assert scores[1] == "0.9 ± 0.05" and scores[3] == "0.85" and "±" not in scores[0]
 
 
+def _as_searched_run(run: Path) -> dict:
+    """Rewrite the fake run's card and result as a search's: the refit trained on val (the card's
+    roles say so), trials cross-validated, a headline estimate."""
+    from autotl.estimate import corrected_cv
+    from autotl.fit import ROLES
+
+    est = corrected_cv([0.8, 0.9, 0.85], [[0.8, 0.9, 0.85], [0.9, 0.8, 0.8]], 0.05, 40).to_json()
+    for name in ("model.json", "result.json"):
+        doc = json.loads((run / name).read_text())
+        doc["metrics"]["val"]["role"] = ROLES["val_searched"]
+        doc["metrics"]["test"]["role"] = ROLES["test"]
+        doc["estimate"] = est
+        search = (doc.get("extra") or {}).get("search") or doc.get("search")
+        search.pop("refit_on_val", None)
+        search.update(refit_on="all labelled images (train + val)", refit={"kind": "trained", "epochs": 3, "best_epoch": 2},
+                      selection={"kind": "cv", "decided_by": {"trial_ranking": "stratified 3-fold cross-validation over "
+                                                                               "all labelled images"}})
+        _write_json(run / name, doc)
+    return est
+
+
+def test_report_of_a_search_leads_with_the_estimate_and_names_trained_on_figures(fake_run):
+    """A search's refit trained on val: no figure of val is called validation (nor a summary tile),
+    the val curves of the final model are left out, the first tile is the estimate."""
+    from autotl.estimate import Estimate
+
+    est = _as_searched_run(fake_run)
+    html = write_report(fake_run, plots="svg").read_text(encoding="utf-8")
+    text = _without_scripts(html)
+    assert not re.search(r"(?<!cross-)validation", text, re.I), re.findall(r".{60}(?<!cross-)validation.{60}", text, re.I)
+    header = text[text.index('<header class="top">'):text.index("</header>")]
+    tiles = re.findall(r'<div class="k">([^<]*)</div>', header)
+    assert tiles[0] == "estimate for new images" and not any(t.startswith("val ") for t in tiles)
+    assert f"{100 * est['accuracy']:.1f}%" in header
+    assert "val split, trained on: the refit after the search trained on val" in text
+    assert f"Estimate for new images: {Estimate(**est).line()}" in text
+    strategy = text[text.index('<section id="strategy">'):text.index("</section>", text.index('<section id="strategy">'))]
+    assert "val loss" not in strategy and "val accuracy" not in strategy and "train loss" in strategy
+    assert "early stopping on val" not in strategy and "cross-validated accuracy 0.9" in strategy
+    search = text[text.index('<section id="search">'):]
+    assert "cross-validated accuracy" in search and "val accuracy" not in search
+
+
 def test_per_class_metrics():
     out = per_class([[5, 1, 0], [2, 2, 0], [0, 0, 0]])
     assert out[0] == pytest.approx({"precision": 5 / 7, "recall": 5 / 6, "f1": 2 * (5 / 7) * (5 / 6) / (5 / 7 + 5 / 6),

@@ -235,6 +235,106 @@ def test_identical_copies_stay_in_one_fold(tmp_path, make_image_folder):
             assert not all(sides), "copies on both sides of a fold"
 
 
+def _copy_near(src: Path, dst: Path) -> None:
+    """A near-duplicate of ``src`` at ``dst``: the same picture 3 grey levels brighter (not byte-identical)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(src).convert("RGB")).astype(int)
+    Image.fromarray(np.clip(a + 3, 0, 255).astype(np.uint8)).save(dst)
+
+
+def _with_copies(root: Path, pairs) -> None:
+    import shutil as _shutil
+
+    for kind, src, dst in pairs:
+        (root / dst).parent.mkdir(parents=True, exist_ok=True)
+        if kind == "exact":
+            _shutil.copyfile(root / src, root / dst)
+        else:
+            _copy_near(root / src, root / dst)
+
+
+def _assert_copies_on_one_side(selection, groups) -> None:
+    """In every fold, each group of copies lies in one part at most (train, decide or score)."""
+    for i, fold in enumerate(selection.folds):
+        parts = {"train": _paths(fold.train), "decide": _paths(fold.decide), "score": _paths(fold.score)}
+        for g in groups:
+            sides = [name for name, paths in parts.items() if paths & set(g)]
+            assert len(sides) <= 1, f"fold {i}: copies {sorted(p.name for p in g)} in {sides}"
+
+
+@pytest.fixture
+def pooled_copies(tmp_path, make_image_folder):
+    """No val/ folder; eight images each with a byte-identical and a near-duplicate copy in its class."""
+    root = make_image_folder(tmp_path / "pc", {"a": 14, "b": 14}, size=(24, 24))
+    _with_copies(root, [(kind, f"{c}/{c}_{i:03d}.png", f"{c}/{kind}{i}.png")
+                        for c in "ab" for i in range(4) for kind in ("exact", "near")])
+    index = scan_dataset(root)
+    groups = index.duplicate_groups(near=True)
+    assert sorted(len(g) for g in groups) == [3] * 8
+    return index, groups
+
+
+@pytest.fixture
+def folder_copies(tmp_path, make_image_folder):
+    """train/ and val/ folders; train/ holds byte-identical and near copies of val/ images, and each
+    split holds copies of its own images."""
+    root = make_image_folder(tmp_path / "fc", {"a": [12, 6], "b": [12, 6]}, splits=["train", "val"], size=(24, 24))
+    pairs = [(kind, f"val/{c}/{c}_{i:03d}.png", f"train/{c}/{kind}_of_val{i}.png")
+             for c in "ab" for i, kind in ((0, "exact"), (1, "near"), (2, "exact"), (3, "near"))]
+    pairs += [("near", f"val/a/a_004.png", "val/a/near_in_val.png"), ("exact", "train/b/b_000.png", "train/b/again.png")]
+    _with_copies(root, pairs)
+    index = scan_dataset(root)
+    groups = index.duplicate_groups(near=True)
+    assert len(groups) == 10
+    return index, groups
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cv_keeps_copies_and_near_duplicates_on_one_side(pooled_copies, seed):
+    """cv: a copy never scores or decides a fold its twin trains on, nor is it split between the fit
+    and decision parts; nothing is left out."""
+    index, groups = pooled_copies
+    sel = plan_selection(index, seed=seed, k=4)
+    assert sel.kind == "cv"
+    _assert_honest(sel, index.train + index.val)
+    _assert_copies_on_one_side(sel, groups)
+    for fold in sel.folds:
+        assert _paths(fold.train) | _paths(fold.decide) | _paths(fold.score) == _paths(index.train + index.val)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_val_cv_trains_no_fold_on_a_copy_of_a_val_image(folder_copies, seed):
+    """val-cv: every val image scores or decides in every fold, so its train/ twin trains none; the
+    val/ images themselves all still decide and score, and copies inside val stay in one part."""
+    index, groups = folder_copies
+    sel = plan_selection(index, seed=seed, k=3)
+    assert sel.kind == "val-cv"
+    _assert_honest(sel, index.train + index.val)
+    _assert_copies_on_one_side(sel, groups)
+    val = _paths(index.val)
+    twins = {p for g in groups if set(g) & val for p in g} - val
+    assert len(twins) == 8
+    for fold in sel.folds:
+        assert _paths(fold.train) == _paths(index.train) - twins  # only the twins of val images are left out
+        assert _paths(fold.decide) | _paths(fold.score) == val
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_holdout_keeps_copies_together(pooled_copies, folder_copies, seed):
+    """holdout (many images), pooled or with a val/ folder: copies on one side of the fit / decide /
+    score split; a train/ twin of a val/ image does not train."""
+    for index, groups in (pooled_copies, folder_copies):
+        sel = plan_selection(index, seed=seed, max_cv=10)
+        assert sel.kind == "holdout"
+        _assert_honest(sel, index.train + index.val)
+        _assert_copies_on_one_side(sel, groups)
+    index, groups = folder_copies
+    fold = plan_selection(index, seed=seed, max_cv=10).folds[0]
+    assert not {p for g in groups if set(g) & _paths(index.val) for p in g} & _paths(fold.train)
+
+
 def test_a_source_pool_adds_retrieval_k_to_a_recipe_without_it():
     from autotl.search import load_recipe, with_pool_dimension
 

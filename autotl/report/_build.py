@@ -42,14 +42,20 @@ def header(doc: Doc) -> str:
     card = run.card or {}
     metrics = run.metrics
     items = []
-    val = metrics.get("val") or {}
-    test = metrics.get("test") or {}
-    if val.get("accuracy") is not None:
-        items.append(("val accuracy", pct(val["accuracy"])))
-    if val.get("macro_f1") is not None:
-        items.append(("val macro-F1", pct(val["macro_f1"])))
-    if test.get("accuracy") is not None:
-        items.append(("test accuracy", pct(test["accuracy"])))
+    est = run.estimate
+    if est:  # the one figure to believe leads; each split's figures are in the evaluation section, named
+        items.append(("estimate for new images", f'{pct(est["accuracy"])}<div class="sub">95 % interval '
+                      f'{pct(est.get("low"))}–{pct(est.get("high"))}; {esc(est.get("kind", ""))}, '
+                      f'{esc(est.get("n_images", "?"))} images</div>'))
+    else:
+        for split in ("val", "test"):
+            m = metrics.get(split) or {}
+            if run.trained_on(split) or m.get("accuracy") is None:
+                continue  # a figure of images the model trained on is no summary of it
+            held = " (held out)" if str(run.role(split) or "").startswith("held out") else ""
+            items.append((f"{split} accuracy{held}", pct(m["accuracy"])))
+            if split == "val" and m.get("macro_f1") is not None:
+                items.append((f"val macro-F1{held}", pct(m["macro_f1"])))
     if run.classes:
         items.append(("classes", str(len(run.classes))))
     ds = run.dataset

@@ -27,8 +27,8 @@ def dropout_section(doc: Doc) -> str:
         if info.get("decided_by"):
             items.append(("decided by", esc(info["decided_by"])))
         body.append(kv_list(items))
-    body.append('<p class="note">Influence: the predicted drop of the validation loss if the image is removed from training '
-                '(positive = harmful; σ = robust spreads). Labels in <span class="mismatch">red</span>: the model predicts '
+    body.append('<p class="note">Influence: the predicted drop of the loss on the reference images (the ones that decided: see '
+                '“decided by”) if the image is removed from training (positive = harmful; σ = robust spreads). Labels in <span class="mismatch">red</span>: the model predicts '
                 'another class than the folder says — likely mislabelled.</p>')
     if not rows:
         body.append('<p class="note">dropped.csv is empty: no image was dropped.</p>')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..card import estimate_line
 from . import _charts
 from ._doc import Doc, omitted, section, summary_cards
 from ._html import esc, num, pct, png_data_uri, table
@@ -60,6 +61,20 @@ def confusion_html(confusion: list[list[float]], classes: list[str]) -> str:
     return f'<div class="wrap"><table class="confusion"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
+LEGACY_TITLES = {"val": "Validation split (used for early stopping and model selection)",
+                 "test": "Test split (held out: reported only, never used for a decision)"}
+
+
+def split_title(split: str, role: str | None) -> str:
+    """A split's heading, named for what its figures are: trained on, or held out (``role``)."""
+    if not role:
+        return LEGACY_TITLES.get(split, split)
+    if role.startswith("trained on"):
+        return f"{split} split, {role}"  # not "validation": the model learnt these images
+    name = {"val": "Validation split", "test": "Test split"}.get(split, f"{split} split")
+    return f"{name} ({role})"
+
+
 def evaluation_section(doc: Doc) -> str:
     run = doc.run
     metrics = {k: v for k, v in run.metrics.items() if isinstance(v, dict) and v}
@@ -67,11 +82,13 @@ def evaluation_section(doc: Doc) -> str:
         return omitted("evaluation", "Evaluation", "not in this run: no metrics in result.json / model.json")
     classes = run.classes
     body = []
-    what = {"val": "Validation split (used for early stopping and model selection)",
-            "test": "Test split (held out: reported only, never used for a decision)"}
+    est = run.estimate
+    if est:
+        body.append(f'<p class="words">Estimate for new images: {esc(estimate_line(est))}</p>'
+                    + (f'<p class="note">{esc(est.get("method"))}</p>' if est.get("method") else ""))
     for split in sorted(metrics, key=lambda s: {"val": 0, "test": 1}.get(s, 2)):
         m = metrics[split]
-        title = what.get(split, split) + (f" — {m['n']} images" if m.get("n") is not None else "")
+        title = split_title(split, run.role(split)) + (f" — {m['n']} images" if m.get("n") is not None else "")
         cards = [("accuracy", pct(m.get("accuracy"), 2)), ("macro-F1", pct(m.get("macro_f1"), 2)),
                  ("loss", num(m.get("loss"), 3))]
         part = [f"<h3>{esc(title)}</h3>", summary_cards(cards)]

@@ -186,6 +186,7 @@ nav.toc a{color:var(--accent);text-decoration:none}
 .card{background:var(--soft);border:1px solid var(--line);border-radius:8px;padding:8px 12px;min-width:104px}
 .card .v{font-size:20px;font-weight:600}
 .card .k{font-size:12px;color:var(--muted)}
+.card .v .sub{font-size:11px;font-weight:400}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
 th,td{border-bottom:1px solid var(--line);padding:4px 9px;text-align:left;vertical-align:top}
 th{background:var(--soft);font-weight:600;white-space:nowrap}

@@ -56,6 +56,44 @@ class RunFolder:
         return extra.get("search") or (self.result or {}).get("search") or None
 
     @property
+    def estimate(self) -> dict | None:
+        """The card's headline estimate of accuracy on new images (``autotl.estimate``), if any."""
+        for doc in (self.card, self.result):
+            est = (doc or {}).get("estimate") if isinstance(doc, dict) else None
+            if isinstance(est, dict) and est.get("accuracy") is not None:
+                return est
+        return None
+
+    @property
+    def refit_on_val(self) -> bool:
+        """The final model trained on val (a search's refit on all labelled images)."""
+        search = self.search or {}
+        return bool(search.get("refit_on_val")) or "val" in str(search.get("refit_on") or "")
+
+    def role(self, split: str) -> str | None:
+        """What a split's figures are, as the card says ("held out: ...", "trained on: ..."); for
+        cards without roles, what the run implies (None: not known)."""
+        for doc in (self.result, self.card):
+            m = ((doc or {}).get("metrics") or {}).get(split) if isinstance(doc, dict) else None
+            if isinstance(m, dict) and m.get("role"):
+                return str(m["role"])
+        if split == "test":
+            return "held out: the test/ split decided nothing"
+        if split == "val" and self.refit_on_val:
+            return "trained on: the refit after the search trained on val (not an estimate of new images)"
+        return None
+
+    def trained_on(self, split: str) -> bool:
+        return str(self.role(split) or "").startswith("trained on")
+
+    @property
+    def trial_score(self) -> str:
+        """What a trial's score is, in words: cross-validated (cv, val-cv), held out (holdout) or,
+        for searches of autotl 0.1, the val score."""
+        kind = ((self.search or {}).get("selection") or {}).get("kind")
+        return {"cv": "cross-validated", "val-cv": "cross-validated", "holdout": "held-out"}.get(kind, "val")
+
+    @property
     def dataset(self) -> dict:
         if isinstance(self.data, dict):
             return self.data

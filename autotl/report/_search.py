@@ -48,8 +48,12 @@ def search_section(doc: Doc) -> str:
     if search.get("recipe"):
         items.append(("recipe", esc(search["recipe"]) + (f' <span class="sub mono">({esc(search.get("recipe_source"))})</span>'
                                                           if search.get("recipe_source") else "")))
-    items.append(("objective", f"validation {esc(objective)}" + (f" ({esc(search['objective_reason'])})"
-                                                                  if search.get("objective_reason") else "")))
+    score = run.trial_score  # what a trial's value is: cross-validated, held out (holdout) or a val score
+    items.append(("objective", f"{esc(score)} {esc(objective)}" + (f" ({esc(search['objective_reason'])})"
+                                                                    if search.get("objective_reason") else "")))
+    ranking = ((search.get("selection") or {}).get("decided_by") or {}).get("trial_ranking")
+    if ranking:
+        items.append(("trials scored by", esc(ranking)))
     states: dict[str, int] = {}
     for r in trials.rows:
         states[r["state"].lower()] = states.get(r["state"].lower(), 0) + 1
@@ -84,7 +88,7 @@ def search_section(doc: Doc) -> str:
                          f'<div class="params">{ptext}</div>'])
             rcls.append("best" if r["number"] == best_no else ("dim" if r["state"] != "COMPLETE" else ""))
         body.append("<h3>Trial leaderboard</h3>" + '<div class="wrap">'
-                    + table(["#", "trial", "state", f"val {objective}", "duration", "epochs", "parameters"], rows,
+                    + table(["#", "trial", "state", f"{score} {objective}", "duration", "epochs", "parameters"], rows,
                             row_classes=rcls, numeric=(0, 1, 3, 4, 5)) + "</div>")
         notes = ["★: the trial refit as the final model"] if best_no is not None else []
         if any(r.get("baseline") for r in trials.rows):
@@ -98,7 +102,7 @@ def search_section(doc: Doc) -> str:
             body.append(f'<p class="note">{"; ".join(notes)}</p>')
     body.append(_ensemble_block(search.get("ensemble")))
     t0 = time.perf_counter()
-    body.append(_search_plots(doc, trials, objective))
+    body.append(_search_plots(doc, trials, f"{score} {objective}"))
     doc.timings["plots"] = time.perf_counter() - t0
     return section(doc, "search", "Search", "".join(body))
 
@@ -118,7 +122,8 @@ def _ensemble_block(ens: dict | None) -> str:
               "These figures decided the ensemble: they are not held out.</p>")
 
 
-def _search_plots(doc: Doc, trials: _study.Trials, objective: str) -> str:
+def _search_plots(doc: Doc, trials: _study.Trials, score: str) -> str:
+    """Optuna's plots (plotly) or static SVG ones; ``score``: what a trial's value is, e.g. "cross-validated accuracy"."""
     use_plotly = doc.plots != "svg" and trials.study is not None and _study.plotly_available()
     if doc.plots == "plotly" and not use_plotly:
         why = "plotly is not installed" if not _study.plotly_available() else "the study could not be opened"
@@ -153,7 +158,7 @@ def _search_plots(doc: Doc, trials: _study.Trials, objective: str) -> str:
             _charts.Series("trial value (grey: pruned, last epoch)", xs, [float(r["value"]) for r in scored], mode="markers",
                            marker_colors=colors, tips=tips),
             _charts.Series("best so far", xs, best_so_far, color="#c53030", mode="step"),
-        ], x_label="trial", y_label=f"val {objective}", width=540, height=280)
+        ], x_label="trial", y_label=score, width=540, height=280)
         cells.append(f'<div class="plot"><h3>Optimisation history</h3>{chart}</div>')
     imp = _study.param_importances(trials.study) if trials.study is not None and len(done) >= 2 else None
     if imp:
@@ -167,7 +172,7 @@ def _search_plots(doc: Doc, trials: _study.Trials, objective: str) -> str:
     varied = [k for k in params if len({repr((r.get("params") or {}).get(k)) for r in done}) > 1]
     params = varied or params  # an axis every trial shares says nothing
     pc = _charts.parallel_coordinates([{"params": r.get("params") or {}, "value": r["value"], "number": r["number"]}
-                                       for r in done], params, objective=f"val {objective}")
+                                       for r in done], params, objective=score)
     if pc:
         cells.append(f'<div class="plot wide"><h3>Parallel coordinates (completed trials; darker = better)'
                      f"</h3>{pc}</div>")

@@ -67,9 +67,9 @@ def strategy_section(doc: Doc) -> str:
     search = run.search or {}
     best = search.get("best") or {}
     if best:
-        body.append(f'<p class="note">Chosen by the search: trial {esc(best.get("number"))} with validation '
-                    f'{esc(search.get("objective", "score"))} {num(best.get("value"))}; refit on '
-                    f'{"train + val" if search.get("refit_on_val") else "train"}.</p>')
+        refit_on = search.get("refit_on") or ("train + val" if search.get("refit_on_val") else "train")
+        body.append(f'<p class="note">Chosen by the search: trial {esc(best.get("number"))} with {run.trial_score} '
+                    f'{esc(search.get("objective", "score"))} {num(best.get("value"))}; refit on {esc(refit_on)}.</p>')
     frozen, n = s.get("frozen_stages"), s.get("num_stages")
     names = s.get("stage_names") or []
     if isinstance(frozen, int) and isinstance(n, int):
@@ -88,7 +88,12 @@ def strategy_section(doc: Doc) -> str:
                        ("label_smoothing", "label smoothing"), ("objective", "objective"), ("n_train", "training images")):
         if s.get(key) is not None:
             items.append((label, esc(value_text(s[key]))))
-    if s.get("best_epoch") is not None:
+    refit = search.get("refit") if isinstance(search.get("refit"), dict) else None
+    if refit and refit.get("epochs") is not None:  # a fixed epoch count from the folds: nothing stopped early
+        chosen = f" (best epoch {int(refit['best_epoch']) + 1} on the folds' decision parts)" if refit.get("best_epoch") is not None else ""
+        items.append(("refit", esc(f"{refit['epochs']} epoch(s) on {search.get('refit_on') or 'all labelled images'}, "
+                                   f"no early stopping{chosen}")))
+    elif s.get("best_epoch") is not None and not run.refit_on_val:
         ran = len(run.history) if run.history else None
         items.append(("best epoch", f"{int(s['best_epoch']) + 1}" + (f" of {ran} run (early stopping on val)" if ran else "")))
     reg = s.get("regularizer") or "none"
@@ -104,19 +109,26 @@ def strategy_section(doc: Doc) -> str:
     if decided:
         right = "<h3>Which split decided what</h3>" + kv_list((k.replace("_", " "), esc(v)) for k, v in decided.items())
     body.append(f'<div class="twocol"><div>{left}</div><div>{right}</div></div>')
-    chart = history_chart(run.history or [])
+    trained_on_val = run.trained_on("val")
+    chart = history_chart(run.history or [], val_held_out=not trained_on_val)
     if chart:
-        body.append(f"<h3>Training of the final model</h3>{chart}")
+        note = ('<p class="note">Training loss only: the final model trained on val, so its val curves would not '
+                "show how it does on new images.</p>" if trained_on_val else "")
+        body.append(f"<h3>Training of the final model</h3>{note}{chart}")
     return section(doc, "strategy", "Best strategy", "".join(body))
 
 
-def history_chart(history: list) -> str:
+def history_chart(history: list, *, val_held_out: bool = True) -> str:
+    """Loss (and val scores) per epoch of the final model; ``val_held_out=False`` (it trained on val):
+    the training loss alone."""
     rows = [h for h in history if isinstance(h, dict) and h.get("epoch") is not None]
     if not rows:
         return ""
     xs = [int(h["epoch"]) + 1 for h in rows]
-    series = [_charts.Series("train loss", xs, [finite_float(h.get("train_loss")) for h in rows], mode="both"),
-              _charts.Series("val loss", xs, [finite_float(h.get("val_loss")) for h in rows], mode="both")]
+    series = [_charts.Series("train loss", xs, [finite_float(h.get("train_loss")) for h in rows], mode="both")]
+    if not val_held_out:
+        return _charts.line_chart(series, x_label="epoch", y_label="loss", width=720, height=260)
+    series.append(_charts.Series("val loss", xs, [finite_float(h.get("val_loss")) for h in rows], mode="both"))
     if any(h.get("accuracy") is not None for h in rows):
         series.append(_charts.Series("val accuracy", xs, [finite_float(h.get("accuracy")) for h in rows], mode="both",
                                      dashed=True, right_axis=True))

@@ -21,7 +21,7 @@ PLOTS = (
     ("history", "Optimisation history", "plot_optimization_history"),
     ("param_importances", "Parameter importance (fANOVA)", "plot_param_importances"),
     ("parallel_coordinate", "Parallel coordinates", "plot_parallel_coordinate"),
-    ("intermediate_values", "Per-epoch validation score (what the pruner saw)", "plot_intermediate_values"),
+    ("intermediate_values", "Intermediate scores (what the pruner saw)", "plot_intermediate_values"),
 )
 
 

@@ -15,6 +15,16 @@ image both decides something about a trial and scores it:
 - ``holdout`` (many images): one stratified split into a decision part and a scoring part (of
   val when given, else of all labelled images).
 
+Copies never straddle a split: byte-identical files and the near-duplicates the scan confirms
+(``DatasetIndex.duplicate_groups(near=True)``) are one unit. In ``cv`` and ``holdout`` a unit goes
+whole into one part — scoring, deciding or fitting (``keep_together``, applied after every split).
+In ``val-cv`` and a trusted ``holdout`` the parts are cut from ``val/`` alone, and a ``train/``
+image with a twin in ``val/`` trains no fold (``apart_from``): in every fold that twin either scores
+or decides, so training on the copy would either flatter the score or stop early on an image it
+has learnt. It is left out rather than moved into ``val/``: val is the trusted set (its labels may
+be cleaner than train's), and the twin's picture is already there, so moving it would only count
+that picture twice. The refit still trains on it.
+
 After the search the winner is refitted on *all* labelled images for the epoch count its folds
 chose, so no split is wasted on the final model.
 """
@@ -128,9 +138,10 @@ def stratified_split(samples: Sequence[Sample], fraction: float, rng: np.random.
     return rest, part
 
 
-def keep_together(parts: list[list[Sample]], groups: Sequence[Sequence[Any]]) -> list[list[Sample]]:
-    """Move byte-identical copies (``groups`` of paths) into the part of their first member: a copy
-    scoring a fold its twin trained on would flatter that fold."""
+def keep_together(parts: Sequence[Sequence[Sample]], groups: Sequence[Sequence[Any]]) -> list[list[Sample]]:
+    """Move copies (``groups`` of paths: byte-identical or near-duplicates) into the part of their
+    first member present: a copy scoring a fold its twin trained or decided on would flatter that
+    fold, and one deciding what its twin trained on would stop training late."""
     where = {s.path: i for i, part in enumerate(parts) for s in part}
     target: dict[Any, int] = {}
     for group in groups:
@@ -138,7 +149,7 @@ def keep_together(parts: list[list[Sample]], groups: Sequence[Sequence[Any]]) ->
         for p in present[1:]:
             target[p] = where[present[0]]
     if not target:
-        return parts
+        return [list(part) for part in parts]
     out: list[list[Sample]] = [[] for _ in parts]
     for i, part in enumerate(parts):
         for s in part:
@@ -159,6 +170,18 @@ def _fold_or_self_decided(fit_part: list[Sample], decide: list[Sample], score: l
     return Fold(train, train, tuple(score))
 
 
+def apart_from(samples: Sequence[Sample], others: Sequence[Sample], groups: Sequence[Sequence[Any]]) -> list[Sample]:
+    """``samples`` less those with a copy (``groups`` of paths) among ``others``."""
+    other = {s.path for s in others}
+    twins = {p for group in groups if other.intersection(group) for p in group} - other
+    return [s for s in samples if s.path not in twins]
+
+
+def copy_groups(index: DatasetIndex) -> list[list[Any]]:
+    """The units no split may cut: byte-identical copies and confirmed near-duplicates."""
+    return index.duplicate_groups(near=True) if hasattr(index, "duplicate_groups") else []
+
+
 def _folds_for(min_count: int, k: int) -> int:
     return max(2, min(k, min_count))
 
@@ -170,28 +193,29 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
     labelled = train + val
     trusted_val = index.split == "folders" and bool(val)
     n = len(labelled)
+    groups = copy_groups(index)
     if n >= max_cv:
         rng = np.random.default_rng([seed, 0x5E1])
         if trusted_val:
-            decide, score = stratified_split(val, 0.5, rng)
-            folds = [Fold(tuple(train), tuple(decide), tuple(score))]
+            decide, score = keep_together(stratified_split(val, 0.5, rng), groups)
+            folds = [Fold(tuple(apart_from(train, val, groups)), tuple(decide), tuple(score))]
             what = "half of the val/ folder"
         else:
-            rest, score = stratified_split(labelled, 0.1, rng)
-            fit_part, decide = stratified_split(rest, 1 / 9, rng)
+            rest, score = keep_together(stratified_split(labelled, 0.1, rng), groups)
+            fit_part, decide = keep_together(stratified_split(rest, 1 / 9, rng), groups)
             folds = [Fold(tuple(fit_part), tuple(decide), tuple(score))]
             what = "a stratified 10% of the labelled images"
         return Selection("holdout", folds, 1, 1, seed, {
             "trial_training": "train/ folder" if trusted_val else "80% of the labelled images",
             "early_stopping_and_dropout_reference": "the other half of the val/ folder" if trusted_val else
                                                      "another stratified 10% of the labelled images",
-            "trial_ranking": f"{what}, used for nothing else (one-standard-error rule toward the simpler strategy)",
+            "trial_ranking": f"{what}, used for nothing else (one-standard-error rule toward the recipe's portfolio, then the simpler strategy)",
         })
     pool = val if trusted_val else labelled
     counts = [len(m) for m in _by_class(pool).values()]
     kk = _folds_for(min(counts), k)
     reps = repeats if repeats is not None else (2 if n < TINY_IMAGES else 1)
-    groups = index.duplicate_groups() if hasattr(index, "duplicate_groups") else []
+    trained = apart_from(train, val, groups)  # val-cv: every val image decides or scores in every fold
     folds, self_decided = [], 0
     for r in range(reps):
         rng = np.random.default_rng([seed, 0xCF, r])
@@ -199,9 +223,9 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
         for j in range(kk):
             others = [s for i, p in enumerate(parts) if i != j for s in p]
             if trusted_val:
-                folds.append(Fold(tuple(train), tuple(others), tuple(parts[j])))
+                folds.append(Fold(tuple(trained), tuple(others), tuple(parts[j])))
             else:
-                fit_part, decide = stratified_split(others, DECIDE_FRACTION, rng)
+                fit_part, decide = keep_together(stratified_split(others, DECIDE_FRACTION, rng), groups)
                 self_decided += not decide
                 folds.append(_fold_or_self_decided(fit_part, decide, parts[j]))
     rep = f", {reps} partitions" if reps > 1 else ""
@@ -210,7 +234,7 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
             "trial_training": "train/ folder (every fold)",
             "early_stopping_and_dropout_reference": f"the other {kk - 1} parts of the val/ folder (cross-fitted)",
             "trial_ranking": f"{kk}-fold cross-validation over the val/ folder{rep}: each val image scores only in the "
-                             "fold where it decided nothing; mean score, one-standard-error rule toward the simpler strategy",
+                             "fold where it decided nothing; mean score, one-standard-error rule toward the recipe's portfolio, then the simpler strategy",
         })
     decision = f"a stratified {DECIDE_FRACTION:.0%} of each fold's training images (cross-fitted)"
     if self_decided:

@@ -92,8 +92,10 @@ def fold_training(objective, params: dict[str, Any], setup) -> tuple[list[list],
     """Each fold's training images after the trial's strategies (dropout), and the contexts."""
     train_sets, contexts = [], []
     for fold in objective.selection.folds:
+        paths = {s.path for s in fold.train}  # a self-decided fold's decision part is its training part
+        samples = list(fold.train) + [s for s in fold.decide if s.path not in paths]
         ctx = StrategyContext(objective.index, setup.source, setup.extractor, objective.run_dir, setup.config,
-                              list(fold.train) + list(fold.decide), options=dict(objective.options), final=False,
+                              samples, options=dict(objective.options), final=False,
                               reference=list(fold.decide), reference_name="fold's decision part",
                               candidates=list(objective.candidates))
         apply_strategies(ctx, params)
