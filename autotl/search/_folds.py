@@ -246,5 +246,5 @@ def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS
         "early_stopping_and_dropout_reference": decision,
         "trial_ranking": f"stratified {kk}-fold cross-validation over all labelled images{rep}: each image scores only in the "
                          "fold that never trained, stopped or referenced on it; mean score, one-standard-error rule "
-                         "toward the simpler strategy",
+                         "toward the recipe's portfolio, then the simpler strategy",
     }, self_decided)

@@ -121,7 +121,7 @@ def select_one_se(trials: Sequence[Any], params_of, *, oof_labels: Sequence[int]
     winner = min(equals, key=lambda t: ((prior(t) if prior is not None else 0),
                                         complexity(params_of(t), t.user_attrs), -t.value, t.number))
     return winner, {
-        "rule": "one standard error toward the simpler strategy",
+        "rule": "one standard error toward the portfolio's prior, then the simpler strategy",
         "best_mean_trial": best.number, "best_mean": best.value, "best_se": se, "bar": bar,
         "within_one_se": sorted(t.number for t in within), "selected": winner.number,
         "worse_in_log_loss": sorted(t.number for t in worse),
