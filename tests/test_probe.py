@@ -308,3 +308,29 @@ def test_run_memory_is_bounded_by_items_and_bytes():
     mem.get("big", lambda: Blob(95))
     assert len(mem) == 1 and "big" in mem  # over the byte budget: only the newest stays
     assert mem.get("big", lambda: Blob(1)).nbytes == 95 and mem.hits == 1
+
+
+def test_a_val_folder_scores_alone_only_when_its_labels_are_cleaner(tmp_path, make_image_folder):
+    """train/ with many wrong labels: val/ (clean) scores trials alone (val-cv); the same images with
+    clean labels everywhere: every labelled image scores (cv)."""
+    import shutil
+
+    from autotl.search._fit import _val_check
+    from autotl.search._folds import plan_selection
+
+    clean = make_image_folder(tmp_path / "clean", {"a": (16, 8), "b": (16, 8)}, splits=["train", "val"], size=(40, 32))
+    noisy = tmp_path / "noisy"
+    shutil.copytree(clean, noisy)
+    train_a, train_b = sorted((noisy / "train" / "a").iterdir()), sorted((noisy / "train" / "b").iterdir())
+    for f in train_a[:7]:  # swap 7 of 16 labels each way
+        f.rename(noisy / "train" / "b" / f"from_a_{f.name}")
+    for f in train_b[:7]:
+        f.rename(noisy / "train" / "a" / f"from_b_{f.name}")
+    checks = {}
+    for name, root in (("clean", clean), ("noisy", noisy)):
+        r = Run.open(root, tmp_path / f"run-{name}", models=["test_efficientnet=random"], device="cpu",
+                     cache_dir=tmp_path / "cache")
+        checks[name] = _val_check(r)
+        kind = plan_selection(r.index, trust_val=checks[name]["val_cleaner"]).kind
+        assert kind == ("val-cv" if name == "noisy" else "cv"), (name, checks[name])
+    assert checks["noisy"]["train_oof_accuracy"] < checks["clean"]["train_oof_accuracy"]
