@@ -334,3 +334,30 @@ def test_a_val_folder_scores_alone_only_when_its_labels_are_cleaner(tmp_path, ma
         kind = plan_selection(r.index, trust_val=checks[name]["val_cleaner"]).kind
         assert kind == ("val-cv" if name == "noisy" else "cv"), (name, checks[name])
     assert checks["noisy"]["train_oof_accuracy"] < checks["clean"]["train_oof_accuracy"]
+
+
+def test_probe_members_of_an_ensemble_are_one_graph_with_each_backbone_once(run, tmp_path):
+    """Probes on different layouts merged: the same probabilities as the members averaged, through
+    one graph that runs every backbone once (ONNX parity included)."""
+    from autotl.ensemble import EnsembleMember, ensemble_logits, ensemble_net
+    from autotl.export import export_onnx, verify_onnx
+    from autotl.features import ImageDataset
+    from autotl.fitted import fitted_probe
+
+    a = _probe_model(run, FeatureSpec(tuple(run.labels[:1]), taps=0, flip=False), heads=1)
+    b = _probe_model(run, FeatureSpec(tuple(run.labels), taps=2, flip=True), heads=2)
+    source = run.sources[run.labels[0]]
+    members = [EnsembleMember(fitted_probe(m, run.extractors, source), w, f"m{i}") for i, (m, w) in enumerate(((a, 0.75), (b, 0.25)))]
+    net = ensemble_net(members)
+    assert len(net.members) == 1  # both probes in one merged probe graph
+    backbone_runs = sum(len(s) > 0 for s in net.members[0].stages)
+    assert backbone_runs == len(run.labels)
+    samples = list(run.index.val) + list(run.index.train)[:5]
+    ds = ImageDataset(samples, run.extractors[run.labels[0]].transform)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    want, _ = ensemble_logits(members, samples)
+    with torch.no_grad():
+        got = net(images)
+    assert torch.allclose(got, want, atol=2e-3)
+    path = export_onnx(net, tmp_path / "ens.onnx", input_size=tuple(source.data_config["input_size"]))
+    assert verify_onnx(net, path, images).passed
