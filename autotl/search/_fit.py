@@ -210,6 +210,8 @@ def plan_search(
         raise AutotlError(f"--cv-folds {cv_folds}: give at least 2")
     run.keep(run.labels[: top_k or recipe.top_k or len(run.labels)])
     index = run.index
+    for label, cuts in (search_cuts(run, recipe, base).items() if index.val else ()):
+        run.extractors[label].extract(index.val, cuts, description="val features")  # val's one pass, every cut
     val_check = _val_check(run)
     selection = plan_selection(index, seed=run.seed, k=cv_folds, repeats=cv_repeats,
                                trust_val=val_check is None or val_check["val_cleaner"])
