@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,6 +55,7 @@ class FitResult:
     seconds: float
     search: dict[str, Any] | None = None
     scoring: dict[str, Any] | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the run (Run.phases)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,7 +121,8 @@ def fit(
                    resume=resume, overwrite=overwrite, duplicates=duplicates)
     base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
                         seed=seed, objective=objective)
-    scoring = score_candidates(run, base, sample=SCORING_SAMPLE if searching else None)
+    with run.phase("scoring"):
+        scoring = score_candidates(run, base, sample=SCORING_SAMPLE if searching else None)
     if searching:
         from .search import search as search_strategies
 
@@ -133,7 +135,8 @@ def fit(
                                   storage=storage, study_name=study, top_k=top_k, fixed=dict(fixed_params or {}),
                                   options=options, cv_folds=cv_folds, ensemble=ensemble, objective_reason=_objective_reason(base, objective, config))
     else:
-        final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
+        with run.phase("training"):
+            final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
     return publish(run, final, scoring=scoring.to_json(), quantize=quantize)
 
 
@@ -290,12 +293,9 @@ def _card_set_aside(run_dir: Path):
         raise
 
 
-def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantize: str | None = None) -> FitResult:
-    """Evaluate, export, verify and describe the final model (and its int8 twin with ``quantize="int8"``);
-    write the card, ``result.json`` and the report."""
-
-    index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
-    classes = index.classes
+def _evaluate_final(final: FinalModel, index: DatasetIndex) -> tuple[dict, torch.nn.Module, dict | None]:
+    """(metrics, the net to export, the card's ensemble entry or None) of the final model."""
+    result, source, classes = final.result, final.source, index.classes
     if final.members:  # the ensemble is the model: metrics, export and parity are of its one graph
         from .ensemble import ensemble_net, latency_ms
 
@@ -320,11 +320,30 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         metrics = {"val": evaluate(result.net, final.extractor, index.val, len(classes))}
         if index.test:
             metrics["test"] = evaluate(result.net, final.extractor, index.test, len(classes))
-    with _card_set_aside(run_dir):
+    return metrics, net, ensemble_card
+
+
+def _record_phases(extra: dict, run: Run) -> None:
+    """The card's ``phases`` (seconds per phase, exclusive, in run order) and ``wall_seconds`` (since
+    ``Run.open``): what the time went to; the phases sum to at most the wall time."""
+    extra["phases"] = run.phases.to_json()
+    extra["wall_seconds"] = round(run.seconds(), 2)
+
+
+def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantize: str | None = None) -> FitResult:
+    """Evaluate, export, verify and describe the final model (and its int8 twin with ``quantize="int8"``);
+    write the card, ``result.json`` and the report."""
+
+    index, result, source, run_dir = run.index, final.result, final.source, run.run_dir
+    classes = index.classes
+    with run.phase("evaluation"):
+        metrics, net, ensemble_card = _evaluate_final(final, index)
+    with run.phase("export+parity"), _card_set_aside(run_dir):
         parity = export_and_verify(net, source, run_dir, index.val)
     model_sha256 = file_sha256(run_dir / "model.onnx")
     preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()}
-    int8 = _int8(run_dir, preprocessing, index, quantize, run.seed)
+    with run.phase("int8") if quantize else contextlib.nullcontext():
+        int8 = _int8(run_dir, preprocessing, index, quantize, run.seed)
     training = {**result.config.to_dict(), "frozen_stages": result.net.frozen, "num_stages": result.net.num_stages,
                 "stage_names": result.net.stage_names, "best_epoch": result.best_epoch, "cached_prefix": result.cached,
                 "n_train": result.n_train, **final.notes}
@@ -349,6 +368,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         model_sha256=model_sha256,
     )
     card_path = run_dir / CARD_NAME
+    _record_phases(card.extra, run)
     card.save(card_path)
     (run_dir / PREVIOUS_CARD).unlink(missing_ok=True)
     atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.root),
@@ -359,15 +379,22 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         run_dir=run_dir, model_path=run_dir / "model.onnx", card_path=card_path, classes=classes,
         source_model=source.label, weights_origin=source.weights_origin, training=training, metrics=metrics,
         parity=parity, data=index.to_json(), seconds=run.seconds(), search=final.search, scoring=scoring,
+        phases=run.phases.to_json(),
     )
     atomic_write_json(run_dir / "result.json", res.to_json())
     run.drop_replaced()  # --overwrite: the new run is complete, the old one can go
     from .report import try_write_report
 
-    try_write_report(run_dir)
+    with run.phase("report"):
+        try_write_report(run_dir)
+    # the report's own time is known only now: card and result.json get the complete phases
+    _record_phases(card.extra, run)
+    card.save(card_path)
+    res.seconds, res.phases = card.extra["wall_seconds"], card.extra["phases"]
+    atomic_write_json(run_dir / "result.json", res.to_json())
     val = metrics["val"]
     held = " (val trained on: not held out)" if final.search else ""
-    _console.log(f"[bold green]done[/] in {res.seconds:.0f}s — val accuracy {val['accuracy']:.4f}{held}, macro-F1 {val['macro_f1']:.4f}"
+    _console.log(f"[bold green]done[/] in {res.seconds:.0f}s ({run.phases.line()}) — val accuracy {val['accuracy']:.4f}{held}, macro-F1 {val['macro_f1']:.4f}"
                  + (f"; cross-validated {final.search['objective']} {final.search['best']['value']:.4f}" if final.search else "")
                  + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")
                  + f"; ONNX parity max|Δ| {parity.get('max_abs_diff', float('nan')):.2e} → {res.model_path}")

@@ -7,6 +7,7 @@ the search, the refit and publishing all take the run; nothing below it imports 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
@@ -95,6 +96,36 @@ def prepare_run_folder(out: Path, data_dir: Path, *, overwrite: bool) -> None:
                                              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
 
 
+class Phases:
+    """Seconds spent in each named phase of a run (scan, scoring, search, ...), in the order they
+    first ended (a nested phase before the one around it). Exclusive: the time of a phase nested in another counts for the inner one only,
+    so the phases never sum to more than the wall time. A phase entered twice accumulates."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list] = []  # [name, started, seconds spent in nested phases]
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        frame = [name, time.monotonic(), 0.0]
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            took = time.monotonic() - frame[1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + took - frame[2]
+            if self._stack:
+                self._stack[-1][2] += took
+
+    def to_json(self) -> dict[str, float]:
+        return {name: round(s, 2) for name, s in self.seconds.items()}
+
+    def line(self) -> str:
+        """``scan 1s, scoring 35s, ...`` for the console."""
+        return ", ".join(f"{name} {s:.0f}s" for name, s in self.seconds.items())
+
+
 @dataclass
 class FinalModel:
     """The model a run publishes: trained by the one strategy the flags describe, or refitted from
@@ -125,6 +156,7 @@ class Run:
     val_fraction: float = 0.1  # of the automatic val split (recorded for workers rebuilding the same split)
     duplicates: str = "warn"  # what the scan did with byte-identical copies (workers scan the same way)
     start: float = field(default_factory=time.monotonic)
+    phases: Phases = field(default_factory=Phases)
 
     def drop_replaced(self) -> None:
         """After publishing: delete the runs --overwrite moved aside (also those of an overwrite
@@ -140,23 +172,26 @@ class Run:
              index: DatasetIndex | None = None, resume: bool = False, overwrite: bool = False,
              duplicates: str = "warn") -> "Run":
         start = time.monotonic()
+        phases = Phases()
         set_torch_threads()
         data_dir = Path(data_dir)
         run_dir = Path(out) if out is not None else default_run_dir(data_dir)
         check_run_folder(run_dir, data_dir, resume=resume, overwrite=overwrite)
         if index is None:
-            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates)
+            with phases("scan"):
+                index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates)
             _console.log(index.summary_table())
         prepare_run_folder(run_dir, data_dir, overwrite=overwrite)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
-        loaded = [create_source_model(m) for m in (list(models) or default_candidates())]
+        with phases("model loading"):
+            loaded = [create_source_model(m) for m in (list(models) or default_candidates())]
         sources = {s.label: s for s in loaded}
         if len(sources) != len(loaded):
             raise AutotlError("--model: the same model is given twice; give each candidate once")
         extractors = {label: SharedActivations(FeatureExtractor(s, device=dev, cache_dir=cache), index.train, index.val,
                                                index.test) for label, s in sources.items()}
-        return cls(index, run_dir, dev, cache, sources, extractors, seed, float(val_fraction), duplicates, start)
+        return cls(index, run_dir, dev, cache, sources, extractors, seed, float(val_fraction), duplicates, start, phases)
 
     @property
     def labels(self) -> list[str]:
@@ -176,3 +211,7 @@ class Run:
 
     def seconds(self) -> float:
         return time.monotonic() - self.start
+
+    def phase(self, name: str):
+        """``with run.phase("scoring"): ...``: that time is the phase's on the card and in the report."""
+        return self.phases(name)
