@@ -68,10 +68,11 @@ def _session(path: str | os.PathLike, threads: int | None = None):
 
 
 def _batches(paths: Sequence[Path], preprocessing: dict, batch: int = _BATCH) -> Iterator[np.ndarray]:
-    from autotl.predict import preprocess_batch
+    from autotl.predict import _prep, preprocess_batch
 
+    side = _prep(preprocessing).min_side  # decoded as predict decodes them
     for start in range(0, len(paths), batch):
-        yield preprocess_batch([load_rgb(p) for p in paths[start:start + batch]], preprocessing)
+        yield preprocess_batch([load_rgb(p, min_side=side) for p in paths[start:start + batch]], preprocessing)
 
 
 def quantize_static_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: Iterable[np.ndarray]) -> Path:
