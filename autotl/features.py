@@ -27,6 +27,7 @@ from . import _console
 from .backend import FrozenForward, cpu_cores, frozen_forward, pick_backend
 from ._images import DRAFT_MARGIN, draft_side, load_rgb
 from ._io import atomic_path
+from ._memory import trim_heap
 from .data import Sample
 from .models import SourceModel
 from .stages import staged_backbone
@@ -229,6 +230,7 @@ class FeatureExtractor:
             if missing:
                 self._compute(samples, key, runner, description)
             runner.close()
+            trim_heap()  # the pass's arena and batches: not resident under what comes next
         labels = torch.from_numpy(np.array(self._load(key, "labels"), dtype=np.int64))
         logits = self._load(key, "logits")
         return ActivationSet(

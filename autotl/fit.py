@@ -122,7 +122,8 @@ def fit(
     base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
                         seed=seed, objective=objective)
     with run.phase("scoring"):
-        scoring = score_candidates(run, base, sample=SCORING_SAMPLE if searching else None)
+        # kept as JSON only: the report's rows hold every candidate, also those the ranking dropped
+        scoring = score_candidates(run, base, sample=SCORING_SAMPLE if searching else None).to_json()
     if searching:
         from .search import search as search_strategies
 
@@ -137,7 +138,7 @@ def fit(
     else:
         with run.phase("training"):
             final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
-    return publish(run, final, scoring=scoring.to_json(), quantize=quantize)
+    return publish(run, final, scoring=scoring, quantize=quantize)
 
 
 # ----------------------------------------------------------------------------------------- steps

@@ -20,6 +20,7 @@ import torch
 
 from . import _console
 from ._io import atomic_write_json
+from ._memory import trim_heap
 from ._version import __version__
 from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
@@ -113,6 +114,7 @@ class Phases:
             yield
         finally:
             self._stack.pop()
+            trim_heap()  # what this phase freed does not stay resident under the next one
             took = time.monotonic() - frame[1]
             self.seconds[name] = self.seconds.get(name, 0.0) + took - frame[2]
             if self._stack:
