@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -39,10 +40,32 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     Console(width=200).print(table)
 
 
+def commit() -> str | None:
+    """The checked-out commit (``+dirty`` when tracked files differ from it), None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (what else the machine was doing)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"bench": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}
+    payload = {"bench": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit(),
+               "load_average_at_write": load_average(), "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return path
