@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from . import _console
 from .backend import FrozenForward, frozen_forward, pick_backend
 from .device import DevicePolicy, activation_bytes_per_image, as_policy
-from ._images import load_rgb
+from ._images import DRAFT_MARGIN, draft_side, load_rgb
 from ._io import atomic_path
+from ._memory import trim_heap
 from .data import Sample
 from .models import SourceModel
 from .stages import staged_backbone
@@ -40,18 +41,48 @@ VIEWS = ("center", "flip")
 
 
 class ImageDataset(Dataset):
-    """(tensor, label, index) for a list of samples and a torchvision/timm transform."""
+    """(tensor, label, index) for a list of samples and a torchvision/timm transform.
 
-    def __init__(self, samples: Sequence[Sample], transform):
+    A JPEG much larger than the transform's resize needs is decoded at a reduced scale (libjpeg's
+    1/2, 1/4, 1/8; see :func:`decode_min_side`); ``draft=False`` always decodes at full size."""
+
+    def __init__(self, samples: Sequence[Sample], transform, *, draft: bool = True):
         self.samples = list(samples)
         self.transform = transform
+        self.min_side = decode_min_side(transform) if draft else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        return self.transform(load_rgb(s.path)), s.label, i
+        return self.transform(load_rgb(s.path, min_side=self.min_side)), s.label, i
+
+
+def decode_min_side(transform) -> int | None:
+    """The shorter side an image must keep for ``transform`` (a timm/torchvision ``Compose``) to see
+    what it would see at full size, with ``DRAFT_MARGIN``: from its first step, the resize of the eval
+    transform (target: the resized shorter side, or the larger target side) or the random resized crop
+    of the training one (its smallest crop, the least scale at the most extreme aspect ratio, still
+    covers the output size). None (always decode at full size) for a transform that starts otherwise."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation, ResizeKeepRatio
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", None) or [transform]
+    first = steps[0]
+    if isinstance(first, (RandomResizedCropAndInterpolation, T.RandomResizedCrop)):
+        size = first.size if isinstance(first.size, (tuple, list)) else (first.size, first.size)
+        lo, hi = first.ratio
+        least = min(first.scale) * min(lo, 1.0 / hi, 1.0)  # smallest crop side² / shorter image side²
+        return draft_side(max(size) / math.sqrt(least)) if least > 0 else None
+    if isinstance(first, ResizeKeepRatio):
+        if first.random_scale_prob > 0 or first.random_aspect_prob > 0:
+            return None
+        return draft_side(max(first.size))
+    if isinstance(first, T.Resize):
+        size = first.size
+        return draft_side(max(size) if isinstance(size, (tuple, list)) else size)
+    return None
 
 
 def eval_transform(data_config: dict):
@@ -148,6 +179,7 @@ class FeatureExtractor:
             # bf16 on CUDA gives other numbers than fp32 on CPU: a backend change never serves stale features
             "backend": self.backend,
             "view": view,
+            "decode": f"draft x{DRAFT_MARGIN:g}",  # large JPEGs decode at reduced scale (ImageDataset)
             "format": 3,
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
@@ -225,6 +257,7 @@ class FeatureExtractor:
             if missing:
                 self._compute(samples, key, runner, description, view)
             runner.close()
+            trim_heap()  # the pass's arena and batches: not resident under what comes next
         labels = torch.from_numpy(np.array(self._load(key, "labels"), dtype=np.int64))
         logits = self._load(key, "logits")
         return ActivationSet(

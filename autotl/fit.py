@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,6 +56,7 @@ class FitResult:
     search: dict[str, Any] | None = None
     scoring: dict[str, Any] | None = None
     estimate: dict[str, Any] | None = None  # accuracy on new images, 95 % interval, how (autotl.estimate)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the run (Run.phases)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -153,7 +154,8 @@ def fit(
             cuts = search_cuts(run, recipe, base)
         else:
             cuts = [base.frozen_stages] if isinstance(base.frozen_stages, int) else []
-        scoring = score_candidates(run, base, cuts=cuts)  # the one frozen pass per model over the training images
+        with run.phase("scoring"):
+            scoring = score_candidates(run, base, cuts=cuts)  # the one frozen pass per model over the training images
         if searching:
             from .search import search as search_strategies
 
@@ -166,7 +168,8 @@ def fit(
                                       storage=storage, study_name=study, top_k=top_k, fixed=dict(fixed_params or {}),
                                       options=options, cv_folds=cv_folds, ensemble=ensemble, objective_reason=_objective_reason(base, objective, config))
         else:
-            final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
+            with run.phase("training"):
+                final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
         if pool is not None:
             final.notes["source_pool"] = pool
         return publish(run, final, scoring=scoring.to_json(), quantize=quantize)
@@ -367,13 +370,9 @@ def _card_set_aside(run_dir: Path):
         raise
 
 
-def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantize: str | None = None) -> FitResult:
-    """Evaluate, export, verify and describe the final model (and its int8 twin with ``quantize="int8"``);
-    write the card, ``result.json`` and the report."""
-
-    index, fitted, run_dir = run.index, final.model, run.run_dir
-    source = final.source  # the graph's input: its preprocessing is the card's
-    classes = index.classes
+def _evaluate_final(final: FinalModel, index: DatasetIndex) -> tuple[dict, torch.nn.Module, dict | None]:
+    """(metrics, the net to export, the card's ensemble entry or None) of the final model."""
+    fitted, source, classes = final.model, final.source, index.classes
     if final.members:  # the ensemble is the model: metrics, export and parity are of its one graph
         from .ensemble import ensemble_net, latency_ms
 
@@ -397,13 +396,33 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         metrics = {"val": evaluate(fitted, index.val, len(classes))}
         if index.test:
             metrics["test"] = evaluate(fitted, index.test, len(classes))
+    return metrics, net, ensemble_card
+
+
+def _record_phases(extra: dict, run: Run) -> None:
+    """The card's ``phases`` (seconds per phase, exclusive, in run order) and ``wall_seconds`` (since
+    ``Run.open``): what the time went to; the phases sum to at most the wall time."""
+    extra["phases"] = run.phases.to_json()
+    extra["wall_seconds"] = round(run.seconds(), 2)
+
+
+def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantize: str | None = None) -> FitResult:
+    """Evaluate, export, verify and describe the final model (and its int8 twin with ``quantize="int8"``);
+    write the card, ``result.json`` and the report."""
+
+    index, fitted, run_dir = run.index, final.model, run.run_dir
+    source = final.source  # the graph's input: its preprocessing is the card's
+    classes = index.classes
+    with run.phase("evaluation"):
+        metrics, net, ensemble_card = _evaluate_final(final, index)
     _label_roles(metrics, searched=final.search is not None)
     estimate = headline_estimate(metrics, final.search)
-    with _card_set_aside(run_dir):
+    with run.phase("export+parity"), _card_set_aside(run_dir):
         parity = export_and_verify(net, source, run_dir, index.val)
     model_sha256 = file_sha256(run_dir / "model.onnx")
     preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()}
-    int8 = _int8(run_dir, preprocessing, index, quantize, run.seed, trained_on_val=final.search is not None)
+    with run.phase("int8") if quantize else contextlib.nullcontext():
+        int8 = _int8(run_dir, preprocessing, index, quantize, run.seed, trained_on_val=final.search is not None)
     training = {**fitted.training, **final.notes}
     decided = dict(final.decided_by)
     for name, note in (final.notes.get("strategies") or {}).items():
@@ -430,6 +449,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         model_sha256=model_sha256,
     )
     card_path = run_dir / CARD_NAME
+    _record_phases(card.extra, run)
     card.save(card_path)
     (run_dir / PREVIOUS_CARD).unlink(missing_ok=True)
     atomic_write_json(run_dir / "config.json", {"autotl_version": __version__, "data_dir": str(index.source),
@@ -440,16 +460,22 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
         run_dir=run_dir, model_path=run_dir / "model.onnx", card_path=card_path, classes=classes,
         source_model=source.label, weights_origin=source.weights_origin, training=training, metrics=metrics,
         parity=parity, data=index.to_json(), seconds=run.seconds(), search=final.search, scoring=scoring,
-        estimate=estimate.to_json(),
+        estimate=estimate.to_json(), phases=run.phases.to_json(),
     )
     atomic_write_json(run_dir / "result.json", res.to_json())
     from .report import try_write_report
 
-    try_write_report(run_dir)
+    with run.phase("report"):
+        try_write_report(run_dir)
+    # the report's own time is known only now: card and result.json get the complete phases
+    _record_phases(card.extra, run)
+    card.save(card_path)
+    res.seconds, res.phases = card.extra["wall_seconds"], card.extra["phases"]
+    atomic_write_json(run_dir / "result.json", res.to_json())
     val = metrics["val"]
     held = " (val trained on: not held out)" if final.search else ""
     _console.log(f"[bold]estimate for new images: {estimate.line()}[/]")
-    _console.log(f"[bold green]done[/] in {res.seconds:.0f}s — val accuracy {val['accuracy']:.4f}{held}, macro-F1 {val['macro_f1']:.4f}"
+    _console.log(f"[bold green]done[/] in {res.seconds:.0f}s ({run.phases.line()}) — val accuracy {val['accuracy']:.4f}{held}, macro-F1 {val['macro_f1']:.4f}"
                  + (f"; cross-validated {final.search['objective']} {final.search['best']['value']:.4f}" if final.search else "")
                  + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")
                  + f"; ONNX parity max|Δ| {parity.get('max_abs_diff', float('nan')):.2e} → {res.model_path}")

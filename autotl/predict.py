@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from autotl._console import progress
 from autotl._csv import safe_row
-from autotl._images import IMAGE_EXTENSIONS, UnreadableImageError, is_image_path, load_rgb
+from autotl._images import IMAGE_EXTENSIONS, UnreadableImageError, draft_side, is_image_path, load_rgb
 from autotl._io import atomic_path, atomic_write_text
 from autotl._labels import is_label_file, read_label_file
 from autotl.card import ModelCard, card_path_for, check_model_matches
@@ -55,6 +55,9 @@ class _Prep:
     mean: np.ndarray  # float32 [C]
     std: np.ndarray
     fill: tuple[int, ...]  # padding colour for crop_mode "border"
+    # decode large JPEGs at reduced scale, still at least this on the shorter side (what training's
+    # ImageDataset does for the same transform: the same pixels reach the model)
+    min_side: int | None = None
 
 
 def _prep(preprocessing: dict) -> _Prep:
@@ -67,14 +70,16 @@ def _prep(preprocessing: dict) -> _Prep:
     if crop_mode not in ("center", "squash", "border"):
         raise ValueError(f"unsupported crop_mode {crop_mode!r} (center, squash or border)")
     mean = [float(v) for v in preprocessing["mean"]]
+    scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))  # timm: math.floor(x / crop_pct)
     return _Prep(
         size=(h, w),
-        scale=(math.floor(h / crop_pct), math.floor(w / crop_pct)),  # timm: math.floor(x / crop_pct)
+        scale=scale,
         resample=_PIL_RESAMPLE[interpolation],
         crop_mode=crop_mode,
         mean=np.asarray(mean, dtype=np.float32),  # torch.tensor(mean) is float32 too
         std=np.asarray([float(v) for v in preprocessing["std"]], dtype=np.float32),
         fill=tuple(round(255 * v) for v in mean),
+        min_side=draft_side(max(scale)),
     )
 
 
@@ -474,7 +479,7 @@ def _decode(files: Sequence[Path], p: _Prep) -> tuple[np.ndarray | None, list[Pa
     pixels, ok, errors = [], [], []
     for f in files:
         try:
-            pixels.append(np.asarray(_geometry(load_rgb(f), p)))
+            pixels.append(np.asarray(_geometry(load_rgb(f, min_side=p.min_side), p)))
             ok.append(f)
         except UnreadableImageError as exc:
             errors.append({"path": str(f), "reason": exc.reason})

@@ -124,10 +124,11 @@ def _session(path: str | os.PathLike, threads: int | None = None):
 def _batches(paths: Sequence[Path], preprocessing: dict, batch: int = _BATCH,
              view: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[np.ndarray]:
     """Preprocessed batches of ``paths``; ``view(image, i)`` first changes the i-th image (augmented views)."""
-    from autotl.predict import preprocess_batch
+    from autotl.predict import _prep, preprocess_batch
 
+    side = _prep(preprocessing).min_side  # decoded as predict decodes them
     for start in range(0, len(paths), batch):
-        images = [load_rgb(p) for p in paths[start:start + batch]]
+        images = [load_rgb(p, min_side=side) for p in paths[start:start + batch]]
         if view is not None:
             images = [view(img, start + i) for i, img in enumerate(images)]
         yield preprocess_batch(images, preprocessing)

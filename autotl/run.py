@@ -22,7 +22,7 @@ import torch
 
 from . import _console
 from ._io import atomic_write_json
-from ._memory import BoundedMemory
+from ._memory import BoundedMemory, trim_heap
 from ._runfolder import (DISCARDED, LOCK_NAME, RUN_MARKER, SET_ASIDE, autotl_entries, foreign_entries, hold_run_folder,
                          is_finished, is_run_folder)
 from ._version import __version__
@@ -291,6 +291,35 @@ def claim_run_folder(out: str | os.PathLike, data_dir: str | os.PathLike, *, res
             folder.commit()
     finally:
         folder.remove_created()
+class Phases:
+    """Seconds spent in each named phase of a run (scan, scoring, search, ...), in the order they
+    first ended (a nested phase before the one around it). Exclusive: the time of a phase nested in another counts for the inner one only,
+    so the phases never sum to more than the wall time. A phase entered twice accumulates."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list] = []  # [name, started, seconds spent in nested phases]
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        frame = [name, time.monotonic(), 0.0]
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            trim_heap()  # what this phase freed does not stay resident under the next one
+            took = time.monotonic() - frame[1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + took - frame[2]
+            if self._stack:
+                self._stack[-1][2] += took
+
+    def to_json(self) -> dict[str, float]:
+        return {name: round(s, 2) for name, s in self.seconds.items()}
+
+    def line(self) -> str:
+        """``scan 1s, scoring 35s, ...`` for the console."""
+        return ", ".join(f"{name} {s:.0f}s" for name, s in self.seconds.items())
 
 
 @dataclass
@@ -329,6 +358,7 @@ class Run:
     # what steps and trials share within this run (probe feature reductions, ...); bounded, never global
     memory: BoundedMemory = field(default_factory=lambda: BoundedMemory(16))
     policy: DevicePolicy | None = None  # how the run uses ``device``, resolved once (None: the device's default)
+    phases: Phases = field(default_factory=Phases)
 
     def __post_init__(self) -> None:
         self.policy = as_policy(self.policy if self.policy is not None else self.device)
@@ -345,24 +375,27 @@ class Run:
         ``claimed``: ``out`` is held by :func:`claim_run_folder` (checked, locked, marked); else it is
         checked here and created and marked after the scan."""
         start = time.monotonic()
+        phases = Phases()
         set_torch_threads()
         data_dir = Path(data_dir)
         run_dir = Path(out) if out is not None else default_run_dir(data_dir)
         if not claimed:
             check_run_folder(run_dir, data_dir, resume=resume, overwrite=overwrite)
         if index is None:
-            index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates,
-                                 path_column=path_column, label_column=label_column)
+            with phases("scan"):
+                index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates,
+                                     path_column=path_column, label_column=label_column)
             _console.log(index.summary_table())
         if not claimed:
             _mark(run_dir, data_dir)
         policy = as_policy(device)
         configure_torch(policy)
         cache = resolve_cache_dir(cache_dir)
-        loaded = [create_source_model(m) for m in models]
-        if zoo is not None or not loaded:
-            named = {s.label for s in loaded}
-            loaded += [s for s in default_candidates(zoo or "auto", policy.device) if s.label not in named]
+        with phases("model loading"):
+            loaded = [create_source_model(m) for m in models]
+            if zoo is not None or not loaded:
+                named = {s.label for s in loaded}
+                loaded += [s for s in default_candidates(zoo or "auto", policy.device) if s.label not in named]
         shared = shared_input_config([s.data_config for s in loaded])
         for s in loaded:  # one preprocessing for the run: any mix of backbones reads the same input
             s.share_input(shared)
@@ -372,7 +405,7 @@ class Run:
         extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache), index.train,
                                                index.val, index.test) for label, s in sources.items()}
         return cls(index, run_dir, policy.device, cache, sources, extractors, seed, float(val_fraction), duplicates,
-                   start, policy=policy)
+                   start, policy=policy, phases=phases)
 
     @property
     def labels(self) -> list[str]:
@@ -392,3 +425,7 @@ class Run:
 
     def seconds(self) -> float:
         return time.monotonic() - self.start
+
+    def phase(self, name: str):
+        """``with run.phase("scoring"): ...``: that time is the phase's on the card and in the report."""
+        return self.phases(name)

@@ -15,11 +15,25 @@ shifts all of them alike; each figure is the mean ± std over the repetitions.
    ``autotl predict --csv`` over 10,000+ photos in a child process (its peak RSS);
 5. int8 vs fp32 (size, latency, validation accuracy) from the cards of two ``fit --quantize int8``
    runs: Cats vs Dogs and a Fashion-MNIST task;
-6. peak RSS and wall time of ``autotl fit <cats_vs_dogs> --no-search --quantize int8`` (a child).
+6. peak RSS and wall time of ``autotl fit <cats_vs_dogs> --no-search --quantize int8`` (a child);
+7. a cold-cache ``autotl fit`` with a search (800 Cats vs Dogs photos, 400 a class, ``--time-budget 1m``)
+   in a child: its wall time, the time outside the search (wall − the study's seconds), the phases
+   from its card, its peak RSS, and the median complete probe trial (frozen backbone) from its
+   leaderboard.json;
+8. end-to-end extraction on large JPEGs (3-12 megapixels, made by upscaling shared photos into a
+   temporary folder): ``FeatureExtractor.extract`` (draft decoding, decode workers, the backend),
+   the same with draft decoding off, and a bare eager loop decoding the same files (Pillow full
+   decode + timm eval transform + eager forward, batch 32); img/s and ratios.
 
-    PYTHONPATH=. nice python bench/throughput.py            # all of it (~15 min on 2 busy cores)
+Sections run in the order above (7 first: nothing else is in its child's peak); ``--only`` picks
+some. The JSON is written after every section, with the load average measured before it (a
+warning is printed above 2.5: the figures of a loaded machine are not figures).
+
+    PYTHONPATH=. nice python bench/throughput.py            # all of it (~25 min on 2 quiet cores)
     PYTHONPATH=. nice python bench/throughput.py --quick    # fewer repetitions and images
-    PYTHONPATH=. nice python bench/throughput.py --quick --skip-fits --stream-images 2000
+    PYTHONPATH=. nice python bench/throughput.py --only fit,large-jpeg
+    PYTHONPATH=. nice python bench/throughput.py --only fit,large-jpeg --fit-images 40 --fit-budget 10s \
+        --large-images 4 --name throughput-tiny             # does it work (numbers mean nothing)
 """
 
 from __future__ import annotations
@@ -41,12 +55,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from _common import ROOT, SHARED_DATA, print_table, shared_dataset, write_results
+from _common import ROOT, SHARED_DATA, load_average, print_table, shared_dataset, write_results
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 MODELS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 BATCH = 32
+SECTIONS = ("fit", "int8", "frozen", "scoring", "predict", "stream", "large-jpeg")
+BUSY_LOAD = 2.5  # a 1-minute load average above this on 2 cores: other jobs are in the figures
+# (width, height) of the large JPEGs, cycled: 12, 8 and 3 megapixels, landscape and portrait
+LARGE_SIZES = ((4000, 3000), (2448, 3264), (2048, 1536), (3000, 4000))
 
 
 def _ms(values) -> dict:
@@ -324,53 +342,196 @@ def int8_rows(fits: dict) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------- 7
+def _class_subset(root: Path, per_class: int) -> Path:
+    """``per_class`` photos of each class of Cats vs Dogs' training split, copied into ``root``."""
+    src = shared_dataset("cats_vs_dogs") / "train"
+    for c in sorted(os.listdir(src)):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / c).iterdir())[:per_class]:
+            shutil.copy2(f, root / c / f.name)
+    return root
+
+
+def search_fit(tmp: Path, n_images: int, budget: str) -> dict:
+    """``autotl fit DATA --time-budget BUDGET`` with an empty feature cache, in a child process."""
+    data = _class_subset(tmp / "search-data", n_images // 2)
+    out, cache = tmp / "run-search", tmp / "search-cache"
+    cmd = [sys.executable, "-m", "autotl.cli", "fit", str(data), "--out", str(out), "--time-budget", budget,
+           "--cache-dir", str(cache)]
+    peak, secs, code = _run_child(cmd)
+    card = json.loads((out / "model.json").read_text()) if (out / "model.json").is_file() else {}
+    extra = card.get("extra") or {}
+    search = extra.get("search") or {}
+    phases = extra.get("phases") or {}
+    board = json.loads((out / "leaderboard.json").read_text()) if (out / "leaderboard.json").is_file() else []
+    done = [r for r in board if r.get("state") == "COMPLETE" and r.get("seconds") is not None]
+    probes = [r["seconds"] for r in done if r.get("frozen") is not None and r.get("frozen") == r.get("num_stages")]
+    search_s = search.get("search_seconds")
+    res = {"command": " ".join(cmd[1:]), "n_images": n_images, "time_budget": budget, "exit": code,
+           "wall_s": secs, "card_wall_s": extra.get("wall_seconds"), "search_s": search_s,
+           "outside_search_s": secs - search_s if search_s is not None else None, "phases": phases,
+           "n_trials": search.get("n_trials"), "n_complete": len(done),
+           "median_complete_probe_trial_s": float(np.median(probes)) if probes else None, "n_probe_trials": len(probes),
+           "median_complete_trial_s": float(np.median([r["seconds"] for r in done])) if done else None,
+           "peak_rss_mb": peak["max_process_mb"], "peak_rss_tree_mb": peak["tree_mb"],
+           "val_accuracy": (card.get("metrics") or {}).get("val", {}).get("accuracy"),
+           "source_model": (card.get("source_model") or {}).get("name")}
+    print_table(f"7. cold-cache `autotl fit` on {n_images} Cats vs Dogs photos, --time-budget {budget} (child process)",
+                [{"wall s": secs, "search s": search_s, "outside search s": res["outside_search_s"],
+                  "median probe trial s": res["median_complete_probe_trial_s"], "trials (complete)":
+                  f"{res['n_trials']} ({len(done)})", "peak RSS MB": peak["max_process_mb"], "exit": code}],
+                ["wall s", "search s", "outside search s", "median probe trial s", "trials (complete)", "peak RSS MB", "exit"])
+    if phases:
+        print_table("7b. its phases (from the card)", [{"phase": k, "seconds": float(v)} for k, v in phases.items()],
+                    ["phase", "seconds"])
+    return res
+
+
+# --------------------------------------------------------------------------------------- 8
+def _large_jpegs(folder: Path, n: int) -> list:
+    """``n`` JPEGs of 3-12 megapixels (quality 90): shared photos upscaled (bicubic), classes interleaved."""
+    from PIL import Image
+
+    from autotl.data import Sample
+
+    out = []
+    for i, s in enumerate(_cvd_files("val", n)):
+        size = LARGE_SIZES[i % len(LARGE_SIZES)]
+        dst = folder / f"{i:04d}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(s.path).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(dst, quality=90)
+        out.append(Sample(dst, s.label))
+    return out
+
+
+def large_jpeg(tmp: Path, n_images: int, reps: int) -> dict:
+    """Extraction on large JPEGs: autotl's extractor (draft on / off) vs a bare eager loop over the same files."""
+    from PIL import Image
+
+    from autotl import features
+    from autotl.features import FeatureExtractor
+    from autotl.models import create_source_model
+
+    samples = _large_jpegs(tmp / "large-jpeg", n_images)
+    megapixels = float(np.mean([np.prod(Image.open(s.path).size) / 1e6 for s in samples]))
+    source = create_source_model("tf_efficientnet_lite0")
+    model = source.model.eval()
+    cache = tmp / "large-cache"
+    ex = FeatureExtractor(source, cache_dir=cache)
+    ex.extract(samples[:2], description="warm-up")  # exports the frozen graph once; every rep reuses it
+
+    def extract(draft: bool) -> float:
+        shutil.rmtree(cache / ex._key(samples), ignore_errors=True)
+        ex._memory.clear()
+        real = features.decode_min_side
+        if not draft:  # (ImageDataset reads the rule when it is made, in this process)
+            features.decode_min_side = lambda transform: None
+        try:
+            t = time.perf_counter()
+            ex.extract(samples, description="large JPEGs")
+            return len(samples) / (time.perf_counter() - t)
+        finally:
+            features.decode_min_side = real
+
+    def bare() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(samples), BATCH):
+                x = torch.stack([ex.transform(Image.open(s.path).convert("RGB")) for s in samples[i:i + BATCH]])
+                model(x)
+        return len(samples) / (time.perf_counter() - t)
+
+    got = {"autotl extract (draft decode)": [], "autotl extract (draft off)": [], "bare eager loop (full decode)": []}
+    for _ in range(reps):  # alternate run by run
+        got["autotl extract (draft decode)"].append(extract(True))
+        got["autotl extract (draft off)"].append(extract(False))
+        got["bare eager loop (full decode)"].append(bare())
+    base = np.asarray(got["bare eager loop (full decode)"])
+    rows = [{"method": k, "img/s": _fmt(_ms(v), 2), "x bare": _fmt(_ms(np.asarray(v) / base), 2)} for k, v in got.items()]
+    print_table(f"8. end-to-end extraction, {len(samples)} large JPEGs ({megapixels:.1f} MP on average), Lite0, "
+                f"{reps} alternating reps, {torch.get_num_threads()} threads", rows, ["method", "img/s", "x bare"])
+    return {"n_images": len(samples), "mean_megapixels": megapixels, "reps": reps,
+            "decode_workers": features.decode_workers(torch.device("cpu")), "img_per_s": {k: _ms(v) for k, v in got.items()},
+            "ratio_extract_vs_bare": _ms(np.asarray(got["autotl extract (draft decode)"]) / base),
+            "ratio_extract_no_draft_vs_bare": _ms(np.asarray(got["autotl extract (draft off)"]) / base), "rows": rows}
+
+
+def _before(section: str, results: dict) -> None:
+    """Record the load average before ``section``; warn when the machine is busy."""
+    load = load_average()
+    results.setdefault("load_average_before", {})[section] = load
+    if load and load[0] > BUSY_LOAD:
+        print(f"WARNING: load average {load[0]:.2f} > {BUSY_LOAD} before section {section!r}: other jobs share the "
+              "machine, its timings are not figures", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and images (a busy machine)")
-    ap.add_argument("--skip-fits", action="store_true", help="leave out 5 and 6 (the two fits, ~15 min on 2 busy cores)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    ap.add_argument("--skip-fits", action="store_true", help="leave out the fits (sections fit and int8)")
     ap.add_argument("--skip-stream", action="store_true", help="leave out the streamed predict")
     ap.add_argument("--stream-images", type=int, default=10000)
+    ap.add_argument("--fit-images", type=int, default=800, help="photos of the searched fit (half a class)")
+    ap.add_argument("--fit-budget", default="1m", help="--time-budget of the searched fit")
+    ap.add_argument("--large-images", type=int, default=64, help="large JPEGs of section large-jpeg")
     ap.add_argument("--name", default="throughput")
     args = ap.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        ap.error(f"--only {','.join(unknown)}: not a section (one of {', '.join(SECTIONS)})")
+    skip = ({"fit", "int8"} if args.skip_fits else set()) | ({"stream"} if args.skip_stream else set())
+    wanted = [s for s in SECTIONS if s in only and s not in skip]
     reps = 3 if args.quick else 5
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     results: dict = {"note": "the machine is shared with other jobs; compare ratios within this run, not across runs",
-                     "cores": len(os.sched_getaffinity(0)), "args": vars(args)}
+                     "cores": len(os.sched_getaffinity(0)), "args": vars(args), "sections": wanted}
     with tempfile.TemporaryDirectory(prefix="autotl-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model = None
-        if not args.skip_fits:
-            # 6 first: the fit is the first child, so nothing else is in its peak
-            fits = {"cats_vs_dogs": fit_child(shared_dataset("cats_vs_dogs"), tmp / "run-cvd", tmp / "fit-cache", [])}
-            f = fits["cats_vs_dogs"]
-            print_table("6. `autotl fit cats_vs_dogs --no-search --quantize int8` (child process, cold cache)",
-                        [{"seconds": f["seconds"], "peak RSS MB (largest process)": f["max_process_mb"],
-                          "peak RSS MB (process tree, upper bound)": f["tree_mb"], "model": f["source_model"],
-                          "val acc": f["val_accuracy"], "exit": f["exit"]}],
-                        ["seconds", "peak RSS MB (largest process)", "peak RSS MB (process tree, upper bound)", "model", "val acc", "exit"])
-            if FMNIST.is_dir():
-                data = _fmnist_task(tmp / "fmnist", 100 if not args.quick else 40, 50 if not args.quick else 20)
-                fits["fashion_mnist"] = fit_child(data, tmp / "run-fmnist", tmp / "fit-cache",
-                                                  ["--model", "tf_efficientnet_lite0"])
-            results["fit"] = fits
-            rows = int8_rows(fits)
-            print_table("5. int8 vs fp32 (from the fits' cards; latency on one batch of 8 val images)", rows, list(rows[0]))
-            results["int8"] = rows
+        for section in wanted:
+            _before(section, results)
+            if section == "fit":
+                results["search_fit"] = search_fit(tmp, args.fit_images, args.fit_budget)
+            elif section == "int8":
+                model = _int8_fits(tmp, results, args.quick)
+            elif section == "frozen":
+                results["frozen_forward"] = frozen_forward(reps, 128 if args.quick else 256, tmp)
+            elif section == "scoring":
+                results["scoring"] = scoring(200 if args.quick else 400, tmp)
+            elif section == "predict":
+                if model is None or not model.is_file():  # without the fits: a Lite0 classifier exported here
+                    model = _lite0_model(tmp)
+                results["predict"] = predict_vs_bare(model, 3, 256 if args.quick else 500)
+            elif section == "stream":
+                # the stream through the Lite0 model (the Fashion-MNIST fit's, when there is one): 2-3x faster than Lite2
+                stream_model = next((m for m in (tmp / "run-fmnist" / "model.onnx", model) if m is not None and m.is_file()),
+                                    None) or _lite0_model(tmp)
+                results["stream"] = streamed_predict(stream_model, tmp, args.stream_images)
+            elif section == "large-jpeg":
+                results["large_jpeg"] = large_jpeg(tmp, args.large_images, 2 if args.quick else 3)
             write_results(args.name, results)  # after every section: a late failure loses nothing
-            model = tmp / "run-cvd" / "model.onnx"
-        results["frozen_forward"] = frozen_forward(reps, 128 if args.quick else 256, tmp)
-        write_results(args.name, results)
-        results["scoring"] = scoring(200 if args.quick else 400, tmp)
-        write_results(args.name, results)
-        if model is None or not model.is_file():  # without the fits: a Lite0 classifier exported here
-            model = _lite0_model(tmp)
-        results["predict"] = predict_vs_bare(model, 3, 256 if args.quick else 500)
-        write_results(args.name, results)
-        # the stream through the Lite0 model (the Fashion-MNIST fit's, when there is one): 2-3x faster than Lite2
-        stream_model = next((m for m in (tmp / "run-fmnist" / "model.onnx", model) if m.is_file()), None)
-        if not args.skip_stream:
-            results["stream"] = streamed_predict(stream_model, tmp, args.stream_images)
-    write_results(args.name, results)
+
+
+def _int8_fits(tmp: Path, results: dict, quick: bool) -> Path:
+    """Sections 5 and 6: the int8 fits (Cats vs Dogs, and Fashion-MNIST when installed); the Cats vs Dogs model."""
+    fits = {"cats_vs_dogs": fit_child(shared_dataset("cats_vs_dogs"), tmp / "run-cvd", tmp / "fit-cache", [])}
+    f = fits["cats_vs_dogs"]
+    print_table("6. `autotl fit cats_vs_dogs --no-search --quantize int8` (child process, cold cache)",
+                [{"seconds": f["seconds"], "peak RSS MB (largest process)": f["max_process_mb"],
+                  "peak RSS MB (process tree, upper bound)": f["tree_mb"], "model": f["source_model"],
+                  "val acc": f["val_accuracy"], "exit": f["exit"]}],
+                ["seconds", "peak RSS MB (largest process)", "peak RSS MB (process tree, upper bound)", "model", "val acc", "exit"])
+    if FMNIST.is_dir():
+        data = _fmnist_task(tmp / "fmnist", 100 if not quick else 40, 50 if not quick else 20)
+        fits["fashion_mnist"] = fit_child(data, tmp / "run-fmnist", tmp / "fit-cache", ["--model", "tf_efficientnet_lite0"])
+    results["fit"] = fits
+    rows = int8_rows(fits)
+    print_table("5. int8 vs fp32 (from the fits' cards; latency on one batch of 8 val images)", rows, list(rows[0]))
+    results["int8"] = rows
+    return tmp / "run-cvd" / "model.onnx"
 
 
 def _lite0_model(tmp: Path) -> Path:

@@ -25,6 +25,7 @@ from ._dropout import dropout_section
 from ._evaluation import evaluation_section
 from ._html import CSS, Thumbnails, esc, pct, seconds
 from ._onnx import onnx_section
+from ._phases import phases_summary
 from ._retrieval import retrieval_section
 from ._run import RunFolder, load_run
 from ._scoring import scoring_section
@@ -81,7 +82,7 @@ def header(doc: Doc) -> str:
     return (f'<header class="top"><h1>autotl report: {esc(run.dir.resolve().name)}</h1>'
             f'<div class="sub mono">{esc(run.dir.resolve())}</div>'
             + (f'<div class="sub">{" · ".join(sub)}</div>' if sub else "")
-            + (summary_cards(items) if items else "") + "</header>")
+            + (summary_cards(items) if items else "") + phases_summary(run) + "</header>")
 
 
 SECTIONS: tuple[Callable[[Doc], str], ...] = (strategy_section, data_section, scoring_section, search_section,

@@ -207,6 +207,9 @@ dl.kv dd{margin:0}
 .bar{display:inline-block;width:120px;height:10px;background:var(--soft);border:1px solid var(--line);vertical-align:middle;border-radius:2px}
 .bar>span{display:block;height:100%;background:var(--accent);border-radius:2px}
 .bartext{font-variant-numeric:tabular-nums}
+.phasebar{display:flex;height:14px;max-width:720px;border:1px solid var(--line);border-radius:3px;overflow:hidden;margin:4px 0}
+.phasebar>span{display:block;height:100%;border-right:1px solid #fff}
+.swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;vertical-align:middle}
 .ok{color:var(--good);font-weight:600}.fail{color:var(--bad);font-weight:600}.warn{color:var(--warn)}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 figure.thumb{margin:0;width:124px;font-size:11px;line-height:1.3}

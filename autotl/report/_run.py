@@ -94,6 +94,24 @@ class RunFolder:
         return {"cv": "cross-validated", "val-cv": "cross-validated", "holdout": "held-out"}.get(kind, "val")
 
     @property
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase of the fit (``extra.phases`` of the card, else result.json's), numbers only."""
+        extra = (self.card or {}).get("extra") or {}
+        for doc in (extra.get("phases"), (self.result or {}).get("phases")):
+            if isinstance(doc, dict) and doc:
+                return {str(k): float(v) for k, v in doc.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0}
+        return {}
+
+    @property
+    def wall_seconds(self) -> float | None:
+        extra = (self.card or {}).get("extra") or {}
+        for v in (extra.get("wall_seconds"), (self.result or {}).get("seconds")):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        return None
+
+    @property
     def dataset(self) -> dict:
         if isinstance(self.data, dict):
             return self.data

@@ -226,7 +226,8 @@ def plan_search(
 
     # what each configuration costs here (measured now), so the sampler only gets what can finish
     user_recipe = recipe
-    cost = measure_costs(run, recipe, base, selection)
+    with run.phase("cost"):
+        cost = measure_costs(run, recipe, base, selection)
     url = storage_url(run.run_dir, storage)
     name = study_name or DEFAULT_STUDY
     keep, estimates = feasible_frozen(cost, recipe, base, budget, run)
@@ -279,9 +280,12 @@ def plan_search(
 
 def search(run: Run, base: TrainConfig, **kwargs: Any) -> FinalModel:
     """Plan, run (or resume) the study and refit its winner; ``kwargs`` go to :func:`plan_search`."""
-    plan = plan_search(run, base, **kwargs)
-    outcome = plan.run_trials()
-    return refit_best(plan, outcome)
+    with run.phase("caches"):  # the prefix caches (the cost measurement is its own phase)
+        plan = plan_search(run, base, **kwargs)
+    with run.phase("search"):
+        outcome = plan.run_trials()
+    with run.phase("refit"):
+        return refit_best(plan, outcome)
 
 
 def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:

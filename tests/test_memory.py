@@ -1,0 +1,85 @@
+"""What keeps a run's peak memory down: a frozen pass gives its onnxruntime session back when it ends,
+and every onnxruntime or eager forward (the pass, the export's parity check) sees a few images at a time."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from autotl import backend, export
+from autotl.data import scan_dataset
+from autotl.features import FeatureExtractor
+from autotl.models import create_source_model
+
+from conftest import limited_torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with limited_torch_threads(1):
+        yield
+
+
+class _Sessions:
+    """Every onnxruntime session made, weakly, and the batch size of every run."""
+
+    def __init__(self, monkeypatch):
+        self.made: list[weakref.ref] = []
+        self.batches: list[int] = []
+        real = ort.InferenceSession
+        spy = self
+
+        class Spy(real):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                spy.made.append(weakref.ref(self))
+
+            def run(self, output_names, feed, *args, **kwargs):
+                spy.batches += [len(v) for v in feed.values()]
+                return super().run(output_names, feed, *args, **kwargs)
+
+        monkeypatch.setattr(ort, "InferenceSession", Spy)
+
+    def alive(self) -> int:
+        gc.disable()  # only what is still referenced counts: no collection can hide a leak or make one
+        try:
+            return sum(ref() is not None for ref in self.made)
+        finally:
+            gc.enable()
+
+
+def test_a_frozen_pass_releases_its_session_and_feeds_small_batches(tmp_path, make_image_folder, monkeypatch):
+    sessions = _Sessions(monkeypatch)
+    index = scan_dataset(make_image_folder(tmp_path / "data", {"cat": 10, "dog": 10}), val_fraction=0.1)
+    import autotl.features
+
+    alive_at_trim = []
+    monkeypatch.setattr(autotl.features, "trim_heap", lambda: alive_at_trim.append(sessions.alive()))
+    ex = FeatureExtractor(create_source_model("test_efficientnet=random"), cache_dir=tmp_path / "cache", batch_size=16)
+    acts = ex.extract(index.train, [1])
+    assert ex.backend == "onnxruntime" and len(acts.pooled) == len(index.train)
+    assert sessions.made, "the pass ran through onnxruntime"
+    # the heap is trimmed after the pass, once its session is gone (else its arena stays resident)
+    assert alive_at_trim == [0]
+    assert sessions.alive() == 0, "the session (and its arena) outlived the pass"
+    assert max(sessions.batches) <= backend.ORT_BATCH < ex.batch_size
+
+
+def test_parity_check_runs_a_few_images_at_a_time(tmp_path, monkeypatch):
+    import timm
+
+    sessions = _Sessions(monkeypatch)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3).eval()
+    path = export.export_onnx(model, tmp_path / "m.onnx", input_size=(3, 64, 64), exporter="torchscript")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    report = export.verify_onnx(model, path, torch.randn(20, 3, 64, 64))
+    assert report.passed and report.n_images == 20
+    assert sum(seen) == 20 and max(seen) <= export.PARITY_BATCH < 20
+    assert sum(sessions.batches) == 20 and max(sessions.batches) <= export.PARITY_BATCH
+    assert sessions.alive() == 0
+
