@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Hashable
 
 
 class BoundedMemory:
     """Least-recently-used values by key, at most ``max_items`` and ``max_bytes`` (values that report an
-    ``nbytes``); ``get(key, make)`` computes on a miss. The newest value always stays."""
+    ``nbytes``); ``get(key, make)`` computes on a miss. The newest value always stays.
+
+    ``part(name, max_items)``: a memory of its own inside this one, for one kind of value with its own
+    bound (a strategy's influence outcomes, a pool's descriptors), so kinds never evict each other;
+    ``counts`` tallies what its owner computed (head fits, described images, ...) for reports and tests."""
 
     def __init__(self, max_items: int = 16, max_bytes: int = 512 << 20):
         if max_items < 1:
@@ -16,6 +20,8 @@ class BoundedMemory:
         self.max_items = int(max_items)
         self.max_bytes = int(max_bytes)
         self._items: "OrderedDict[Hashable, Any]" = OrderedDict()
+        self._parts: dict[str, BoundedMemory] = {}
+        self.counts: Counter[str] = Counter()
         self.hits = 0
         self.misses = 0
 
@@ -34,6 +40,12 @@ class BoundedMemory:
             self._items.popitem(last=False)
         return value
 
+    def part(self, name: str, max_items: int) -> "BoundedMemory":
+        """The part ``name`` (created on first use with at most ``max_items`` values and this memory's byte bound)."""
+        if name not in self._parts:
+            self._parts[name] = BoundedMemory(max_items, self.max_bytes)
+        return self._parts[name]
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -42,3 +54,4 @@ class BoundedMemory:
 
     def clear(self) -> None:
         self._items.clear()
+        self._parts.clear()

@@ -190,7 +190,7 @@ def source_pool_overlap(run: Run, options: dict[str, Any] | None) -> dict[str, A
         return None
     from .retrieval.strategy import data_free_pool
 
-    pool, copies = data_free_pool(root, run.index, run.cache_dir / "retrieval" if run.cache_dir else None)
+    pool, copies = data_free_pool(root, run.index, run.cache_dir / "retrieval" if run.cache_dir else None, run.memory)
     if copies:
         _console.log(_console.clean_text(
             f"source pool: {len(copies)} of its images are copies of images of the data set (same bytes); they are "
@@ -258,7 +258,8 @@ def train_given_strategy(run: Run, base: TrainConfig, params: dict[str, Any], op
     source, extractor = run.sources[label], run.extractors[label]
     _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {run.device}")
     index = run.index
-    ctx = StrategyContext(index, source, extractor, run.run_dir, base, list(index.train), options=options, final=True)
+    ctx = StrategyContext(index, source, extractor, run.run_dir, base, list(index.train), options=options, final=True,
+                          memory=run.memory)
     apply_strategies(ctx, params)
     result = train_strategy(ctx, index.val, device=run.device)
     decided = {

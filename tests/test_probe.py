@@ -178,6 +178,7 @@ def test_probe_trial_trains_on_fit_and_decision_parts_and_scores_on_the_rest(run
     def spy(objective, params, setup):
         sets, contexts = real(objective, params, setup)
         seen["sets"], seen["refs"] = sets, [c.reference for c in contexts]
+        seen["memories"] = [c.memory for c in contexts]
         return sets, contexts
 
     monkeypatch.setattr(probe_mod, "fold_training", spy)
@@ -192,6 +193,11 @@ def test_probe_trial_trains_on_fit_and_decision_parts_and_scores_on_the_rest(run
     ua = trial.user_attrs
     assert len(ua["path_fold_scores"]) == len(ua["lambda_path"]) and ua["lambda"] in ua["lambda_path"]
     assert trial.value == pytest.approx(np.mean(ua["fold_scores"]))
+    # each fold's dropout kept its influence in the run's memory (what the next trial with another tau reads)
+    from autotl.dropout.strategy import cache_stats
+
+    assert seen["memories"] and all(m is run.memory for m in seen["memories"])
+    assert cache_stats(run.memory)["influence_solves"] >= len(plan.selection.folds)
 
 
 def test_portfolio_is_enqueued_cheapest_first(run):

@@ -13,8 +13,9 @@ Before a trial trains, ``DataDropout.apply``:
 3. drops the images scoring above ``tau`` robust spreads (or the top ``tau`` fraction of the
    harmful ones, ``dropout_mode="fraction"``) and hands the kept samples to training.
 
-The scores do not depend on ``tau``: they are cached in memory per (features, labels, l2, focus
-class), so the trials of a search that vary ``tau`` pay for one head fit and one solve.  The test
+The scores do not depend on ``tau``: they are kept in the run's memory (``ctx.memory``, bounded) per
+(features, labels, l2, focus class), so the trials of a search that vary ``tau`` pay for one head fit
+and one solve.  The test
 split is never read.  On the final refit (``ctx.final``) ``dropped.csv`` and ``influence.csv`` are
 written to the run folder.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .._console import log
+from .._memory import BoundedMemory
 from ..errors import AutotlError
 from ..options import parse_tau
 from ..strategy import BaseStrategy, StrategyContext
@@ -51,7 +52,6 @@ __all__ = [
     "parse_tau",
     "resolve_focus_class",
     "cache_stats",
-    "clear_cache",
 ]
 
 # L2 damping of the convex head's *mean* objective on features scaled to unit mean squared norm
@@ -62,11 +62,7 @@ DEFAULT_L2 = 1e-2
 DEFAULT_MODE = "spread"
 INFLUENCES = ("head", "block")
 DECIDED_BY = "val split (influence reference)"
-_CACHE_SIZE = 8
-
-# fingerprint -> InfluenceOutcome; trials that differ only in tau hit this.
-_CACHE: "OrderedDict[str, InfluenceOutcome]" = OrderedDict()
-_STATS = {"head_fits": 0, "influence_solves": 0, "cache_hits": 0}
+_KEPT = 8  # influence outcomes (and heads) a run keeps: trials that differ only in tau hit them
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,14 +87,36 @@ class InfluenceOutcome:
         """Head fit + influence solve (the cost a cache hit saves)."""
         return self.fit_seconds + self.influence_seconds
 
+    @property
+    def nbytes(self) -> int:
+        r = self.result
+        return int(r.scores.nbytes + r.predicted.nbytes + r.prob_given.nbytes + self.head.W.nbytes + self.head.b.nbytes)
 
-def cache_stats() -> dict[str, int]:
-    """Counters of head fits, influence solves and cache hits since import (tests read these)."""
-    return dict(_STATS)
+    def hit(self) -> "InfluenceOutcome":
+        """This outcome as served from memory (``cached``)."""
+        return InfluenceOutcome(self.result, self.head, self.l2, self.fit_seconds, self.influence_seconds, self.key,
+                                self.head_key, cached=True)
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
+def _outcomes(memory: BoundedMemory) -> BoundedMemory:
+    return memory.part("dropout-influence", _KEPT)
+
+
+def cache_stats(memory: BoundedMemory) -> dict[str, int]:
+    """Head fits, influence solves and memory hits of data dropout in ``memory`` (a run's)."""
+    counts = _outcomes(memory).counts
+    return {k: int(counts[k]) for k in ("head_fits", "influence_solves", "cache_hits")}
+
+
+def _remembered(memory: BoundedMemory | None, key: str, compute) -> InfluenceOutcome:
+    """``compute()`` once per ``key`` in ``memory`` (every time without one)."""
+    if memory is None:
+        return compute(None)
+    outcomes = _outcomes(memory)
+    if key in outcomes:
+        outcomes.counts["cache_hits"] += 1
+        return outcomes.get(key, None).hit()
+    return outcomes.get(key, lambda: compute(outcomes))
 
 
 def _as_array(x, dtype) -> np.ndarray:
@@ -159,13 +177,14 @@ def compute_influence(
     l2: float = DEFAULT_L2,
     focus_class: int | None = None,
     solver: str = "auto",
-    use_cache: bool = True,
+    memory: BoundedMemory | None = None,
 ) -> InfluenceOutcome:
     """Fit the convex head on the training features and score every training image.
 
     ``scores > 0``: removing the image is predicted to lower the total cross-entropy of the
-    reference set (all of ``val_*``, or only its ``focus_class`` images).  Results are cached in
-    memory per (features, labels, l2, focus class, solver).
+    reference set (all of ``val_*``, or only its ``focus_class`` images).  With ``memory`` (a run's)
+    results are kept per (features, labels, l2, focus class, solver), and the head per (features,
+    labels, l2) across focus classes.
     """
     x = _as_array(train_x, np.float32)
     y = _as_array(train_y, np.int64).reshape(-1)
@@ -177,35 +196,28 @@ def compute_influence(
         raise AutotlError("data dropout needs validation images as the influence reference; add a val split")
     head_key = _fingerprint("head", x, y, int(num_classes), float(l2))
     key = _fingerprint(head_key, xv, yv, focus_class, solver)
-    if use_cache and key in _CACHE:
-        _CACHE.move_to_end(key)
-        _STATS["cache_hits"] += 1
-        hit = _CACHE[key]
-        return InfluenceOutcome(hit.result, hit.head, hit.l2, hit.fit_seconds, hit.influence_seconds, key, head_key,
-                                cached=True)
 
-    xs, xvs = _standardise(x.astype(np.float64), xv.astype(np.float64))
-    xs, xvs = _span_of_training_rows(xs, xvs)
-    # the head does not depend on the reference set: reuse it across focus classes
-    head, fit_seconds = None, 0.0
-    if use_cache:
-        for other in _CACHE.values():
-            if other.head_key == head_key:
-                head = other.head
-                break
-    if head is None:
-        t0 = time.perf_counter()
-        head = fit_logistic_head(xs, y, num_classes, l2=l2)
-        fit_seconds = time.perf_counter() - t0
-        _STATS["head_fits"] += 1
-    result = influence_scores(head, xs, y, xvs, yv, solver=solver, focus_class=focus_class)
-    _STATS["influence_solves"] += 1
-    out = InfluenceOutcome(result, head, float(l2), fit_seconds, result.seconds, key, head_key)
-    if use_cache:
-        _CACHE[key] = out
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return out
+    def compute(outcomes: BoundedMemory | None) -> InfluenceOutcome:
+        xs, xvs = _standardise(x.astype(np.float64), xv.astype(np.float64))
+        xs, xvs = _span_of_training_rows(xs, xvs)
+        timing = {"fit": 0.0}
+
+        def fit() -> LinearHead:
+            t0 = time.perf_counter()
+            head = fit_logistic_head(xs, y, num_classes, l2=l2)
+            timing["fit"] = time.perf_counter() - t0
+            if outcomes is not None:
+                outcomes.counts["head_fits"] += 1
+            return head
+
+        # the head does not depend on the reference set: kept apart, it serves every focus class
+        head = fit() if memory is None else memory.part("dropout-heads", _KEPT).get(head_key, fit)
+        result = influence_scores(head, xs, y, xvs, yv, solver=solver, focus_class=focus_class)
+        if outcomes is not None:
+            outcomes.counts["influence_solves"] += 1
+        return InfluenceOutcome(result, head, float(l2), timing["fit"], result.seconds, key, head_key)
+
+    return _remembered(memory, key, compute)
 
 
 def _last_block_cut(ctx: StrategyContext) -> int | None:
@@ -225,11 +237,11 @@ BLOCK_CG_TOL = 1e-2
 
 
 def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, num_classes: int, *,
-                            l2: float = DEFAULT_L2, focus_class: int | None = None, use_cache: bool = True,
+                            l2: float = DEFAULT_L2, focus_class: int | None = None, memory: BoundedMemory | None = None,
                             fit_max_iter: int = BLOCK_FIT_ITER, cg_max_iter: int = BLOCK_CG_ITER,
                             cg_tol: float = BLOCK_CG_TOL) -> InfluenceOutcome:
     """``block_influence_scores`` through stage ``cut`` (the last) of ``source``'s network and the head,
-    on the activations at that cut; cached in memory like ``compute_influence``. Float32, with a
+    on the activations at that cut; kept in ``memory`` like ``compute_influence``. Float32, with a
     bounded L-BFGS fit and CG (``BLOCK_*``)."""
     from ..stages import SuffixView, TransferNet
     from .block_influence import block_influence_scores
@@ -238,27 +250,21 @@ def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, nu
     av, yv = _as_array(val_a, np.float32), _as_array(val_y, np.int64).reshape(-1)
     key = _fingerprint("block", getattr(source, "label", ""), int(cut), a, y, av, yv, int(num_classes), float(l2), focus_class,
                        fit_max_iter, cg_max_iter, cg_tol)
-    if use_cache and key in _CACHE:
-        _CACHE.move_to_end(key)
-        _STATS["cache_hits"] += 1
-        hit = _CACHE[key]
-        return InfluenceOutcome(hit.result, hit.head, hit.l2, hit.fit_seconds, hit.influence_seconds, key, hit.head_key,
-                                cached=True)
-    net = TransferNet.from_source(source.model, int(num_classes), int(cut))
-    net.head.requires_grad_(False)  # block_influence_scores brings its own head
-    result, model = block_influence_scores(SuffixView(net, int(cut)), torch.from_numpy(a), torch.from_numpy(y),
-                                           torch.from_numpy(av), torch.from_numpy(yv), int(num_classes), l2=l2,
-                                           focus_class=focus_class, dtype=torch.float32, fit_tol=1e-5,
-                                           fit_max_iter=fit_max_iter, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
-    _STATS["influence_solves"] += 1
-    head = LinearHead(W=model.head.weight.detach().double().numpy(), b=model.head.bias.detach().double().numpy(),
-                      l2=float(l2), bias_l2=float(l2), grad_norm=result.train_grad_norm, n_train=len(y))
-    out = InfluenceOutcome(result, head, float(l2), 0.0, result.seconds, key, key)
-    if use_cache:
-        _CACHE[key] = out
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return out
+
+    def compute(outcomes: BoundedMemory | None) -> InfluenceOutcome:
+        net = TransferNet.from_source(source.model, int(num_classes), int(cut))
+        net.head.requires_grad_(False)  # block_influence_scores brings its own head
+        result, model = block_influence_scores(SuffixView(net, int(cut)), torch.from_numpy(a), torch.from_numpy(y),
+                                               torch.from_numpy(av), torch.from_numpy(yv), int(num_classes), l2=l2,
+                                               focus_class=focus_class, dtype=torch.float32, fit_tol=1e-5,
+                                               fit_max_iter=fit_max_iter, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
+        if outcomes is not None:
+            outcomes.counts["influence_solves"] += 1
+        head = LinearHead(W=model.head.weight.detach().double().numpy(), b=model.head.bias.detach().double().numpy(),
+                          l2=float(l2), bias_l2=float(l2), grad_norm=result.train_grad_norm, n_train=len(y))
+        return InfluenceOutcome(result, head, float(l2), 0.0, result.seconds, key, key)
+
+    return _remembered(memory, key, compute)
 
 
 def resolve_focus_class(name: Any, classes: Sequence[str]) -> int | None:
@@ -351,12 +357,12 @@ class DataDropout(BaseStrategy):
         va = ctx.extractor.extract(val, sorted({*cuts, *extra}), description="val features")
         if block_cut is None:
             outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=l2,
-                                        focus_class=focus, solver=solver)
+                                        focus_class=focus, solver=solver, memory=ctx.memory)
         else:
             n_stages = ctx.extractor.num_stages
             outcome = compute_block_influence(ctx.source, block_cut, tr.at(block_cut, n_stages), tr.labels,
                                               va.at(block_cut, n_stages), va.labels, len(classes), l2=l2,
-                                              focus_class=focus)
+                                              focus_class=focus, memory=ctx.memory)
         res = outcome.result
         labels = tr.labels.numpy()
         keep, report = select_dropout(res.scores, tau, mode=mode, labels=labels, min_keep_fraction=min_keep)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._console import log
+from .._memory import BoundedMemory
 from ..errors import AutotlError
 from ..strategy import BaseStrategy, StrategyContext
 from .joint import JointData, random_neighbours, joint_hooks, write_retrieval_csv
@@ -36,7 +37,6 @@ __all__ = ["SelectiveJointFineTuning", "load_pool", "data_free_pool", "retrieval
 
 DEFAULT_BANK = "gabor"
 DEFAULT_SOURCE_WEIGHT = 1.0
-_POOLS: dict[str, SourcePool] = {}
 
 
 def retrieval_cache_dir(ctx: StrategyContext) -> Path | None:
@@ -52,19 +52,20 @@ def retrieval_cache_dir(ctx: StrategyContext) -> Path | None:
     return Path(base) / "retrieval" if base is not None else None
 
 
-def load_pool(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> SourcePool:
-    """``scan_pool`` memoised per folder for the life of the process (the trials of a search)."""
+def load_pool(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+              memory: BoundedMemory | None = None) -> SourcePool:
+    """``scan_pool``, kept per folder in ``memory`` (a run's: the trials of a search scan once)."""
     key = os.path.abspath(os.path.expanduser(os.fspath(root)))
-    pool = _POOLS.get(key)
-    if pool is None:
-        pool = _POOLS[key] = scan_pool(key, cache_dir=cache_dir)
-    return pool
+    if memory is None:
+        return scan_pool(key, cache_dir=cache_dir)
+    return memory.part("pools", 4).get(key, lambda: scan_pool(key, cache_dir=cache_dir))
 
 
-def data_free_pool(root: str | os.PathLike, index, cache_dir: str | os.PathLike | None = None) -> tuple[SourcePool, list]:
+def data_free_pool(root: str | os.PathLike, index, cache_dir: str | os.PathLike | None = None,
+                   memory: BoundedMemory | None = None) -> tuple[SourcePool, list]:
     """The pool at ``root`` without its copies of the data set's images (train, val and test, by
-    content): (pool, ``[{"pool", "data"}]``)."""
-    return without_data_copies(load_pool(root, cache_dir), [*index.train, *index.val, *index.test])
+    content): (pool, ``[{"pool", "data"}]``); both steps kept in ``memory``."""
+    return without_data_copies(load_pool(root, cache_dir, memory), [*index.train, *index.val, *index.test], memory)
 
 
 def _class_weights(ctx: StrategyContext, pool: SourcePool) -> tuple[np.ndarray | None, str]:
@@ -133,8 +134,9 @@ class SelectiveJointFineTuning(BaseStrategy):
 
         t0 = time.monotonic()
         cache = retrieval_cache_dir(ctx)
-        pool, copies = data_free_pool(root, ctx.index, cache)
-        retr, memory_hit = get_retrieval(pool, bank, ctx.index.train, source_model=ctx.source.model, cache_dir=cache)
+        pool, copies = data_free_pool(root, ctx.index, cache, ctx.memory)
+        retr, memory_hit = get_retrieval(pool, bank, ctx.index.train, source_model=ctx.source.model, cache_dir=cache,
+                                         memory=ctx.memory)
         train = list(ctx.train_samples)
         k_search = min(HardSampleSchedule(k0, max_rounds=rounds).max_count, len(pool))
         knn = retr.neighbours(train, k_search)
@@ -152,7 +154,7 @@ class SelectiveJointFineTuning(BaseStrategy):
         ctx.notes[self.name] = notes
         data = JointData(pool=pool, neighbours=neighbours, k0=k0, source_weight=weight, max_rounds=rounds,
                          class_weights=class_weights, source_head_init=head_init,
-                         target_classes=list(ctx.index.classes), notes=notes)
+                         target_classes=list(ctx.index.classes), notes=notes, memory=ctx.memory)
         if ctx.final:
             csv_path = ctx.run_dir / "retrieval.csv"
             shown = knn if mode == "knn" else neighbours(train, k_search)

@@ -391,7 +391,8 @@ def _refit(plan: SearchPlan, trial, params: dict[str, Any], labelled: list):
     cfg.stop_epoch = best_epoch + 1  # the trials' schedule (same length), stopped where their folds chose
     cfg.early_stopping = False
     ctx = StrategyContext(index, setup.source, setup.extractor, run.run_dir, cfg, labelled,
-                          options=dict(objective.options), final=True, candidates=list(objective.candidates))
+                          options=dict(objective.options), final=True, candidates=list(objective.candidates),
+                          memory=run.memory)
     apply_strategies(ctx, params)
     _console.log(f"refitting trial {trial.number} on all {len(labelled)} labelled images for {cfg.stop_epoch} of its "
                  f"{cfg.epochs}-epoch schedule …")
