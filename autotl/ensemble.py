@@ -175,9 +175,21 @@ def _check_one_input(members: Sequence[EnsembleMember]) -> None:
 
 
 def ensemble_net(members: Sequence[EnsembleMember]) -> EnsembleNet:
+    """One graph for the members: solved probes merged into one probe over the union of their
+    layouts (each backbone computed once for all of them: ``autotl.probe.merge_probes``), trained
+    nets beside it; members on the same backbone share its frozen prefix."""
+    from .probe import merge_probes
+
     _check_one_input(members)
-    return EnsembleNet([m.fitted.net.cpu().eval() for m in members], [m.weight for m in members],
-                       [m.source.data_config for m in members], share_keys=[m.source.label for m in members])
+    probes = [m for m in members if getattr(m.fitted, "probe", None) is not None]
+    parts: list[tuple[nn.Module, float, EnsembleMember]] = []
+    if len(probes) > 1:
+        extractors = probes[0].fitted.extractors
+        merged = merge_probes([m.fitted.probe for m in probes], [m.weight for m in probes], extractors)
+        parts.append((merged.net(extractors), sum(m.weight for m in probes), probes[0]))
+    parts += [(m.fitted.net, m.weight, m) for m in members if len(probes) <= 1 or m not in probes]
+    return EnsembleNet([net.cpu().eval() for net, _, _ in parts], [w for _, w, _ in parts],
+                       [m.source.data_config for _, _, m in parts], share_keys=[m.source.label for _, _, m in parts])
 
 
 @torch.no_grad()

@@ -130,6 +130,7 @@ class FeatureExtractor:
         self.transform = eval_transform(source.data_config)
         self.forward_batches = 0  # batches pushed through the backbone (tests count these)
         self._memory: dict[str, dict[str, np.ndarray]] = {}
+        self._widths: dict[int, int] = {}
 
     @property
     def tap_cuts(self) -> list[int]:
@@ -172,6 +173,27 @@ class FeatureExtractor:
             return 0
         # (C, H, W) maps of a conv net, (tokens, dim) of a ViT: any shape
         return n_images * math.prod(self.map_shape(cut)) * np.dtype(_MAP_DTYPE).itemsize
+
+    def feature_width(self, cut: int | None) -> int:
+        """Width of the pooled features (``cut`` None) or of the pooled activation at ``cut`` (a tap)."""
+        if cut is None:
+            model = self.source.model
+            width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+            if width:
+                return int(width)
+            cut = self.num_stages
+        if cut not in self._widths:
+            size = self.source.data_config["input_size"]
+            with torch.no_grad():
+                a = torch.zeros(1, *size)
+                for _, stage in self.stages[:cut]:
+                    a = stage.eval()(a)
+                if cut >= self.num_stages:
+                    a = self.pool.eval()(a)
+            from .backend import global_pool
+
+            self._widths[cut] = int(global_pool(a).shape[1])
+        return self._widths[cut]
 
     def map_shape(self, cut: int) -> tuple[int, ...]:
         size = self.source.data_config["input_size"]

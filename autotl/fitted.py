@@ -23,6 +23,9 @@ class Fitted:
     training: dict[str, Any]
     logits_fn: Callable[[list[Sample]], torch.Tensor]
     history: list = field(default_factory=list)  # per-epoch metrics of a trained net; empty for a solved probe
+    # a solved probe's model and the run's extractors (an ensemble merges its probes into one graph)
+    probe: Any = None
+    extractors: dict[str, Any] | None = None
 
     def logits(self, samples: Sequence[Sample]) -> torch.Tensor:
         samples = list(samples)
@@ -59,4 +62,5 @@ def fitted_probe(model, extractors: dict[str, Any], source: SourceModel) -> Fitt
                 "feature_dim": int(model.weight.shape[1]), "l2": model.lam, "heads": int(model.weight.shape[0]),
                 "solver": "Newton-CG on the span of the training rows (autotl.probe)", "best_epoch": None,
                 "cached_prefix": True, "n_train": model.n_train, "num_classes": int(model.weight.shape[-1])}
-    return Fitted(model.net(extractors), source, training, lambda samples: model.logits(extractors, samples))
+    return Fitted(model.net(extractors), source, training, lambda samples: model.logits(extractors, samples),
+                  probe=model, extractors=extractors)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .strategy import BaseStrategy
 
-__all__ = ["FeatureSpec", "ProbeFeatures", "parse_backbones", "ReducedFeatures", "ProbeSolution", "feature_matrix", "feature_blocks", "ProbeNet", "ProbeModel",
+__all__ = ["FeatureSpec", "ProbeFeatures", "parse_backbones", "ReducedFeatures", "ProbeSolution", "feature_matrix", "feature_blocks", "ProbeNet", "ProbeModel", "merge_probes",
            "DEFAULT_LAMBDAS", "BIAS_L2"]
 
 # Penalties of the mean objective on standardised features: from strong (a near-constant head) to
@@ -366,23 +366,41 @@ def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[
 @dataclass
 class ProbeModel:
     """A fitted probe on raw features of ``spec``'s layout: ``weight`` ``(H, d, K)``, ``bias`` ``(H, K)``
-    (H > 1: bagged heads whose probabilities are averaged), ``lam`` its penalty."""
+    (H > 1: several heads whose probabilities are averaged with ``head_weights`` — bagged fold models,
+    or the probes of an ensemble merged onto one layout), ``lam`` its penalty. ``flip_heads`` (H,):
+    which heads average over the mirrored view too (default: ``spec.flip`` for all)."""
 
     spec: FeatureSpec
     weight: torch.Tensor
     bias: torch.Tensor
     lam: float
     n_train: int
+    head_weights: torch.Tensor | None = None
+    flip_heads: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        h = int(self.weight.shape[0])
+        if self.head_weights is None:
+            self.head_weights = torch.full((h,), 1.0 / h)
+        if self.flip_heads is None:
+            self.flip_heads = torch.full((h,), bool(self.spec.flip))
+        self.head_weights = self.head_weights.double() / self.head_weights.double().sum()
+        self.flip_heads = self.flip_heads.bool()
+        if bool(self.flip_heads.any()) and not self.spec.flip:
+            raise ValueError("a head averages over the mirrored view, but the layout does not compute it (spec.flip)")
 
     def probs(self, extractors: dict[str, Any], samples: Sequence) -> torch.Tensor:
-        """``(n, K)`` float64 probabilities: averaged over heads and, with ``flip``, over both views."""
-        total = None
+        """``(n, K)`` float64 probabilities: each head's over its views, then the heads' weighted mean."""
+        per_view = {}
         for view in self.spec.views:
             x = feature_matrix(self.spec, extractors, samples, view)
             logits = torch.einsum("nd,hdk->hnk", x, self.weight) + self.bias[:, None, :]
-            p = torch.softmax(logits.double(), dim=-1).mean(0)
-            total = p if total is None else total + p
-        return total / len(self.spec.views)
+            per_view[view] = torch.softmax(logits.double(), dim=-1)  # (H, n, K)
+        heads = per_view["center"]
+        if "flip" in per_view:
+            both = 0.5 * (per_view["center"] + per_view["flip"])
+            heads = torch.where(self.flip_heads[:, None, None], both, heads)
+        return torch.einsum("h,hnk->nk", self.head_weights, heads)
 
     def logits(self, extractors: dict[str, Any], samples: Sequence) -> torch.Tensor:
         """Log-probabilities, as ``ProbeNet`` returns them."""
@@ -395,29 +413,78 @@ class ProbeModel:
             ex = extractors[label]
             taps = [c for lab, c in feature_blocks(self.spec, extractors) if lab == label and c is not None]
             backbones.append(([m for _, m in ex.stages], ex.pool, taps))
-        return ProbeNet(backbones, self.weight, self.bias, flip=self.spec.flip)
+        return ProbeNet(backbones, self.weight, self.bias, flip=self.flip_heads, head_weights=self.head_weights)
+
+
+def merge_probes(models: Sequence[ProbeModel], weights: Sequence[float], extractors: dict[str, Any]) -> ProbeModel:
+    """Several probes (an ensemble's members) as one probe over the union of their layouts: each
+    backbone computed once, each member's heads reading its own blocks (zeros elsewhere), weighted
+    by the member's weight over its heads. The same probabilities as the members averaged."""
+    order = list(dict.fromkeys(label for m in models for label in m.spec.models))
+    union = FeatureSpec(tuple(order), max(m.spec.taps for m in models), any(m.spec.flip for m in models))
+    union_blocks, union_sizes = feature_blocks(union, extractors), _block_widths(union, extractors)
+    width = sum(union_sizes)
+    offsets = dict(zip(union_blocks, _starts(union_sizes)))
+    heads_w, heads_b, head_weights, flips = [], [], [], []
+    total = float(sum(weights))
+    for m, w in zip(models, weights):
+        blocks = feature_blocks(m.spec, extractors)
+        sizes = _block_widths(m.spec, extractors)
+        h, _, k = m.weight.shape
+        full = torch.zeros(h, width, k)
+        start = 0
+        for block, size in zip(blocks, sizes):
+            full[:, offsets[block]:offsets[block] + size] = m.weight[:, start:start + size]
+            start += size
+        heads_w.append(full)
+        heads_b.append(m.bias)
+        head_weights.append(m.head_weights.float() * (float(w) / total))
+        flips.append(m.flip_heads)
+    return ProbeModel(union, torch.cat(heads_w), torch.cat(heads_b), float("nan"), max(m.n_train for m in models),
+                      torch.cat(head_weights), torch.cat(flips))
+
+
+def _block_widths(spec: FeatureSpec, extractors: dict[str, Any]) -> list[int]:
+    return [int(extractors[label].feature_width(cut)) for label, cut in feature_blocks(spec, extractors)]
+
+
+def _starts(sizes: Sequence[int]) -> list[int]:
+    starts, pos = [], 0
+    for size in sizes:
+        starts.append(pos)
+        pos += size
+    return starts
 
 
 # ------------------------------------------------------------------------------------- the graph
 class ProbeNet(nn.Module):
     """A probe as one module: each backbone's stages (frozen) and pooling, its taps pooled, the blocks
-    concatenated as ``FeatureSpec`` lays them out, a linear head (or the mean of several heads'
-    probabilities: bagged fold heads), and with ``flip`` the probabilities averaged over the image
-    and its mirror. Returns log-probabilities (logits whose softmax is the averaged probabilities)."""
+    concatenated as ``FeatureSpec`` lays them out, then H linear heads whose probabilities are averaged
+    with ``head_weights`` (bagged fold heads, or merged ensemble members); a head with ``flip`` also
+    averages over the image's mirror. Returns log-probabilities (logits whose softmax is the
+    averaged probabilities)."""
 
     def __init__(self, backbones: Sequence[tuple[Sequence[nn.Module], nn.Module, Sequence[int]]], weight: torch.Tensor,
-                 bias: torch.Tensor, *, flip: bool = False):
+                 bias: torch.Tensor, *, flip: bool | Sequence[bool] | torch.Tensor = False,
+                 head_weights: Sequence[float] | torch.Tensor | None = None):
         """``backbones``: per model ``(stages, pool, tap_cuts)``; ``weight`` ``(H, d, K)`` or ``(d, K)``,
-        ``bias`` ``(H, K)`` or ``(K,)``: H heads whose probabilities are averaged."""
+        ``bias`` ``(H, K)`` or ``(K,)``; ``flip`` one flag or one per head; ``head_weights`` (H,)
+        (default: equal)."""
         super().__init__()
         self.stages = nn.ModuleList(nn.ModuleList(st) for st, _, _ in backbones)
         self.pools = nn.ModuleList(pool for _, pool, _ in backbones)
         self.tap_cuts = [tuple(int(c) for c in taps) for _, _, taps in backbones]
         weight = weight if weight.ndim == 3 else weight[None]
         bias = bias if bias.ndim == 2 else bias[None]
+        h = int(weight.shape[0])
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", bias.detach().float().clone())
-        self.flip = bool(flip)
+        hw = torch.full((h,), 1.0 / h) if head_weights is None else torch.as_tensor(head_weights, dtype=torch.float32)
+        self.register_buffer("head_weights", (hw / hw.sum()).float())
+        flips = torch.as_tensor(flip, dtype=torch.bool).reshape(-1).expand(h) if not isinstance(flip, bool) \
+            else torch.full((h,), flip)
+        self.register_buffer("flip_mask", flips.float().reshape(h, 1, 1).clone())
+        self.any_flip = bool(flips.any())
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -439,13 +506,15 @@ class ProbeNet(nn.Module):
             parts += [pool(a)] + [tapped[c] for c in taps]
         return torch.cat(parts, dim=1)
 
-    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+    def _head_probs(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
         logits = torch.einsum("nd,hdk->hnk", f, self.weight) + self.bias[:, None, :]
-        return torch.softmax(logits, dim=-1).mean(0)
+        return torch.softmax(logits, dim=-1)  # (H, n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self._probs(x)
-        if self.flip:
-            probs = 0.5 * (probs + self._probs(x.flip(-1)))
+        heads = self._head_probs(x)
+        if self.any_flip:
+            mirrored = self._head_probs(x.flip(-1))
+            heads = heads + self.flip_mask * 0.5 * (mirrored - heads)  # flip heads: the mean over both views
+        probs = torch.einsum("h,hnk->nk", self.head_weights, heads)
         return torch.log(probs.clamp_min(PROB_FLOOR))

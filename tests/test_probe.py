@@ -314,3 +314,56 @@ def test_run_memory_is_bounded_by_items_and_bytes():
     mem.get("big", lambda: Blob(95))
     assert len(mem) == 1 and "big" in mem  # over the byte budget: only the newest stays
     assert mem.get("big", lambda: Blob(1)).nbytes == 95 and mem.hits == 1
+
+
+def test_a_val_folder_scores_alone_only_when_its_labels_are_cleaner(tmp_path, make_image_folder):
+    """train/ with many wrong labels: val/ (clean) scores trials alone (val-cv); the same images with
+    clean labels everywhere: every labelled image scores (cv)."""
+    import shutil
+
+    from autotl.search._fit import _val_check
+    from autotl.search._folds import plan_selection
+
+    clean = make_image_folder(tmp_path / "clean", {"a": (16, 8), "b": (16, 8)}, splits=["train", "val"], size=(40, 32))
+    noisy = tmp_path / "noisy"
+    shutil.copytree(clean, noisy)
+    train_a, train_b = sorted((noisy / "train" / "a").iterdir()), sorted((noisy / "train" / "b").iterdir())
+    for f in train_a[:7]:  # swap 7 of 16 labels each way
+        f.rename(noisy / "train" / "b" / f"from_a_{f.name}")
+    for f in train_b[:7]:
+        f.rename(noisy / "train" / "a" / f"from_b_{f.name}")
+    checks = {}
+    for name, root in (("clean", clean), ("noisy", noisy)):
+        r = Run.open(root, tmp_path / f"run-{name}", models=["test_efficientnet=random"], device="cpu",
+                     cache_dir=tmp_path / "cache")
+        checks[name] = _val_check(r)
+        kind = plan_selection(r.index, trust_val=checks[name]["val_cleaner"]).kind
+        assert kind == ("val-cv" if name == "noisy" else "cv"), (name, checks[name])
+    assert checks["noisy"]["train_oof_accuracy"] < checks["clean"]["train_oof_accuracy"]
+
+
+def test_probe_members_of_an_ensemble_are_one_graph_with_each_backbone_once(run, tmp_path):
+    """Probes on different layouts merged: the same probabilities as the members averaged, through
+    one graph that runs every backbone once (ONNX parity included)."""
+    from autotl.ensemble import EnsembleMember, ensemble_logits, ensemble_net
+    from autotl.export import export_onnx, verify_onnx
+    from autotl.features import ImageDataset
+    from autotl.fitted import fitted_probe
+
+    a = _probe_model(run, FeatureSpec(tuple(run.labels[:1]), taps=0, flip=False), heads=1)
+    b = _probe_model(run, FeatureSpec(tuple(run.labels), taps=2, flip=True), heads=2)
+    source = run.sources[run.labels[0]]
+    members = [EnsembleMember(fitted_probe(m, run.extractors, source), w, f"m{i}") for i, (m, w) in enumerate(((a, 0.75), (b, 0.25)))]
+    net = ensemble_net(members)
+    assert len(net.members) == 1  # both probes in one merged probe graph
+    backbone_runs = sum(len(s) > 0 for s in net.members[0].stages)
+    assert backbone_runs == len(run.labels)
+    samples = list(run.index.val) + list(run.index.train)[:5]
+    ds = ImageDataset(samples, run.extractors[run.labels[0]].transform)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    want, _ = ensemble_logits(members, samples)
+    with torch.no_grad():
+        got = net(images)
+    assert torch.allclose(got, want, atol=2e-3)
+    path = export_onnx(net, tmp_path / "ens.onnx", input_size=tuple(source.data_config["input_size"]))
+    assert verify_onnx(net, path, images).passed

@@ -232,7 +232,7 @@ def test_an_overwrite_killed_anywhere_is_finished_or_undone_next_time(killed, da
 
 
 # ----------------------------------------------------------------------------------------- one owner
-ROOT = Path(autotl.fit.__file__).resolve().parents[1]  # subprocesses run the autotl this test imports
+ROOT = Path(importlib.import_module("autotl").__file__).resolve().parents[1]  # subprocesses run the autotl this test imports
 
 
 def _python(code: str, *args) -> subprocess.Popen:

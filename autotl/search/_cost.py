@@ -58,12 +58,12 @@ class CostModel:
     def probe_seconds(self, dim: int, views: int, n_lambdas: int = 7) -> float:
         """Estimated wall time of a solved probe trial on ``dim`` features with ``views`` rows per image:
         the reduction of its feature table (an SVD, once per layout) and the Newton-CG solves of every
-        fold (``PROBE_HVPS_PER_LAMBDA`` Hessian-vector products per penalty, each two batched products)."""
+        fold (``PROBE_HVPS_PER_LAMBDA`` Hessian-vector products per penalty, each two products of every
+        row with every fold's head: the folds share the reduced rows)."""
         rows = max(1, self.n_images * views)
         r = min(rows, dim)
         svd = (rows * rows * dim if rows < dim else rows * dim * dim) * SVD_FLOP_FACTOR
-        n_train = (self.fold_sizes[0] + self.fold_sizes[1]) * views
-        hvp = 4.0 * self.n_folds * n_train * r * self.n_classes
+        hvp = 4.0 * rows * (r + 1) * self.n_folds * self.n_classes
         return svd / self.svd_flops_per_s + n_lambdas * PROBE_HVPS_PER_LAMBDA * hvp / self.bmm_flops_per_s
 
     def trial_seconds(self, label: str, cfg: TrainConfig, params: Mapping[str, Any] | None = None,

@@ -104,6 +104,17 @@ def with_pool_dimension(recipe: Recipe) -> Recipe:
     return add_dimensions(recipe, {"retrieval_k": spec})
 
 
+def _val_check(run: Run) -> dict[str, Any] | None:
+    """Whether a given val/ folder is cleaner than train/ (``_probe.val_is_cleaner``); None when
+    there is no val/ folder of the user's, or too few images to tell."""
+    index = run.index
+    if index.split != "folders" or not index.val or len(index.val) < 10 or len(index.train) < 10:
+        return None
+    from ._probe import val_is_cleaner
+
+    return val_is_cleaner(run)
+
+
 def _candidate_backbones(recipe: Recipe, n_candidates: int) -> Recipe:
     """Keep the ``backbones`` choices (rank positions) that exist among this run's candidates."""
     from ..probe import parse_backbones
@@ -199,7 +210,15 @@ def plan_search(
         raise AutotlError(f"--cv-folds {cv_folds}: give at least 2")
     run.keep(run.labels[: top_k or recipe.top_k or len(run.labels)])
     index = run.index
-    selection = plan_selection(index, seed=run.seed, k=cv_folds, repeats=cv_repeats)
+    for label, cuts in (search_cuts(run, recipe, base).items() if index.val else ()):
+        run.extractors[label].extract(index.val, cuts, description="val features")  # val's one pass, every cut
+    val_check = _val_check(run)
+    selection = plan_selection(index, seed=run.seed, k=cv_folds, repeats=cv_repeats,
+                               trust_val=val_check is None or val_check["val_cleaner"])
+    if val_check is not None:
+        selection.decided_by["val_folder"] = val_check["decision"]
+        _console.log(f"val/ folder: {val_check['decision']} (out-of-fold accuracy val {val_check['val_oof_accuracy']:.3f}, "
+                     f"train {val_check['train_oof_accuracy']:.3f})")
     recipe = without_unreferenced_dropout(recipe, selection, fixed or {})
     _console.log(f"candidates: {', '.join(f'[bold]{s.label}[/] ({s.weights_origin})' for s in run.sources.values())}; "
                  f"device {run.device}; objective: {base.objective}{objective_reason}; trials scored by "

@@ -187,11 +187,13 @@ def _folds_for(min_count: int, k: int) -> int:
 
 
 def plan_selection(index: DatasetIndex, *, seed: int = 0, k: int = DEFAULT_FOLDS, max_cv: int = CV_MAX_IMAGES,
-                   repeats: int | None = None) -> Selection:
-    """The folds that score trials for this data set (deterministic in ``seed``)."""
+                   repeats: int | None = None, trust_val: bool = True) -> Selection:
+    """The folds that score trials for this data set (deterministic in ``seed``). ``trust_val=False``:
+    a given ``val/`` folder is not held apart (its labels are no cleaner than ``train/``'s, see
+    ``_probe.val_is_cleaner``), so the folds draw on all labelled images."""
     train, val = list(index.train), list(index.val)
     labelled = train + val
-    trusted_val = index.split == "folders" and bool(val)
+    trusted_val = trust_val and index.split == "folders" and bool(val)
     n = len(labelled)
     groups = copy_groups(index)
     if n >= max_cv:

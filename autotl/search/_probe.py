@@ -15,6 +15,7 @@ whose images are then trained on but never dropped.
 from __future__ import annotations
 
 import math
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -255,3 +256,52 @@ def refit_probe(objective, params: dict[str, Any], setup, lam: float, n_fold_tra
     model = ProbeModel(spec, weight, bias, refit_lam, n)
     ctx.notes["probe"] = {"l2": refit_lam, "l2_in_folds": float(lam), "n_train": n, "features": spec.to_json()}
     return fitted_probe(model, objective.run.extractors, setup.source), ctx.notes
+
+
+def val_is_cleaner(run, *, z: float = 2.0) -> dict[str, Any]:
+    """Whether a given ``val/`` folder is better labelled than ``train/``, so that only it should score
+    trials (``val-cv``); otherwise the folds draw on every labelled image, several times as many to
+    rank trials on.
+
+    The test: a plain probe on the top-ranked model's features, cross-validated over all labelled
+    images (5 folds, the strongest penalty of a short path chosen by out-of-fold log loss); a
+    ``train/`` with wrong labels disagrees with its own out-of-fold predictions far more often than
+    ``val/`` does. ``val/`` is kept apart when its out-of-fold accuracy exceeds ``train/``'s by more
+    than ``z`` standard errors of the difference. Reads labels and features only, and decides only
+    which images score: no trial sees it."""
+    from ._folds import stratified_folds
+
+    train, val = list(run.index.train), list(run.index.val)
+    samples = train + val
+    ex = run.extractors[run.labels[0]]
+    x = ex.extract(samples, description="train features").pooled
+    labels = torch.tensor([s.label for s in samples])
+    k = int(max(2, min(5, int(np.bincount(labels.numpy()).min()))))
+    parts = stratified_folds(samples, k, np.random.default_rng([run.seed, 0xC1EA]))
+    row = {str(s.path): i for i, s in enumerate(samples)}
+    folds = [[row[str(s.path)] for s in p] for p in parts]
+    reduced = ReducedFeatures(x)
+    problems = [[r for j, f in enumerate(folds) if j != i for r in f] for i in range(k)]
+    solution = reduced.solve(problems, labels, len(run.index.classes), (1.0, 0.1, 0.01))
+    best = None
+    for li in range(len(solution.lambdas)):
+        logits = reduced.logits(solution.theta[li])
+        pred = torch.empty(len(samples), dtype=torch.long)
+        loss = 0.0
+        for i, f in enumerate(folds):
+            idx = torch.tensor(f, dtype=torch.long)
+            logp = torch.log_softmax(logits[idx, i].double(), -1)
+            pred[idx] = logp.argmax(-1)
+            loss -= float(logp[torch.arange(len(idx)), labels[idx]].sum())
+        if best is None or loss < best[0]:
+            best = (loss, pred)
+    right = (best[1] == labels).double()
+    n_t, n_v = len(train), len(val)
+    acc_t, acc_v = float(right[:n_t].mean()), float(right[n_t:].mean())
+    se = math.sqrt(max(acc_t * (1 - acc_t), 1e-4) / n_t + max(acc_v * (1 - acc_v), 1e-4) / n_v)
+    cleaner = acc_v - acc_t > z * se
+    return {"val_cleaner": bool(cleaner), "train_oof_accuracy": round(acc_t, 4), "val_oof_accuracy": round(acc_v, 4),
+            "standard_error": round(se, 4), "z": z,
+            "decision": ("val/ scores trials alone: its labels agree with a cross-validated probe clearly more often "
+                         "than train/'s" if cleaner else
+                         "every labelled image scores trials: val/'s labels are no cleaner than train/'s")}
