@@ -256,15 +256,14 @@ def test_flags_that_would_be_ignored_are_refused(flags, fragment, data, tmp_path
 
 
 def test_pool_flags_with_a_pool_act(data, tmp_path):
-    from autotl.options import check_fit_options
+    from autotl.options import FitOptions
 
     pool = tmp_path / "pool"
     pool.mkdir()
-    check_fit_options(data_dir=data, out=tmp_path / "run", fixed_params={"retrieval_bank": "gabor", "source_loss_weight": 0.5},
-                      options={"source_pool": str(pool)})  # accepted: the search uses them
+    FitOptions(fixed_params={"retrieval_bank": "gabor", "source_loss_weight": 0.5},
+               options={"source_pool": str(pool)}).check(data, tmp_path / "run")  # accepted: the search uses them
     with pytest.raises(AutotlError, match="--retrieval-k 0"):
-        check_fit_options(data_dir=data, fixed_params={"retrieval_k": 0, "retrieval_bank": "gabor"},
-                          options={"source_pool": str(pool)})
+        FitOptions(fixed_params={"retrieval_k": 0, "retrieval_bank": "gabor"}, options={"source_pool": str(pool)}).check(data)
 
 
 # ============================================================================ 7. smaller ones
@@ -411,7 +410,8 @@ def test_all_trials_failing_says_what_broke(tmp_path):
     recipe = load_recipe("quick")
     objective = SimpleNamespace(base=SimpleNamespace(objective="accuracy"), candidates=["m"], fixed={})
     plan = SimpleNamespace(run=SimpleNamespace(index=None), recipe=recipe, objective=objective,
-                           settings=SimpleNamespace(study_name="autotl"), selection=SimpleNamespace(scored_samples=[]))
+                           settings=SimpleNamespace(study_name="autotl"), selection=SimpleNamespace(scored_samples=[]),
+                           portfolio=[])
     with pytest.raises(AutotlError) as info:
         refit_best(plan, SimpleNamespace(study=study))
     msg = str(info.value)
@@ -536,7 +536,7 @@ def test_predict_lists_gif_in_a_folder_as_skipped(tmp_path, run_cli):
 def test_help_names_every_recipe_and_model_size(run_cli, monkeypatch):
     import re
 
-    from autotl.search._recipe import list_recipes
+    from autotl._recipe import list_recipes
 
     monkeypatch.setenv("COLUMNS", "300")  # no cell cut short with an ellipsis
     proc = run_cli("fit", "--help")
@@ -614,7 +614,7 @@ def test_tiny_classes_plan_folds_that_fit_them(tmp_path, make_image_folder):
     from autotl.data import scan_dataset
     from autotl.search._fit import without_unreferenced_dropout
     from autotl.search._folds import plan_selection
-    from autotl.search._recipe import load_recipe
+    from autotl._recipe import load_recipe
 
     tiny = scan_dataset(make_image_folder(tmp_path / "two4", {c: 2 for c in "abcd"}, size=(16, 16)))
     sel = plan_selection(tiny)

@@ -34,7 +34,7 @@ import torch
 from .._console import log
 from .._memory import BoundedMemory
 from ..errors import AutotlError
-from ..options import parse_tau
+from ..options import DROPOUT_INFLUENCES, DROPOUT_L2, DropoutOptions, parse_tau
 from ..strategy import BaseStrategy, StrategyContext
 from .influence import InfluenceResult, LinearHead, fit_logistic_head, influence_scores
 from .selection import DropoutReport, select_dropout
@@ -45,6 +45,7 @@ __all__ = [
     "PAPER_RULE",
     "threshold_rule",
     "DataDropout",
+    "DropoutDecision",
     "INFLUENCES",
     "InfluenceOutcome",
     "compute_block_influence",
@@ -54,13 +55,9 @@ __all__ = [
     "cache_stats",
 ]
 
-# L2 damping of the convex head's *mean* objective on features scaled to unit mean squared norm
-# (see ``_standardise``): the same value means the same thing for every backbone.  On Lite0 features
-# of cats_vs_dogs with 0/20/40 % flipped labels, l2 in [1e-3, 1e-1] all gave precision >= 0.95 at
-# tau <= 1; 1e-2 dropped the fewest clean images and needs ~15 CG iterations.
-DEFAULT_L2 = 1e-2
-DEFAULT_MODE = "spread"
-INFLUENCES = ("head", "block")
+DEFAULT_L2 = DROPOUT_L2
+DEFAULT_MODE = DropoutOptions.dropout_mode
+INFLUENCES = DROPOUT_INFLUENCES
 DECIDED_BY = "val split (influence reference)"
 _KEPT = 8  # influence outcomes (and heads) a run keeps: trials that differ only in tau hit them
 
@@ -293,21 +290,34 @@ def _training_cuts(ctx: StrategyContext, n_images: int) -> list[int]:
     return []
 
 
+@dataclass
+class DropoutDecision:
+    """What data dropout decided for one training set: the images it scored (the training images that
+    are not reference images) and their places in it, which of them it keeps, the influence and the
+    notes for the card."""
+
+    scored: list  # Sample
+    positions: np.ndarray  # (len(scored),) their indices in the training samples
+    keep: np.ndarray  # (len(scored),) bool
+    report: DropoutReport
+    outcome: InfluenceOutcome
+    notes: dict[str, Any]
+
+
 class DataDropout(BaseStrategy):
     """Drop the training images predicted to raise the validation loss (Wang, Huan & Zhu, Alg. A).
 
-    Parameters (trial dict): ``dropout_tau`` (``None``/inf = off; mode ``"spread"``: drop
-    ``score > tau * robust_spread``, ``tau = 0`` is the paper's "drop every harmful image";
-    mode ``"fraction"``: drop the top ``tau`` share of the harmful images), ``dropout_mode`` and
-    ``dropout_influence`` (``"head"``, default: the convex head on frozen features; ``"block"``:
-    through the network's last stage and the head, ``block_influence``, when the trial trains that
-    stage; a linear-probe trial has no trainable block and uses the head). Run-wide options
-    (``ctx.options``): ``focus_class`` (class name), ``dropout_l2``, ``dropout_min_keep`` (class
-    guard, default 0.1), ``dropout_solver``, and ``dropout_influence`` as the default.
+    Parameters and run-wide options: ``autotl.options.DropoutOptions`` (``dropout_tau``: ``None``/inf
+    = off; mode ``"spread"``: drop ``score > tau * robust_spread``, ``tau = 0`` is the paper's "drop
+    every harmful image"; mode ``"fraction"``: drop the top ``tau`` share of the harmful images;
+    ``dropout_influence``: ``"head"``, the convex head on frozen features, or ``"block"``: through the
+    network's last stage and the head, ``block_influence``, when the trial trains that stage; a
+    linear-probe trial has no trainable block and uses the head; ``focus_class``, ``dropout_l2``,
+    ``dropout_min_keep`` (the class guard), ``dropout_solver``).
     """
 
     name = "dropout"
-    params = ("dropout_tau", "dropout_mode", "dropout_influence")
+    params = DropoutOptions.params()
 
     def is_active(self, params: dict[str, Any]) -> bool:
         return parse_tau(params.get("dropout_tau")) is not None
@@ -321,20 +331,14 @@ class DataDropout(BaseStrategy):
         block = " (influence through the last block)" if params.get("dropout_influence") == "block" else ""
         return f"dropout: tau={tau:g}{unit}{block}"
 
-    def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
-        tau = parse_tau(params.get("dropout_tau"))
-        if tau is None:
-            return
-        mode = str(params.get("dropout_mode") or ctx.options.get("dropout_mode") or DEFAULT_MODE)
-        if mode not in ("spread", "fraction"):
-            raise AutotlError(f"dropout_mode {mode!r}: use 'spread' or 'fraction'")
-        if mode == "fraction" and tau > 1:
-            raise AutotlError(f"dropout_tau {tau:g}: in mode 'fraction' tau is a share in [0, 1]")
+    def decide(self, ctx: StrategyContext, opts: DropoutOptions) -> DropoutDecision | None:
+        """Score ``ctx``'s training images by their influence on its reference and select the ones to
+        keep at ``opts.dropout_tau`` (``None``: score only, keep all); ``ctx`` is not changed. None
+        when every training image is a reference image."""
+        opts.check()
+        tau, mode = parse_tau(opts.dropout_tau), opts.dropout_mode
         classes = ctx.index.classes
-        focus = resolve_focus_class(ctx.options.get("focus_class"), classes)
-        l2 = float(ctx.options.get("dropout_l2", DEFAULT_L2))
-        min_keep = float(ctx.options.get("dropout_min_keep", 0.1))
-        solver = str(ctx.options.get("dropout_solver", "auto"))
+        focus = resolve_focus_class(opts.focus_class, classes)
         samples = list(ctx.train_samples)
         val = list(ctx.reference)  # the influence reference (a fold's decision part, or val); test is never read
         if not val:
@@ -345,54 +349,58 @@ class DataDropout(BaseStrategy):
         in_val = np.fromiter((s in val_set for s in samples), dtype=bool, count=len(samples))
         train = [s for s, v in zip(samples, in_val) if not v] if in_val.any() else samples
         if not train:
-            return
+            return None
 
-        influence = str(params.get("dropout_influence") or ctx.options.get("dropout_influence") or "head").lower()
-        if influence not in INFLUENCES:
-            raise AutotlError(f"dropout_influence {influence!r}: use {' or '.join(INFLUENCES)}")
+        influence = str(opts.dropout_influence).lower()
         cuts = _training_cuts(ctx, len(train) + len(val))
         block_cut = _last_block_cut(ctx) if influence == "block" else None
         extra = [] if block_cut is None else [block_cut]
         tr = ctx.extractor.extract(train, sorted({*cuts, *extra}), description="train features")
         va = ctx.extractor.extract(val, sorted({*cuts, *extra}), description="val features")
         if block_cut is None:
-            outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=l2,
-                                        focus_class=focus, solver=solver, memory=ctx.memory)
+            outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=float(opts.dropout_l2),
+                                        focus_class=focus, solver=str(opts.dropout_solver), memory=ctx.memory)
         else:
             n_stages = ctx.extractor.num_stages
             outcome = compute_block_influence(ctx.source, block_cut, tr.at(block_cut, n_stages), tr.labels,
-                                              va.at(block_cut, n_stages), va.labels, len(classes), l2=l2,
-                                              focus_class=focus, memory=ctx.memory)
-        res = outcome.result
-        labels = tr.labels.numpy()
-        keep, report = select_dropout(res.scores, tau, mode=mode, labels=labels, min_keep_fraction=min_keep)
-        kept_idx = np.flatnonzero(keep)
-        kept = [train[i] for i in kept_idx]
-        if in_val.any():  # put the validation images back, in their places
-            keep_all = np.ones(len(samples), dtype=bool)
-            keep_all[np.flatnonzero(~in_val)] = keep
-            kept = [samples[i] for i in np.flatnonzero(keep_all)]
-        ctx.train_samples = kept
-
-        ctx.notes[self.name] = dropout_notes(report, outcome, classes, tau=tau, mode=mode, focus=focus,
-                                             n_val=len(val), min_keep=min_keep)
-        ctx.notes[self.name]["influence"] = (
-            "convex head on frozen features" if block_cut is None
-            else f"last trainable block (stage {block_cut}) + head: CG with Hessian-vector products")
+                                              va.at(block_cut, n_stages), va.labels, len(classes),
+                                              l2=float(opts.dropout_l2), focus_class=focus, memory=ctx.memory)
+        min_keep = float(opts.dropout_min_keep)
+        keep, report = select_dropout(outcome.result.scores, tau, mode=mode, labels=tr.labels.numpy(),
+                                      min_keep_fraction=min_keep)
+        notes = dropout_notes(report, outcome, classes, tau=tau, mode=mode, focus=focus, n_val=len(val), min_keep=min_keep)
+        notes["influence"] = ("convex head on frozen features" if block_cut is None
+                              else f"last trainable block (stage {block_cut}) + head: CG with Hessian-vector products")
         if influence == "block" and block_cut is None:
-            ctx.notes[self.name]["influence"] += " (block asked; this trial trains no block: linear probe)"
-        ctx.notes[self.name]["decided_by"] = f"{ctx.reference_name} (influence reference)"
+            notes["influence"] += " (block asked; this trial trains no block: linear probe)"
         if in_val.any():
-            ctx.notes[self.name]["val_images_trained_on_not_scored"] = int(in_val.sum())
+            notes["val_images_trained_on_not_scored"] = int(in_val.sum())
+        positions = np.flatnonzero(~in_val) if in_val.any() else np.arange(len(samples))
+        return DropoutDecision(train, positions, keep, report, outcome, notes)
+
+    def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
+        tau = parse_tau(params.get("dropout_tau"))
+        if tau is None:
+            return
+        decision = self.decide(ctx, DropoutOptions.of(ctx.options, params))
+        if decision is None:
+            return
+        keep = np.ones(len(ctx.train_samples), dtype=bool)  # reference images trained on stay, in their places
+        keep[decision.positions] = decision.keep
+        ctx.train_samples = [ctx.train_samples[i] for i in np.flatnonzero(keep)]
+        notes = ctx.notes[self.name] = decision.notes
+        notes["decided_by"] = f"{ctx.reference_name} (influence reference)"
+        res, report, classes = decision.outcome.result, decision.report, ctx.index.classes
+        focus = notes["focus_class"]
         log(f"data dropout: {report.n_dropped}/{report.n_total} training images dropped "
-            f"(tau={tau:g} {mode}, reference: {res.n_reference} images of the {ctx.reference_name}"
-            + (f" of class {classes[focus]!r}" if focus is not None else "")
-            + (", influence cached" if outcome.cached else f", influence {outcome.seconds:.1f}s") + ")")
+            f"(tau={tau:g} {notes['mode']}, reference: {res.n_reference} images of the {ctx.reference_name}"
+            + (f" of class {focus!r}" if focus is not None else "")
+            + (", influence cached" if decision.outcome.cached else f", influence {decision.outcome.seconds:.1f}s") + ")")
         if ctx.final:
             from .report import write_dropout_files
 
-            paths = write_dropout_files(ctx.run_dir, train, classes, res, keep)
-            ctx.notes[self.name]["files"] = {k: str(v) for k, v in paths.items()}
+            paths = write_dropout_files(ctx.run_dir, decision.scored, classes, res, decision.keep)
+            notes["files"] = {k: str(v) for k, v in paths.items()}
 
 
 PAPER_RULE = "paper (Algorithm A): drop exactly the images with positive total influence"
