@@ -23,6 +23,8 @@ from .errors import AutotlError
 _LAZY = {
     "fit": "autotl.fit:fit",
     "FitResult": "autotl.fit:FitResult",
+    "FitOptions": "autotl.options:FitOptions",
+    "SearchOptions": "autotl.options:SearchOptions",
     "predict": "autotl.predict:predict",
     "Predictor": "autotl.predict:Predictor",
     "scan_dataset": "autotl.data:scan_dataset",

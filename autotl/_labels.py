@@ -93,7 +93,7 @@ def _find_column(header: list[str], given: str | None, names: tuple[str, ...], w
             others = [header[i] for i, h in enumerate(normed) if h in names and i != hits[0]]
             if others:
                 raise AutotlError(f"{file}: both {header[hits[0]]!r} and {others[0]!r} could be the {what} column; "
-                                  + (f"give {flag} NAME" if flag else f"rename one of them"))
+                                  + (f"give {flag} NAME" if flag else "rename one of them"))
             return hits[0]
     if not required:
         return None

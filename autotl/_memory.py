@@ -12,7 +12,7 @@ the sum of their leftovers. ``trim_heap`` asks glibc to return its free heap pag
 from __future__ import annotations
 
 import ctypes
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Hashable
 
 __all__ = ["BoundedMemory", "trim_heap"]
@@ -20,7 +20,11 @@ __all__ = ["BoundedMemory", "trim_heap"]
 
 class BoundedMemory:
     """Least-recently-used values by key, at most ``max_items`` and ``max_bytes`` (values that report an
-    ``nbytes``); ``get(key, make)`` computes on a miss. The newest value always stays."""
+    ``nbytes``); ``get(key, make)`` computes on a miss. The newest value always stays.
+
+    ``part(name, max_items)``: a memory of its own inside this one, for one kind of value with its own
+    bound (a strategy's influence outcomes, a pool's descriptors), so kinds never evict each other;
+    ``counts`` tallies what its owner computed (head fits, described images, ...) for reports and tests."""
 
     def __init__(self, max_items: int = 16, max_bytes: int = 512 << 20):
         if max_items < 1:
@@ -28,6 +32,8 @@ class BoundedMemory:
         self.max_items = int(max_items)
         self.max_bytes = int(max_bytes)
         self._items: "OrderedDict[Hashable, Any]" = OrderedDict()
+        self._parts: dict[str, BoundedMemory] = {}
+        self.counts: Counter[str] = Counter()
         self.hits = 0
         self.misses = 0
 
@@ -46,6 +52,12 @@ class BoundedMemory:
             self._items.popitem(last=False)
         return value
 
+    def part(self, name: str, max_items: int) -> "BoundedMemory":
+        """The part ``name`` (created on first use with at most ``max_items`` values and this memory's byte bound)."""
+        if name not in self._parts:
+            self._parts[name] = BoundedMemory(max_items, self.max_bytes)
+        return self._parts[name]
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -54,6 +66,7 @@ class BoundedMemory:
 
     def clear(self) -> None:
         self._items.clear()
+        self._parts.clear()
 
 
 def _malloc_trim():

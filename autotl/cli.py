@@ -6,9 +6,13 @@ The only module that imports typer. Each command calls one API function and prin
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import inspect
 import json
+import os
 import sys
+import typing
 from importlib import import_module
 from pathlib import Path
 from typing import Any, List, Optional
@@ -77,54 +81,99 @@ def _defaults_from(api: str) -> type[typer.core.TyperCommand]:
     return ApiDefaultsCommand
 
 
-def _frozen(value: str) -> int | str:
-    if value == "all":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise AutotlError(f"--frozen-stages {value!r}: give a number of stages or 'all'") from None
+# ------------------------------------------------------------------------------------------ fit
+# `autotl fit` is built from the option classes (``autotl.options``: ``FitOptions`` and each strategy's
+# class): every field with a flag is one option here, with the field's default, help and check, so a
+# new option or searched dimension is written once, where its strategy's options are.
+_MISSING = dataclasses.MISSING
 
 
-@app.command()
-def fit(
-    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ val/ \\[test/], or a label file (.csv/.tsv: image path, label \\[, split] per row)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<data>-<time>)."),
-    model: List[str] = typer.Option([], "--model", "-m", help="timm model NAME\\[@SIZE]\\[=CHECKPOINT|random]; repeatable."),
-    zoo: Optional[str] = typer.Option(None, "--models", help="Candidate source models: auto (the packaged ones + the hub zoo's for this device when cached or downloadable; the default without --model), packaged, hub or all; added to any --model."),
-    path_column: Optional[str] = typer.Option(None, "--path-column", help="Label file: the column of image paths (default: the header's path/file/filename/image column)."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label file: the column of labels (default: the header's label/class/category column)."),
-    frozen_stages: str = typer.Option("all", "--frozen-stages", help="Stages to freeze: N, -N (all but N) or 'all' (linear probe)."),
-    epochs: int = typer.Option(15, help="Maximum epochs (early stopping on validation)."),
-    lr: float = typer.Option(3e-3, help="Head learning rate (pretrained stages get a tenth)."),
-    batch_size: int = typer.Option(64, help="Mini-batch size."),
-    objective: Optional[str] = typer.Option(None, help="accuracy or macro_f1 (default: macro_f1 when classes are imbalanced)."),
-    val_fraction: float = typer.Option(0.1, help="Validation share per class when there is no val/ folder."),
-    duplicates: str = typer.Option("warn", "--duplicates", help="Byte-identical images across splits: warn (list them), drop (remove the val/test copies) or error."),
-    seed: int = typer.Option(0, help="Seed for the split, initialisation and data order."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default ~/.cache/autotl/features)."),
-    no_search: bool = typer.Option(False, "--no-search", help="Train only the one strategy the flags describe (a linear probe by default), early-stopped on val; no search."),
-    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Search: trials in the study in total (default: the recipe's)."),
-    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Search: stop after this long (90s, 20m, 1h; whichever of trials/budget ends first; default: automatic from the data size unless --trials is given)."),
-    cv_folds: int = typer.Option(5, "--cv-folds", help="Search: folds of the cross-validation that scores each trial (small data sets)."),
-    ensemble: bool = typer.Option(True, "--ensemble/--no-ensemble", help="Search: publish a greedy ensemble of trials (one ONNX graph) when it beats the selected trial out of fold."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Search space: quick, default, thorough, retrieval (selective joint fine-tuning, with --source-pool) or a .yaml file (default: default)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted study of --out (same data, recipe and models)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out (kept until the new one is published, put back if it fails; your own files there stay)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the study (default sqlite:///OUT/study.db)."),
-    study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default 'autotl')."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Search: candidate source models among --model (default: the recipe's or all)."),
-    dropout_tau: Optional[str] = typer.Option(None, "--dropout-tau", help="Data dropout: drop training images whose predicted reduction of the val loss exceeds TAU robust spreads (0 = every harmful image, 'none' = off); fixes what the search would vary."),
-    focus_class: Optional[str] = typer.Option(None, "--focus-class", help="Data dropout: only this class's validation images are the influence reference."),
-    dry_run_dropout: bool = typer.Option(False, "--dry-run-dropout", help="Only score the training images and write dropped.csv (as `autotl dropout`); no training."),
-    source_pool: Optional[Path] = typer.Option(None, "--source-pool", help="Selective joint fine-tuning: source images, one sub-folder per class (e.g. ImageNet wnid folders)."),
-    retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", help="Source neighbours K0 per target image from --source-pool (0 = off)."),
-    retrieval_bank: Optional[str] = typer.Option(None, "--retrieval-bank", help="Filter bank for retrieval: gabor, conv, firstconvs (the first two convolutions after their activation) or gabor+conv."),
-    source_loss_weight: Optional[float] = typer.Option(None, "--source-loss-weight", help="Weight of the source task's loss (default 1)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx (int8: static QDQ, calibrated on training images), kept only within 0.5 accuracy points of fp32 on images the model did not train on (val; after a search: test, else augmented views)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
-) -> None:
+def _fit_fields() -> list[tuple[type, dataclasses.Field]]:
+    """(class, field) of every option with a flag: ``FitOptions``'s, then each strategy's."""
+    from .options import STRATEGY_OPTIONS, FitOptions, flag_of
+
+    fields = [(cls, f) for cls in (FitOptions, *STRATEGY_OPTIONS) for f in dataclasses.fields(cls) if flag_of(f)]
+    names = [f.name for _, f in fields]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two options of autotl fit share a name: {sorted(n for n in names if names.count(n) > 1)}")
+    return fields
+
+
+def _cli_default(field: dataclasses.Field) -> Any:
+    """What the command line holds when the flag is not given: the field's default; None for a trial
+    parameter (not given = the search varies it); False for a flag without a value."""
+    from .options import flag_of
+
+    if flag_of(field).value is not _MISSING:
+        return False
+    if field.metadata.get("param"):
+        return None
+    default = field.default_factory() if field.default_factory is not _MISSING else field.default
+    return list(default) if isinstance(default, tuple) else default
+
+
+def _cli_type(cls: type, field: dataclasses.Field) -> Any:
+    """The command line's type of an option, from the field's annotation."""
+    from .options import flag_of
+
+    flag = flag_of(field)
+    if flag.value is not _MISSING:
+        return bool
+    hint = typing.get_type_hints(cls)[field.name]
+    if typing.get_origin(hint) in (list, tuple, collections.abc.Sequence):
+        return List[str]
+    kinds = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+    if flag.parse is not None:
+        kind = str  # the text, parsed by the flag
+    elif os.PathLike in kinds:
+        kind = Path
+    elif len(kinds) == 1 and kinds[0] in (bool, int, float, str):
+        kind = kinds[0]
+    else:
+        kind = str
+    return Optional[kind] if _cli_default(field) is None else kind
+
+
+def _fit_parameters(head: list[inspect.Parameter], tail: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """The fit command's parameters: ``head`` (the data, the run folder), then every option and ``tail``
+    grouped by their help panel."""
+    from .options import PANELS, flag_of
+
+    made = []
+    for cls, field in _fit_fields():
+        flag = flag_of(field)
+        info = typer.Option(_cli_default(field), *flag.decls, help=flag.help, rich_help_panel=flag.panel or None)
+        made.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                      annotation=_cli_type(cls, field)))
+    made += tail
+    return head + sorted(made, key=lambda p: PANELS.index(p.default.rich_help_panel or ""))
+
+
+def _fit_options(values: dict[str, Any]) -> dict[str, Any]:
+    """``autotl.fit``'s keyword arguments from the command line's values: ``FitOptions``'s fields, and
+    each strategy's flags as fixed trial parameters (``param``) or run-wide options."""
+    from .options import FitOptions, flag_of
+
+    kwargs: dict[str, Any] = {}
+    fixed: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for cls, field in _fit_fields():
+        flag, value = flag_of(field), values[field.name]
+        if cls is FitOptions:
+            if flag.value is not _MISSING:
+                value = flag.value if value else field.default
+            elif flag.parse is not None:
+                value = flag.parse(value)
+            kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+        elif field.metadata.get("param"):
+            if value is not None:
+                fixed[field.name] = value
+        elif value:  # a run-wide option (a path as text: the study keeps it for its workers)
+            options[field.name] = os.fspath(value) if isinstance(value, os.PathLike) else value
+    return {**kwargs, "fixed_params": fixed or None, "options": options or None}
+
+
+def fit(**values: Any) -> None:
     """Fit a classifier on DATA_DIR (a folder or a CSV of paths and labels) and export a verified ONNX model.
 
     `autotl fit DIR` ranks the candidate source models, searches how to transfer under an automatic
@@ -134,41 +183,28 @@ def fit(
     from .fit import fit as fit_api
     from .search import SearchInterrupted
 
+    as_json, data_dir = values["as_json"], values["data_dir"]
     _console.set_quiet(as_json)
-    if dry_run_dropout:
-        from .dropout.dryrun import DEFAULT_INSPECT_TAU, inspect_dropout
+    if values["dry_run_dropout"]:
+        from .dropout.dryrun import inspect_dropout
 
-        _dry_run_alone(locals())
-
-        ins = inspect_dropout(data_dir, model=model[0] if model else "tf_efficientnet_lite0",
-                              tau=DEFAULT_INSPECT_TAU if dropout_tau is None else dropout_tau, focus_class=focus_class,
-                              out=out, val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, show=not as_json,
-                              path_column=path_column, label_column=label_column)
+        _dry_run_alone(values)
+        ins = inspect_dropout(data_dir, focus_class=values["focus_class"], out=values["out"],
+                              val_fraction=values["val_fraction"], seed=values["seed"], device=values["device"],
+                              cache_dir=values["cache_dir"], show=not as_json, path_column=values["path_column"],
+                              label_column=values["label_column"],
+                              **_given(model=values["models"][0] if values["models"] else None, tau=values["dropout_tau"]))
         _emit(ins.to_json(), as_json)
         return
-    fixed_params = {k: v for k, v in {"dropout_tau": dropout_tau, "retrieval_k": retrieval_k, "retrieval_bank": retrieval_bank,
-                                  "source_loss_weight": source_loss_weight}.items() if v is not None}
-    options = {k: v for k, v in {"focus_class": focus_class, "source_pool": str(source_pool) if source_pool else None}.items() if v}
     try:
-        result = fit_api(data_dir, out, models=model, fixed_params=fixed_params or None, options=options or None, frozen_stages=_frozen(frozen_stages), epochs=epochs, lr=lr,
-                         batch_size=batch_size, objective=objective, val_fraction=val_fraction, seed=seed, device=device,
-                         cache_dir=cache_dir, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume, overwrite=overwrite, duplicates=duplicates,
-                         storage=storage, study=study, top_k=top_k, search=False if no_search else None, cv_folds=cv_folds,
-                         ensemble=ensemble, quantize=quantize, zoo=zoo, path_column=path_column, label_column=label_column)
+        result = fit_api(data_dir, values["out"], **_fit_options(values))
     except SearchInterrupted as exc:
         if getattr(exc, "restored_earlier_run", False):  # --overwrite: nothing new to resume
             _emit({"interrupted": True, "run_dir": str(exc.run_dir), "restored_earlier_run": True, "resume": None}, as_json)
             sys.stderr.write(_console.clean_text(f"interrupted: the earlier run in {exc.run_dir} is back in place; the new "
                                                  "search was discarded") + "\n")
             raise typer.Exit(130) from None
-        command = _resume_command(exc.run_dir, data_dir, {
-            "--model": model, "--models": zoo, "--path-column": path_column, "--label-column": label_column, "--trials": trials, "--time-budget": time_budget, "--recipe": recipe, "--storage": storage,
-            "--study": study, "--top-k": top_k, "--cv-folds": cv_folds, "--no-ensemble": not ensemble, "--objective": objective,
-            "--seed": seed, "--val-fraction": val_fraction, "--duplicates": duplicates, "--cache-dir": cache_dir, "--device": device,
-            "--batch-size": batch_size, "--frozen-stages": frozen_stages, "--epochs": epochs, "--lr": lr,
-            "--dropout-tau": dropout_tau, "--focus-class": focus_class,
-            "--source-pool": source_pool, "--retrieval-k": retrieval_k, "--retrieval-bank": retrieval_bank,
-            "--source-loss-weight": source_loss_weight, "--quantize": quantize})
+        command = _resume_command(exc.run_dir, data_dir, values)
         _emit({"interrupted": True, "run_dir": str(exc.run_dir), "study_name": exc.study_name, "storage": exc.storage,
                "finished_trials": exc.finished, "resume": command}, as_json)
         sys.stderr.write(_console.clean_text(f"interrupted: {exc.finished} trial(s) finished, the running one marked failed; "
@@ -177,7 +213,20 @@ def fit(
     _emit(result.to_json(), as_json)
 
 
-_DRY_RUN_USES = {"data_dir", "out", "model", "dropout_tau", "focus_class", "val_fraction", "seed", "device", "cache_dir",
+fit.__signature__ = inspect.Signature(_fit_parameters(
+    [inspect.Parameter("data_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
+        ..., help="Folder with one sub-folder per class, or train/ val/ \\[test/], or a label file (.csv/.tsv: image "
+                  "path, label \\[, split] per row).")),
+     inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+         None, "--out", "-o", help="Run folder (default runs/<data>-<time>)."))],
+    [inspect.Parameter("dry_run_dropout", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+         False, "--dry-run-dropout", rich_help_panel="Strategies",
+         help="Only score the training images and write dropped.csv (as `autotl dropout`); no training.")),
+     inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+         False, "--json", help="Print one JSON document on stdout."))]))
+app.command()(fit)
+
+_DRY_RUN_USES = {"data_dir", "out", "models", "dropout_tau", "focus_class", "val_fraction", "seed", "device", "cache_dir",
                  "dry_run_dropout", "as_json", "path_column", "label_column"}
 
 
@@ -190,7 +239,7 @@ def _dry_run_alone(values: dict[str, Any]) -> None:
             continue
         if values[name] != info.default:
             ignored.append(next((d for d in info.param_decls if d.startswith("--")), "--" + name.replace("_", "-")))
-    if len(values.get("model") or []) > 1:
+    if len(values.get("models") or []) > 1:
         ignored.insert(0, "a second --model")
     if ignored:
         raise AutotlError(f"--dry-run-dropout with {', '.join(ignored)}: the dry run only scores the training images with "
@@ -198,33 +247,31 @@ def _dry_run_alone(values: dict[str, Any]) -> None:
                           "the others, or drop --dry-run-dropout to fit")
 
 
-def _option_defaults(command) -> dict[str, Any]:
-    """{"--flag": default} of a typer command function's options, read from its own declarations."""
-    out = {}
-    for name, param in inspect.signature(command).parameters.items():
-        info = param.default
-        if isinstance(info, typer.models.OptionInfo):
-            for flag in [d for d in info.param_decls if d.startswith("--")] or ["--" + name.replace("_", "-")]:
-                out[flag] = info.default
-    return out
+# what a resumed search must not repeat: the data and folder are given, and these say what to do with the folder
+_NOT_RESUMED = {"data_dir", "out", "resume", "overwrite", "search", "dry_run_dropout", "as_json"}
 
 
-def _resume_command(run_dir: Path, data_dir: Path, options: dict) -> str:
-    """The command line that resumes this search: its data, run folder and search options + --resume.
+def _resume_command(run_dir: Path, data_dir: Path, values: dict[str, Any]) -> str:
+    """The command line that resumes this search: its data, run folder and options + --resume.
 
     An option at the fit command's own default is left out (so the line stays short and can never
-    disagree with those defaults); ``options`` maps flags to the values of the interrupted run."""
+    disagree with those defaults); ``values`` are the interrupted command's, by parameter name."""
     import shlex
 
-    defaults = _option_defaults(fit)
     args = ["fit", str(data_dir), "--out", str(run_dir)]
-    for flag, value in options.items():
-        if flag in defaults and value == defaults[flag]:
+    for name, param in inspect.signature(fit).parameters.items():
+        info = param.default
+        if name in _NOT_RESUMED or name not in values or not isinstance(info, typer.models.OptionInfo):
             continue
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is True:
-                args.append(flag)
-            elif v not in (None, False):
+        value = values[name]
+        if value is None or value == info.default:
+            continue
+        flag = next(d for d in info.param_decls if d.startswith("--"))
+        if isinstance(value, bool):
+            on, _, off = flag.partition("/")
+            args.append(on if value else off)
+        else:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
                 args += [flag, str(v)]
     return "autotl " + shlex.join(args + ["--resume"])
 
@@ -232,27 +279,24 @@ def _resume_command(run_dir: Path, data_dir: Path, options: dict) -> str:
 TABLE_ROWS = 50  # predictions shown in the console table (the CSV / --json have all)
 
 
-@app.command()
+@app.command(cls=_defaults_from("autotl.predict:predict"))
 def predict(
     model_path: Path = typer.Argument(..., help="model.onnx or model.int8.onnx written by `autotl fit` (model.json beside it)."),
     paths: List[Path] = typer.Argument(..., help="Image files, folders, or label files (.csv/.tsv) with a path column."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="Labels to show per image."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file (row by row as images are classified)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime call."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per onnxruntime call."),
     path_column: Optional[str] = typer.Option(None, "--path-column", help="Label files: the column of image paths (default: the header's path/file/filename/image column)."),
 ) -> None:
     """Classify images with an exported model, model.onnx or model.int8.onnx (onnxruntime only; no torch)."""
-    from .options import check_predict_options
     from .predict import predict as predict_api
 
     _console.set_quiet(as_json)
-    # before the model loads; --csv never replaces the model, its card or an image
-    check_predict_options(top_k=top_k, csv=csv, batch_size=batch_size, model_path=model_path, paths=paths,
-                          path_column=path_column)
-    # streamed: the CSV is written as it goes; the table holds only its first rows (--json needs all)
-    result = predict_api(model_path, paths, top_k=top_k, batch_size=batch_size, csv=csv,
-                         keep=None if as_json else TABLE_ROWS, path_column=path_column)
+    # checked before the model loads (--csv never replaces the model, its card or an image); streamed:
+    # the CSV is written as it goes; the table holds only its first rows (--json needs all)
+    result = predict_api(model_path, paths, top_k=top_k, csv=csv, keep=None if as_json else TABLE_ROWS,
+                         path_column=path_column, **_given(batch_size=batch_size))
     if not as_json:
         _console.console.print(result.table(max_rows=TABLE_ROWS))
     if not result.predictions and result.errors:  # nothing classified: a failure, not an empty success
@@ -263,19 +307,19 @@ def predict(
     _emit(result.to_json(), as_json)
 
 
-@app.command()
+@app.command(cls=_defaults_from("autotl.quantize:quantize_run"))
 def export(
     run: Path = typer.Argument(..., help="A finished run folder (the --out of `autotl fit`)."),
     quantize: str = typer.Option(..., "--quantize", help="int8: write model.int8.onnx (static QDQ, calibrated on the run's training images), kept only within 0.5 accuracy points of fp32 on images the model did not train on (val; after a search: test, else augmented views)."),
     data: Optional[Path] = typer.Option(None, "--data", help="The run's data folder or label file, if it moved (default: the one the fit read)."),
-    val_fraction: float = typer.Option(0.1, help="The fit's --val-fraction (when its data had no val/ folder)."),
+    val_fraction: Optional[float] = typer.Option(None, help="The fit's --val-fraction (when its data had no val/ folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Add an int8 model to an existing run (the card gets both models' size, latency and accuracy)."""
     from .quantize import quantize_run
 
     _console.set_quiet(as_json)
-    report = quantize_run(run, quantize=quantize, data_dir=data, val_fraction=val_fraction)
+    report = quantize_run(run, quantize=quantize, data_dir=data, **_given(val_fraction=val_fraction))
     _emit(report.to_json(), as_json)
 
 

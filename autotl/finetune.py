@@ -22,11 +22,12 @@ from typing import Any, Sequence
 
 import torch
 
+from .options import FinetuneOptions
 from .strategy import BaseStrategy, StrategyContext
 from .train import TrainingHooks, TrainingSetup, changeable_state
 
 WISE_ALPHAS = (0.2, 0.4, 0.6, 0.8, 1.0)
-LP_L2 = 0.01  # the probe penalty when the run has not measured a better one (``ctx.options["probe_l2"]``)
+LP_L2 = FinetuneOptions.probe_l2  # the probe penalty when the run has not measured a better one
 
 
 def solve_probe_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +93,12 @@ class WeightInterpolation(TrainingHooks):
 
 
 class ProbeStartedFineTuning(BaseStrategy):
-    """LP-FT and WiSE-FT for a trial that trains stages (module docstring). Parameters: ``lp_init``
-    (bool), ``wise`` (bool: interpolate, alpha chosen on the validation images), ``wise_alpha`` (a
-    fixed alpha: what a refit reuses)."""
+    """LP-FT and WiSE-FT for a trial that trains stages (module docstring). Parameters and options:
+    ``autotl.options.FinetuneOptions`` (``lp_init``, ``wise``: interpolate, alpha chosen on the
+    validation images, ``wise_alpha``: a fixed alpha, what a refit reuses; ``probe_l2``)."""
 
     name = "lpft"
-    params = ("lp_init", "wise", "wise_alpha")
+    params = FinetuneOptions.params()
 
     def is_active(self, params: dict[str, Any]) -> bool:
         return bool(params.get("lp_init")) or bool(params.get("wise")) or params.get("wise_alpha") is not None
@@ -108,11 +109,12 @@ class ProbeStartedFineTuning(BaseStrategy):
         if resolve_frozen(ctx.config.frozen_stages, ctx.extractor.num_stages) >= ctx.extractor.num_stages:
             return  # a probe: nothing to start or interpolate
         notes = ctx.notes.setdefault(self.name, {})
-        if params.get("lp_init"):
-            l2 = float(ctx.options.get("probe_l2") or LP_L2)
-            ctx.hooks.append(LinearProbeInit(ctx.extractor, ctx.train_samples, len(ctx.index.classes), l2, notes))
-        if params.get("wise") or params.get("wise_alpha") is not None:
-            alpha = params.get("wise_alpha")
+        opts = FinetuneOptions.of(ctx.options, params)
+        if opts.lp_init:
+            ctx.hooks.append(LinearProbeInit(ctx.extractor, ctx.train_samples, len(ctx.index.classes),
+                                             float(opts.probe_l2 or LP_L2), notes))
+        if opts.wise or opts.wise_alpha is not None:
+            alpha = opts.wise_alpha
             ctx.hooks.append(WeightInterpolation(None if alpha is None else float(alpha), notes))
 
     def describe(self, params: dict[str, Any]) -> str:

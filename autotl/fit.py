@@ -10,10 +10,9 @@ import dataclasses
 import errno
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +26,8 @@ from .errors import AutotlError
 from .evaluation import evaluate, evaluate_ensemble
 from .fitted import fitted_from_training
 from .features import ImageDataset, eval_transform
-from .models import ModelSpec, SourceModel
-from .options import check_fit_options
+from .models import SourceModel
+from .options import FitOptions, keyword_signature
 from .run import FinalModel, Run, claim_run_folder, default_cache_dir, default_run_dir
 from .strategy import StrategyContext, apply_strategies, train_strategy
 from .train import TrainConfig
@@ -65,41 +64,11 @@ class FitResult:
         return d
 
 
-def fit(
-    data_dir: str | os.PathLike,
-    out: str | os.PathLike | None = None,
-    *,
-    models: Sequence[str | ModelSpec] = (),
-    zoo: str | None = None,
-    search: bool | None = None,
-    trials: int | None = None,
-    time_budget: str | float | None = None,
-    recipe: str | os.PathLike | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    storage: str | None = None,
-    study: str | None = None,
-    top_k: int | None = None,
-    cv_folds: int = 5,
-    ensemble: bool = True,
-    frozen_stages: int | str = "all",
-    epochs: int = 15,
-    lr: float = 3e-3,
-    batch_size: int = 64,
-    objective: str | None = None,
-    val_fraction: float = 0.1,
-    duplicates: str = "warn",
-    seed: int = 0,
-    device: str | None = "auto",
-    cache_dir: str | os.PathLike | None = None,
-    config: TrainConfig | None = None,
-    fixed_params: dict[str, Any] | None = None,
-    options: dict[str, Any] | None = None,
-    quantize: str | None = None,
-    path_column: str | None = None,
-    label_column: str | None = None,
-) -> FitResult:
+def fit(data_dir: str | os.PathLike, out: str | os.PathLike | None = None, **options: Any) -> FitResult:
     """Fit a classifier on an image set and export a verified ONNX model (``autotl fit``).
+
+    ``options``: the fields of :class:`autotl.options.FitOptions` (``autotl fit``'s flags, with ``_`` for
+    ``-``), each with its default and its check written there; all are checked before any work starts.
 
     ``data_dir`` is a folder (one sub-folder per class, or train/ val/ [test/]) or a label file
     (``.csv``/``.tsv`` of image paths and labels, optionally a split column; ``path_column`` /
@@ -116,7 +85,8 @@ def fit(
     arguments describe (a linear probe by default), early-stopped on val. ``fixed_params`` fixes search
     parameters (e.g. ``{"dropout_tau": 3.0}``), ``options`` sets run-wide ones (e.g.
     ``{"source_pool": "pool/"}``: the search then also varies retrieval K; pool images that are copies of
-    data images are left out, see :func:`source_pool_overlap`). ``resume`` continues an interrupted
+    data images are left out, see :func:`source_pool_overlap`; every strategy's options:
+    ``autotl.options.STRATEGY_OPTIONS``). ``resume`` continues an interrupted
     study in the same run folder; ``overwrite`` replaces a finished run there (which is otherwise
     refused); the earlier run is put back if this one fails (``autotl.run.claim_run_folder``), and a
     second fit on the same folder is refused while this one runs. ``ensemble``: after the search, greedy ensemble selection over the trials'
@@ -127,61 +97,60 @@ def fit(
     ``duplicates`` (warn, drop, error): what the scan does with byte-identical
     images across splits (see ``autotl.data.scan_dataset``). Ctrl-C raises ``autotl.search.SearchInterrupted``.
     """
-    check_fit_options(**locals())  # every flag checked before any work starts (autotl/options.py)
-    searching = _wants_search(search, trials=trials, time_budget=time_budget, recipe=recipe, resume=resume,
-                              storage=storage, study=study)
+    opts = FitOptions(**options)
+    opts.check(data_dir, out)  # every option checked before any work starts (autotl/options.py)
     out = Path(out) if out is not None else default_run_dir(data_dir)
     keep_on: tuple[type[BaseException], ...] = ()
-    if searching:
+    if opts.searching:
         from .search import SearchInterrupted
 
         keep_on = (SearchInterrupted,)  # an interrupted search stays, to be resumed
     # the folder is this process's until the run is published; any failure puts the earlier run back
-    with claim_run_folder(out, data_dir, resume=resume, overwrite=overwrite, search=searching, storage=storage,
-                          keep_on=keep_on):
-        run = Run.open(data_dir, out, models=models, val_fraction=val_fraction, seed=seed, device=device,
-                       cache_dir=cache_dir, resume=resume, overwrite=overwrite, duplicates=duplicates, claimed=True,
-                       zoo=zoo, path_column=path_column, label_column=label_column)
-        base = _base_config(run.index, config, frozen_stages=frozen_stages, epochs=epochs, lr=lr, batch_size=batch_size,
-                            seed=seed, objective=objective)
-        pool = source_pool_overlap(run, options)
-        if searching:
+    with claim_run_folder(out, data_dir, resume=opts.resume, overwrite=opts.overwrite, search=opts.searching,
+                          storage=opts.storage, keep_on=keep_on):
+        run = Run.open(data_dir, out, models=opts.models, val_fraction=opts.val_fraction, seed=opts.seed,
+                       device=opts.device, cache_dir=opts.cache_dir, resume=opts.resume, overwrite=opts.overwrite,
+                       duplicates=opts.duplicates, claimed=True, zoo=opts.zoo, path_column=opts.path_column,
+                       label_column=opts.label_column)
+        base = _base_config(run.index, opts)
+        pool = source_pool_overlap(run, opts.options)
+        if opts.searching:
             from .search import load_recipe, search_cuts, with_pool_dimension
 
-            recipe = load_recipe(recipe)
-            if (options or {}).get("source_pool"):
+            recipe = load_recipe(opts.recipe)
+            if (opts.options or {}).get("source_pool"):
                 recipe = with_pool_dimension(recipe)
             cuts = search_cuts(run, recipe, base)
         else:
             cuts = [base.frozen_stages] if isinstance(base.frozen_stages, int) else []
         with run.phase("scoring"):
             scoring = score_candidates(run, base, cuts=cuts)  # the one frozen pass per model over the training images
-        if searching:
+        if opts.searching:
             from .search import search as search_strategies
 
-            budget = time_budget
-            if budget is None and trials is None:  # (a resumed search gets the automatic budget again)
-                budget = auto_time_budget(run.index, run.device)
-                _console.log(f"search time budget [bold]{budget:.0f}s[/] (automatic for {_n_labelled(run.index)} labelled "
-                             f"images on {run.device.type}; --time-budget to change, --no-search for one plain fit)")
-            final = search_strategies(run, base, trials=trials, time_budget=budget, recipe=recipe, resume=resume,
-                                      storage=storage, study_name=study, top_k=top_k, fixed=dict(fixed_params or {}),
-                                      options=options, cv_folds=cv_folds, ensemble=ensemble, objective_reason=_objective_reason(base, objective, config))
+            final = search_strategies(run, base, opts.search_options(
+                recipe=recipe, time_budget=_search_budget(run, opts), fixed_params=dict(opts.fixed_params or {}),
+                objective_reason=_objective_reason(base, opts)))
         else:
             with run.phase("training"):
-                final = train_given_strategy(run, base, dict(fixed_params or {}), dict(options or {}))
+                final = train_given_strategy(run, base, dict(opts.fixed_params or {}), dict(opts.options or {}))
         if pool is not None:
             final.notes["source_pool"] = pool
-        return publish(run, final, scoring=scoring.to_json(), quantize=quantize)
+        return publish(run, final, scoring=scoring.to_json(), quantize=opts.quantize)
+
+
+fit.__signature__ = keyword_signature(FitOptions, fit)  # what help(autotl.fit) and the CLI's help show
 
 
 # ----------------------------------------------------------------------------------------- steps
-def _wants_search(search: bool | None, **flags: Any) -> bool:
-    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v not in (None, False)]
-    if search is False and given:
-        raise AutotlError(f"--no-search with {', '.join(given)}: those shape a search; drop --no-search to search, "
-                          "or drop them to train one strategy")
-    return search is not False
+def _search_budget(run: Run, opts: FitOptions) -> float | str | None:
+    """``--time-budget``, else (without ``--trials``) the automatic budget for this data and device."""
+    if opts.time_budget is not None or opts.trials is not None:
+        return opts.time_budget
+    budget = auto_time_budget(run.index, run.device)  # (a resumed search gets the automatic budget again)
+    _console.log(f"search time budget [bold]{budget:.0f}s[/] (automatic for {_n_labelled(run.index)} labelled "
+                 f"images on {run.device.type}; --time-budget to change, --no-search for one plain fit)")
+    return budget
 
 
 def source_pool_overlap(run: Run, options: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -193,7 +162,7 @@ def source_pool_overlap(run: Run, options: dict[str, Any] | None) -> dict[str, A
         return None
     from .retrieval.strategy import data_free_pool
 
-    pool, copies = data_free_pool(root, run.index, run.cache_dir / "retrieval" if run.cache_dir else None)
+    pool, copies = data_free_pool(root, run.index, run.cache_dir / "retrieval" if run.cache_dir else None, run.memory)
     if copies:
         _console.log(_console.clean_text(
             f"source pool: {len(copies)} of its images are copies of images of the data set (same bytes); they are "
@@ -218,14 +187,16 @@ def pick_objective(index: DatasetIndex) -> str:
     return "macro_f1" if counts and max(counts) > 1.5 * max(1, min(counts)) else "accuracy"
 
 
-def _base_config(index: DatasetIndex, config: TrainConfig | None, *, objective: str | None, **values: Any) -> TrainConfig:
-    cfg = dataclasses.replace(config) if config is not None else TrainConfig(**values)
-    cfg.objective = objective or (config.objective if config is not None else None) or pick_objective(index)
+def _base_config(index: DatasetIndex, opts: FitOptions) -> TrainConfig:
+    config = opts.config
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig(
+        frozen_stages=opts.frozen_stages, epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed)
+    cfg.objective = opts.objective or (config.objective if config is not None else None) or pick_objective(index)
     return cfg
 
 
-def _objective_reason(cfg: TrainConfig, objective: str | None, config: TrainConfig | None) -> str:
-    if objective or config is not None:
+def _objective_reason(cfg: TrainConfig, opts: FitOptions) -> str:
+    if opts.objective or opts.config is not None:
         return ""
     return " (train classes imbalanced: largest/smallest > 1.5)" if cfg.objective == "macro_f1" else " (train classes balanced)"
 
@@ -261,7 +232,8 @@ def train_given_strategy(run: Run, base: TrainConfig, params: dict[str, Any], op
     source, extractor = run.sources[label], run.extractors[label]
     _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}; device: {run.device}")
     index = run.index
-    ctx = StrategyContext(index, source, extractor, run.run_dir, base, list(index.train), options=options, final=True)
+    ctx = StrategyContext(index, source, extractor, run.run_dir, base, list(index.train), options=options, final=True,
+                          memory=run.memory)
     apply_strategies(ctx, params)
     result = train_strategy(ctx, index.val, device=run.device)
     decided = {

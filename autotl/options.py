@@ -13,20 +13,24 @@ also the API's keyword with ``_`` for ``-``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ._runfolder import RUN_FILES, is_run_folder
 from .errors import AutotlError
-from .train_config import OBJECTIVES
+from .train_config import OBJECTIVES, TrainConfig
 
 __all__ = [
-    "check_fit_options", "check_score_options", "check_dropout_options", "check_predict_options",
-    "check_report_options", "check_worker_options", "check_frozen_stages", "check_device", "check_out_dir",
-    "check_out_file", "check_output_file", "check_output_dir", "check_int", "check_number", "check_columns", "parse_tau",
+    "FitOptions", "SearchOptions", "StrategyOptions", "DropoutOptions", "RetrievalOptions", "FinetuneOptions",
+    "STRATEGY_OPTIONS", "Flag", "option", "flag_of", "flag_name", "keyword_signature", "check_score_options", "check_dropout_options",
+    "check_predict_options", "check_report_options", "check_worker_options", "check_frozen_stages", "check_device",
+    "check_out_dir", "check_out_file", "check_output_file", "check_output_dir", "check_int", "check_number",
+    "check_columns", "parse_tau", "parse_retrieval_k", "parse_frozen_stages",
 ]
 
 _MAX_SEED = 2**63 - 1
@@ -289,81 +293,78 @@ def _check_existing_dir(flag: str, path: Any, what: str) -> Path:
     return p
 
 
-# ------------------------------------------------------------------------------------------ fit
-def _check_frozen_value(value: Any) -> None:
-    if value is None or value == "all":
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise AutotlError(f"--frozen-stages {_shown(value)}: give a number of stages (N, or -N = all but the last N) or 'all'")
+# ------------------------------------------------------------------------------------------ option fields
+# Every option of ``autotl fit`` is a field of one of the dataclasses below, written once: its
+# default, its command-line flag and help (``autotl.cli`` builds the command from them) and its check
+# (the class's ``check``). ``fit()`` builds one ``FitOptions`` and checks it before any work starts.
+_MISSING = dataclasses.MISSING
+PANELS = ("", "Data", "Training", "Search", "Strategies")  # how the help groups the flags ("": with --help)
 
 
-def check_frozen_stages(frozen: Any, num_stages: int, model: str = "the model") -> int:
-    """``--frozen-stages`` against a loaded model: N in [0, stages], -N in [-stages, -1] or 'all'."""
-    _check_frozen_value(frozen)
-    if frozen is None or frozen == "all":
-        return int(num_stages)
-    n = int(frozen)
-    resolved = num_stages + n if n < 0 else n
-    if not 0 <= resolved <= num_stages:
-        raise AutotlError(f"--frozen-stages {n}: {model} has {num_stages} stages; give 0 to {num_stages}, "
-                          f"-1 to -{num_stages} (all but the last N) or 'all'")
-    return resolved
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How an option is given on the command line: ``decls`` (``"--trials", "-n"``; a boolean's
+    ``"--ensemble/--no-ensemble"``), ``help``, ``panel`` (its heading in the help, ``PANELS``); ``value``: a flag that
+    takes no value and sets this one when given (``--no-search``: ``search=False``); ``parse``: the
+    command line's text to the value (``--frozen-stages N|all``)."""
+
+    decls: tuple[str, ...]
+    help: str
+    panel: str
+    value: Any = _MISSING
+    parse: Callable[[str], Any] | None = None
+
+    @property
+    def name(self) -> str:
+        """The long flag as messages name it (``--trials``; ``--ensemble`` of ``--ensemble/--no-ensemble``)."""
+        return next(d for d in self.decls if d.startswith("--")).split("/")[0]
 
 
-def _check_train_config(cfg: Any) -> None:
-    """The training values (``fit``'s flags, or a ``TrainConfig`` passed as ``config``)."""
-    check_int("--epochs", cfg["epochs"], minimum=1)
-    check_int("--batch-size", cfg["batch_size"], minimum=1)
-    check_number("--lr", cfg["lr"], positive=True, hint=" (the head's learning rate, e.g. 3e-3)")
-    _check_frozen_value(cfg["frozen_stages"])
-    if cfg.get("objective") is not None:
-        check_choice("--objective", cfg["objective"], OBJECTIVES)
+def option(default: Any = _MISSING, *decls: str, help: str = "", panel: str = "Strategies", factory: Any = _MISSING,
+           param: bool = False, shapes_search: bool = False, value: Any = _MISSING,
+           parse: Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field of an options class: ``default`` (or ``factory``), the flag ``decls`` with its
+    ``help`` (none: API only), ``param``: a trial parameter (recipes search it; its flag fixes it for
+    every trial, ``fit(fixed_params=...)``), ``shapes_search``: refused with ``--no-search``."""
+    flag = Flag(tuple(decls), help, panel, value, parse) if decls else None
+    meta = {"flag": flag, "param": param, "shapes_search": shapes_search}
+    if factory is not _MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
-def _check_time_budget(value: Any) -> None:
-    if value is None:
-        return
-    from ._recipe import parse_duration
-
-    if isinstance(value, str) and not value.strip():
-        raise AutotlError("--time-budget '': give a duration like 90s, 20m, 1h or 1h30m")
-    parse_duration(value)  # AutotlError for garbage, <= 0, nan, inf
-
-
-def _check_retrieval(fixed: Mapping[str, Any], options: Mapping[str, Any], data_dir: Any = None) -> None:
-    pool = options.get("source_pool")
-    if pool is not None and not (isinstance(pool, str) and not pool.strip()):
-        p = _check_existing_dir("--source-pool", pool, "a folder with one sub-folder of images per source class")
-        d = _real(data_dir) if data_dir is not None else None
-        if d is not None and (_within(_real(p), d) or _real(p) in d.parents):
-            raise AutotlError(f"--source-pool {p}: is the data folder {data_dir} or overlaps it; the pool's images would "
-                              "train beside the images that validate; give a folder of other images")
-    elif pool is not None:
-        raise AutotlError("--source-pool '': give a folder with one sub-folder of images per source class")
-    k = fixed.get("retrieval_k")
-    if k is not None:
-        check_int("--retrieval-k", k, minimum=0, what="a whole number (neighbours per target image; 0 = off)")
-    bank = fixed.get("retrieval_bank")
-    if bank is not None:
-        from .retrieval.neighbours import BANKS
-
-        if not isinstance(bank, str) or bank.lower() not in BANKS:
-            raise AutotlError(f"--retrieval-bank {_shown(bank)}: use one of {', '.join(BANKS)}")
-    weight = fixed.get("source_loss_weight")
-    if weight is not None:
-        check_number("--source-loss-weight", weight, non_negative=True, hint=" (the source task's loss weight, default 1)")
-    given = [f"--{name.replace('_', '-')}" for name in ("retrieval_k", "retrieval_bank", "source_loss_weight")
-             if fixed.get(name) is not None]
-    if not pool and given and not (given == ["--retrieval-k"] and int(k) == 0):
-        raise AutotlError(f"{', '.join(given)}: only selective joint fine-tuning uses {'it' if len(given) == 1 else 'them'}; "
-                          "give --source-pool DIR too (source images, one sub-folder per class), or drop "
-                          f"{'it' if len(given) == 1 else 'them'}")
-    if k is not None and int(k) == 0 and (bank is not None or weight is not None):
-        flags = [f for f in given if f != "--retrieval-k"]
-        raise AutotlError(f"{', '.join(flags)} with --retrieval-k 0: retrieval is off, so {'it has' if len(flags) == 1 else 'they have'} "
-                          "no effect; give --retrieval-k 1 or more, or drop them")
+def keyword_signature(cls: type, func: Callable) -> inspect.Signature:
+    """``func``'s signature with its ``**options`` spelled out as the keyword parameters of the options
+    dataclass ``cls``, their defaults and types as written there (what ``help()`` and editors show)."""
+    params = [p for p in inspect.signature(func).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not _MISSING else f.default
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
+    return inspect.signature(func).replace(parameters=params)
 
 
+def flag_of(field: dataclasses.Field) -> Flag | None:
+    return field.metadata.get("flag")
+
+
+def flag_name(cls: type, name: str) -> str:
+    """How messages name option ``name`` of ``cls``: its flag, else the name itself (an API-only option)."""
+    field = cls.__dataclass_fields__.get(name)
+    flag = flag_of(field) if field is not None else None
+    return flag.name if flag is not None else name
+
+
+def parse_frozen_stages(text: str) -> int | str:
+    """``--frozen-stages`` as typed: ``all`` or a whole number (checked against the model later)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise AutotlError(f"--frozen-stages {text!r}: give a number of stages or 'all'") from None
+
+
+# ------------------------------------------------------------------------------------------ strategies
 def parse_tau(value: Any) -> float | None:
     """``None``/``"none"``/``"off"``/``inf`` → ``None`` (no dropout); otherwise a float >= 0."""
     if value is None:
@@ -384,86 +385,205 @@ def parse_tau(value: Any) -> float | None:
     return tau
 
 
-def _check_dropout_fixed(fixed: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    tau_given = "dropout_tau" in fixed and fixed["dropout_tau"] is not None
-    tau = None
-    if tau_given:
+def parse_retrieval_k(value: Any, flag: str = "retrieval_k") -> int:
+    """Neighbours K0 per target image: ``None``/``"none"``/``"off"`` → 0 (no retrieval), else a whole number >= 0."""
+    if value in (None, "", "none", "off"):
+        return 0
+    if isinstance(value, str):
         try:
-            tau = parse_tau(fixed["dropout_tau"])
+            value = int(value)
+        except ValueError:
+            raise AutotlError(f"{flag} {value!r}: give a whole number >= 0 (0 = no retrieval)") from None
+    return check_int(flag, value, minimum=0, what="a whole number (neighbours per target image; 0 = off)")
+
+
+class StrategyOptions:
+    """A strategy's options (a dataclass deriving this): its trial parameters (``option(param=True)``:
+    the recipe's dimensions, the strategy's ``params``) and its run-wide options (``fit(options=...)``).
+    ``of(options, params)`` is what one training reads: each parameter from the trial, else from the
+    run-wide options, else its default."""
+
+    @classmethod
+    def params(cls) -> tuple[str, ...]:
+        """The names of its trial parameters."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("param"))
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None):
+        options, params = options or {}, params or {}
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = params.get(f.name) if f.metadata.get("param") else None
+            if value is None or value == "":
+                value = options.get(f.name)
+            if value is not None and value != "":
+                values[f.name] = value
+        return cls(**values)
+
+    def check(self, name: Callable[[str], str] = str) -> None:
+        """Refuse a value no training could use (``name``: how messages name an option, by its name)."""
+
+    @classmethod
+    def check_given(cls, fixed: Mapping[str, Any], options: Mapping[str, Any], data_dir: Any = None) -> None:
+        """``fit``'s check before any work starts: the values as given (``fixed``: fixed trial parameters),
+        named by their flags."""
+        cls.of(options, fixed).check(lambda name: flag_name(cls, name))
+
+
+# L2 damping of the convex head's *mean* objective on features scaled to unit mean squared norm (see
+# ``autotl.dropout.strategy._standardise``): the same value means the same thing for every backbone.
+# On Lite0 features of cats_vs_dogs with 0/20/40 % flipped labels, l2 in [1e-3, 1e-1] all gave
+# precision >= 0.95 at tau <= 1; 1e-2 dropped the fewest clean images and needs ~15 CG iterations.
+DROPOUT_L2 = 1e-2
+DROPOUT_MODES = ("spread", "fraction")
+DROPOUT_INFLUENCES = ("head", "block")
+
+
+@dataclasses.dataclass
+class DropoutOptions(StrategyOptions):
+    """Influence-based data dropout (``autotl.dropout.strategy.DataDropout``)."""
+
+    dropout_tau: str | float | None = option(
+        None, "--dropout-tau", param=True,
+        help="Data dropout: drop training images whose predicted reduction of the val loss exceeds TAU robust spreads "
+             "(0 = every harmful image, 'none' = off); fixes what the search would vary.")
+    dropout_mode: str = option("spread", param=True)  # "spread": tau in robust spreads; "fraction": a share of the harmful
+    dropout_influence: str = option("head", param=True)  # "head": convex head on frozen features; "block": + the last stage
+    focus_class: str | None = option(
+        None, "--focus-class", help="Data dropout: only this class's validation images are the influence reference.")
+    dropout_l2: float = DROPOUT_L2
+    dropout_min_keep: float = 0.1  # the class guard: each class keeps at least this share of its images
+    dropout_solver: str = "auto"
+
+    def check(self, name: Callable[[str], str] = str) -> None:
+        try:
+            tau = parse_tau(self.dropout_tau)
         except AutotlError as exc:
-            raise AutotlError("--dropout-tau" + str(exc)[len("dropout_tau"):]) from None
-    focus = options.get("focus_class")
-    if focus is not None:
-        check_name("--focus-class", focus, "class name")
-        if tau_given and tau is None:
+            raise AutotlError(name("dropout_tau") + str(exc)[len("dropout_tau"):]) from None
+        check_choice(name("dropout_mode"), self.dropout_mode, DROPOUT_MODES)
+        if self.dropout_mode == "fraction" and tau is not None and tau > 1:
+            raise AutotlError(f"{name('dropout_tau')} {tau:g}: in mode 'fraction' tau is a share in [0, 1]")
+        check_choice(name("dropout_influence"), str(self.dropout_influence).lower(), DROPOUT_INFLUENCES)
+        if self.focus_class is not None:
+            check_name(name("focus_class"), self.focus_class, "class name")
+        check_number(name("dropout_l2"), self.dropout_l2, positive=True, hint=" (the convex head's L2 damping, e.g. 0.01)")
+        x = check_number(name("dropout_min_keep"), self.dropout_min_keep)
+        if not 0.0 <= x <= 1.0:
+            raise AutotlError(f"{name('dropout_min_keep')} {x:g}: give a share from 0 to 1")
+
+    @classmethod
+    def check_given(cls, fixed: Mapping[str, Any], options: Mapping[str, Any], data_dir: Any = None) -> None:
+        super().check_given(fixed, options, data_dir)
+        if options.get("focus_class") is not None and fixed.get("dropout_tau") is not None \
+                and parse_tau(fixed["dropout_tau"]) is None:
             raise AutotlError("--focus-class with --dropout-tau none: the focus class only changes data dropout, which is "
                               "off; give --dropout-tau 0 or more, or drop --focus-class")
 
 
-def check_fit_options(*, data_dir: Any = None, out: Any = None, models: Any = (), search: Any = None,
-                      trials: Any = None, time_budget: Any = None, recipe: Any = None, storage: Any = None,
-                      study: Any = None, top_k: Any = None, cv_folds: Any = 5, frozen_stages: Any = "all",
-                      epochs: Any = 15, lr: Any = 3e-3, batch_size: Any = 64, objective: Any = None,
-                      val_fraction: Any = 0.1, seed: Any = 0, device: Any = "auto", cache_dir: Any = None,
-                      config: Any = None, fixed_params: Any = None, options: Any = None, duplicates: Any = "warn",
-                      quantize: Any = None, zoo: Any = None, path_column: Any = None, label_column: Any = None,
-                      resume: Any = False, overwrite: Any = False, **_other: Any) -> None:
-    """Every ``autotl.fit.fit`` argument that can be checked without reading the data or loading a
-    model (called with ``fit``'s ``locals()``; arguments it does not know are left to ``fit``)."""
-    if data_dir is None or (isinstance(data_dir, str) and not data_dir.strip()):
-        raise AutotlError("DATA_DIR: give the folder of images (one sub-folder per class, or train/ val/ [test/]) "
-                          "or a label file (CSV of image paths and labels)")
-    check_columns(path_column=path_column, label_column=label_column)
-    if zoo is not None:
-        from .zoo import ZOO_CHOICES
+RETRIEVAL_MODES = ("knn", "random")
+SOURCE_HEAD_INITS = ("imagenet", "random")
+SOURCE_WEIGHTS = ("auto", "datl", "uniform")
 
-        check_choice("--models", zoo, ZOO_CHOICES)
-    if config is not None:
-        from dataclasses import asdict
 
-        values = asdict(config)
-        values["objective"] = objective if objective is not None else values.get("objective")
-    else:
-        values = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "frozen_stages": frozen_stages, "objective": objective}
-    _check_train_config(values)
-    check_fraction("--val-fraction", val_fraction, "validation share")
-    check_seed("--seed", seed)
-    check_device("--device", device)
-    _check_cache_dir(cache_dir)
-    check_quantize(quantize)
-    from .duplicates import DUPLICATE_MODES
+def _banks() -> Sequence[str]:
+    from .retrieval.neighbours import BANKS  # the registered filter banks (torch): only when a bank is checked
 
-    if duplicates not in DUPLICATE_MODES:
-        raise AutotlError(f"--duplicates {duplicates!r}: use one of {', '.join(DUPLICATE_MODES)} (e.g. drop)")
-    if models:
-        if isinstance(models, str):
-            raise AutotlError(f"models={models!r}: give a list of model names (e.g. [{models!r}])")
-        for m in models:
-            if isinstance(m, str) and not m.strip():
-                raise AutotlError("--model '': give a timm model name (NAME, NAME@SIZE, NAME=CHECKPOINT or NAME=random)")
-    if trials is not None:
-        check_int("--trials", trials, minimum=1)
-    _check_time_budget(time_budget)
-    if top_k is not None:
-        check_int("--top-k", top_k, minimum=1, what="a number of candidate models")
-    check_int("--cv-folds", cv_folds, minimum=2, what="a number of folds")
-    if study is not None:
-        check_name("--study", study, "study name")
-    if storage is not None:
-        if not isinstance(storage, str) or not storage.strip():
-            raise AutotlError(f"--storage {_shown(storage)}: give an Optuna storage URL (sqlite:///study.db, "
-                              "postgresql://user@host/db) or leave it out for RUN_DIR/study.db")
-    if recipe is not None and search is not False:
-        from ._recipe import load_recipe
+    return BANKS
 
-        load_recipe(recipe)  # a typo in the name or the file is reported now, not after the scoring pass
-    if resume and overwrite:
-        raise AutotlError("--resume with --overwrite: --resume continues the search in --out, --overwrite replaces the "
-                          "run there; give one of them")
-    fixed, opts = dict(fixed_params or {}), dict(options or {})
-    _check_dropout_fixed(fixed, opts)
-    _check_retrieval(fixed, opts, data_dir)
-    check_out_dir("--out", out if out is not None else "runs")
+
+@dataclasses.dataclass
+class RetrievalOptions(StrategyOptions):
+    """Selective joint fine-tuning (``autotl.retrieval.strategy.SelectiveJointFineTuning``)."""
+
+    source_pool: str | os.PathLike | None = option(
+        None, "--source-pool",
+        help="Selective joint fine-tuning: source images, one sub-folder per class (e.g. ImageNet wnid folders).")
+    retrieval_k: int | None = option(None, "--retrieval-k", param=True,
+                                     help="Source neighbours K0 per target image from --source-pool (0 = off).")
+    retrieval_bank: str = option(
+        "gabor", "--retrieval-bank", param=True,
+        help="Filter bank for retrieval: gabor, conv, firstconvs (the first two convolutions after their activation) or "
+             "gabor+conv.")
+    source_loss_weight: float = option(1.0, "--source-loss-weight", param=True,
+                                       help="Weight of the source task's loss (default 1).")
+    # "imagenet": the source head starts from the source model's classifier rows of the pool's wnid classes
+    source_head_init: str = option("imagenet", param=True)
+    retrieval_rounds: int = 5  # hard-sample rounds (the paper's five; scaled down to the epoch budget)
+    retrieval_mode: str = "knn"  # "random": the ablation (random pool images instead of neighbours)
+    source_weights: str = "auto"  # auto: DATL w(y) when the run folder has them, else uniform; datl; uniform
+    retrieval_cache_dir: str | os.PathLike | None = None  # descriptors (default: the feature cache's retrieval/)
+
+    def check(self, name: Callable[[str], str] = str) -> None:
+        parse_retrieval_k(self.retrieval_k, name("retrieval_k"))
+        banks = _banks()
+        bank = self.retrieval_bank
+        if not isinstance(bank, str) or bank.lower() not in banks:
+            raise AutotlError(f"{name('retrieval_bank')} {_shown(bank)}: use one of {', '.join(banks)}")
+        check_number(name("source_loss_weight"), self.source_loss_weight, non_negative=True,
+                     hint=" (the source task's loss weight, default 1)")
+        check_choice(name("source_head_init"), str(self.source_head_init).lower(), SOURCE_HEAD_INITS)
+        check_int(name("retrieval_rounds"), self.retrieval_rounds, minimum=1)
+        check_choice(name("retrieval_mode"), str(self.retrieval_mode).lower(), RETRIEVAL_MODES)
+        check_choice(name("source_weights"), str(self.source_weights).lower(), SOURCE_WEIGHTS)
+
+    @classmethod
+    def check_given(cls, fixed: Mapping[str, Any], options: Mapping[str, Any], data_dir: Any = None) -> None:
+        pool = options.get("source_pool")
+        if pool is not None and not (isinstance(pool, str) and not pool.strip()):
+            p = _check_existing_dir("--source-pool", pool, "a folder with one sub-folder of images per source class")
+            d = _real(data_dir) if data_dir is not None else None
+            if d is not None and (_within(_real(p), d) or _real(p) in d.parents):
+                raise AutotlError(f"--source-pool {p}: is the data folder {data_dir} or overlaps it; the pool's images would "
+                                  "train beside the images that validate; give a folder of other images")
+        elif pool is not None:
+            raise AutotlError("--source-pool '': give a folder with one sub-folder of images per source class")
+        super().check_given(fixed, options, data_dir)
+        k = parse_retrieval_k(fixed["retrieval_k"], "--retrieval-k") if fixed.get("retrieval_k") is not None else None
+        given = [flag_name(cls, n) for n in ("retrieval_k", "retrieval_bank", "source_loss_weight") if fixed.get(n) is not None]
+        it = "it" if len(given) == 1 else "them"
+        if not pool and given and not (given == ["--retrieval-k"] and k == 0):
+            raise AutotlError(f"{', '.join(given)}: only selective joint fine-tuning uses {it}; give --source-pool DIR too "
+                              f"(source images, one sub-folder per class), or drop {it}")
+        if k == 0 and len(given) > 1:
+            flags = [f for f in given if f != "--retrieval-k"]
+            raise AutotlError(f"{', '.join(flags)} with --retrieval-k 0: retrieval is off, so "
+                              f"{'it has' if len(flags) == 1 else 'they have'} no effect; give --retrieval-k 1 or more, "
+                              "or drop them")
+
+
+@dataclasses.dataclass
+class FinetuneOptions(StrategyOptions):
+    """LP-FT and WiSE-FT (``autotl.finetune.ProbeStartedFineTuning``)."""
+
+    lp_init: bool = option(False, param=True)  # start the new head from the solved probe
+    wise: bool = option(False, param=True)  # interpolate, alpha chosen on the validation images
+    wise_alpha: float | None = option(None, param=True)  # a fixed alpha (what a refit reuses)
+    probe_l2: float = 0.01  # the probe's penalty (a search sets the best probe trial's)
+
+
+# every strategy's options, in the order of their flags in ``autotl fit --help``
+STRATEGY_OPTIONS: tuple[type[StrategyOptions], ...] = (DropoutOptions, RetrievalOptions, FinetuneOptions)
+
+
+# ------------------------------------------------------------------------------------------ fit and search
+def _check_frozen_value(value: Any) -> None:
+    if value is None or value == "all":
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise AutotlError(f"--frozen-stages {_shown(value)}: give a number of stages (N, or -N = all but the last N) or 'all'")
+
+
+def check_frozen_stages(frozen: Any, num_stages: int, model: str = "the model") -> int:
+    """``--frozen-stages`` against a loaded model: N in [0, stages], -N in [-stages, -1] or 'all'."""
+    _check_frozen_value(frozen)
+    if frozen is None or frozen == "all":
+        return int(num_stages)
+    n = int(frozen)
+    resolved = num_stages + n if n < 0 else n
+    if not 0 <= resolved <= num_stages:
+        raise AutotlError(f"--frozen-stages {n}: {model} has {num_stages} stages; give 0 to {num_stages}, "
+                          f"-1 to -{num_stages} (all but the last N) or 'all'")
+    return resolved
 
 
 def check_columns(**columns: Any) -> None:
@@ -471,6 +591,183 @@ def check_columns(**columns: Any) -> None:
     for name, value in columns.items():
         if value is not None:
             check_name("--" + name.replace("_", "-"), value, "column name of the label file's header")
+
+
+@dataclasses.dataclass
+class _SearchFields:
+    """What a strategy search takes, from ``fit`` as from ``autotl.search.search``."""
+
+    trials: int | None = option(None, "--trials", "-n", panel="Search", shapes_search=True,
+                                help="Search: trials in the study in total (default: the recipe's).")
+    time_budget: str | float | None = option(
+        None, "--time-budget", panel="Search", shapes_search=True,
+        help="Search: stop after this long (90s, 20m, 1h; whichever of trials/budget ends first; default: automatic "
+             "from the data size unless --trials is given).")
+    cv_folds: int = option(5, "--cv-folds", panel="Search",
+                           help="Search: folds of the cross-validation that scores each trial (small data sets).")
+    ensemble: bool = option(True, "--ensemble/--no-ensemble", panel="Search",
+                            help="Search: publish a greedy ensemble of trials (one ONNX graph) when it beats the selected "
+                                 "trial out of fold.")
+    recipe: Any = option(  # a name, a .yaml file or an autotl.search.Recipe
+        None, "--recipe", panel="Search", shapes_search=True,
+        help="Search space: quick, default, thorough, retrieval (selective joint fine-tuning, with --source-pool) or a "
+             ".yaml file (default: default).")
+    resume: bool = option(False, "--resume", panel="Search", shapes_search=True,
+                          help="Continue the interrupted study of --out (same data, recipe and models).")
+    storage: str | None = option(None, "--storage", panel="Search", shapes_search=True,
+                                 help="Optuna storage URL for the study (default sqlite:///OUT/study.db).")
+    study: str | None = option(None, "--study", panel="Search", shapes_search=True,
+                               help="Study name in the storage (default 'autotl').")
+    top_k: int | None = option(None, "--top-k", panel="Search",
+                               help="Search: candidate source models among --model (default: the recipe's or all).")
+    # trial parameters fixed for every trial ({"dropout_tau": 3.0}; the strategies' ``param`` flags)
+    fixed_params: Mapping[str, Any] | None = None
+    # run-wide strategy options ({"source_pool": "pool/"}; see STRATEGY_OPTIONS)
+    options: Mapping[str, Any] | None = None
+
+    def _check_search(self) -> None:
+        if self.trials is not None:
+            check_int("--trials", self.trials, minimum=1)
+        if self.time_budget is not None:
+            from ._recipe import parse_duration
+
+            if isinstance(self.time_budget, str) and not self.time_budget.strip():
+                raise AutotlError("--time-budget '': give a duration like 90s, 20m, 1h or 1h30m")
+            parse_duration(self.time_budget)  # AutotlError for garbage, <= 0, nan, inf
+        if self.top_k is not None:
+            check_int("--top-k", self.top_k, minimum=1, what="a number of candidate models")
+        check_int("--cv-folds", self.cv_folds, minimum=2, what="a number of folds")
+        if self.study is not None:
+            check_name("--study", self.study, "study name")
+        if self.storage is not None and (not isinstance(self.storage, str) or not self.storage.strip()):
+            raise AutotlError(f"--storage {_shown(self.storage)}: give an Optuna storage URL (sqlite:///study.db, "
+                              "postgresql://user@host/db) or leave it out for RUN_DIR/study.db")
+
+    def _check_strategies(self, data_dir: Any = None) -> None:
+        fixed, opts = dict(self.fixed_params or {}), dict(self.options or {})
+        for cls in STRATEGY_OPTIONS:
+            cls.check_given(fixed, opts, data_dir)
+
+
+@dataclasses.dataclass
+class SearchOptions(_SearchFields):
+    """What ``autotl.search.plan_search`` / ``search`` take (``FitOptions.search_options`` makes one)."""
+
+    cv_repeats: int | None = None  # repeats of the k-fold split (None: as the data size decides)
+    objective_reason: str = ""  # why the objective is the one it is, for the log and the card
+
+    def check(self) -> None:
+        self._check_search()
+        self._check_strategies()
+
+
+@dataclasses.dataclass
+class FitOptions(_SearchFields):
+    """Everything ``autotl.fit`` takes besides the data and the run folder (``autotl fit``'s flags)."""
+
+    models: Sequence[Any] = option((), "--model", "-m", panel="Data",  # names or ModelSpecs
+                                   help="timm model NAME\\[@SIZE]\\[=CHECKPOINT|random]; repeatable.")
+    zoo: str | None = option(
+        None, "--models", panel="Data",
+        help="Candidate source models: auto (the packaged ones + the hub zoo's for this device when cached or "
+             "downloadable; the default without --model), packaged, hub or all; added to any --model.")
+    path_column: str | None = option(
+        None, "--path-column", panel="Data",
+        help="Label file: the column of image paths (default: the header's path/file/filename/image column).")
+    label_column: str | None = option(
+        None, "--label-column", panel="Data",
+        help="Label file: the column of labels (default: the header's label/class/category column).")
+    val_fraction: float = option(0.1, "--val-fraction", panel="Data",
+                                 help="Validation share per class when there is no val/ folder.")
+    duplicates: str = option("warn", "--duplicates", panel="Data",
+                             help="Byte-identical images across splits: warn (list them), drop (remove the val/test "
+                                  "copies) or error.")
+    seed: int = option(0, "--seed", panel="Data", help="Seed for the split, initialisation and data order.")
+    device: str | None = option("auto", "--device", panel="Data", help="auto, cpu, cuda or cuda:N.")
+    cache_dir: str | os.PathLike | None = option(None, "--cache-dir", panel="Data",
+                                                 help="Feature cache folder (default ~/.cache/autotl/features).")
+    frozen_stages: int | str = option(TrainConfig.frozen_stages, "--frozen-stages", panel="Training",
+                                      parse=parse_frozen_stages,
+                                      help="Stages to freeze: N, -N (all but N) or 'all' (linear probe).")
+    epochs: int = option(TrainConfig.epochs, "--epochs", panel="Training",
+                         help="Maximum epochs (early stopping on validation).")
+    lr: float = option(TrainConfig.lr, "--lr", panel="Training", help="Head learning rate (pretrained stages get a tenth).")
+    batch_size: int = option(TrainConfig.batch_size, "--batch-size", panel="Training", help="Mini-batch size.")
+    objective: str | None = option(None, "--objective", panel="Training",
+                                   help="accuracy or macro_f1 (default: macro_f1 when classes are imbalanced).")
+    search: bool | None = option(
+        None, "--no-search", panel="Training", value=False,
+        help="Train only the one strategy the flags describe (a linear probe by default), early-stopped on val; no search.")
+    overwrite: bool = option(False, "--overwrite", panel="",
+                             help="Replace the run in --out (kept until the new one is published, put back if it fails; "
+                                  "your own files there stay).")
+    quantize: str | None = option(
+        None, "--quantize", panel="",
+        help="Also write model.int8.onnx (int8: static QDQ, calibrated on training images), kept only within 0.5 accuracy "
+             "points of fp32 on images the model did not train on (val; after a search: test, else augmented views).")
+    config: TrainConfig | None = None  # every training setting at once (its objective unless --objective is given)
+
+    @property
+    def searching(self) -> bool:
+        return self.search is not False
+
+    def search_options(self, **changes: Any) -> SearchOptions:
+        """The search part of these options (``changes``: e.g. the loaded recipe, the automatic budget)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_SearchFields)}
+        return SearchOptions(**{**shared, **changes})
+
+    def check(self, data_dir: Any, out: Any = None) -> None:
+        """Every option that can be checked without reading the data or loading a model."""
+        if data_dir is None or (isinstance(data_dir, str) and not data_dir.strip()):
+            raise AutotlError("DATA_DIR: give the folder of images (one sub-folder per class, or train/ val/ [test/]) "
+                              "or a label file (CSV of image paths and labels)")
+        check_columns(path_column=self.path_column, label_column=self.label_column)
+        if self.zoo is not None:
+            from .zoo import ZOO_CHOICES
+
+            check_choice("--models", self.zoo, ZOO_CHOICES)
+        self._check_training()
+        check_fraction("--val-fraction", self.val_fraction, "validation share")
+        check_seed("--seed", self.seed)
+        check_device("--device", self.device)
+        _check_cache_dir(self.cache_dir)
+        check_quantize(self.quantize)
+        from .duplicates import DUPLICATE_MODES
+
+        if self.duplicates not in DUPLICATE_MODES:
+            raise AutotlError(f"--duplicates {self.duplicates!r}: use one of {', '.join(DUPLICATE_MODES)} (e.g. drop)")
+        if self.models:
+            if isinstance(self.models, str):
+                raise AutotlError(f"models={self.models!r}: give a list of model names (e.g. [{self.models!r}])")
+            for m in self.models:
+                if isinstance(m, str) and not m.strip():
+                    raise AutotlError("--model '': give a timm model name (NAME, NAME@SIZE, NAME=CHECKPOINT or NAME=random)")
+        self._check_search()
+        if self.recipe is not None and self.searching:
+            from ._recipe import load_recipe
+
+            load_recipe(self.recipe)  # a typo in the name or the file is reported now, not after the scoring pass
+        if self.resume and self.overwrite:
+            raise AutotlError("--resume with --overwrite: --resume continues the search in --out, --overwrite replaces "
+                              "the run there; give one of them")
+        given = [flag_of(f).name for f in dataclasses.fields(self)
+                 if f.metadata.get("shapes_search") and getattr(self, f.name) not in (None, False)]
+        if self.search is False and given:
+            raise AutotlError(f"--no-search with {', '.join(given)}: those shape a search; drop --no-search to search, "
+                              "or drop them to train one strategy")
+        self._check_strategies(data_dir)
+        check_out_dir("--out", out if out is not None else "runs")
+
+    def _check_training(self) -> None:
+        """The training values (the flags, or a ``TrainConfig`` passed as ``config``)."""
+        cfg = self.config if self.config is not None else self
+        check_int("--epochs", cfg.epochs, minimum=1)
+        check_int("--batch-size", cfg.batch_size, minimum=1)
+        check_number("--lr", cfg.lr, positive=True, hint=" (the head's learning rate, e.g. 3e-3)")
+        _check_frozen_value(cfg.frozen_stages)
+        objective = self.objective if self.objective is not None else cfg.objective
+        if objective is not None:
+            check_choice("--objective", objective, OBJECTIVES)
 
 
 # ------------------------------------------------------------------------------------------ others
@@ -489,24 +786,15 @@ def check_score_options(*, out: Any = None, val_fraction: Any = 0.1, seed: Any =
     check_output_dir("--out", out, data=[data_dir])
 
 
-def check_dropout_options(*, tau: Any = None, mode: Any = "spread", focus_class: Any = None, out: Any = None,
-                          l2: Any = 1e-2, min_keep_fraction: Any = 0.1, val_fraction: Any = 0.1, seed: Any = 0,
-                          device: Any = "auto", cache_dir: Any = None, top: Any = 20, write_clean: Any = None,
-                          path_column: Any = None, label_column: Any = None, data_dir: Any = None, **_other: Any) -> None:
+def check_dropout_options(*, tau: Any, mode: Any, focus_class: Any, out: Any, l2: Any, min_keep_fraction: Any,
+                          val_fraction: Any, seed: Any, device: Any, cache_dir: Any, top: Any, write_clean: Any,
+                          path_column: Any, label_column: Any, data_dir: Any, **_other: Any) -> None:
+    """``inspect_dropout``'s arguments: the dropout values as ``DropoutOptions`` checks them, named by the
+    dry run's flags."""
     check_columns(path_column=path_column, label_column=label_column)
-    try:
-        tau_value = parse_tau(tau)
-    except AutotlError as exc:
-        raise AutotlError("--tau" + str(exc)[len("dropout_tau"):]) from None
-    check_choice("--mode", mode, ("spread", "fraction"))
-    if mode == "fraction" and tau_value is not None and tau_value > 1:
-        raise AutotlError(f"--tau {tau_value:g}: in mode 'fraction' tau is a share in [0, 1]")
-    if focus_class is not None:
-        check_name("--focus-class", focus_class, "class name")
-    check_number("--l2", l2, positive=True, hint=" (the convex head's L2 damping, e.g. 0.01)")
-    x = check_number("min_keep_fraction", min_keep_fraction)
-    if not 0.0 <= x <= 1.0:
-        raise AutotlError(f"min_keep_fraction {min_keep_fraction:g}: give a share from 0 to 1")
+    names = {"dropout_tau": "--tau", "dropout_mode": "--mode", "dropout_l2": "--l2", "dropout_min_keep": "min_keep_fraction"}
+    DropoutOptions(dropout_tau=tau, dropout_mode=mode, focus_class=focus_class, dropout_l2=l2,
+                   dropout_min_keep=min_keep_fraction).check(lambda name: names.get(name, flag_name(DropoutOptions, name)))
     check_fraction("--val-fraction", val_fraction, "validation share")
     check_seed("--seed", seed)
     check_device("--device", device)

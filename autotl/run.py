@@ -369,24 +369,25 @@ class Run:
              device: str | torch.device | DevicePolicy | None = "auto", cache_dir: str | os.PathLike | None = None,
              index: DatasetIndex | None = None, resume: bool = False, overwrite: bool = False,
              duplicates: str = "warn", zoo: str | None = None, path_column: str | None = None,
-             label_column: str | None = None, claimed: bool = False) -> "Run":
+             label_column: str | None = None, claimed: bool = False, run_folder: bool = True) -> "Run":
         """``models``: the named candidates; ``zoo`` (``--models``) adds the ones it selects, and
         selects them alone (``auto`` by default) when none is named (``default_candidates``).
         ``claimed``: ``out`` is held by :func:`claim_run_folder` (checked, locked, marked); else it is
-        checked here and created and marked after the scan."""
+        checked here and created and marked after the scan. ``run_folder=False``: ``out`` is the output
+        folder of another command (``autotl dropout``), which checks and creates it itself."""
         start = time.monotonic()
         phases = Phases()
         set_torch_threads()
         data_dir = Path(data_dir)
         run_dir = Path(out) if out is not None else default_run_dir(data_dir)
-        if not claimed:
+        if run_folder and not claimed:
             check_run_folder(run_dir, data_dir, resume=resume, overwrite=overwrite)
         if index is None:
             with phases("scan"):
                 index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, duplicates=duplicates,
                                      path_column=path_column, label_column=label_column)
             _console.log(index.summary_table())
-        if not claimed:
+        if run_folder and not claimed:
             _mark(run_dir, data_dir)
         policy = as_policy(device)
         configure_torch(policy)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._memory import BoundedMemory
 from ._registry import Registry
 from .data import DatasetIndex, Sample
 from .features import FeatureExtractor
@@ -46,6 +47,9 @@ class StrategyContext:
     # (set by the ``features`` strategy; None: the source model's pooled features)
     candidates: list[str] = field(default_factory=list)
     features: Any = None
+    # what strategies keep between trainings (influence outcomes, pool descriptors): the run's memory,
+    # so the trials of a search share it and nothing outlives the run; a context of its own otherwise
+    memory: BoundedMemory = field(default_factory=BoundedMemory)
 
     def __post_init__(self) -> None:
         if self.reference is None:

@@ -56,7 +56,6 @@ def commit() -> str:
 
 def load_average() -> list[float]:
     """The 1/5/15-minute load averages: a figure taken at a load above 2.5 on 2 cores is not a figure."""
-    import os
 
     return [round(v, 2) for v in os.getloadavg()]
 

@@ -7,7 +7,6 @@ and feature-extraction throughput relative to a bare ``forward_features`` loop i
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch

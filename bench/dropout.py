@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     from autotl import _console
     from autotl.data import scan_dataset
     from autotl.activations import SharedActivations
-    from autotl.dropout.strategy import DEFAULT_L2, DataDropout, clear_cache, parse_tau
+    from autotl._memory import BoundedMemory
+    from autotl.dropout.strategy import DEFAULT_L2, DataDropout, parse_tau
     from autotl.features import FeatureExtractor
     from autotl.run import default_cache_dir
     from autotl.models import create_source_model, set_torch_threads
@@ -120,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         for flip_seed, rate in [(fs, r) for fs in args.seeds for r in args.rates]:
             noisy, flipped = _flip(index, rate, flip_seed)
             noisy_y = np.array([s.label for s in noisy])
-            clear_cache()
+            memory = BoundedMemory()  # one run per noisy copy: its taus share the influence
             influence_s = influence_cpu = float("nan")
             here = []
             for tau in taus:
                 cfg = TrainConfig(frozen_stages="all", seed=0)
-                ctx = StrategyContext(index, source, extractor, Path(tmp), cfg, list(noisy))
+                ctx = StrategyContext(index, source, extractor, Path(tmp), cfg, list(noisy), memory=memory)
                 params = {"dropout_tau": tau}
                 if strategy.is_active(params):
                     c0 = time.process_time()

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from autotl import _console
     from autotl.data import scan_dataset
     from autotl.dropout import select_dropout
-    from autotl.dropout.strategy import DEFAULT_L2, clear_cache, compute_block_influence, compute_influence
+    from autotl.dropout.strategy import DEFAULT_L2, compute_block_influence, compute_influence
     from autotl.features import FeatureExtractor
     from autotl.models import create_source_model, set_torch_threads
     from autotl.run import default_cache_dir
@@ -66,13 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         for rate in args.rates:
             noisy, flipped = _flip(index, rate, seed)
             y = np.array([s.label for s in noisy])
-            clear_cache()
             for variant in ("head", "block"):
                 if variant == "head":
-                    out = compute_influence(tr.pooled, y, va.pooled, va.labels, k, l2=DEFAULT_L2, use_cache=False)
+                    out = compute_influence(tr.pooled, y, va.pooled, va.labels, k, l2=DEFAULT_L2)
                 else:
                     out = compute_block_influence(source, cut, tr.at(cut, ex.num_stages), y, va.at(cut, ex.num_stages),
-                                                  va.labels, k, l2=DEFAULT_L2, use_cache=False)
+                                                  va.labels, k, l2=DEFAULT_L2)
                 res = out.result
                 for tau in args.taus:
                     keep, rep = select_dropout(res.scores, tau, labels=y)

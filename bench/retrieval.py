@@ -160,11 +160,13 @@ def main() -> None:
     # every pool image's activation at the cut, once, into the joint trainer's in-memory pool store:
     # the runs then draw partners without one prefix pass per epoch
     t0 = time.monotonic()
+    from autotl._memory import BoundedMemory
     from autotl.retrieval.joint import _store_for
     from autotl.stages import resolve_frozen
 
-    _store_for(source, resolve_frozen(FROZEN, ext.num_stages)).ensure(ext, list(pool.samples),
-                                                                     resolve_frozen(FROZEN, ext.num_stages))
+    memory = BoundedMemory()  # what a run keeps: the joint trainings below read the pool store from it
+    _store_for(source, resolve_frozen(FROZEN, ext.num_stages), memory).ensure(ext, list(pool.samples),
+                                                                             resolve_frozen(FROZEN, ext.num_stages))
     pool_prefix_s = time.monotonic() - t0
     base = TrainConfig(frozen_stages=FROZEN, epochs=epochs, batch_size=BATCH, early_stopping=False, seed=0)
     runs = []
@@ -181,7 +183,8 @@ def main() -> None:
                     bank = "firstconvs" if arm.startswith("firstconvs") else arm
                     fn = random_neighbours(len(pool), seed=seed) if arm == "random" else retr[bank].neighbours
                     data = JointData(pool=pool, neighbours=fn, k0=K0, max_rounds=rounds, partner_seed=seed,
-                                     source_head_init="random" if arm.endswith("randhead") else "imagenet", notes=notes)
+                                     source_head_init="random" if arm.endswith("randhead") else "imagenet", notes=notes,
+                                     memory=memory)
                     res = train_joint(source, train, monitor, n_classes, cfg, extractor=ext, joint=data)
                 secs = time.monotonic() - t0
                 acts = ext.extract(heldout, [res.net.frozen], description="held-out features")

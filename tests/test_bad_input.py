@@ -256,15 +256,14 @@ def test_flags_that_would_be_ignored_are_refused(flags, fragment, data, tmp_path
 
 
 def test_pool_flags_with_a_pool_act(data, tmp_path):
-    from autotl.options import check_fit_options
+    from autotl.options import FitOptions
 
     pool = tmp_path / "pool"
     pool.mkdir()
-    check_fit_options(data_dir=data, out=tmp_path / "run", fixed_params={"retrieval_bank": "gabor", "source_loss_weight": 0.5},
-                      options={"source_pool": str(pool)})  # accepted: the search uses them
+    FitOptions(fixed_params={"retrieval_bank": "gabor", "source_loss_weight": 0.5},
+               options={"source_pool": str(pool)}).check(data, tmp_path / "run")  # accepted: the search uses them
     with pytest.raises(AutotlError, match="--retrieval-k 0"):
-        check_fit_options(data_dir=data, fixed_params={"retrieval_k": 0, "retrieval_bank": "gabor"},
-                          options={"source_pool": str(pool)})
+        FitOptions(fixed_params={"retrieval_k": 0, "retrieval_bank": "gabor"}, options={"source_pool": str(pool)}).check(data)
 
 
 # ============================================================================ 7. smaller ones
@@ -411,7 +410,8 @@ def test_all_trials_failing_says_what_broke(tmp_path):
     recipe = load_recipe("quick")
     objective = SimpleNamespace(base=SimpleNamespace(objective="accuracy"), candidates=["m"], fixed={})
     plan = SimpleNamespace(run=SimpleNamespace(index=None), recipe=recipe, objective=objective,
-                           settings=SimpleNamespace(study_name="autotl"), selection=SimpleNamespace(scored_samples=[]), portfolio=[])
+                           settings=SimpleNamespace(study_name="autotl"), selection=SimpleNamespace(scored_samples=[]),
+                           portfolio=[])
     with pytest.raises(AutotlError) as info:
         refit_best(plan, SimpleNamespace(study=study))
     msg = str(info.value)

@@ -85,12 +85,86 @@ def test_resume_command_round_trips_and_leaves_out_defaults():
         return fit.make_context("fit", list(args)).params
 
     given = parse(["data", "--out", "run", "--model", "a", "--model", "b=random", "--trials", "3", "--seed", "2",
-                   "--epochs", "15", "--frozen-stages", "-1", "--lr", "0.01", "--source-pool", "my pool"])
-    flags = {p.name: o for p in fit.params for o in p.opts if o.startswith("--")}
-    options = {flags[k]: v for k, v in given.items() if k not in ("data_dir", "out", "resume", "as_json")}
-    argv = shlex.split(_resume_command(Path("run"), Path("data"), options))
+                   "--epochs", "15", "--frozen-stages", "-1", "--lr", "0.01", "--source-pool", "my pool",
+                   "--no-ensemble", "--dropout-tau", "2"])
+    argv = shlex.split(_resume_command(Path("run"), Path("data"), given))
     assert argv[:2] == ["autotl", "fit"] and argv[-1] == "--resume"
     assert parse(argv[2:]) == {**given, "resume": True}
     # what the interrupted run had at the fit command's defaults (given or not) is not repeated
     for flag in ("--epochs", "--device", "--batch-size", "--val-fraction", "--dry-run-dropout"):
         assert flag not in argv, flag
+    assert "--no-ensemble" in argv and "--ensemble" not in argv
+
+
+def test_every_fit_flag_is_one_option_field_with_its_default():
+    """`autotl fit` is made from the option classes: each flag is exactly one field of ``FitOptions`` or
+    of a strategy's options, with the field's default (a trial parameter's flag: none, the search varies
+    it), every field with a flag has its flag, and ``autotl.fit``'s keywords are ``FitOptions``'s fields."""
+    import dataclasses
+
+    from typer.main import get_command
+
+    import autotl
+    from autotl.cli import _fit_options, app
+    from autotl.options import STRATEGY_OPTIONS, FitOptions, flag_of
+
+    command = get_command(app).commands["fit"]
+    cli_only = {"data_dir", "out", "dry_run_dropout", "as_json"}
+    classes = (FitOptions, *STRATEGY_OPTIONS)
+    for param in command.params:
+        if param.name in cli_only:
+            continue
+        owners = [(cls, f) for cls in classes for f in dataclasses.fields(cls) if f.name == param.name]
+        assert len(owners) == 1, param.name
+        cls, field = owners[0]
+        flag = flag_of(field)
+        assert flag is not None and flag.name in param.opts, param.name
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if field.metadata["param"]:
+            assert param.default is None, param.name  # not given: the search varies it
+        elif flag.value is not dataclasses.MISSING:
+            assert param.default is False and default is None, param.name  # --no-search: given or not
+        else:
+            assert param.default == (list(default) if isinstance(default, tuple) else default), param.name
+    flagged = {f.name for cls in classes for f in dataclasses.fields(cls) if flag_of(f)}
+    assert flagged == {p.name for p in command.params} - cli_only
+    api_only = {f.name for f in dataclasses.fields(FitOptions) if not flag_of(f)}
+    assert api_only == {"fixed_params", "options", "config"}  # the strategies' flags fill the first two
+    keywords = {n: p.default for n, p in inspect.signature(autotl.fit).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    assert keywords == {f.name: getattr(FitOptions(), f.name) for f in dataclasses.fields(FitOptions)}
+
+    # no flag: fit() with its defaults; each strategy flag lands where its class says
+    assert FitOptions(**_fit_options(command.make_context("fit", ["data"]).params)) == FitOptions()
+    given = command.make_context("fit", ["data", "--dropout-tau", "2", "--focus-class", "cat", "--source-pool", "p",
+                                         "--retrieval-k", "3", "--no-search", "--no-ensemble", "--frozen-stages", "-1",
+                                         "-m", "a", "-m", "b"]).params
+    opts = FitOptions(**_fit_options(given))
+    assert opts.fixed_params == {"dropout_tau": "2", "retrieval_k": 3}
+    assert opts.options == {"focus_class": "cat", "source_pool": "p"}
+    assert opts.search is False and opts.ensemble is False and opts.frozen_stages == -1 and opts.models == ("a", "b")
+
+
+# where a command's option keeps the API's default (declared None) or names its own (the CLI's choice)
+_CLI_OWN_DEFAULT = {("predict", "top_k"): "the console shows 3 labels per image; the API returns 5"}
+
+
+@pytest.mark.parametrize("command, api", [
+    ("score", "autotl.score:score"), ("dropout", "autotl.dropout.dryrun:inspect_dropout"),
+    ("report", "autotl.report:write_report"), ("worker", "autotl.worker:join_study"),
+    ("predict", "autotl.predict:predict"), ("export", "autotl.quantize:quantize_run"),
+])
+def test_other_commands_take_the_api_defaults(command, api):
+    from typer.main import get_command
+
+    from autotl.cli import app
+
+    module, name = api.split(":")
+    params = inspect.signature(getattr(import_module(module), name)).parameters
+    shared = [p for p in get_command(app).commands[command].params if p.name in params and not p.required]
+    assert shared, command
+    for p in shared:
+        api_default = params[p.name].default
+        if (command, p.name) in _CLI_OWN_DEFAULT:
+            assert p.default != api_default
+        else:  # None: not given, the API's own default applies (and the help shows it)
+            assert p.default is None or p.default == api_default, (command, p.name, p.default, api_default)

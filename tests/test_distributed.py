@@ -19,10 +19,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from autotl.data import scan_dataset  # noqa: E402
 from autotl.errors import AutotlError  # noqa: E402
 from autotl.run import Run  # noqa: E402
-from autotl.search import parse_recipe, plan_search, run_worker  # noqa: E402
+from autotl.search import SearchOptions, parse_recipe, plan_search, run_worker  # noqa: E402
 from autotl.search._study import make_storage, open_study  # noqa: E402
 from autotl.train import TrainConfig  # noqa: E402
 
@@ -59,8 +58,8 @@ def _recipe(trials: int):
 def _create(url: str, name: str, data: Path, tmp_path: Path, target: int):
     """What `autotl fit --storage URL --study NAME` does before its first trial: create the study + worker attrs."""
     run = Run.open(data, tmp_path / f"run-{name}", models=[MODEL], device="cpu")
-    plan = plan_search(run, TrainConfig(epochs=2, batch_size=8, objective="accuracy"), trials=target,
-                       recipe=_recipe(target), storage=url, study_name=name, cv_folds=2, cv_repeats=1)
+    plan = plan_search(run, TrainConfig(epochs=2, batch_size=8, objective="accuracy"),
+                       SearchOptions(trials=target, recipe=_recipe(target), storage=url, study=name, cv_folds=2, cv_repeats=1))
     study, created = open_study(plan.settings, url, fingerprint=plan.fingerprint)
     assert created
     return plan

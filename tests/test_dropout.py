@@ -354,7 +354,7 @@ def test_influence_in_the_span_of_the_training_rows_is_exact():
     x = rng.normal(size=(n, d)) + 1.5 * np.eye(k)[y] @ rng.normal(size=(k, d))
     yv = rng.integers(0, k, 12)
     xv = rng.normal(size=(12, d)) + 1.5 * np.eye(k)[yv] @ rng.normal(size=(k, d))
-    reduced = compute_influence(x, y, xv, yv, k, l2=1e-2, use_cache=False).result
+    reduced = compute_influence(x, y, xv, yv, k, l2=1e-2).result
     xs, xvs = _standardise(x, xv)
     head = fit_logistic_head(xs, y, k, l2=1e-2)
     full = influence_scores(head, xs, y, xvs, yv)

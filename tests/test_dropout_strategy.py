@@ -22,6 +22,7 @@ from autotl.models import create_source_model, list_packaged_models
 from autotl.strategy import STRATEGIES, StrategyContext, apply_strategies, create_strategies, strategy_params
 from autotl.train import TrainConfig
 
+from autotl._memory import BoundedMemory
 from autotl.dropout.strategy import DataDropout, cache_stats, compute_influence, parse_tau
 from conftest import limited_torch_threads
 
@@ -107,9 +108,9 @@ def index_of(root):
     return scan_dataset(root)
 
 
-def _ctx(index, source, extractor, run_dir, *, final=False, options=None):
+def _ctx(index, source, extractor, run_dir, *, final=False, options=None, memory=None):
     return StrategyContext(index, source, extractor, Path(run_dir), TrainConfig(), list(index.train),
-                           options=dict(options or {}), final=final)
+                           options=dict(options or {}), final=final, **({"memory": memory} if memory is not None else {}))
 
 
 def _dropped(index, ctx):
@@ -166,18 +167,26 @@ def test_drops_mostly_flipped_images_and_explains(index, noisy_folder, source, e
 
 
 def test_other_tau_reuses_influence_and_features(index, source, extractor, tmp_path):
-    _ctx_first = _ctx(index, source, extractor, tmp_path)
+    memory = BoundedMemory()  # a run's: every trial's context gets it
+    _ctx_first = _ctx(index, source, extractor, tmp_path, memory=memory)
     apply_strategies(_ctx_first, {"dropout_tau": 2.0})
-    batches, stats = extractor.forward_batches, cache_stats()
+    batches, stats = extractor.forward_batches, cache_stats(memory)
+    assert stats["head_fits"] == stats["influence_solves"] == 1 and not _ctx_first.notes["dropout"]["cached"]
     counts = {}
     for tau in (3.0, 1.0, 0.0):
-        ctx = _ctx(index, source, extractor, tmp_path)
+        ctx = _ctx(index, source, extractor, tmp_path, memory=memory)
         apply_strategies(ctx, {"dropout_tau": tau})
         counts[tau] = ctx.notes["dropout"]["n_dropped"]
         assert ctx.notes["dropout"]["cached"]
     assert extractor.forward_batches == batches  # no forward pass
-    after = cache_stats()
+    after = cache_stats(memory)
     assert after["influence_solves"] == stats["influence_solves"] and after["head_fits"] == stats["head_fits"]
+    assert after["cache_hits"] == 3
+    # another run (its own memory) computes again: nothing outlives a run
+    other = _ctx(index, source, extractor, tmp_path, memory=BoundedMemory())
+    apply_strategies(other, {"dropout_tau": 1.0})
+    assert not other.notes["dropout"]["cached"] and other.notes["dropout"]["n_dropped"] == counts[1.0]
+    assert cache_stats(other.memory)["head_fits"] == 1 and cache_stats(memory) == after
     assert counts[3.0] <= counts[1.0] <= counts[0.0]  # a lower threshold drops more
     # training on the kept subset reads the shared activations: no forward pass either
     acts = extractor.extract(ctx.train_samples)
@@ -195,8 +204,8 @@ def test_focus_class_uses_only_that_class(index, source, extractor, tmp_path):
     # same scores as using only the dog validation images as the whole reference
     tr, va = extractor.extract(index.train), extractor.extract(index.val)
     dog = va.labels == index.classes.index("dog")
-    focused = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, 3, focus_class=1, use_cache=False)
-    only = compute_influence(tr.pooled, tr.labels, va.pooled[dog], va.labels[dog], 3, use_cache=False)
+    focused = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, 3, focus_class=1)
+    only = compute_influence(tr.pooled, tr.labels, va.pooled[dog], va.labels[dog], 3)
     np.testing.assert_allclose(focused.scores, only.scores, rtol=1e-9, atol=1e-14)
     plain = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, 3)
     assert not np.allclose(focused.scores, plain.scores)
@@ -206,9 +215,10 @@ def test_focus_class_uses_only_that_class(index, source, extractor, tmp_path):
 
 
 def test_validation_images_trained_on_are_kept_and_not_scored(index, source, extractor, tmp_path):
-    ref = _ctx(index, source, extractor, tmp_path)
+    memory = BoundedMemory()  # the search's and the refit's: one run
+    ref = _ctx(index, source, extractor, tmp_path, memory=memory)
     apply_strategies(ref, {"dropout_tau": 1.0})
-    ctx = _ctx(index, source, extractor, tmp_path)
+    ctx = _ctx(index, source, extractor, tmp_path, memory=memory)
     ctx.train_samples = list(index.train) + list(index.val)  # a refit on train + val
     apply_strategies(ctx, {"dropout_tau": 1.0})
     assert ctx.train_samples == ref.train_samples + list(index.val)  # the train-only decision; val kept

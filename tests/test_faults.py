@@ -37,7 +37,7 @@ from autotl.data import scan_dataset  # noqa: E402
 from autotl.errors import AutotlError  # noqa: E402
 from autotl.run import Run  # noqa: E402
 from autotl.search._distributed import interrupted_numbers, is_interrupted  # noqa: E402
-from autotl.search import parse_recipe, plan_search, plan_selection  # noqa: E402
+from autotl.search import SearchOptions, parse_recipe, plan_search, plan_selection  # noqa: E402
 from autotl.train import TrainConfig  # noqa: E402
 
 MODEL = "test_efficientnet=random"
@@ -203,8 +203,8 @@ def test_oom_or_nan_trial_is_failed_and_the_study_goes_on(data, tmp_path, monkey
                            "space": {"frozen_stages": ["all", -1], "lr": {"low": 0.001, "high": 0.03, "log": True},
                                      "epochs": 1}}, "t")
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
-    plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"), trials=3, recipe=recipe,
-                       cv_folds=2, cv_repeats=1)
+    plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"),
+                       SearchOptions(trials=3, recipe=recipe, cv_folds=2, cv_repeats=1))
     trials = plan.run_trials().study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     error = trials[1].user_attrs["error"]

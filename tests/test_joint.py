@@ -26,7 +26,6 @@ from autotl.retrieval import (
     train_joint,
 )
 from autotl.retrieval import joint as joint_mod
-from autotl.retrieval import neighbours as neighbours_mod
 from autotl.retrieval.joint import JointFineTuningHooks, _source_head, round_boundaries, smoothing_entropy
 from autotl.retrieval.schedule import HardSampleSchedule
 from autotl.retrieval.strategy import SelectiveJointFineTuning
@@ -370,7 +369,7 @@ def test_pool_copies_of_data_images_are_left_out_by_content(source, index, folde
     SelectiveJointFineTuning().apply(ctx, {"retrieval_k": 2})
     notes = ctx.notes["retrieval"]
     assert notes["pool_images"] == len(pool) - 2 and notes["pool_data_copies_excluded"] == 2
-    card = source_pool_overlap(SimpleNamespace(index=index, cache_dir=None), {"source_pool": str(root)})
+    card = source_pool_overlap(SimpleNamespace(index=index, cache_dir=None, memory=None), {"source_pool": str(root)})
     assert card["data_copies_excluded"] == 2 and card["compared_by"] == "sha256" and len(card["data_copies"]) == 2
 
     same = tmp_path / "same"
@@ -397,28 +396,29 @@ def test_retrieval_k_without_pool_is_a_clear_error(source, index, extractor, tmp
 
 
 def test_second_apply_reuses_descriptors(source, index, folders, extractor, tmp_path):
-    neighbours_mod.clear_retrieval_cache()
+    from autotl._memory import BoundedMemory
+
     opts = {"source_pool": str(folders[1]), "retrieval_cache_dir": str(tmp_path / "rc")}
 
-    def apply():
+    def apply(memory):
         ctx = StrategyContext(index, source, extractor, tmp_path, TrainConfig(frozen_stages=-1),
-                              list(index.train), options=dict(opts))
+                              list(index.train), options=dict(opts), memory=memory)
         SelectiveJointFineTuning().apply(ctx, {"retrieval_k": 2, "retrieval_bank": "gabor"})
         assert [type(h) for h in ctx.hooks] == [JointFineTuningHooks]
         return ctx.notes["retrieval"]
 
-    before = retrieval_stats()
-    first = apply()
-    described = retrieval_stats()["described_images"] - before["described_images"]
+    run_memory = BoundedMemory()
+    first = apply(run_memory)
+    described = retrieval_stats(run_memory)["described_images"]
     assert described == len(index.train) + sum(POOL_CLASSES.values()) and not first["memory_hit"]
-    second = apply()  # the next trial of a search: in memory
-    assert second["memory_hit"]
-    neighbours_mod.clear_retrieval_cache()  # a new process: from the disk cache
-    third = apply()
+    second = apply(run_memory)  # the next trial of the same run: in its memory
+    assert second["memory_hit"] and retrieval_stats(run_memory)["memory_hits"] == 1
+    next_run = BoundedMemory()  # another run (or process): from the disk cache
+    third = apply(next_run)
     assert not third["memory_hit"] and third["pool_cache_hit"]
-    after = retrieval_stats()
-    assert after["described_images"] - before["described_images"] == described  # nothing recomputed
-    assert after["edge_fits"] - before["edge_fits"] == 1
+    assert retrieval_stats(run_memory)["described_images"] == described
+    assert retrieval_stats(next_run)["described_images"] == 0  # nothing recomputed
+    assert retrieval_stats(run_memory)["edge_fits"] == 1 and retrieval_stats(next_run)["edge_fits"] == 0
 
 
 def _eq1(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

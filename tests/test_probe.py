@@ -166,18 +166,19 @@ def test_exported_probe_graph_computes_every_block_view_and_head(run, tmp_path):
 
 # ----------------------------------------------------------------------------------- the probe trial
 def test_probe_trial_trains_on_fit_and_decision_parts_and_scores_on_the_rest(run, monkeypatch):
-    from autotl.search import parse_recipe, plan_search
+    from autotl.search import SearchOptions, parse_recipe, plan_search
     from autotl.search import _probe as probe_mod
 
     recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"},
                            "space": {"frozen_stages": ["all"], "dropout_tau": [0.0], "flip": [True]}}, "t")
-    plan = plan_search(run, TrainConfig(objective="accuracy"), trials=1, recipe=recipe, cv_folds=3, cv_repeats=1)
+    plan = plan_search(run, TrainConfig(objective="accuracy"), SearchOptions(trials=1, recipe=recipe, cv_folds=3, cv_repeats=1))
     seen = {}
     real = probe_mod.fold_training
 
     def spy(objective, params, setup):
         sets, contexts = real(objective, params, setup)
         seen["sets"], seen["refs"] = sets, [c.reference for c in contexts]
+        seen["memories"] = [c.memory for c in contexts]
         return sets, contexts
 
     monkeypatch.setattr(probe_mod, "fold_training", spy)
@@ -192,17 +193,23 @@ def test_probe_trial_trains_on_fit_and_decision_parts_and_scores_on_the_rest(run
     ua = trial.user_attrs
     assert len(ua["path_fold_scores"]) == len(ua["lambda_path"]) and ua["lambda"] in ua["lambda_path"]
     assert trial.value == pytest.approx(np.mean(ua["fold_scores"]))
+    # each fold's dropout kept its influence in the run's memory (what the next trial with another tau reads)
+    from autotl.dropout.strategy import cache_stats
+
+    assert seen["memories"] and all(m is run.memory for m in seen["memories"])
+    assert cache_stats(run.memory)["influence_solves"] >= len(plan.selection.folds)
 
 
 def test_portfolio_is_enqueued_cheapest_first(run):
-    from autotl.search import parse_recipe, plan_search
+    from autotl.search import SearchOptions, parse_recipe, plan_search
 
     recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"},
                            "baselines": [{"frozen_stages": 0}, {"frozen_stages": "all", "backbones": "1+2", "flip": True},
                                          {"frozen_stages": "all", "backbones": "1"}],
                            "space": {"frozen_stages": ["all", 0], "backbones": {"choices": ["1", "1+2"], "when": {"frozen_stages": "all"}},
                                      "flip": {"choices": [False, True], "when": {"frozen_stages": "all"}}}}, "t")
-    plan = plan_search(run, TrainConfig(objective="accuracy", epochs=1), trials=1, recipe=recipe, cv_folds=2, cv_repeats=1)
+    plan = plan_search(run, TrainConfig(objective="accuracy", epochs=1), SearchOptions(trials=1, recipe=recipe, cv_folds=2,
+                                                                                       cv_repeats=1))
     order = [b.get("frozen_stages") for b in plan.recipe.baselines]
     assert order[-1] == 0  # the full fine-tune waits until every cheap probe of the portfolio has run
     assert plan.recipe.baselines[0] == {"frozen_stages": "all", "backbones": "1"}
@@ -274,11 +281,11 @@ def test_selection_bias_is_the_mean_per_fold_gap_to_the_best():
 
 
 def test_bagged_refit_ships_every_fold_model_and_the_choice_is_nested(run):
-    from autotl.search import parse_recipe, plan_search
+    from autotl.search import SearchOptions, parse_recipe, plan_search
     from autotl.search._probe import compare_bagging, cross_validate_probe, refit_probe
 
     recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": ["all"]}}, "t")
-    plan = plan_search(run, TrainConfig(objective="accuracy"), trials=1, recipe=recipe, cv_folds=3, cv_repeats=1)
+    plan = plan_search(run, TrainConfig(objective="accuracy"), SearchOptions(trials=1, recipe=recipe, cv_folds=3, cv_repeats=1))
     objective = plan.objective
     params = {"frozen_stages": "all", "model": run.labels[0]}
     setup = objective.setup(params)

@@ -14,7 +14,7 @@ import pytest
 from autotl import quantize
 from autotl.card import ModelCard
 from autotl.cli import main
-from autotl.predict import Predictor, expand_image_paths
+from autotl.predict import expand_image_paths
 
 from conftest import write_image_folder
 

@@ -168,7 +168,7 @@ def test_strategies_are_applied_in_registry_order(registered, tmp_path):
                          split="folders")
     # no source model or extractor: these strategies only read the training samples
     ctx = StrategyContext(index=index, source=None, extractor=None, run_dir=tmp_path, config=TrainConfig(),
-                          train_samples=list(samples))
+                          train_samples=list(samples), candidates=["m"])
     apply_strategies(ctx, {"every_second": 1})  # dropout and retrieval stay off
     assert ctx.notes["ran"] == ["record-first", "every-second"]
     assert ctx.train_samples == samples[::2]

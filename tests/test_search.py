@@ -24,6 +24,7 @@ from autotl.search import (  # noqa: E402
     load_recipe,
     parse_duration,
     parse_recipe,
+    SearchOptions,
     plan_search,
     plan_selection,
     resolve_frozen_relative,
@@ -61,8 +62,8 @@ FOLDS = 2  # cross-validation folds per trial in these tests (one partition): tr
 def _plan(data, tmp_path, *, trials=2, resume=False, recipe=None, **kw):
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
     base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
-    return plan_search(run, base, trials=trials, recipe=recipe or _recipe(), resume=resume, cv_folds=FOLDS,
-                       cv_repeats=1, **kw)
+    return plan_search(run, base, SearchOptions(trials=trials, recipe=recipe or _recipe(), resume=resume, cv_folds=FOLDS,
+                                                cv_repeats=1, **kw))
 
 
 def _trials(plan_or_study):
@@ -277,7 +278,7 @@ def test_resume_without_study_is_refused(data, tmp_path):
 
 def test_storage_url_and_journal(data, tmp_path):
     journal = tmp_path / "elsewhere" / "study.log"
-    out = _plan(data, tmp_path, trials=1, storage=f"journal:{journal}", study_name="mine").run_trials()
+    out = _plan(data, tmp_path, trials=1, storage=f"journal:{journal}", study="mine").run_trials()
     assert journal.is_file() and out.study_name == "mine" and len(_trials(out)) == 1
     with pytest.raises(AutotlError, match="--storage"):
         _plan(data, tmp_path, trials=1, storage="not-a-url").run_trials()

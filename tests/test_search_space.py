@@ -13,6 +13,7 @@ from autotl.models import create_source_model
 from autotl.run import Run
 from autotl.search._cost import CostModel, feasible_frozen, measure_costs
 from autotl.search._fit import plan_search
+from autotl.options import SearchOptions
 from autotl._recipe import load_recipe, parse_recipe
 from autotl.strategy import config_from_params
 from autotl.train import TrainConfig, mixup, train_model
@@ -130,7 +131,7 @@ def test_a_trial_that_cannot_finish_is_not_started(data, tmp_path, monkeypatch):
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
     base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
     recipe = parse_recipe({"trials": 5, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1}}, "t")
-    plan = plan_search(run, base, trials=5, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1)
+    plan = plan_search(run, base, SearchOptions(trials=5, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1))
     plan.objective.cost.trial_seconds = lambda *a, **k: 1e6  # an hour-long configuration
     monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("an infeasible trial was trained"))
     out = plan.run_trials()
@@ -148,7 +149,7 @@ def test_no_trial_may_take_more_than_its_share_of_the_budget(data, tmp_path, mon
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
     base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
     recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1}}, "t")
-    plan = plan_search(run, base, trials=1, time_budget=600, recipe=recipe, cv_folds=2, cv_repeats=1)
+    plan = plan_search(run, base, SearchOptions(trials=1, time_budget=600, recipe=recipe, cv_folds=2, cv_repeats=1))
     plan.objective.cost.trial_seconds = lambda *a, **k: 400.0  # fits in the 600 s left, but is 2/3 of the budget
     monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("a trial over its budget share was trained"))
     (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
@@ -161,7 +162,7 @@ def test_the_baseline_runs_whatever_its_estimate(data, tmp_path):
     base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
     recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "baselines": [{"frozen_stages": "all"}],
                            "space": {"frozen_stages": ["all", -1], "epochs": 1}}, "t")
-    plan = plan_search(run, base, trials=1, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1)
+    plan = plan_search(run, base, SearchOptions(trials=1, time_budget=5, recipe=recipe, cv_folds=2, cv_repeats=1))
     plan.objective.cost.trial_seconds = lambda *a, **k: 1e6
     (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["baseline"]

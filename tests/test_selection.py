@@ -13,7 +13,7 @@ import autotl.train
 from autotl.data import scan_dataset
 from autotl.errors import AutotlError
 from autotl.run import Run
-from autotl.search import parse_recipe, plan_search, plan_selection, select_one_se, stratified_folds
+from autotl.search import SearchOptions, parse_recipe, plan_search, plan_selection, select_one_se, stratified_folds
 from autotl.search._folds import CV_MAX_IMAGES
 from autotl.train import TrainConfig
 
@@ -126,8 +126,8 @@ def test_objective_trains_decides_and_scores_on_each_fold_part(tmp_path, make_im
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
     recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1,
                                                                             "dropout_tau": [0.0]}}, "t")
-    plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"), trials=1, recipe=recipe,
-                       cv_folds=3, cv_repeats=1)
+    plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"),
+                       SearchOptions(trials=1, recipe=recipe, cv_folds=3, cv_repeats=1))
     calls, scored, references = [], [], []
     real_train, real_eval = autotl.train.train_model, objective_mod.score_fold
     real_init = StrategyContext.__post_init__
@@ -189,8 +189,8 @@ def test_default_search_budget_is_automatic_and_printed(tmp_path, make_image_fol
     data = make_image_folder(tmp_path / "d", {"cat": 5, "dog": 5}, size=(16, 16))
     seen = {}
 
-    def fake_search(run, base, **kw):
-        seen.update(kw)
+    def fake_search(run, base, opts):
+        seen.update(vars(opts))
         raise AutotlError("stop here")
 
     monkeypatch.setattr(autotl.search, "search", fake_search)
@@ -283,7 +283,7 @@ def folder_copies(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "fc", {"a": [12, 6], "b": [12, 6]}, splits=["train", "val"], size=(24, 24))
     pairs = [(kind, f"val/{c}/{c}_{i:03d}.png", f"train/{c}/{kind}_of_val{i}.png")
              for c in "ab" for i, kind in ((0, "exact"), (1, "near"), (2, "exact"), (3, "near"))]
-    pairs += [("near", f"val/a/a_004.png", "val/a/near_in_val.png"), ("exact", "train/b/b_000.png", "train/b/again.png")]
+    pairs += [("near", "val/a/a_004.png", "val/a/near_in_val.png"), ("exact", "train/b/b_000.png", "train/b/again.png")]
     _with_copies(root, pairs)
     index = scan_dataset(root)
     groups = index.duplicate_groups(near=True)

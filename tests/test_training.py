@@ -235,7 +235,8 @@ def test_refit_trains_the_trials_schedule_up_to_their_chosen_epoch(monkeypatch):
     monkeypatch.setattr(fit_mod, "train_strategy", fake_train)
     setup = types.SimpleNamespace(config=TrainConfig(frozen_stages=-1, epochs=6), source=None, extractor=None)
     objective = types.SimpleNamespace(setup=lambda params: setup, options={}, candidates=[])
-    run = types.SimpleNamespace(index=types.SimpleNamespace(val=[], classes=["a", "b"]), run_dir=None, device="cpu")
+    run = types.SimpleNamespace(index=types.SimpleNamespace(val=[], classes=["a", "b"]), run_dir=None, device="cpu",
+                                memory=None)
     plan = types.SimpleNamespace(run=run, objective=objective)
     trial = types.SimpleNamespace(number=3, user_attrs={"best_epoch": 2})
     monkeypatch.setattr(fit_mod, "StrategyContext", lambda *a, **k: types.SimpleNamespace(config=a[4], notes={}))

@@ -96,7 +96,6 @@ def test_epoch_and_round_callbacks_run_in_order(setup):
 
 def test_best_epoch_copy_holds_only_what_training_changes():
     """A probe's early stopping copies the head, not the backbone; a fine-tune's its trainable stages."""
-    from autotl.models import create_source_model
     from autotl.stages import TransferNet
     from autotl.train import changeable_state
 

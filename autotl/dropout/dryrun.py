@@ -19,9 +19,10 @@ import numpy as np
 from .. import _console
 from .._io import atomic_write_json
 from ..errors import AutotlError
+from ..models import DEFAULT_MODEL
+from ..options import DropoutOptions
 from .report import dropout_rows, harmful_table, write_dropout_files
-from .selection import select_dropout
-from .strategy import DECIDED_BY, DEFAULT_L2, DEFAULT_MODE, compute_influence, dropout_notes, parse_tau, resolve_focus_class
+from .strategy import DECIDED_BY, DEFAULT_L2, DEFAULT_MODE, DataDropout, resolve_focus_class
 
 __all__ = ["DropoutInspection", "inspect_dropout", "DEFAULT_INSPECT_TAU"]
 
@@ -65,13 +66,13 @@ class DropoutInspection:
 def inspect_dropout(
     data_dir: str | os.PathLike,
     *,
-    model: str = "tf_efficientnet_lite0",
+    model: str = DEFAULT_MODEL,
     tau: float | str | None = DEFAULT_INSPECT_TAU,
     mode: str = DEFAULT_MODE,
     focus_class: str | None = None,
     out: str | os.PathLike | None = None,
     l2: float = DEFAULT_L2,
-    min_keep_fraction: float = 0.1,
+    min_keep_fraction: float = DropoutOptions.dropout_min_keep,
     val_fraction: float = 0.1,
     seed: int = 0,
     device: str | None = "auto",
@@ -85,57 +86,52 @@ def inspect_dropout(
 ) -> DropoutInspection:
     """Score every training image of ``data_dir`` and write what dropout at ``tau`` would drop.
 
-    Same scan, split, model, features and influence as ``autotl fit`` with ``dropout_tau=tau``:
-    the reference is the validation split (or its ``focus_class`` images); the test split is never
-    read.  Writes ``dropped.csv``, ``influence.csv`` and ``dropped.jpg`` to ``out`` (default
+    Same scan, split, model, features and influence as ``autotl fit`` with ``dropout_tau=tau``: the
+    decision of data dropout itself (``DataDropout.decide``) in a run of its own; the reference is
+    the validation split (or its ``focus_class`` images); the test split is never read.  Writes
+    ``dropped.csv``, ``influence.csv`` and ``dropped.jpg`` to ``out`` (default
     ``runs/<data>-dropout-<time>``).  ``write_clean=DIR`` writes a cleaned copy of the data set
     in split layout (``DIR/train/<class>/`` without the dropped images, ``DIR/val/``, ``DIR/test/``
     unchanged), hard-linked when possible (``link=False``: copied); the user's folder is never
     modified. ``data_dir`` may be a label file (``path_column``/``label_column``: see ``autotl.fit``).
     """
     from ..data import scan_dataset
-    from ..features import FeatureExtractor
-    from ..run import default_run_dir, resolve_cache_dir
-    from ..models import create_source_model, set_torch_threads
-    from ..device import pick_device
-
     from ..options import check_dropout_options
+    from ..run import Run, default_run_dir
+    from ..strategy import StrategyContext
+    from ..train import TrainConfig
 
     check_dropout_options(tau=tau, mode=mode, focus_class=focus_class, out=out, l2=l2, min_keep_fraction=min_keep_fraction,
                           val_fraction=val_fraction, seed=seed, device=device, cache_dir=cache_dir, top=top,
                           write_clean=write_clean, path_column=path_column, label_column=label_column, data_dir=data_dir)
     t_start = time.perf_counter()
-    tau_value = parse_tau(tau)
-    if mode not in ("spread", "fraction"):
-        raise AutotlError(f"--mode {mode!r}: use 'spread' or 'fraction'")
-    if mode == "fraction" and tau_value is not None and tau_value > 1:
-        raise AutotlError(f"--tau {tau_value:g}: in mode 'fraction' tau is a share in [0, 1]")
-    set_torch_threads()
+    options = DropoutOptions(dropout_tau=tau, dropout_mode=mode, focus_class=focus_class, dropout_l2=l2,
+                             dropout_min_keep=min_keep_fraction)
     data_dir = Path(data_dir)
     index = scan_dataset(data_dir, val_fraction=val_fraction, seed=seed, path_column=path_column, label_column=label_column)
-    focus = resolve_focus_class(focus_class, index.classes)
+    resolve_focus_class(focus_class, index.classes)  # a class name that is not one: said before any model loads
     if not index.val:
         raise AutotlError(f"{data_dir}: no validation images; the influence reference needs a val split")
     clean_dir = _check_clean_dir(write_clean, index.root) if write_clean is not None else None
     out_dir = Path(out) if out is not None else default_run_dir(data_dir, "dropout")
     _console.log(index.summary_table())
 
-    source = create_source_model(model)
+    # out_dir is this command's folder, made only when it writes: a failure before leaves none behind
+    run = Run.open(data_dir, out_dir, models=[model], val_fraction=val_fraction, seed=seed, device=device,
+                   cache_dir=cache_dir, index=index, run_folder=False)
+    source, extractor = run.sources[run.labels[0]], run.extractors[run.labels[0]]
     _console.log(f"source model [bold]{source.label}[/] — weights: {source.weights_origin}")
-    extractor = FeatureExtractor(source, device=pick_device(device), cache_dir=resolve_cache_dir(cache_dir))
     t0 = time.perf_counter()
-    tr = extractor.extract(index.train, description="train features")
-    va = extractor.extract(index.val, description="val features")  # index.test: never
+    extractor.extract(index.train, description="train features")
+    extractor.extract(index.val, description="val features")  # index.test: never
     t_features = time.perf_counter() - t0
-    outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, index.num_classes, l2=l2, focus_class=focus)
-    res = outcome.result
-    labels = tr.labels.numpy()
-    keep, report = select_dropout(res.scores, tau_value, mode=mode, labels=labels, min_keep_fraction=min_keep_fraction)
-    summary = dropout_notes(report, outcome, index.classes, tau=tau_value, mode=mode, focus=focus,
-                            n_val=len(index.val), min_keep=min_keep_fraction)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failure before leaves no empty folder behind
+    ctx = StrategyContext(index, source, extractor, out_dir, TrainConfig(), list(index.train), memory=run.memory)
+    decision = DataDropout().decide(ctx, options)
+    res, keep, outcome = decision.outcome.result, decision.keep, decision.outcome
+    summary = decision.notes
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = {k: str(v) for k, v in write_dropout_files(out_dir, index.train, index.classes, res, keep).items()}
-    rows = dropout_rows(index.train, index.classes, res, keep, spread=report.spread)
+    rows = dropout_rows(index.train, index.classes, res, keep, spread=decision.report.spread)
     if clean_dir is not None:
         _write_clean_copy(index, keep, clean_dir, link=link)
     seconds = {"features": round(t_features, 3), "head_fit": round(outcome.fit_seconds, 3),

@@ -13,8 +13,9 @@ Before a trial trains, ``DataDropout.apply``:
 3. drops the images scoring above ``tau`` robust spreads (or the top ``tau`` fraction of the
    harmful ones, ``dropout_mode="fraction"``) and hands the kept samples to training.
 
-The scores do not depend on ``tau``: they are cached in memory per (features, labels, l2, focus
-class), so the trials of a search that vary ``tau`` pay for one head fit and one solve.  The test
+The scores do not depend on ``tau``: they are kept in the run's memory (``ctx.memory``, bounded) per
+(features, labels, l2, focus class), so the trials of a search that vary ``tau`` pay for one head fit
+and one solve.  The test
 split is never read.  On the final refit (``ctx.final``) ``dropped.csv`` and ``influence.csv`` are
 written to the run folder.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from .._console import log
+from .._memory import BoundedMemory
 from ..errors import AutotlError
-from ..options import parse_tau
+from ..options import DROPOUT_INFLUENCES, DROPOUT_L2, DropoutOptions, parse_tau
 from ..strategy import BaseStrategy, StrategyContext
 from .influence import InfluenceResult, LinearHead, fit_logistic_head, influence_scores
 from .selection import DropoutReport, select_dropout
@@ -44,6 +45,7 @@ __all__ = [
     "PAPER_RULE",
     "threshold_rule",
     "DataDropout",
+    "DropoutDecision",
     "INFLUENCES",
     "InfluenceOutcome",
     "compute_block_influence",
@@ -51,22 +53,13 @@ __all__ = [
     "parse_tau",
     "resolve_focus_class",
     "cache_stats",
-    "clear_cache",
 ]
 
-# L2 damping of the convex head's *mean* objective on features scaled to unit mean squared norm
-# (see ``_standardise``): the same value means the same thing for every backbone.  On Lite0 features
-# of cats_vs_dogs with 0/20/40 % flipped labels, l2 in [1e-3, 1e-1] all gave precision >= 0.95 at
-# tau <= 1; 1e-2 dropped the fewest clean images and needs ~15 CG iterations.
-DEFAULT_L2 = 1e-2
-DEFAULT_MODE = "spread"
-INFLUENCES = ("head", "block")
+DEFAULT_L2 = DROPOUT_L2
+DEFAULT_MODE = DropoutOptions.dropout_mode
+INFLUENCES = DROPOUT_INFLUENCES
 DECIDED_BY = "val split (influence reference)"
-_CACHE_SIZE = 8
-
-# fingerprint -> InfluenceOutcome; trials that differ only in tau hit this.
-_CACHE: "OrderedDict[str, InfluenceOutcome]" = OrderedDict()
-_STATS = {"head_fits": 0, "influence_solves": 0, "cache_hits": 0}
+_KEPT = 8  # influence outcomes (and heads) a run keeps: trials that differ only in tau hit them
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,14 +84,36 @@ class InfluenceOutcome:
         """Head fit + influence solve (the cost a cache hit saves)."""
         return self.fit_seconds + self.influence_seconds
 
+    @property
+    def nbytes(self) -> int:
+        r = self.result
+        return int(r.scores.nbytes + r.predicted.nbytes + r.prob_given.nbytes + self.head.W.nbytes + self.head.b.nbytes)
 
-def cache_stats() -> dict[str, int]:
-    """Counters of head fits, influence solves and cache hits since import (tests read these)."""
-    return dict(_STATS)
+    def hit(self) -> "InfluenceOutcome":
+        """This outcome as served from memory (``cached``)."""
+        return InfluenceOutcome(self.result, self.head, self.l2, self.fit_seconds, self.influence_seconds, self.key,
+                                self.head_key, cached=True)
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
+def _outcomes(memory: BoundedMemory) -> BoundedMemory:
+    return memory.part("dropout-influence", _KEPT)
+
+
+def cache_stats(memory: BoundedMemory) -> dict[str, int]:
+    """Head fits, influence solves and memory hits of data dropout in ``memory`` (a run's)."""
+    counts = _outcomes(memory).counts
+    return {k: int(counts[k]) for k in ("head_fits", "influence_solves", "cache_hits")}
+
+
+def _remembered(memory: BoundedMemory | None, key: str, compute) -> InfluenceOutcome:
+    """``compute()`` once per ``key`` in ``memory`` (every time without one)."""
+    if memory is None:
+        return compute(None)
+    outcomes = _outcomes(memory)
+    if key in outcomes:
+        outcomes.counts["cache_hits"] += 1
+        return outcomes.get(key, None).hit()
+    return outcomes.get(key, lambda: compute(outcomes))
 
 
 def _as_array(x, dtype) -> np.ndarray:
@@ -159,13 +174,14 @@ def compute_influence(
     l2: float = DEFAULT_L2,
     focus_class: int | None = None,
     solver: str = "auto",
-    use_cache: bool = True,
+    memory: BoundedMemory | None = None,
 ) -> InfluenceOutcome:
     """Fit the convex head on the training features and score every training image.
 
     ``scores > 0``: removing the image is predicted to lower the total cross-entropy of the
-    reference set (all of ``val_*``, or only its ``focus_class`` images).  Results are cached in
-    memory per (features, labels, l2, focus class, solver).
+    reference set (all of ``val_*``, or only its ``focus_class`` images).  With ``memory`` (a run's)
+    results are kept per (features, labels, l2, focus class, solver), and the head per (features,
+    labels, l2) across focus classes.
     """
     x = _as_array(train_x, np.float32)
     y = _as_array(train_y, np.int64).reshape(-1)
@@ -177,35 +193,28 @@ def compute_influence(
         raise AutotlError("data dropout needs validation images as the influence reference; add a val split")
     head_key = _fingerprint("head", x, y, int(num_classes), float(l2))
     key = _fingerprint(head_key, xv, yv, focus_class, solver)
-    if use_cache and key in _CACHE:
-        _CACHE.move_to_end(key)
-        _STATS["cache_hits"] += 1
-        hit = _CACHE[key]
-        return InfluenceOutcome(hit.result, hit.head, hit.l2, hit.fit_seconds, hit.influence_seconds, key, head_key,
-                                cached=True)
 
-    xs, xvs = _standardise(x.astype(np.float64), xv.astype(np.float64))
-    xs, xvs = _span_of_training_rows(xs, xvs)
-    # the head does not depend on the reference set: reuse it across focus classes
-    head, fit_seconds = None, 0.0
-    if use_cache:
-        for other in _CACHE.values():
-            if other.head_key == head_key:
-                head = other.head
-                break
-    if head is None:
-        t0 = time.perf_counter()
-        head = fit_logistic_head(xs, y, num_classes, l2=l2)
-        fit_seconds = time.perf_counter() - t0
-        _STATS["head_fits"] += 1
-    result = influence_scores(head, xs, y, xvs, yv, solver=solver, focus_class=focus_class)
-    _STATS["influence_solves"] += 1
-    out = InfluenceOutcome(result, head, float(l2), fit_seconds, result.seconds, key, head_key)
-    if use_cache:
-        _CACHE[key] = out
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return out
+    def compute(outcomes: BoundedMemory | None) -> InfluenceOutcome:
+        xs, xvs = _standardise(x.astype(np.float64), xv.astype(np.float64))
+        xs, xvs = _span_of_training_rows(xs, xvs)
+        timing = {"fit": 0.0}
+
+        def fit() -> LinearHead:
+            t0 = time.perf_counter()
+            head = fit_logistic_head(xs, y, num_classes, l2=l2)
+            timing["fit"] = time.perf_counter() - t0
+            if outcomes is not None:
+                outcomes.counts["head_fits"] += 1
+            return head
+
+        # the head does not depend on the reference set: kept apart, it serves every focus class
+        head = fit() if memory is None else memory.part("dropout-heads", _KEPT).get(head_key, fit)
+        result = influence_scores(head, xs, y, xvs, yv, solver=solver, focus_class=focus_class)
+        if outcomes is not None:
+            outcomes.counts["influence_solves"] += 1
+        return InfluenceOutcome(result, head, float(l2), timing["fit"], result.seconds, key, head_key)
+
+    return _remembered(memory, key, compute)
 
 
 def _last_block_cut(ctx: StrategyContext) -> int | None:
@@ -225,11 +234,11 @@ BLOCK_CG_TOL = 1e-2
 
 
 def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, num_classes: int, *,
-                            l2: float = DEFAULT_L2, focus_class: int | None = None, use_cache: bool = True,
+                            l2: float = DEFAULT_L2, focus_class: int | None = None, memory: BoundedMemory | None = None,
                             fit_max_iter: int = BLOCK_FIT_ITER, cg_max_iter: int = BLOCK_CG_ITER,
                             cg_tol: float = BLOCK_CG_TOL) -> InfluenceOutcome:
     """``block_influence_scores`` through stage ``cut`` (the last) of ``source``'s network and the head,
-    on the activations at that cut; cached in memory like ``compute_influence``. Float32, with a
+    on the activations at that cut; kept in ``memory`` like ``compute_influence``. Float32, with a
     bounded L-BFGS fit and CG (``BLOCK_*``)."""
     from ..stages import SuffixView, TransferNet
     from .block_influence import block_influence_scores
@@ -238,27 +247,21 @@ def compute_block_influence(source, cut: int, train_a, train_y, val_a, val_y, nu
     av, yv = _as_array(val_a, np.float32), _as_array(val_y, np.int64).reshape(-1)
     key = _fingerprint("block", getattr(source, "label", ""), int(cut), a, y, av, yv, int(num_classes), float(l2), focus_class,
                        fit_max_iter, cg_max_iter, cg_tol)
-    if use_cache and key in _CACHE:
-        _CACHE.move_to_end(key)
-        _STATS["cache_hits"] += 1
-        hit = _CACHE[key]
-        return InfluenceOutcome(hit.result, hit.head, hit.l2, hit.fit_seconds, hit.influence_seconds, key, hit.head_key,
-                                cached=True)
-    net = TransferNet.from_source(source.model, int(num_classes), int(cut))
-    net.head.requires_grad_(False)  # block_influence_scores brings its own head
-    result, model = block_influence_scores(SuffixView(net, int(cut)), torch.from_numpy(a), torch.from_numpy(y),
-                                           torch.from_numpy(av), torch.from_numpy(yv), int(num_classes), l2=l2,
-                                           focus_class=focus_class, dtype=torch.float32, fit_tol=1e-5,
-                                           fit_max_iter=fit_max_iter, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
-    _STATS["influence_solves"] += 1
-    head = LinearHead(W=model.head.weight.detach().double().numpy(), b=model.head.bias.detach().double().numpy(),
-                      l2=float(l2), bias_l2=float(l2), grad_norm=result.train_grad_norm, n_train=len(y))
-    out = InfluenceOutcome(result, head, float(l2), 0.0, result.seconds, key, key)
-    if use_cache:
-        _CACHE[key] = out
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return out
+
+    def compute(outcomes: BoundedMemory | None) -> InfluenceOutcome:
+        net = TransferNet.from_source(source.model, int(num_classes), int(cut))
+        net.head.requires_grad_(False)  # block_influence_scores brings its own head
+        result, model = block_influence_scores(SuffixView(net, int(cut)), torch.from_numpy(a), torch.from_numpy(y),
+                                               torch.from_numpy(av), torch.from_numpy(yv), int(num_classes), l2=l2,
+                                               focus_class=focus_class, dtype=torch.float32, fit_tol=1e-5,
+                                               fit_max_iter=fit_max_iter, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
+        if outcomes is not None:
+            outcomes.counts["influence_solves"] += 1
+        head = LinearHead(W=model.head.weight.detach().double().numpy(), b=model.head.bias.detach().double().numpy(),
+                          l2=float(l2), bias_l2=float(l2), grad_norm=result.train_grad_norm, n_train=len(y))
+        return InfluenceOutcome(result, head, float(l2), 0.0, result.seconds, key, key)
+
+    return _remembered(memory, key, compute)
 
 
 def resolve_focus_class(name: Any, classes: Sequence[str]) -> int | None:
@@ -287,21 +290,34 @@ def _training_cuts(ctx: StrategyContext, n_images: int) -> list[int]:
     return []
 
 
+@dataclass
+class DropoutDecision:
+    """What data dropout decided for one training set: the images it scored (the training images that
+    are not reference images) and their places in it, which of them it keeps, the influence and the
+    notes for the card."""
+
+    scored: list  # Sample
+    positions: np.ndarray  # (len(scored),) their indices in the training samples
+    keep: np.ndarray  # (len(scored),) bool
+    report: DropoutReport
+    outcome: InfluenceOutcome
+    notes: dict[str, Any]
+
+
 class DataDropout(BaseStrategy):
     """Drop the training images predicted to raise the validation loss (Wang, Huan & Zhu, Alg. A).
 
-    Parameters (trial dict): ``dropout_tau`` (``None``/inf = off; mode ``"spread"``: drop
-    ``score > tau * robust_spread``, ``tau = 0`` is the paper's "drop every harmful image";
-    mode ``"fraction"``: drop the top ``tau`` share of the harmful images), ``dropout_mode`` and
-    ``dropout_influence`` (``"head"``, default: the convex head on frozen features; ``"block"``:
-    through the network's last stage and the head, ``block_influence``, when the trial trains that
-    stage; a linear-probe trial has no trainable block and uses the head). Run-wide options
-    (``ctx.options``): ``focus_class`` (class name), ``dropout_l2``, ``dropout_min_keep`` (class
-    guard, default 0.1), ``dropout_solver``, and ``dropout_influence`` as the default.
+    Parameters and run-wide options: ``autotl.options.DropoutOptions`` (``dropout_tau``: ``None``/inf
+    = off; mode ``"spread"``: drop ``score > tau * robust_spread``, ``tau = 0`` is the paper's "drop
+    every harmful image"; mode ``"fraction"``: drop the top ``tau`` share of the harmful images;
+    ``dropout_influence``: ``"head"``, the convex head on frozen features, or ``"block"``: through the
+    network's last stage and the head, ``block_influence``, when the trial trains that stage; a
+    linear-probe trial has no trainable block and uses the head; ``focus_class``, ``dropout_l2``,
+    ``dropout_min_keep`` (the class guard), ``dropout_solver``).
     """
 
     name = "dropout"
-    params = ("dropout_tau", "dropout_mode", "dropout_influence")
+    params = DropoutOptions.params()
 
     def is_active(self, params: dict[str, Any]) -> bool:
         return parse_tau(params.get("dropout_tau")) is not None
@@ -315,20 +331,14 @@ class DataDropout(BaseStrategy):
         block = " (influence through the last block)" if params.get("dropout_influence") == "block" else ""
         return f"dropout: tau={tau:g}{unit}{block}"
 
-    def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
-        tau = parse_tau(params.get("dropout_tau"))
-        if tau is None:
-            return
-        mode = str(params.get("dropout_mode") or ctx.options.get("dropout_mode") or DEFAULT_MODE)
-        if mode not in ("spread", "fraction"):
-            raise AutotlError(f"dropout_mode {mode!r}: use 'spread' or 'fraction'")
-        if mode == "fraction" and tau > 1:
-            raise AutotlError(f"dropout_tau {tau:g}: in mode 'fraction' tau is a share in [0, 1]")
+    def decide(self, ctx: StrategyContext, opts: DropoutOptions) -> DropoutDecision | None:
+        """Score ``ctx``'s training images by their influence on its reference and select the ones to
+        keep at ``opts.dropout_tau`` (``None``: score only, keep all); ``ctx`` is not changed. None
+        when every training image is a reference image."""
+        opts.check()
+        tau, mode = parse_tau(opts.dropout_tau), opts.dropout_mode
         classes = ctx.index.classes
-        focus = resolve_focus_class(ctx.options.get("focus_class"), classes)
-        l2 = float(ctx.options.get("dropout_l2", DEFAULT_L2))
-        min_keep = float(ctx.options.get("dropout_min_keep", 0.1))
-        solver = str(ctx.options.get("dropout_solver", "auto"))
+        focus = resolve_focus_class(opts.focus_class, classes)
         samples = list(ctx.train_samples)
         val = list(ctx.reference)  # the influence reference (a fold's decision part, or val); test is never read
         if not val:
@@ -339,54 +349,58 @@ class DataDropout(BaseStrategy):
         in_val = np.fromiter((s in val_set for s in samples), dtype=bool, count=len(samples))
         train = [s for s, v in zip(samples, in_val) if not v] if in_val.any() else samples
         if not train:
-            return
+            return None
 
-        influence = str(params.get("dropout_influence") or ctx.options.get("dropout_influence") or "head").lower()
-        if influence not in INFLUENCES:
-            raise AutotlError(f"dropout_influence {influence!r}: use {' or '.join(INFLUENCES)}")
+        influence = str(opts.dropout_influence).lower()
         cuts = _training_cuts(ctx, len(train) + len(val))
         block_cut = _last_block_cut(ctx) if influence == "block" else None
         extra = [] if block_cut is None else [block_cut]
         tr = ctx.extractor.extract(train, sorted({*cuts, *extra}), description="train features")
         va = ctx.extractor.extract(val, sorted({*cuts, *extra}), description="val features")
         if block_cut is None:
-            outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=l2,
-                                        focus_class=focus, solver=solver)
+            outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=float(opts.dropout_l2),
+                                        focus_class=focus, solver=str(opts.dropout_solver), memory=ctx.memory)
         else:
             n_stages = ctx.extractor.num_stages
             outcome = compute_block_influence(ctx.source, block_cut, tr.at(block_cut, n_stages), tr.labels,
-                                              va.at(block_cut, n_stages), va.labels, len(classes), l2=l2,
-                                              focus_class=focus)
-        res = outcome.result
-        labels = tr.labels.numpy()
-        keep, report = select_dropout(res.scores, tau, mode=mode, labels=labels, min_keep_fraction=min_keep)
-        kept_idx = np.flatnonzero(keep)
-        kept = [train[i] for i in kept_idx]
-        if in_val.any():  # put the validation images back, in their places
-            keep_all = np.ones(len(samples), dtype=bool)
-            keep_all[np.flatnonzero(~in_val)] = keep
-            kept = [samples[i] for i in np.flatnonzero(keep_all)]
-        ctx.train_samples = kept
-
-        ctx.notes[self.name] = dropout_notes(report, outcome, classes, tau=tau, mode=mode, focus=focus,
-                                             n_val=len(val), min_keep=min_keep)
-        ctx.notes[self.name]["influence"] = (
-            "convex head on frozen features" if block_cut is None
-            else f"last trainable block (stage {block_cut}) + head: CG with Hessian-vector products")
+                                              va.at(block_cut, n_stages), va.labels, len(classes),
+                                              l2=float(opts.dropout_l2), focus_class=focus, memory=ctx.memory)
+        min_keep = float(opts.dropout_min_keep)
+        keep, report = select_dropout(outcome.result.scores, tau, mode=mode, labels=tr.labels.numpy(),
+                                      min_keep_fraction=min_keep)
+        notes = dropout_notes(report, outcome, classes, tau=tau, mode=mode, focus=focus, n_val=len(val), min_keep=min_keep)
+        notes["influence"] = ("convex head on frozen features" if block_cut is None
+                              else f"last trainable block (stage {block_cut}) + head: CG with Hessian-vector products")
         if influence == "block" and block_cut is None:
-            ctx.notes[self.name]["influence"] += " (block asked; this trial trains no block: linear probe)"
-        ctx.notes[self.name]["decided_by"] = f"{ctx.reference_name} (influence reference)"
+            notes["influence"] += " (block asked; this trial trains no block: linear probe)"
         if in_val.any():
-            ctx.notes[self.name]["val_images_trained_on_not_scored"] = int(in_val.sum())
+            notes["val_images_trained_on_not_scored"] = int(in_val.sum())
+        positions = np.flatnonzero(~in_val) if in_val.any() else np.arange(len(samples))
+        return DropoutDecision(train, positions, keep, report, outcome, notes)
+
+    def apply(self, ctx: StrategyContext, params: dict[str, Any]) -> None:
+        tau = parse_tau(params.get("dropout_tau"))
+        if tau is None:
+            return
+        decision = self.decide(ctx, DropoutOptions.of(ctx.options, params))
+        if decision is None:
+            return
+        keep = np.ones(len(ctx.train_samples), dtype=bool)  # reference images trained on stay, in their places
+        keep[decision.positions] = decision.keep
+        ctx.train_samples = [ctx.train_samples[i] for i in np.flatnonzero(keep)]
+        notes = ctx.notes[self.name] = decision.notes
+        notes["decided_by"] = f"{ctx.reference_name} (influence reference)"
+        res, report, classes = decision.outcome.result, decision.report, ctx.index.classes
+        focus = notes["focus_class"]
         log(f"data dropout: {report.n_dropped}/{report.n_total} training images dropped "
-            f"(tau={tau:g} {mode}, reference: {res.n_reference} images of the {ctx.reference_name}"
-            + (f" of class {classes[focus]!r}" if focus is not None else "")
-            + (", influence cached" if outcome.cached else f", influence {outcome.seconds:.1f}s") + ")")
+            f"(tau={tau:g} {notes['mode']}, reference: {res.n_reference} images of the {ctx.reference_name}"
+            + (f" of class {focus!r}" if focus is not None else "")
+            + (", influence cached" if decision.outcome.cached else f", influence {decision.outcome.seconds:.1f}s") + ")")
         if ctx.final:
             from .report import write_dropout_files
 
-            paths = write_dropout_files(ctx.run_dir, train, classes, res, keep)
-            ctx.notes[self.name]["files"] = {k: str(v) for k, v in paths.items()}
+            paths = write_dropout_files(ctx.run_dir, decision.scored, classes, res, decision.keep)
+            notes["files"] = {k: str(v) for k, v in paths.items()}
 
 
 PAPER_RULE = "paper (Algorithm A): drop exactly the images with positive total influence"

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,6 +61,7 @@ from .. import _console
 from .._csv import safe_row
 from .._images import load_rgb
 from .._io import atomic_path
+from .._memory import BoundedMemory
 from ..data import Sample
 from ..device import DevicePolicy, as_policy
 from ..features import FeatureExtractor, ImageDataset, eval_transform, make_loader, train_transform
@@ -92,6 +92,7 @@ class JointData:
     csv_path: Path | None = None  # write retrieval.csv here after training (the final fit)
     target_classes: Sequence[str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # filled by training (rounds, counts, pool images used)
+    memory: BoundedMemory | None = None  # the run's: pool activations kept across its trainings (None: per training)
 
 
 def smoothing_entropy(label_smoothing: float, num_classes: int) -> float:
@@ -183,21 +184,18 @@ class _PoolStore:
     def row(self, path: str | os.PathLike) -> torch.Tensor:
         return self.data[self.rows[os.fspath(path)]]
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.data is None else int(self.data.nbytes)
 
-_STORES: "OrderedDict[str, _PoolStore]" = OrderedDict()
-_STORE_LIMIT = 2
 
-
-def _store_for(source: SourceModel, cut: int) -> _PoolStore:
+def _store_for(source: SourceModel, cut: int, memory: BoundedMemory | None) -> _PoolStore:
+    """The pool activations of ``source`` at ``cut``: kept in ``memory`` (two models or cuts at a time)."""
+    if memory is None:
+        return _PoolStore()
     dc = {k: list(v) if isinstance(v, tuple) else v for k, v in source.data_config.items()}
     key = json.dumps([source.label, source.input_id, dc, int(cut)], sort_keys=True, default=str)
-    store = _STORES.get(key)
-    if store is None:
-        store = _STORES[key] = _PoolStore()
-        while len(_STORES) > _STORE_LIMIT:
-            _STORES.popitem(last=False)
-    _STORES.move_to_end(key)
-    return store
+    return memory.part("pool-activations", 2).get(key, _PoolStore)
 
 
 class _PartnerDataset(Dataset):
@@ -311,7 +309,7 @@ class JointFineTuningHooks(TrainingHooks):
         self.source_head, self.head_init = _source_head(run.net, self.source, pool, self.joint.source_head_init,
                                                         self.config.seed)
         if run.cached:
-            self.store = _store_for(self.source, run.cut)
+            self.store = _store_for(self.source, run.cut, self.joint.memory)
             self.store_extracted_before = self.store.extracted
         self.partners = _PartnerDataset(pool.samples, len(self.train_samples), store=self.store,
                                         transform=None if run.cached else train_transform(self.source.data_config))

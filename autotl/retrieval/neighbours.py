@@ -6,9 +6,9 @@ image; ``neighbours(samples, k)`` returns the exact K-NN (distances and pool ind
 of any list of target images, describing images it has not seen (val images added by a refit on
 train+val, say) with the same edges. Descriptors and edges go through the on-disk cache of
 :func:`~autotl.retrieval.descriptors.describe_folder` / :func:`fit_bin_edges`, and
-``get_retrieval`` memoises whole ``PoolRetrieval`` objects in memory, so the trials of a search
-that vary K0 or the source-loss weight pay for the descriptors once (and a second run only for
-loading them).
+``get_retrieval`` keeps whole ``PoolRetrieval`` objects in the run's memory (bounded), so the trials
+of a search that vary K0 or the source-loss weight pay for the descriptors once (and a second run
+only for loading them).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import hashlib
 import itertools
 import os
 import time
-from collections import OrderedDict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .._console import log
+from .._memory import BoundedMemory
 from ..data import Sample
 from ..errors import AutotlError
 from .descriptors import DEFAULT_IMAGE_SIZE, DEFAULT_N_BINS, describe_folder, fit_bin_edges
@@ -32,7 +33,7 @@ from .filterbanks import FILTER_BANKS, BaseFilterBank, create_filter_bank
 from .knn import KnnResult, retrieve
 from .pool import SourcePool
 
-__all__ = ["BANKS", "PoolRetrieval", "create_banks", "get_retrieval", "retrieval_stats", "clear_retrieval_cache"]
+__all__ = ["BANKS", "PoolRetrieval", "create_banks", "get_retrieval", "retrieval_stats"]
 
 
 class _BankChoices(collections.abc.Sequence):
@@ -71,19 +72,19 @@ class _BankChoices(collections.abc.Sequence):
 BANKS = _BankChoices()  # ("gabor", "conv", "gabor+conv") with the built-in banks
 MAX_EDGE_IMAGES = 512  # bin edges are quantiles: a few hundred target images pin them down
 
-_MEMO: "OrderedDict[str, PoolRetrieval]" = OrderedDict()
-_MEMO_SIZE = 4
-_STATS = {"described_images": 0, "edge_fits": 0, "knn_calls": 0, "memory_hits": 0}
+_KEPT = 4  # PoolRetrieval objects a run keeps
+_COUNTS = ("described_images", "edge_fits", "knn_calls", "memory_hits")
 
 
-def retrieval_stats() -> dict[str, int]:
-    """Counters since import (tests read these): images pushed through a filter bank, edge fits
-    (not served from disk), K-NN searches, in-memory ``get_retrieval`` hits."""
-    return dict(_STATS)
+def _retrievals(memory: BoundedMemory) -> BoundedMemory:
+    return memory.part("retrieval", _KEPT)
 
 
-def clear_retrieval_cache() -> None:
-    _MEMO.clear()
+def retrieval_stats(memory: BoundedMemory) -> dict[str, int]:
+    """What retrieval computed in ``memory`` (a run's): images pushed through a filter bank, edge fits
+    (not served from disk), K-NN searches, ``get_retrieval`` hits."""
+    counts = _retrievals(memory).counts
+    return {k: int(counts[k]) for k in _COUNTS}
 
 
 def create_banks(name: str, source_model: torch.nn.Module | None = None) -> list[BaseFilterBank]:
@@ -121,7 +122,8 @@ class PoolRetrieval:
     """One bank choice + target-fitted edges + pool descriptors; exact K-NN for target images."""
 
     def __init__(self, pool: SourcePool, bank: str, banks: list[BaseFilterBank], edges: list[torch.Tensor], *,
-                 cache_dir: str | os.PathLike | None, image_size: int, n_bins: int, show_progress: bool = True):
+                 cache_dir: str | os.PathLike | None, image_size: int, n_bins: int, show_progress: bool = True,
+                 counts: Counter | None = None):
         self.pool = pool
         self.bank = bank
         self.banks = banks
@@ -136,6 +138,11 @@ class PoolRetrieval:
         self._rows: dict[str, int] = {}  # target path -> row of self._target[b]
         self._target: list[torch.Tensor] = [torch.zeros(0, b.num_filters, n_bins) for b in banks]
         self._knn: dict[tuple, KnnResult] = {}
+        self.counts = counts if counts is not None else Counter()  # what it computed (``retrieval_stats``)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for t in [*self.pool_hists, *self._target, *self.edges])
 
     # descriptors ------------------------------------------------------------------------------
     def _describe(self, paths: list[str], what: str) -> tuple[list[torch.Tensor], bool]:
@@ -144,7 +151,7 @@ class PoolRetrieval:
             d = describe_folder(bank, paths, edges, image_size=self.image_size, cache_dir=self.cache_dir,
                                 show_progress=self.show_progress)
             if not d.cache_hit:
-                _STATS["described_images"] += len(paths)
+                self.counts["described_images"] += len(paths)
             hit = hit and d.cache_hit
             out.append(d.hists)
         return out, hit
@@ -186,7 +193,7 @@ class PoolRetrieval:
         t0 = time.monotonic()
         res = retrieve(query, self.pool_hists, k, banks=self.banks)
         self.timings["knn_s"] = time.monotonic() - t0
-        _STATS["knn_calls"] += 1
+        self.counts["knn_calls"] += 1
         self._knn = {key: res}  # keep the latest (largest) only
         return res
 
@@ -205,8 +212,10 @@ class PoolRetrieval:
 
 def get_retrieval(pool: SourcePool, bank: str, fit_samples: Sequence[Sample | str], *, source_model=None,
                   cache_dir: str | os.PathLike | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
-                  n_bins: int = DEFAULT_N_BINS, seed: int = 0, show_progress: bool = True) -> tuple[PoolRetrieval, bool]:
-    """The ``PoolRetrieval`` for (pool, bank, edges fitted on ``fit_samples``) -> (it, memory hit).
+                  n_bins: int = DEFAULT_N_BINS, seed: int = 0, show_progress: bool = True,
+                  memory: BoundedMemory | None = None) -> tuple[PoolRetrieval, bool]:
+    """The ``PoolRetrieval`` for (pool, bank, edges fitted on ``fit_samples``) -> (it, memory hit),
+    kept in ``memory`` (a run's; without one it is built each time).
 
     The edges come from at most ``MAX_EDGE_IMAGES`` of the fit images (evenly spaced by path);
     those images' descriptors are computed here too, so the first K-NN query costs only the search.
@@ -217,29 +226,30 @@ def get_retrieval(pool: SourcePool, bank: str, fit_samples: Sequence[Sample | st
         raise AutotlError("selective joint fine-tuning needs target training images to fit the histogram bins on")
     key = hashlib.sha256(repr((pool.fingerprint, [b.key for b in banks], _paths_digest(paths), int(image_size),
                                int(n_bins), int(seed), str(cache_dir))).encode()).hexdigest()
-    hit = _MEMO.get(key)
-    if hit is not None:
-        _MEMO.move_to_end(key)
-        _STATS["memory_hits"] += 1
-        return hit, True
-    t0 = time.monotonic()
-    edge_paths = _edge_subset(paths, MAX_EDGE_IMAGES)
-    edges = []
-    for b in banks:
-        before = None if cache_dir is None else set(Path(cache_dir).glob("edges-*.pt"))
-        edges.append(fit_bin_edges(b, edge_paths, n_bins, image_size=image_size, seed=seed, cache_dir=cache_dir))
-        if before is None or set(Path(cache_dir).glob("edges-*.pt")) != before:
-            _STATS["edge_fits"] += 1
-    r = PoolRetrieval(pool, bank, banks, edges, cache_dir=cache_dir, image_size=image_size, n_bins=n_bins,
-                      show_progress=show_progress)
-    r.timings["edges_s"] = time.monotonic() - t0
-    r.describe_pool()
-    r.target_descriptors(paths)
-    n = len(pool)
-    log(f"retrieval: {n} pool images described with {bank} "
-        + ("(cache hit)" if r.pool_cache_hit else f"in {r.timings['pool_descriptors_s']:.1f}s "
-           f"({n / max(r.timings['pool_descriptors_s'], 1e-9):.0f} images/s)"))
-    _MEMO[key] = r
-    while len(_MEMO) > _MEMO_SIZE:
-        _MEMO.popitem(last=False)
-    return r, False
+    kept = _retrievals(memory) if memory is not None else None
+    counts = kept.counts if kept is not None else Counter()
+    if kept is not None and key in kept:
+        counts["memory_hits"] += 1
+        return kept.get(key, None), True
+
+    def build() -> PoolRetrieval:
+        t0 = time.monotonic()
+        edge_paths = _edge_subset(paths, MAX_EDGE_IMAGES)
+        edges = []
+        for b in banks:
+            before = None if cache_dir is None else set(Path(cache_dir).glob("edges-*.pt"))
+            edges.append(fit_bin_edges(b, edge_paths, n_bins, image_size=image_size, seed=seed, cache_dir=cache_dir))
+            if before is None or set(Path(cache_dir).glob("edges-*.pt")) != before:
+                counts["edge_fits"] += 1
+        r = PoolRetrieval(pool, bank, banks, edges, cache_dir=cache_dir, image_size=image_size, n_bins=n_bins,
+                          show_progress=show_progress, counts=counts)
+        r.timings["edges_s"] = time.monotonic() - t0
+        r.describe_pool()
+        r.target_descriptors(paths)
+        n = len(pool)
+        log(f"retrieval: {n} pool images described with {bank} "
+            + ("(cache hit)" if r.pool_cache_hit else f"in {r.timings['pool_descriptors_s']:.1f}s "
+               f"({n / max(r.timings['pool_descriptors_s'], 1e-9):.0f} images/s)"))
+        return r
+
+    return (kept.get(key, build) if kept is not None else build()), False

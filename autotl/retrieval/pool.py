@@ -29,6 +29,7 @@ import numpy as np
 from .._console import log, progress
 from .._images import UnreadableImageError, check_image
 from .._io import atomic_write_json
+from .._memory import BoundedMemory
 from ..data import is_folder_entry, walk_images
 from ..data import Sample
 from ..errors import AutotlError
@@ -181,21 +182,22 @@ def scan_pool(root: str | os.PathLike, *, verify: bool = True, cache_dir: str | 
     return SourcePool(root, classes, samples, skipped, imagenet_index, fingerprint)
 
 
-_OVERLAPS: dict[tuple[str, str], tuple["SourcePool", list[dict[str, str]]]] = {}
-
-
-def without_data_copies(pool: SourcePool, data: Sequence[Sample]) -> tuple[SourcePool, list[dict[str, str]]]:
+def without_data_copies(pool: SourcePool, data: Sequence[Sample], memory: BoundedMemory | None = None
+                        ) -> tuple[SourcePool, list[dict[str, str]]]:
     """``pool`` less its images that are byte-identical copies (sha256 of the bytes, whatever the
     path or name) of an image of the data set (``data``: its train, val and test samples): a pool
     image that is a validation image would train beside itself. Returns (the pool without them,
     ``[{"pool": path, "data": path}]``). Only files of a size some data image also has are hashed;
-    the outcome is kept for the life of the process (the trials of a search)."""
-    from ..duplicates import content_digest
-
+    the outcome is kept in ``memory`` (a run's: the trials of a search compare once)."""
     data_paths = sorted({os.fspath(s.path) for s in data})
     key = (pool.fingerprint, hashlib.sha256("\0".join(data_paths).encode("utf-8", "surrogateescape")).hexdigest())
-    if key in _OVERLAPS:
-        return _OVERLAPS[key]
+    if memory is None:
+        return _without_copies(pool, data_paths)
+    return memory.part("pool-data-copies", 4).get(key, lambda: _without_copies(pool, data_paths))
+
+
+def _without_copies(pool: SourcePool, data_paths: list[str]) -> tuple[SourcePool, list[dict[str, str]]]:
+    from ..duplicates import content_digest
 
     def size(path: str) -> int:
         try:
@@ -234,7 +236,6 @@ def without_data_copies(pool: SourcePool, data: Sequence[Sample]) -> tuple[Sourc
                                   samples=[Sample(s.path, new_label[s.label]) for s in kept],
                                   imagenet_index=[pool.imagenet_index[c] for c in used] if pool.imagenet_index else [],
                                   fingerprint=fingerprint)
-    _OVERLAPS[key] = (out, overlap)
     return out, overlap
 
 

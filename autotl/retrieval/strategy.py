@@ -1,11 +1,10 @@
-"""Selective joint fine-tuning as a transfer strategy (``retrieval_k``, ``retrieval_bank``,
-``source_loss_weight``, ``source_head_init``: ``imagenet`` starts the source head from the source
-model's ImageNet classifier rows of the pool's wnid classes, ``random`` from a random
-initialisation as the paper does; both searchable); run-wide options in ``ctx.options``:
-``source_pool`` (required), ``retrieval_rounds`` (default 5), ``retrieval_mode`` (``knn``, or
-``random`` for the ablation), ``source_weights`` (``auto``: DATL w(y) when ``autotl score`` saved
-them in the run folder, else uniform; ``datl``; ``uniform``), ``source_head_init`` (the default
-when the parameter is not given) and ``retrieval_cache_dir``.
+"""Selective joint fine-tuning as a transfer strategy: its parameters and run-wide options are
+``autotl.options.RetrievalOptions`` (``retrieval_k``, ``retrieval_bank``, ``source_loss_weight``,
+``source_head_init``: ``imagenet`` starts the source head from the source model's ImageNet
+classifier rows of the pool's wnid classes, ``random`` from a random initialisation as the paper
+does; both searchable; ``source_pool`` (required), ``retrieval_rounds``, ``retrieval_mode``
+(``knn``, or ``random`` for the ablation), ``source_weights`` (``auto``: DATL w(y) when ``autotl
+score`` saved them in the run folder, else uniform; ``datl``; ``uniform``) and ``retrieval_cache_dir``).
 
 ``apply``: scan the pool, fit the equal-mass bins on the target *training split* (the full split,
 so a data-dropout subset does not change the descriptors), describe the pool and the target
@@ -25,23 +24,24 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._console import log
+from .._memory import BoundedMemory
 from ..errors import AutotlError
+from ..options import RetrievalOptions, parse_retrieval_k
 from ..strategy import BaseStrategy, StrategyContext
 from .joint import JointData, random_neighbours, joint_hooks, write_retrieval_csv
-from .neighbours import BANKS, get_retrieval
+from .neighbours import get_retrieval
 from .pool import SourcePool, pool_class_weights, scan_pool, without_data_copies
 from .schedule import HardSampleSchedule
 
 __all__ = ["SelectiveJointFineTuning", "load_pool", "data_free_pool", "retrieval_cache_dir", "write_contact_sheet"]
 
-DEFAULT_BANK = "gabor"
-DEFAULT_SOURCE_WEIGHT = 1.0
-_POOLS: dict[str, SourcePool] = {}
+DEFAULT_BANK = RetrievalOptions.retrieval_bank
+DEFAULT_SOURCE_WEIGHT = RetrievalOptions.source_loss_weight
 
 
 def retrieval_cache_dir(ctx: StrategyContext) -> Path | None:
     """Where descriptors are cached (None: nowhere writable, computed each time)."""
-    explicit = ctx.options.get("retrieval_cache_dir")
+    explicit = RetrievalOptions.of(ctx.options).retrieval_cache_dir
     if explicit:
         return Path(explicit)
     base = getattr(ctx.extractor, "cache_dir", None)
@@ -52,25 +52,24 @@ def retrieval_cache_dir(ctx: StrategyContext) -> Path | None:
     return Path(base) / "retrieval" if base is not None else None
 
 
-def load_pool(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> SourcePool:
-    """``scan_pool`` memoised per folder for the life of the process (the trials of a search)."""
+def load_pool(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+              memory: BoundedMemory | None = None) -> SourcePool:
+    """``scan_pool``, kept per folder in ``memory`` (a run's: the trials of a search scan once)."""
     key = os.path.abspath(os.path.expanduser(os.fspath(root)))
-    pool = _POOLS.get(key)
-    if pool is None:
-        pool = _POOLS[key] = scan_pool(key, cache_dir=cache_dir)
-    return pool
+    if memory is None:
+        return scan_pool(key, cache_dir=cache_dir)
+    return memory.part("pools", 4).get(key, lambda: scan_pool(key, cache_dir=cache_dir))
 
 
-def data_free_pool(root: str | os.PathLike, index, cache_dir: str | os.PathLike | None = None) -> tuple[SourcePool, list]:
+def data_free_pool(root: str | os.PathLike, index, cache_dir: str | os.PathLike | None = None,
+                   memory: BoundedMemory | None = None) -> tuple[SourcePool, list]:
     """The pool at ``root`` without its copies of the data set's images (train, val and test, by
-    content): (pool, ``[{"pool", "data"}]``)."""
-    return without_data_copies(load_pool(root, cache_dir), [*index.train, *index.val, *index.test])
+    content): (pool, ``[{"pool", "data"}]``); both steps kept in ``memory``."""
+    return without_data_copies(load_pool(root, cache_dir, memory), [*index.train, *index.val, *index.test], memory)
 
 
 def _class_weights(ctx: StrategyContext, pool: SourcePool) -> tuple[np.ndarray | None, str]:
-    mode = str(ctx.options.get("source_weights") or "auto").lower()
-    if mode not in ("auto", "datl", "uniform"):
-        raise AutotlError(f"source_weights {mode!r}: use auto, datl or uniform")
+    mode = str(RetrievalOptions.of(ctx.options).source_weights).lower()
     if mode == "uniform":
         return None, "uniform"
     try:
@@ -94,7 +93,7 @@ class SelectiveJointFineTuning(BaseStrategy):
     """Ge & Yu 2017: train the target task jointly with a source task on retrieved similar pool images."""
 
     name = "retrieval"
-    params = ("retrieval_k", "retrieval_bank", "source_loss_weight", "source_head_init")
+    params = RetrievalOptions.params()
 
     def is_active(self, params: dict[str, Any]) -> bool:
         return _k0(params) > 0
@@ -111,30 +110,20 @@ class SelectiveJointFineTuning(BaseStrategy):
         k0 = _k0(params)
         if k0 <= 0:
             return
-        root = ctx.options.get("source_pool")
+        opts = RetrievalOptions.of(ctx.options, params)
+        root = opts.source_pool
         if not root:
             raise AutotlError(f"retrieval_k={k0} needs a source pool to retrieve from: give --source-pool DIR "
                               "(one sub-folder of images per source class), or set retrieval_k to 0")
-        bank = str(params.get("retrieval_bank") or ctx.options.get("retrieval_bank") or DEFAULT_BANK).lower()
-        if bank not in BANKS:
-            raise AutotlError(f"retrieval_bank {bank!r}: use one of {', '.join(BANKS)}")
-        weight = float(params.get("source_loss_weight", ctx.options.get("source_loss_weight", DEFAULT_SOURCE_WEIGHT)))
-        if not weight >= 0:
-            raise AutotlError(f"source_loss_weight {weight}: must be >= 0")
-        rounds = int(ctx.options.get("retrieval_rounds", 5))
-        if rounds < 1:
-            raise AutotlError(f"retrieval_rounds {rounds}: must be >= 1")
-        mode = str(ctx.options.get("retrieval_mode") or "knn").lower()
-        if mode not in ("knn", "random"):
-            raise AutotlError(f"retrieval_mode {mode!r}: use knn or random")
-        head_init = str(params.get("source_head_init") or ctx.options.get("source_head_init") or "imagenet").lower()
-        if head_init not in ("imagenet", "random"):
-            raise AutotlError(f"source_head_init {head_init!r}: use imagenet or random")
+        opts.check()
+        bank, weight, rounds = str(opts.retrieval_bank).lower(), float(opts.source_loss_weight), int(opts.retrieval_rounds)
+        mode, head_init = str(opts.retrieval_mode).lower(), str(opts.source_head_init).lower()
 
         t0 = time.monotonic()
         cache = retrieval_cache_dir(ctx)
-        pool, copies = data_free_pool(root, ctx.index, cache)
-        retr, memory_hit = get_retrieval(pool, bank, ctx.index.train, source_model=ctx.source.model, cache_dir=cache)
+        pool, copies = data_free_pool(root, ctx.index, cache, ctx.memory)
+        retr, memory_hit = get_retrieval(pool, bank, ctx.index.train, source_model=ctx.source.model, cache_dir=cache,
+                                         memory=ctx.memory)
         train = list(ctx.train_samples)
         k_search = min(HardSampleSchedule(k0, max_rounds=rounds).max_count, len(pool))
         knn = retr.neighbours(train, k_search)
@@ -152,7 +141,7 @@ class SelectiveJointFineTuning(BaseStrategy):
         ctx.notes[self.name] = notes
         data = JointData(pool=pool, neighbours=neighbours, k0=k0, source_weight=weight, max_rounds=rounds,
                          class_weights=class_weights, source_head_init=head_init,
-                         target_classes=list(ctx.index.classes), notes=notes)
+                         target_classes=list(ctx.index.classes), notes=notes, memory=ctx.memory)
         if ctx.final:
             csv_path = ctx.run_dir / "retrieval.csv"
             shown = knn if mode == "knn" else neighbours(train, k_search)
@@ -173,16 +162,7 @@ class SelectiveJointFineTuning(BaseStrategy):
 
 
 def _k0(params: dict[str, Any]) -> int:
-    value = params.get("retrieval_k")
-    if value in (None, "", "none", "off"):
-        return 0
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise AutotlError(f"retrieval_k {value!r}: give a whole number >= 0 (0 = no retrieval)") from None
-    if k < 0:
-        raise AutotlError(f"retrieval_k {k}: must be >= 0 (0 = no retrieval)")
-    return k
+    return parse_retrieval_k(params.get("retrieval_k"))
 
 
 def write_contact_sheet(path: str | os.PathLike, targets: Sequence, pool: SourcePool, knn, *, rows: int = 6,

@@ -15,6 +15,7 @@ Entry point: ``autotl.fit(DIR)`` / ``autotl fit DIR`` (searching is the default)
 
 from ._distributed import heartbeat_kwargs, recipe_from_json, study_progress
 from ._worker import WorkerResult, run_worker
+from ..options import SearchOptions
 from ._fit import SearchPlan, plan_search, prefix_cuts, refit_best, search, search_cuts, with_pool_dimension
 from ._folds import Fold, Selection, plan_selection, stratified_folds
 from ._select import complexity, select_one_se
@@ -51,7 +52,7 @@ __all__ = [
     "resolve_frozen_relative", "Objective", "TrialFailed", "SearchSettings", "SearchOutcome",
     "SearchInterrupted", "run_study", "finished_trials", "make_pruner", "make_sampler", "make_storage",
     "storage_url", "DEFAULT_STUDY", "STUDY_FILE", "trial_rows", "leaderboard_table", "describe_strategy", "save_plots",
-    "search", "search_cuts", "prefix_cuts", "SearchPlan", "plan_search", "refit_best", "with_pool_dimension",
+    "search", "search_cuts", "prefix_cuts", "SearchOptions", "SearchPlan", "plan_search", "refit_best", "with_pool_dimension",
     "Fold", "Selection", "plan_selection", "stratified_folds", "complexity", "select_one_se",
     "WorkerResult", "run_worker", "heartbeat_kwargs", "recipe_from_json", "study_progress",
 ]

@@ -12,13 +12,14 @@ from typing import Any
 from .. import _console
 from .._io import atomic_write_json
 from ..errors import AutotlError
+from ..options import SearchOptions
 from ..run import FinalModel, Run
 from ..fitted import fitted_from_training
 from ..strategy import StrategyContext, apply_strategies, train_strategy
 from .. import train as _train
 from ..train import TrainConfig, should_cache
 from ._distributed import WORKER_ATTR, worker_attrs
-from ._folds import DEFAULT_FOLDS, Selection, plan_selection
+from ._folds import Selection, plan_selection
 from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective
 from ._plots import save_plots
@@ -177,62 +178,72 @@ def without_unreferenced_dropout(recipe: Recipe, selection: Selection, fixed: di
     return restrict_choices(recipe, "dropout_tau", [None])
 
 
-def plan_search(
-    run: Run,
-    base: TrainConfig,
-    *,
-    trials: int | None = None,
-    time_budget: str | float | None = None,
-    recipe: str | Recipe | None = None,
-    resume: bool = False,
-    storage: str | None = None,
-    study_name: str | None = None,
-    top_k: int | None = None,
-    fixed: dict[str, Any] | None = None,
-    options: dict[str, Any] | None = None,
-    cv_folds: int = DEFAULT_FOLDS,
-    cv_repeats: int | None = None,
-    objective_reason: str = "",
-    ensemble: bool = True,
-) -> SearchPlan:
-    """Load the recipe, keep the top candidates, plan the folds, fill the prefix cache, set up the study."""
-    recipe = load_recipe(recipe)
-    options = dict(options or {})
+def plan_search(run: Run, base: TrainConfig, opts: SearchOptions) -> SearchPlan:
+    """Load the recipe, keep the top candidates, plan the folds, leave out what cannot finish, fill the
+    prefix cache, set up the study."""
+    recipe = load_recipe(opts.recipe)
+    options, fixed = dict(opts.options or {}), dict(opts.fixed_params or {})
     if options.get("source_pool"):
         recipe = with_pool_dimension(recipe)
-    n_trials = int(trials) if trials is not None else recipe.trials
-    if n_trials < 1:
-        raise AutotlError(f"--trials {trials}: give at least 1")
-    budget = parse_duration(time_budget) if time_budget is not None else recipe.time_budget
-    if top_k is not None and top_k < 1:
-        raise AutotlError(f"--top-k {top_k}: give at least 1")
-    if cv_folds < 2:
-        raise AutotlError(f"--cv-folds {cv_folds}: give at least 2")
-    run.keep(run.labels[: top_k or recipe.top_k or len(run.labels)])
+    n_trials = int(opts.trials) if opts.trials is not None else recipe.trials
+    budget = parse_duration(opts.time_budget) if opts.time_budget is not None else recipe.time_budget
+    run.keep(run.labels[: opts.top_k or recipe.top_k or len(run.labels)])
+    selection = _plan_folds(run, recipe, base, opts)
+    recipe = without_unreferenced_dropout(recipe, selection, fixed)
+    _console.log(f"candidates: {', '.join(f'[bold]{s.label}[/] ({s.weights_origin})' for s in run.sources.values())}; "
+                 f"device {run.device}; objective: {base.objective}{opts.objective_reason}; trials scored by "
+                 f"{selection.kind} ({len(selection.folds)} folds)")
+    user_recipe = recipe
+    url = storage_url(run.run_dir, opts.storage)
+    name = opts.study or DEFAULT_STUDY
+    recipe, cost, keep, estimates = _affordable_space(run, recipe, base, selection, budget,
+                                                      stored_study_attr(url, name, FEASIBLE_ATTR) if opts.resume else None)
+    prefetch = _fill_prefix_cache(run, recipe, base)
+    prefetch["cost_model"] = {**cost.to_json(), "frozen_estimates_s": {k: round(v, 1) for k, v in estimates.items()},
+                              "frozen_kept": list(keep) if keep else None}
+
+    recipe = _candidate_backbones(recipe, len(run.labels))
+    objective = Objective(run, recipe, base, selection, options=options, fixed=fixed, cost=cost)
+    recipe = objective.recipe = portfolio_in_cost_order(objective, recipe)
+    settings = SearchSettings(recipe=recipe, trials=n_trials, time_budget=budget, storage=url,
+                              study_name=name, resume=opts.resume, seed=run.seed,
+                              user_attrs={WORKER_ATTR: worker_attrs(run, base, target=n_trials, options=options,
+                                                                    fixed=fixed, cv_folds=opts.cv_folds,
+                                                                    cv_repeats=opts.cv_repeats),
+                                          FEASIBLE_ATTR: list(keep) if keep else None,
+                                          # the user's space (workers rebuild it and restrict it the same way)
+                                          "recipe": user_recipe.to_json()})
+    fingerprint = {"data_fingerprint": run.index.fingerprint(), "recipe_space": user_recipe.fingerprint(),
+                   "objective": base.objective, "candidates": run.labels, "selection": selection.kind,
+                   "folds": len(selection.folds)}
+    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, opts.objective_reason, opts.ensemble,
+                      list(user_recipe.baselines))
+
+
+def _plan_folds(run: Run, recipe: Recipe, base: TrainConfig, opts: SearchOptions) -> Selection:
+    """The folds that score the trials; a given val/ folder scores alone only when it is the cleaner part."""
     index = run.index
     for label, cuts in (search_cuts(run, recipe, base).items() if index.val else ()):
         run.extractors[label].extract(index.val, cuts, description="val features")  # val's one pass, every cut
     val_check = _val_check(run)
-    selection = plan_selection(index, seed=run.seed, k=cv_folds, repeats=cv_repeats,
+    selection = plan_selection(index, seed=run.seed, k=opts.cv_folds, repeats=opts.cv_repeats,
                                trust_val=val_check is None or val_check["val_cleaner"])
     if val_check is not None:
         selection.decided_by["val_folder"] = val_check["decision"]
         _console.log(f"val/ folder: {val_check['decision']} (out-of-fold accuracy val {val_check['val_oof_accuracy']:.3f}, "
                      f"train {val_check['train_oof_accuracy']:.3f})")
-    recipe = without_unreferenced_dropout(recipe, selection, fixed or {})
-    _console.log(f"candidates: {', '.join(f'[bold]{s.label}[/] ({s.weights_origin})' for s in run.sources.values())}; "
-                 f"device {run.device}; objective: {base.objective}{objective_reason}; trials scored by "
-                 f"{selection.kind} ({len(selection.folds)} folds)")
+    return selection
 
-    # what each configuration costs here (measured now), so the sampler only gets what can finish
-    user_recipe = recipe
+
+def _affordable_space(run: Run, recipe: Recipe, base: TrainConfig, selection: Selection, budget: float | None,
+                      stored: list | None):
+    """(recipe, cost model, kept frozen_stages choices, their estimates): what each configuration costs
+    here, measured now, and the recipe without the ``frozen_stages`` choices that cannot finish (a
+    resumed study keeps the ``stored`` space it started with)."""
     with run.phase("cost"):
         cost = measure_costs(run, recipe, base, selection)
-    url = storage_url(run.run_dir, storage)
-    name = study_name or DEFAULT_STUDY
     keep, estimates = feasible_frozen(cost, recipe, base, budget, run)
-    stored = stored_study_attr(url, name, FEASIBLE_ATTR) if resume else None
-    keep = stored if stored is not None else keep  # a resumed study keeps the space it started with
+    keep = stored if stored is not None else keep
     frozen_dim = recipe.dimension(FROZEN)
     if frozen_dim is not None and keep and len(keep) < len(frozen_dim.choices):
         dropped = [c for c in frozen_dim.choices if c not in keep]
@@ -240,8 +251,13 @@ def plan_search(
         _console.log("frozen_stages " + ", ".join(f"{c} (≈{estimates.get(str(c), 0):.0f}s a trial)" for c in dropped)
                      + f" left out: more than half of the {budget or 0:.0f}s budget on this machine "
                      f"(throughput measured in {cost.measure_seconds:.1f}s)")
+    return recipe, cost, keep, estimates
 
-    # one pass per model computes every prefix the recipe can freeze; trials then train suffixes only
+
+def _fill_prefix_cache(run: Run, recipe: Recipe, base: TrainConfig) -> dict[str, Any]:
+    """One pass per model computes every prefix the recipe can freeze (trials then train suffixes only);
+    what it took, for the card."""
+    index = run.index
     t0 = time.monotonic()
     fb0 = run.forward_batches()
     n_images = len(index.train) + len(index.val)
@@ -256,32 +272,13 @@ def plan_search(
     cut_text = ", ".join(f"{label}: {cuts or 'pooled only'}" for label, cuts in cuts_by_model.items())
     how = f"computed, {batches} batches" if batches else "from the disk cache"
     _console.log(f"prefix cache ready in {seconds:.1f}s ({how}; cuts {cut_text})")
-
-    recipe = _candidate_backbones(recipe, len(run.labels))
-    objective = Objective(run, recipe, base, selection, options=options, fixed=dict(fixed or {}), cost=cost)
-    recipe = objective.recipe = portfolio_in_cost_order(objective, recipe)
-    settings = SearchSettings(recipe=recipe, trials=n_trials, time_budget=budget, storage=url,
-                              study_name=name, resume=resume, seed=run.seed,
-                              user_attrs={WORKER_ATTR: worker_attrs(run, base, target=n_trials, options=options,
-                                                                    fixed=dict(fixed or {}), cv_folds=cv_folds,
-                                                                    cv_repeats=cv_repeats),
-                                          FEASIBLE_ATTR: list(keep) if keep else None,
-                                          # the user's space (workers rebuild it and restrict it the same way)
-                                          "recipe": user_recipe.to_json()})
-    fingerprint = {"data_fingerprint": index.fingerprint(), "recipe_space": user_recipe.fingerprint(),
-                   "objective": base.objective, "candidates": run.labels, "selection": selection.kind,
-                   "folds": len(selection.folds)}
-    prefetch = {"seconds": round(seconds, 2), "batches": batches, "cuts": cuts_by_model,
-                "cost_model": {**cost.to_json(), "frozen_estimates_s": {k: round(v, 1) for k, v in estimates.items()},
-                               "frozen_kept": list(keep) if keep else None}}
-    return SearchPlan(run, recipe, objective, settings, url, fingerprint, prefetch, objective_reason, ensemble,
-                      list(user_recipe.baselines))
+    return {"seconds": round(seconds, 2), "batches": batches, "cuts": cuts_by_model}
 
 
-def search(run: Run, base: TrainConfig, **kwargs: Any) -> FinalModel:
-    """Plan, run (or resume) the study and refit its winner; ``kwargs`` go to :func:`plan_search`."""
-    with run.phase("caches"):  # the prefix caches (the cost measurement is its own phase)
-        plan = plan_search(run, base, **kwargs)
+def search(run: Run, base: TrainConfig, opts: SearchOptions) -> FinalModel:
+    """Plan (:func:`plan_search`), run (or resume) the study and refit its winner."""
+    with run.phase("caches"):  # the val pass and the prefix caches (the cost measurement is its own phase)
+        plan = plan_search(run, base, opts)
     with run.phase("search"):
         outcome = plan.run_trials()
     with run.phase("refit"):
@@ -414,7 +411,8 @@ def _refit(plan: SearchPlan, trial, params: dict[str, Any], labelled: list):
     cfg.stop_epoch = best_epoch + 1  # the trials' schedule (same length), stopped where their folds chose
     cfg.early_stopping = False
     ctx = StrategyContext(index, setup.source, setup.extractor, run.run_dir, cfg, labelled,
-                          options=dict(objective.options), final=True, candidates=list(objective.candidates))
+                          options=dict(objective.options), final=True, candidates=list(objective.candidates),
+                          memory=run.memory)
     apply_strategies(ctx, params)
     _console.log(f"refitting trial {trial.number} on all {len(labelled)} labelled images for {cfg.stop_epoch} of its "
                  f"{cfg.epochs}-epoch schedule …")

@@ -39,9 +39,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..data import DatasetIndex, Sample
+from ..options import SearchOptions
 
 CV_MAX_IMAGES = 2000  # at or above: one holdout split is precise enough and k times cheaper
-DEFAULT_FOLDS = 5
+DEFAULT_FOLDS = SearchOptions.cv_folds  # --cv-folds
 TINY_IMAGES = 200  # below: repeat the k-fold partition (a fold of 8 images is a coarse estimate)
 DECIDE_FRACTION = 0.2  # share of a cv fold's training part that decides early stopping and dropout
 

@@ -155,7 +155,7 @@ class Objective:
         ctx = StrategyContext(self.index, setup.source, setup.extractor, self.run_dir, copy.deepcopy(setup.config),
                               list(fold.train), options=dict(self.options), final=False,
                               reference=list(fold.decide), reference_name="fold's decision part",
-                              candidates=list(self.candidates))
+                              candidates=list(self.candidates), memory=self.run.memory)
         apply_strategies(ctx, params)
         result = train_strategy(ctx, fold.decide, device=self.device, deadline=deadline)
         return result, ctx.notes

@@ -15,7 +15,6 @@ whose images are then trained on but never dropped.
 from __future__ import annotations
 
 import math
-import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -98,7 +97,7 @@ def fold_training(objective, params: dict[str, Any], setup) -> tuple[list[list],
         ctx = StrategyContext(objective.index, setup.source, setup.extractor, objective.run_dir, setup.config,
                               samples, options=dict(objective.options), final=False,
                               reference=list(fold.decide), reference_name="fold's decision part",
-                              candidates=list(objective.candidates))
+                              candidates=list(objective.candidates), memory=objective.run.memory)
         apply_strategies(ctx, params)
         train_sets.append(list(ctx.train_samples))
         contexts.append(ctx)
@@ -242,7 +241,8 @@ def refit_probe(objective, params: dict[str, Any], setup, lam: float, n_fold_tra
         return fitted_probe(model, objective.run.extractors, setup.source), notes
 
     ctx = StrategyContext(objective.index, setup.source, setup.extractor, objective.run_dir, setup.config, list(samples),
-                          options=dict(objective.options), final=True, candidates=list(objective.candidates))
+                          options=dict(objective.options), final=True, candidates=list(objective.candidates),
+                          memory=objective.run.memory)
     apply_strategies(ctx, params)
     spec = ctx.features or FeatureSpec((setup.source.label,))
     table = objective.probe_table()

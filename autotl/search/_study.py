@@ -266,7 +266,6 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
               on_trial=None) -> SearchOutcome:
     """Create or resume the study and run trials until ``settings.trials`` have finished or the
     time budget is spent. Ctrl-C marks the running trial FAIL and raises ``SearchInterrupted``."""
-    import optuna
 
     study, created = open_study(settings, url, fingerprint=fingerprint)
     if not created:

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import _console
 from ..errors import AutotlError
+from ..options import SearchOptions
 from ._distributed import WORKER_ATTR, _surplus, fail_stale, heartbeat_kwargs, recipe_from_json, study_progress
 
 @dataclass
@@ -95,8 +96,9 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     run_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"autotl-worker-{study_name}-"))
     run = Run.open(data, run_dir, models=w["models"], val_fraction=w["val_fraction"], seed=w["seed"], device=device,
                    cache_dir=cache_dir, index=index)
-    plan = plan_search(run, base, trials=w["target"], recipe=recipe, resume=True, storage=url, study_name=study_name,
-                       fixed=w["fixed"], options=w["options"], cv_folds=w["cv_folds"], cv_repeats=w["cv_repeats"])
+    plan = plan_search(run, base, SearchOptions(trials=w["target"], recipe=recipe, resume=True, storage=url, study=study_name,
+                                                fixed_params=w["fixed"], options=w["options"], cv_folds=w["cv_folds"],
+                                                cv_repeats=w["cv_repeats"]))
     study, _ = open_study(plan.settings, url, fingerprint=plan.fingerprint)
     # every worker proposes from its own seed (the same seed in two workers would replay the same trials)
     study.sampler = make_sampler(recipe, w["seed"] + os.getpid() * 7919 + time.time_ns() % 100_003,
