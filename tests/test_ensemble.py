@@ -195,9 +195,9 @@ def test_an_ensemble_without_the_selected_trial_ships_its_primary_members_input(
     def model_of(t):
         return t.params["model"]
 
-    def select(trials, params_of, candidates, **kw):
+    def select(trials, params_of, **kw):
         """The real rule, then overridden: a trial on a model with a second complete trial."""
-        _, rule = real_select(trials, params_of, candidates, **kw)
+        _, rule = real_select(trials, params_of, **kw)
         done = [t for t in trials if t.state.name == "COMPLETE"]
         by_model: dict = {}
         for t in done:

@@ -199,8 +199,9 @@ class _Bad:
                          ids=["torch-oom", "runtime-oom", "nan-score"])
 def test_oom_or_nan_trial_is_failed_and_the_study_goes_on(data, tmp_path, monkeypatch, exc):
     monkeypatch.setattr(autotl.train, "train_model", _Bad(exc))
+    # fine-tunes only: a frozen-backbone trial is a solved probe and never calls train_model
     recipe = parse_recipe({"trials": 3, "sampler": {"n_startup_trials": 2}, "pruner": {"type": "none"},
-                           "space": {"frozen_stages": ["all", -1], "lr": {"low": 0.001, "high": 0.03, "log": True},
+                           "space": {"frozen_stages": [-1, -2], "lr": {"low": 0.001, "high": 0.03, "log": True},
                                      "epochs": 1}}, "t")
     run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
     plan = plan_search(run, TrainConfig(epochs=1, batch_size=8, objective="accuracy"),

@@ -58,9 +58,9 @@ def test_a_searched_fit_records_its_phases_on_card_json_and_report(tmp_path, mak
     computed = []
     real = FeatureExtractor._compute
 
-    def counting(self, samples, key, runner, description):
+    def counting(self, samples, key, runner, description, *args):
         computed.append(description)
-        return real(self, samples, key, runner, description)
+        return real(self, samples, key, runner, description, *args)
 
     monkeypatch.setattr(FeatureExtractor, "_compute", counting)
     args = ["fit", str(data), "--model", "test_efficientnet=random", "--recipe", "quick", "--trials", "2",

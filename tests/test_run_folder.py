@@ -186,7 +186,7 @@ def test_an_interrupted_search_is_kept_unless_it_was_replacing_a_finished_run(da
     import autotl.search
     from autotl.search import SearchInterrupted
 
-    def interrupted(run, base, **kw):
+    def interrupted(run, base, opts):
         (run.run_dir / "study.db").write_text("the new study")
         raise SearchInterrupted("interrupted", run_dir=run.run_dir, study_name="autotl", storage="", finished=1)
 
@@ -269,7 +269,7 @@ def test_two_real_fits_on_one_folder_and_a_stale_lock(data, tmp_path):
     out = tmp_path / "run"
     args = ["fit", data, "--out", out, "--model", MODEL, "--no-search", "--epochs", "1", "--batch-size", "8",
             "--cache-dir", tmp_path / "cache"]
-    code = ("import sys, time, autotl.fit as f\n"
+    code = ("import importlib, sys, time\nf = importlib.import_module('autotl.fit')  # the module (autotl.fit is the function)\n"
             "def slow(*a, **k):\n    print('scoring', flush=True); time.sleep(300)\n"
             "f.score_candidates = slow\nfrom autotl.cli import main\nsys.exit(main(sys.argv[1:]))")
     a = _python(code, *args)
@@ -342,8 +342,9 @@ def test_no_interrupt_leaves_a_model_beside_a_card_that_does_not_describe_it(dat
 def _published_parts(data, out):
     """A Run and FinalModel for ``publish``, as fit builds them (into the existing run folder)."""
     from autotl.fit import _base_config, train_given_strategy
+    from autotl.options import FitOptions
     from autotl.run import Run
 
     run = Run.open(data, out, models=[MODEL], device="cpu", cache_dir=out.parent / "cache", resume=True)
-    base = _base_config(run.index, None, frozen_stages="all", epochs=1, lr=3e-3, batch_size=8, seed=0, objective=None)
+    base = _base_config(run.index, FitOptions(frozen_stages="all", epochs=1, lr=3e-3, batch_size=8, seed=0))
     return run, train_given_strategy(run, base, {}, {})

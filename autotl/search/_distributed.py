@@ -117,7 +117,7 @@ def recipe_from_json(doc: dict[str, Any]):
         d = dict(d)
         kind = d.pop("type")
         if kind == "model":
-            space[name] = {"top_k": d["top_k"]} if d.get("top_k") is not None else {}
+            space[name] = {k: d[k] for k in ("top_k", "when") if d.get(k) is not None}
             continue
         if d.get("step") is None:  # a range without a step: absent, or null in the stored JSON
             d.pop("step", None)

@@ -95,7 +95,13 @@ def make_storage(url: str):
     if "://" not in url:
         raise AutotlError(f"--storage {shown_url(url)}: give an Optuna storage URL (sqlite:///path.db, postgresql://...) "
                           "or a journal file (journal:path or path.log)")
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if url.startswith("sqlite"):
+        kwargs: dict = {"connect_args": {"timeout": 60}}
+    else:  # a server's connections close after each operation: storages opened by checks, workers and
+        # heartbeats never pile up against its max_connections
+        from sqlalchemy.pool import NullPool
+
+        kwargs = {"poolclass": NullPool}
     try:
         from ._distributed import heartbeat_kwargs, rdb_url, uses_heartbeat
 
