@@ -74,6 +74,7 @@ def reference_accuracy(run, test_samples, seed: int) -> dict:
 def measure_task(task: str, seed: int, work: Path, cache: Path) -> dict:
     from autotl.data import scan_dataset
     from autotl.fit import _base_config, score_candidates
+    from autotl.options import FitOptions
     from autotl.run import Run
     from autotl.search._folds import plan_selection
     from autotl.search._objective import Objective
@@ -88,7 +89,7 @@ def measure_task(task: str, seed: int, work: Path, cache: Path) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         data, test = build_task(task, seed, root)
     run = Run.open(data, root / "run", seed=seed, cache_dir=cache)
-    base = _base_config(run.index, None, frozen_stages="all", epochs=15, lr=3e-3, batch_size=64, seed=seed, objective=None)
+    base = _base_config(run.index, FitOptions(frozen_stages="all", epochs=15, lr=3e-3, batch_size=64, seed=seed))
     score_candidates(run, base)
     test_index = scan_dataset(test, val_fraction=0.5, seed=seed)
     mapping = [run.index.classes.index(c) for c in test_index.classes]

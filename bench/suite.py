@@ -252,13 +252,14 @@ def run_reference(data: Path, test: Path, seed: int, cache: Path) -> dict:
 
     from autotl.data import scan_dataset
     from autotl.fit import _base_config, score_candidates
+    from autotl.options import FitOptions
     from autotl.run import Run
 
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="autotl-ref-"))
     try:
         run = Run.open(data, work / "run", seed=seed, cache_dir=cache)
-        score_candidates(run, _base_config(run.index, None, objective=None, seed=seed))
+        score_candidates(run, _base_config(run.index, FitOptions(seed=seed)))
         ex = run.extractors[run.labels[0]]
         labelled = list(run.index.train) + list(run.index.val)
         test_index = scan_dataset(test, val_fraction=0.5, seed=seed)
