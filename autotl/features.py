@@ -184,6 +184,10 @@ class FeatureExtractor:
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
+    def cached(self, samples: Sequence[Sample], view: str = "center") -> bool:
+        """Whether ``samples`` seen as ``view`` are computed already (in memory or on disk): no pass owed."""
+        return self._load(self._key(list(samples), view), "pooled") is not None
+
     def _path(self, key: str, what: str) -> Path | None:
         return self.cache_dir / key / f"{what}.npy" if self.cache_dir else None
 

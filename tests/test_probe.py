@@ -215,6 +215,49 @@ def test_portfolio_is_enqueued_cheapest_first(run):
     assert plan.recipe.baselines[0] == {"frozen_stages": "all", "backbones": "1"}
 
 
+def test_a_probes_estimate_counts_the_frozen_passes_it_owes_and_later_portfolio_entries_are_judged(run):
+    """A flipped view not computed yet costs a whole forward of every labelled image (the scoring
+    pass computed the center views only); once computed it costs nothing. After a trial completed, a
+    portfolio entry that cannot finish before the deadline is not started."""
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autotl.search import SearchOptions, parse_recipe, plan_search
+
+    recipe = parse_recipe({"trials": 2, "pruner": {"type": "none"},
+                           "baselines": [{"frozen_stages": "all", "backbones": "1"},
+                                         {"frozen_stages": "all", "backbones": "1+2", "flip": True}],
+                           "space": {"frozen_stages": "all", "backbones": {"choices": ["1", "1+2"]},
+                                     "flip": {"choices": [False, True]}}}, "t")
+    plan = plan_search(run, TrainConfig(objective="accuracy", epochs=1), SearchOptions(trials=2, recipe=recipe, cv_folds=2,
+                                                                                       cv_repeats=1))
+    objective = plan.objective
+    labels = objective.candidates
+    n = len(run.index.train) + len(run.index.val)
+    assert all(objective.cost.forward[label] > 0 for label in labels)
+    center, flipped = objective.probe_spec({"backbones": "1+2"}), objective.probe_spec({"backbones": "1+2", "flip": True})
+    assert objective.owed_pass_seconds(center) == 0.0  # the scoring pass computed them
+    want = n * sum(objective.cost.forward[label] + objective.cost.decode for label in labels)
+    assert objective.owed_pass_seconds(flipped) == pytest.approx(want)
+
+    # the first portfolio entry runs; the second (flip, estimated at its owed passes) does not fit 1 s
+    objective.cost.forward = {label: 10.0 for label in labels}  # ten seconds an image: cannot finish
+    objective.deadline, objective.budget = time.monotonic() + 600.0, 600.0
+    study = optuna.create_study(direction="maximize")
+    for params in plan.recipe.baselines:
+        study.enqueue_trial(dict(params), user_attrs={"baseline": True})
+    study.optimize(objective, n_trials=1)
+    objective.deadline = time.monotonic() + 1.0
+    study.optimize(objective, n_trials=1)
+    first, second = study.trials
+    assert first.state == TrialState.COMPLETE and second.state == TrialState.PRUNED
+    assert second.user_attrs["estimated_seconds"] >= 10.0 * n and "allowed" in second.user_attrs["not_started"]
+    for label in labels:  # nothing pushed the flipped images through a backbone
+        assert not run.extractors[label].cached(list(run.index.train), "flip")
+
+
 # ----------------------------------------------------------------------------------- LP-FT and WiSE-FT
 def test_lp_ft_starts_from_the_solved_probe_head(tmp_path, make_image_folder):
     from autotl.finetune import LinearProbeInit, solve_probe_head

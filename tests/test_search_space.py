@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 
+import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -155,6 +156,77 @@ def test_no_trial_may_take_more_than_its_share_of_the_budget(data, tmp_path, mon
     (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
     assert trial.state == TrialState.PRUNED and "300s allowed" in trial.user_attrs["not_started"]
     assert "study stops" not in trial.user_attrs["not_started"]  # something cheaper could still run
+
+
+def test_trials_start_only_when_their_corrected_estimate_fits_before_the_deadline(data, tmp_path, monkeypatch):
+    """A trial's start is judged against the deadline (the overrun allowance is no budget), with the
+    start-up estimate scaled by what this run's completed trained trials measured per estimated second."""
+    import time
+
+    import autotl.train as train_mod
+
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
+    recipe = parse_recipe({"trials": 3, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1,
+                                                                             "lr": {"low": 0.001, "high": 0.03}}}, "t")
+    plan = plan_search(run, base, SearchOptions(trials=3, time_budget=600, recipe=recipe, cv_folds=2, cv_repeats=1))
+    objective = plan.objective
+    assert objective.cost_scale() == 1.0  # nothing measured yet: the start-up model as it is
+    objective.cost.trial_seconds = lambda *a, **k: 40.0
+    trained = []
+    real = train_mod.train_model
+    monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: trained.append(1) or real(*a, **k))
+
+    # 30 s before the deadline a 40 s trial is not started, though deadline + overrun would hold it
+    objective.deadline, objective.budget = time.monotonic() + 30.0, 600.0
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=1)
+    assert study.trials[-1].state == TrialState.PRUNED and not trained
+    assert "40s" in study.trials[-1].user_attrs["not_started"]
+
+    # measured trials took 3x their estimates: a 40 s estimate now counts as 120 s and 100 s left do not hold it
+    objective.cost_ratios[:] = [2.5, 3.0, 3.5]
+    assert objective.cost_scale() == 3.0
+    objective.deadline = time.monotonic() + 100.0
+    study.optimize(objective, n_trials=1)
+    assert study.trials[-1].state == TrialState.PRUNED and not trained
+    assert "120s" in study.trials[-1].user_attrs["not_started"]
+
+    # a trained trial's first fold adds its ratio: seconds the folds would take / estimate
+    objective.cost_ratios.clear()
+    objective.deadline = time.monotonic() + 500.0
+    study.optimize(objective, n_trials=1)
+    assert study.trials[-1].state == TrialState.COMPLETE and trained
+    (ratio,) = objective.cost_ratios
+    assert ratio == pytest.approx(study.trials[-1].user_attrs["seconds"] / 40.0, rel=0.5)  # two folds of about equal cost
+
+
+def test_a_trial_whose_first_folds_say_it_would_end_past_the_deadline_stops(data, tmp_path, monkeypatch):
+    import time
+
+    import autotl.train as train_mod
+
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
+    recipe = parse_recipe({"trials": 1, "pruner": {"type": "none"}, "space": {"frozen_stages": [-1], "epochs": 1}}, "t")
+    plan = plan_search(run, base, SearchOptions(trials=1, time_budget=600, recipe=recipe, cv_folds=2, cv_repeats=1))
+    objective = plan.objective
+    objective.cost.trial_seconds = lambda *a, **k: 0.1  # the start-up model thinks it is instant
+    real = train_mod.train_model
+    calls = []
+
+    def slow(*a, **k):  # each fold takes over a second
+        calls.append(1)
+        time.sleep(1.2)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_model", slow)
+    objective.deadline, objective.budget = time.monotonic() + 1.5, 600.0
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED and len(calls) == 1  # the second fold never started
+    assert objective.cost_ratios and objective.cost_ratios[0] > 10  # 1.2 s+ a fold against 0.05 s estimated
 
 
 def test_the_baseline_runs_whatever_its_estimate(data, tmp_path):

@@ -82,6 +82,7 @@ class Objective:
     deadline: float | None = None  # time.monotonic(): the budget; set by run_study
     budget: float | None = None  # seconds of the whole search (set by run_study)
     overrun_s: float = 30.0  # a trial started in budget stops this long past it (its score is then dropped)
+    cost_ratios: list[float] = field(default_factory=list)  # measured / estimated seconds of trained trials (first fold)
     started: list[int] = field(default_factory=list)  # trial numbers started by this process
     cost: Any = None  # ``_cost.CostModel``: a trial that cannot finish in the time left is not started
     best_probe: tuple[float, float] = (float("-inf"), 0.0)  # (value, penalty) of the best probe trial so far
@@ -140,8 +141,21 @@ class Objective:
         """The cost model's estimate of a trial with ``params`` (a solved probe or a trained trial)."""
         if solved_probe(setup):
             spec = self.probe_spec(params)
-            return self.cost.probe_seconds(self.probe_dim(spec), len(spec.views))
+            return self.cost.probe_seconds(self.probe_dim(spec), len(spec.views)) + self.owed_pass_seconds(spec)
         return self.cost.trial_seconds(setup.source.label, setup.config, params, setup.extractor)
+
+    def owed_pass_seconds(self, spec) -> float:
+        """The frozen passes a probe trial with ``spec`` runs before it can solve: the views of its
+        models not computed yet (the scoring pass computes every candidate's center view; a flipped
+        view costs a whole forward of every labelled image)."""
+        seconds = 0.0
+        for label in spec.models:
+            extractor = self.run.extractors[label]
+            for view in spec.views:
+                owed = sum(len(part) for part in (self.index.train, self.index.val)
+                           if part and not extractor.cached(part, view))
+                seconds += owed * (self.cost.forward.get(label, 0.0) + self.cost.decode)
+        return seconds
 
     def probe_table(self):
         """The labelled images as probe rows, shared by every probe trial (and the refit) of the run."""
@@ -160,23 +174,40 @@ class Objective:
         result = train_strategy(ctx, fold.decide, device=self.device, deadline=deadline)
         return result, ctx.notes
 
-    def _check_time(self, trial, setup: TrialSetup, params: dict[str, Any], hard: float | None) -> None:
-        """Record the trial's estimated cost; do not start it when it cannot finish in the time left
-        (the enqueued baseline always runs), and stop the study when nothing the recipe allows could."""
-        from ._cost import ESTIMATE_SLACK, MAX_TRIAL_SHARE, cheapest_trial_seconds
+    def cost_scale(self) -> float:
+        """Seconds this run's trained trials took per estimated second (their first folds; median, 1
+        before any): the start-up cost model corrected by what trials measured on this device."""
+        from ._cost import COST_SCALE_BOUNDS
+
+        if not self.cost_ratios:
+            return 1.0
+        low, high = COST_SCALE_BOUNDS
+        return min(high, max(low, statistics.median(self.cost_ratios)))
+
+    def _check_time(self, trial, setup: TrialSetup, params: dict[str, Any]) -> float:
+        """Record the trial's estimated cost and return it; do not start the trial when it cannot
+        finish before the deadline, and stop the study when nothing the recipe allows could. A
+        portfolio entry runs whatever its estimate while no trial has completed (the cheapest one
+        comes first: the study always has a result); the others are judged like any trial."""
+        from optuna.trial import TrialState
+
+        from ._cost import MAX_TRIAL_SHARE, cheapest_trial_seconds
 
         estimate = self.estimate_seconds(params, setup)
         trial.set_user_attr("estimated_seconds", round(estimate, 2))
-        left = hard - time.monotonic() if hard is not None else None
-        if left is None or trial.user_attrs.get("baseline"):
-            return
+        if self.deadline is None:
+            return estimate
+        if trial.user_attrs.get("baseline") and not trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            return estimate
+        scale = self.cost_scale()
+        left = self.deadline - time.monotonic()
         # nor one that alone would take more than its share of the whole budget: one trial eating the
         # budget leaves nothing to compare it with (a small set's budget is a minute or two)
         allowed = min(left, MAX_TRIAL_SHARE * self.budget) if self.budget else left
-        if estimate <= ESTIMATE_SLACK * allowed:
-            return
-        cheapest = cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
-        raise _not_started(trial, estimate, allowed, stop=cheapest > ESTIMATE_SLACK * left)
+        if scale * estimate <= allowed:
+            return estimate
+        cheapest = scale * cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
+        raise _not_started(trial, scale * estimate, allowed, stop=cheapest > left)
 
     def _probe_trial(self, trial, params: dict[str, Any], setup: TrialSetup) -> float:
         """Every fold of a linear probe at once (``_probe``); the same attributes a trained trial stores."""
@@ -215,8 +246,7 @@ class Objective:
             trial.set_user_attr("cached", setup.config.rand_augment <= 0 and should_cache(
                 setup.extractor, len(self.index.train) + len(self.index.val), setup.config.frozen_stages, setup.config.use_cache))
             hard = self.deadline + self.overrun_s if self.deadline is not None else None
-            if self.cost is not None:
-                self._check_time(trial, setup, params, hard)
+            estimate = self._check_time(trial, setup, params) if self.cost is not None else None
             if solved_probe(setup):
                 value = self._probe_trial(trial, params, setup)
                 status = "ok"
@@ -224,9 +254,17 @@ class Objective:
             scores, decide_scores, epochs, n_train, notes, fold_notes, accuracy = [], [], [], [], {}, [], []
             n_classes = len(self.index.classes)
             oof = OutOfFold(self.selection, n_classes)
+            n_folds = len(self.selection.folds)
             for i, fold in enumerate(self.selection.folds):
                 if hard is not None and time.monotonic() > hard:
-                    raise optuna.TrialPruned(f"time budget spent after {i} of {len(self.selection.folds)} folds")
+                    raise optuna.TrialPruned(f"time budget spent after {i} of {n_folds} folds")
+                if i and self.deadline is not None:  # the folds run so far say when the trial would end
+                    per_fold = (time.monotonic() - t0) / i
+                    if estimate and i == 1:  # what this device really takes per estimated second
+                        self.cost_ratios.append(per_fold * n_folds / estimate)
+                    if time.monotonic() + per_fold * (n_folds - i) > self.deadline:
+                        raise optuna.TrialPruned(f"would end past the time budget ({i} of {n_folds} folds took "
+                                                 f"{per_fold:.0f}s each)")
                 result, notes = self.train_fold(setup, params, fold, deadline=hard)
                 fold_notes.append(notes)
                 m, logits = score_fold(result.net, setup.extractor, fold.score, n_classes)
