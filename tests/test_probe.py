@@ -235,7 +235,7 @@ def test_a_probes_estimate_counts_the_frozen_passes_it_owes_and_later_portfolio_
     from autotl.search import SearchOptions, parse_recipe, plan_search
 
     recipe = parse_recipe({"trials": 2, "pruner": {"type": "none"},
-                           "baselines": [{"backbones": "1"}, {"backbones": "1+2", "flip": True}],
+                           "baselines": [{"backbones": "1", "flip": False}, {"backbones": "1+2", "flip": True}],
                            "space": {"frozen_stages": "all", "backbones": {"choices": ["1", "1+2"]},
                                      "flip": {"choices": [False, True]}}}, "t")
     plan = plan_search(_scored(run), TrainConfig(objective="accuracy", epochs=1),

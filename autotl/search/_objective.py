@@ -184,11 +184,11 @@ class Objective:
         low, high = COST_SCALE_BOUNDS
         return min(high, max(low, statistics.median(self.cost_ratios)))
 
-    def _check_time(self, trial, setup: TrialSetup, params: dict[str, Any]) -> float:
-        """Record the trial's estimated cost and return it; do not start the trial when it cannot
-        finish before the deadline, and stop the study when nothing the recipe allows could. A
-        portfolio entry runs whatever its estimate while no trial has completed (the cheapest one
-        comes first: the study always has a result); the others are judged like any trial."""
+    def _check_time(self, trial, setup: TrialSetup, params: dict[str, Any]) -> tuple[float, bool]:
+        """(the trial's estimated cost, whether it runs regardless of time); do not start the trial
+        when it cannot finish before the deadline, and stop the study when nothing the recipe allows
+        could. A portfolio entry runs whatever its estimate while no trial has completed (the
+        cheapest one comes first: the study always has a result); the others are judged like any trial."""
         from optuna.trial import TrialState
 
         from ._cost import MAX_TRIAL_SHARE, cheapest_trial_seconds
@@ -196,16 +196,16 @@ class Objective:
         estimate = self.estimate_seconds(params, setup)
         trial.set_user_attr("estimated_seconds", round(estimate, 2))
         if self.deadline is None:
-            return estimate
+            return estimate, False
         if trial.user_attrs.get("baseline") and not trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            return estimate
+            return estimate, True
         scale = self.cost_scale()
         left = self.deadline - time.monotonic()
         # nor one that alone would take more than its share of the whole budget: one trial eating the
         # budget leaves nothing to compare it with (a small set's budget is a minute or two)
         allowed = min(left, MAX_TRIAL_SHARE * self.budget) if self.budget else left
         if scale * estimate <= allowed:
-            return estimate
+            return estimate, False
         cheapest = scale * cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
         raise _not_started(trial, scale * estimate, allowed, stop=cheapest > left)
 
@@ -246,7 +246,7 @@ class Objective:
             trial.set_user_attr("cached", setup.config.rand_augment <= 0 and should_cache(
                 setup.extractor, len(self.index.train) + len(self.index.val), setup.config.frozen_stages, setup.config.use_cache))
             hard = self.deadline + self.overrun_s if self.deadline is not None else None
-            estimate = self._check_time(trial, setup, params) if self.cost is not None else None
+            estimate, regardless = self._check_time(trial, setup, params) if self.cost is not None else (None, False)
             if solved_probe(setup):
                 value = self._probe_trial(trial, params, setup)
                 status = "ok"
@@ -262,7 +262,7 @@ class Objective:
                     per_fold = (time.monotonic() - t0) / i
                     if estimate and i == 1:  # what this device really takes per estimated second
                         self.cost_ratios.append(per_fold * n_folds / estimate)
-                    if time.monotonic() + per_fold * (n_folds - i) > self.deadline:
+                    if not regardless and time.monotonic() + per_fold * (n_folds - i) > self.deadline:
                         raise optuna.TrialPruned(f"would end past the time budget ({i} of {n_folds} folds took "
                                                  f"{per_fold:.0f}s each)")
                 result, notes = self.train_fold(setup, params, fold, deadline=hard)
