@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from autotl import backend
 from autotl._images import load_rgb
@@ -96,6 +97,46 @@ def test_a_wrong_graph_falls_back_to_eager(index, tmp_path):
     with torch.no_grad():
         want = source.model.eval().forward_head(source.model.forward_features(_images(ex, index.train)), pre_logits=True)
     assert torch.max(torch.abs(acts.pooled - want)) <= 1e-4
+
+
+def _large_output_stages(scale: float) -> tuple[list[nn.Module], nn.Module]:
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()), nn.Conv2d(64, 64, 3, padding=1)]
+    with torch.no_grad():
+        for m in stages:
+            conv = m[0] if isinstance(m, nn.Sequential) else m
+            conv.weight.mul_(scale)
+    return stages, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _frozen(stages, pool, graph_dir):
+    return backend.frozen_forward(stages, pool, None, [1], backend="onnxruntime", device=torch.device("cpu"),
+                                  input_size=(3, 32, 32), label="large", weights_id="w", graph_dir=graph_dir)
+
+
+def test_parity_bound_is_relative_to_the_output_scale(tmp_path):
+    # outputs in the thousands: float32 rounding alone differs by more than PARITY_ATOL in absolute terms
+    stages, pool = _large_output_stages(30.0)
+    runner = _frozen(stages, pool, tmp_path)
+    assert isinstance(runner, backend.OrtForward), "a correct graph with large outputs keeps onnxruntime"
+    graph = backend._FrozenGraph(stages, pool, None, [1])
+    x = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = graph.eval()(x)
+    got = runner(x)
+    assert max(float(np.max(np.abs(got[n] - w.numpy()))) for n, w in zip(runner.names, want)) > backend.PARITY_ATOL
+    assert backend.parity(runner, graph, (3, 32, 32)) <= backend.PARITY_ATOL
+
+
+def test_parity_still_rejects_a_slightly_wrong_graph_with_large_outputs(tmp_path):
+    stages, pool = _large_output_stages(30.0)
+    assert isinstance(_frozen(stages, pool, tmp_path), backend.OrtForward)
+    (graph_file,) = tmp_path.glob("*.onnx")
+    with torch.no_grad():
+        stages[2].weight[0].mul_(1.01)  # one output channel's weights off by 1%: the cached graph is now stale
+    assert isinstance(_frozen(stages, pool, tmp_path), backend.EagerForward)
+    assert not graph_file.exists(), "a graph that failed parity is removed"
 
 
 def _images(ex, samples):
