@@ -512,9 +512,13 @@ class ProbeNet(nn.Module):
         return torch.softmax(logits, dim=-1)  # (H, n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = self._head_probs(x)
         if self.any_flip:
-            mirrored = self._head_probs(x.flip(-1))
+            # both views in one batch: the exported graph holds the backbones once, not twice (the
+            # dynamo exporter's time grows with the graph's size)
+            both = self._head_probs(torch.cat([x, x.flip(-1)]))
+            heads, mirrored = both[:, :x.shape[0]], both[:, x.shape[0]:]
             heads = heads + self.flip_mask * 0.5 * (mirrored - heads)  # flip heads: the mean over both views
+        else:
+            heads = self._head_probs(x)
         probs = torch.einsum("h,hnk->nk", self.head_weights, heads)
         return torch.log(probs.clamp_min(PROB_FLOOR))

@@ -167,3 +167,21 @@ def test_auto_falls_back_to_torchscript_when_dynamo_fails(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="unsupported operator"):
         export_onnx(model, tmp_path / "other.onnx", input_size=(3, 8, 8), exporter="dynamo")
     assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_flip_heads_export_the_backbone_once(tmp_path):
+    """Flip TTA runs both views as one batch: the graph holds each backbone once (export time grows
+    with the graph), keeps a dynamic batch, and matches PyTorch."""
+    from autotl.probe import ProbeNet
+
+    def convs(flip):
+        torch.manual_seed(0)
+        stages = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), torch.nn.Conv2d(4, 6, 3)]
+        pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        net = ProbeNet([(stages, pool, [1])], torch.randn(2, 10, 3), torch.randn(2, 3), flip=[flip, False])
+        path = export_onnx(net, tmp_path / f"flip{flip}.onnx", input_size=(3, 12, 12))
+        report = verify_onnx(net, path, _batch(5, (3, 12, 12)))  # 5: not the export's example batch
+        assert report.passed, report.summary()
+        return sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
+
+    assert convs(True) == convs(False) == 2
