@@ -333,6 +333,19 @@ def _ms(xs: list[float]) -> str:
 
 
 METHODS = ("probe", "reference", "finetune", "autotl")
+BASELINES = METHODS[:-1]
+
+
+def _ablation_delta(runs: list[dict], full: list[dict]) -> dict:
+    """Per task, autotl's held-out error with the dimension off minus with it on (points, mean ± std over
+    the seeds both ran; > 0 = the dimension pays), and how often the full search picked it."""
+    on = {(r["task"], r["seed"]): r["autotl"] for r in full}
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in runs):
+        pairs = [(r["autotl"], on[(task, r["seed"])]) for r in runs if r["task"] == task and (task, r["seed"]) in on]
+        if pairs:
+            out[task] = {"seeds": len(pairs), "off − on err points": _ms([100 * (b["test"] - a["test"]) for a, b in pairs])}
+    return out
 
 
 def _task_table(tasks: list[str], runs: list[dict]) -> list[dict]:
@@ -364,6 +377,11 @@ def _summary(runs: list[dict]) -> dict:
         return out
     err = {m: statistics.fmean(1 - r[m]["test"] for r in runs) for m in METHODS if all(m in r for r in runs)}
     out["mean_test_error"] = {m: round(100 * v, 2) for m, v in err.items()}
+    partial = {m: [r for r in runs if m in r] for m in METHODS if m not in err and any(m in r for r in runs)}
+    if partial:  # a baseline run on some rows only: its mean and autotl's on the same rows
+        out["mean_test_error_on_rows_run"] = {m: {"rows": len(rs), m: round(100 * statistics.fmean(1 - r[m]["test"] for r in rs), 2),
+                                                  "autotl": round(100 * statistics.fmean(1 - r["autotl"]["test"] for r in rs), 2)}
+                                              for m, rs in partial.items()}
     if "probe" in err and err["probe"] > 0:
         out["autotl_relative_error_cut_vs_probe"] = round(1 - err["autotl"] / err["probe"], 4)
     out["autotl_mean_optimism_points"] = round(statistics.fmean(100 * (r["autotl"]["val"] - r["autotl"]["test"]) for r in runs), 2)
@@ -398,12 +416,17 @@ def main() -> int:
     parser.add_argument("--ablate", default=None, choices=list(ABLATIONS),
                         help="switch this search dimension off (autotl runs only, no baselines)")
     parser.add_argument("--no-baselines", action="store_true", help="only the autotl runs")
+    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
+                        help="which baselines to run beside autotl (default: all; the fine-tune gets autotl's wall time)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="with --ablate: a full suite's results JSON; prints autotl's held-out error with the "
+                             "dimension off minus on, per task, on the seeds both ran")
     parser.add_argument("--rows", type=Path, default=None,
                         help="JSON-lines file of measured (task, seed) rows: rows found there are not run again, and "
                              "every new row is appended as soon as it is measured (an interrupted suite resumes)")
     args = parser.parse_args()
     name = args.name or ("suite" + (f"-ablate-{args.ablate}" if args.ablate else ""))
-    baselines = not (args.no_baselines or args.ablate)
+    baselines = () if (args.no_baselines or args.ablate) else tuple(args.baselines)
 
     from autotl import _console
     from autotl.models import set_torch_threads
@@ -439,9 +462,11 @@ def main() -> int:
             data, test = build_task(task, seed, root)
             row = {"task": task, "seed": seed, "load_before": load_average()}
             row["autotl"] = run_autotl(data, test, root / "run-autotl", seed, cache, args.recipe, args.ablate)
-            if baselines:
+            if "probe" in baselines:
                 row["probe"] = run_probe(data, test, root / "run-probe", seed, cache)
+            if "reference" in baselines:
                 row["reference"] = run_reference(data, test, seed, cache)
+            if "finetune" in baselines:
                 row["finetune"] = run_finetune(data, test, seed, row["autotl"]["wall_s"])
             runs.append(row)
             if args.rows is not None:
@@ -459,6 +484,8 @@ def main() -> int:
                         "complete share", "autotl s"] if any(c in line for line in table)]
     print_table("held-out error (mean ± std over seeds); gap = val − held-out accuracy, points", table, cols)
     summary = _summary(runs)
+    if args.against is not None:
+        summary["ablation_vs_full"] = _ablation_delta(runs, json.loads(args.against.read_text())["runs"])
     for k, v in summary.items():
         print(f"{k}: {v}")
     estimates = [{"task": r["task"], "seed": r["seed"], "estimate": r["autotl"]["estimate"]["accuracy"],
