@@ -27,7 +27,7 @@ from .train_config import OBJECTIVES, TrainConfig
 
 __all__ = [
     "FitOptions", "SearchOptions", "StrategyOptions", "DropoutOptions", "RetrievalOptions", "FinetuneOptions",
-    "STRATEGY_OPTIONS", "Flag", "option", "flag_of", "flag_name", "keyword_signature", "check_score_options", "check_dropout_options",
+    "ProbeOptions", "STRATEGY_OPTIONS", "Flag", "option", "flag_of", "flag_name", "keyword_signature", "check_score_options", "check_dropout_options",
     "check_predict_options", "check_report_options", "check_worker_options", "check_frozen_stages", "check_device",
     "check_out_dir", "check_out_file", "check_output_file", "check_output_dir", "check_int", "check_number",
     "check_columns", "parse_tau", "parse_retrieval_k", "parse_frozen_stages",
@@ -561,8 +561,28 @@ class FinetuneOptions(StrategyOptions):
     probe_l2: float = 0.01  # the probe's penalty (a search sets the best probe trial's)
 
 
+# How a probe trial picks its L2 penalty on the path. "logloss": the least out-of-fold log loss;
+# "one_se": the strongest penalty within one standard error (over folds) of that least loss — on a
+# tiny separable set the log-loss minimum drifts to the weakest penalty, where the strongest of the
+# near-ties (as scikit-learn's probe picks the strongest C among tied scores) generalises better.
+PENALTY_RULES = ("logloss", "one_se")
+
+
+@dataclasses.dataclass
+class ProbeOptions(StrategyOptions):
+    """How a linear probe trial is solved (``autotl.probe.ProbeFeatures``)."""
+
+    penalty_rule: str = option(
+        "logloss", "--penalty-rule", param=True,
+        help="Probe trials: pick the L2 penalty by the least out-of-fold log loss (logloss) or the strongest within "
+             "one standard error of it (one_se); fixes what the search would vary.")
+
+    def check(self, name: Callable[[str], str] = str) -> None:
+        check_choice(name("penalty_rule"), self.penalty_rule, PENALTY_RULES)
+
+
 # every strategy's options, in the order of their flags in ``autotl fit --help``
-STRATEGY_OPTIONS: tuple[type[StrategyOptions], ...] = (DropoutOptions, RetrievalOptions, FinetuneOptions)
+STRATEGY_OPTIONS: tuple[type[StrategyOptions], ...] = (DropoutOptions, RetrievalOptions, FinetuneOptions, ProbeOptions)
 
 
 # ------------------------------------------------------------------------------------------ fit and search

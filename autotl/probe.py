@@ -23,12 +23,15 @@ augmentation). ``ProbeNet`` is the same computation as one module, for the expor
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from .options import ProbeOptions
 from .strategy import BaseStrategy
 
 __all__ = ["FeatureSpec", "ProbeFeatures", "parse_backbones", "ReducedFeatures", "ProbeSolution", "feature_matrix", "feature_blocks", "ProbeNet", "ProbeModel", "merge_probes",
@@ -122,23 +125,54 @@ class ProbeFeatures(BaseStrategy):
     frozen backend; the exported graph computes the same layout (``ProbeNet``)."""
 
     name = "features"
-    params = ("backbones", "taps", "flip")
+    params = ("backbones", "taps", "flip") + ProbeOptions.params()
 
     def is_active(self, params: dict[str, Any]) -> bool:
-        return (str(params.get("backbones") or "1") != "1" or bool(params.get("taps")) or bool(params.get("flip")))
+        return self._layout_given(params) or _penalty_rule(params) != ProbeOptions.penalty_rule
+
+    @staticmethod
+    def _layout_given(params: dict[str, Any]) -> bool:
+        return str(params.get("backbones") or "1") != "1" or bool(params.get("taps")) or bool(params.get("flip"))
 
     def apply(self, ctx, params: dict[str, Any]) -> None:
-        models = parse_backbones(params.get("backbones"), ctx.candidates)
-        ctx.features = FeatureSpec(models, int(params.get("taps") or 0), bool(params.get("flip")))
-        ctx.notes[self.name] = {**ctx.features.to_json(), "description": ctx.features.describe()}
+        if self._layout_given(params):
+            models = parse_backbones(params.get("backbones"), ctx.candidates)
+            ctx.features = FeatureSpec(models, int(params.get("taps") or 0), bool(params.get("flip")))
+            ctx.notes[self.name] = {**ctx.features.to_json(), "description": ctx.features.describe()}
+        rule = _penalty_rule(params)
+        if rule != ProbeOptions.penalty_rule:
+            ctx.choose_penalty = PENALTY_CHOICE[rule]
+            ctx.notes["penalty_rule"] = rule
 
     def describe(self, params: dict[str, Any]) -> str:
-        parts = [f"features of ranked model(s) {params.get('backbones') or '1'}"]
+        parts = [f"features of ranked model(s) {params.get('backbones') or '1'}"] if self._layout_given(params) else []
         if params.get("taps"):
             parts.append(f"+ {params['taps']} intermediate stage(s) each")
         if params.get("flip"):
             parts.append("+ flipped views, flip TTA")
+        if _penalty_rule(params) != ProbeOptions.penalty_rule:
+            parts.append(("+ " if parts else "") + f"penalty by the {_penalty_rule(params)} rule")
         return " ".join(parts)
+
+
+def _penalty_rule(params: dict[str, Any]) -> str:
+    opts = ProbeOptions.of(None, params)
+    opts.check()  # a recipe's value is checked where it is read
+    return opts.penalty_rule
+
+
+def penalty_one_se(lambdas: Sequence[float], fold_losses: Sequence[Sequence[float]], oof_losses: Sequence[float]) -> int:
+    """The strongest penalty whose out-of-fold log loss is within one standard error (of the best
+    penalty's fold losses) of the least one."""
+    best = min(range(len(oof_losses)), key=lambda i: oof_losses[i])
+    losses = list(fold_losses[best])
+    se = statistics.stdev(losses) / math.sqrt(len(losses)) if len(losses) > 1 else 0.0
+    near = [i for i in range(len(oof_losses)) if oof_losses[i] <= oof_losses[best] + se]
+    return max(near, key=lambda i: lambdas[i])
+
+
+# how each ``ProbeOptions.penalty_rule`` but the default picks (``StrategyContext.choose_penalty``)
+PENALTY_CHOICE = {"one_se": penalty_one_se}
 
 
 # ------------------------------------------------------------------------------------- the solver

@@ -2,8 +2,9 @@
 
 A strategy (data dropout, selective joint fine-tuning, ...) reads its parameters from the trial's
 parameter dict (the recipe declares their ranges), and before training may replace the training
-samples (``ctx.train_samples``), set the feature layout a probe reads (``ctx.features``) or add
-``autotl.train.TrainingHooks`` to the one training loop (``ctx.hooks``): every strategy trains
+samples (``ctx.train_samples``), set the feature layout a probe reads (``ctx.features``) and how it
+picks its penalty (``ctx.choose_penalty``) or add ``autotl.train.TrainingHooks`` to the one
+training loop (``ctx.hooks``): every strategy trains
 through ``train_strategy``. Adding one is one new module with a ``BaseStrategy`` subclass plus one
 ``STRATEGIES.register`` line (name, ``"module:Class"``, order) and its dimensions in the recipes.
 """
@@ -47,6 +48,9 @@ class StrategyContext:
     # (set by the ``features`` strategy; None: the source model's pooled features)
     candidates: list[str] = field(default_factory=list)
     features: Any = None
+    # how a probe trial picks its L2 penalty on the path (set by a strategy): ``(lambdas, fold_losses
+    # [penalty][fold], oof_losses [penalty]) -> index``; None: the least out-of-fold log loss
+    choose_penalty: Any = None
     # what strategies keep between trainings (influence outcomes, pool descriptors): the run's memory,
     # so the trials of a search share it and nothing outlives the run; a context of its own otherwise
     memory: BoundedMemory = field(default_factory=BoundedMemory)

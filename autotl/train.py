@@ -526,24 +526,32 @@ def train_model(
 
 
 @torch.no_grad()
-def _evaluate(net: TransferNet, cut: int, x: torch.Tensor, y: torch.Tensor, num_classes: int, policy: DevicePolicy,
-              batch_size: int) -> dict:
+def _batched_logits(net: TransferNet, cut: int, x: torch.Tensor, batch_size: int, num_classes: int,
+                    policy: DevicePolicy | None = None) -> torch.Tensor:
+    """``net``'s logits (float, on the CPU) on activations ``x`` at stage ``cut``, ``batch_size`` rows at
+    a time: on ``policy``'s device, input layout and autocast when given, else where the net is."""
     net.eval()
     out = []
-    for i in range(0, len(x), max(batch_size, 256)):
-        xb = policy.format_input(x[i : i + max(batch_size, 256)].to(policy.device).float())
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        if policy is None:
+            out.append(net.forward_from(xb.float(), cut).float().cpu())
+            continue
+        xb = policy.format_input(xb.to(policy.device).float())
         with policy.autocast():
             out.append(net.forward_from(xb, cut).float().cpu())
-    logits = torch.cat(out) if out else torch.zeros(0, num_classes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def _evaluate(net: TransferNet, cut: int, x: torch.Tensor, y: torch.Tensor, num_classes: int, policy: DevicePolicy,
+              batch_size: int) -> dict:
+    logits = _batched_logits(net, cut, x, max(batch_size, 256), num_classes, policy)
     return classification_metrics(logits, y, num_classes)
 
 
-@torch.no_grad()
 def predict_logits(net: TransferNet, acts: ActivationSet, batch_size: int = 256) -> torch.Tensor:
     """Logits of a trained net on cached activations at its own cut."""
-    net.eval()
-    x = acts.at(net.frozen, net.num_stages)
-    return torch.cat([net.forward_from(x[i : i + batch_size].float(), net.frozen) for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, net.head.out_features)
+    return _batched_logits(net, net.frozen, acts.at(net.frozen, net.num_stages), batch_size, net.head.out_features)
 
 
 __all__ = ["TrainConfig", "TrainResult", "EpochMetrics", "TrainingHooks", "TrainingSetup", "train_model", "round_lr_factor",

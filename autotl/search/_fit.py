@@ -287,68 +287,103 @@ def search(run: Run, base: TrainConfig, opts: SearchOptions) -> FinalModel:
 
 def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
     """Retrain the selected strategy on all labelled images for the epoch count its folds chose."""
-    run, recipe, objective = plan.run, plan.recipe, plan.objective
-    index, settings, study, base = run.index, plan.settings, outcome.study, objective.base
-    candidates = objective.candidates
-    rows = trial_rows(study, recipe, candidates, base.objective)
+    run, objective = plan.run, plan.objective
+    study, base = outcome.study, objective.base
+    rows = trial_rows(study, plan.recipe, objective.candidates, base.objective)
 
     def params_of(t) -> dict[str, Any]:
         try:
-            return {**objective.fixed, **recipe.params_of(t.params, candidates)}
+            return {**objective.fixed, **plan.recipe.params_of(t.params, objective.candidates)}
         except KeyError:
             return dict(t.params)
 
-    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of,
-                                     oof_labels=[s.label for s in plan.selection.scored_samples],
-                                     prior=portfolio_rank(plan.portfolio))
-    if best_trial is None:
-        errors = [r["error"] for r in rows if r.get("error")]
-        if errors:  # the trials broke: more time would not help; say what broke and what to change
-            import re
-
-            low = " ".join(errors).lower()
-            fix = ("lower --batch-size or give a smaller --model" if "out of memory" in low or "memoryerror" in low
-                   else "lower the learning rates (--lr, the recipe's lr range)" if re.search(r"\bnan\b|\binf\b|not finite", low)
-                   else "fix what the error names (a flag, a file, the recipe's space), or narrow the recipe to strategies that run")
-            kinds = sorted({e.split(":", 1)[0] for e in errors})
-            raise AutotlError(f"no trial of study {settings.study_name!r} completed: {len(errors)} of {len(rows)} trial(s) "
-                              f"failed with an error ({', '.join(kinds)}; first: {errors[0][:300]}); {fix}, then run again "
-                              "(each trial's error is in the log above)")
-        if not rows:
-            raise AutotlError(f"no trial of study {settings.study_name!r} ran: the time budget ended before the first trial "
-                              "started; widen --time-budget (or give --trials)")
-        raise AutotlError(f"no trial of study {settings.study_name!r} completed ({len(rows)} trial(s), none failed with an "
-                          "error: pruned or cut off by the time budget); widen --time-budget, or give --trials, or check the recipe")
-    _console.log(leaderboard_table(rows, objective=base.objective, best=best_trial.number, show_model=len(candidates) > 1))
-    if rule["best_mean_trial"] != best_trial.number:
-        _console.log(f"trial {best_trial.number} is within one standard error ({rule['best_se']:.3f}) of the best mean "
-                     f"(trial {rule['best_mean_trial']}, {rule['best_mean']:.4f}) and simpler (or on a higher-ranked model): it is selected")
-
+    best_trial, rule = _select_trial(plan, study, rows, params_of)
     params = params_of(best_trial)
-    ua = best_trial.user_attrs
-    labelled = list(index.train) + list(index.val)
-    planned = objective.setup(params)
-    words = describe_strategy(params, frozen=planned.config.frozen_stages, num_stages=planned.extractor.num_stages,
-                              stage_names=[n for n, _ in planned.extractor.stages],
-                              solved_l2=ua.get("lambda") if ua.get("probe") else None)
-    _console.log(f"[bold]selected strategy[/] (trial {best_trial.number}, {plan.selection.kind} {base.objective} "
-                 f"{best_trial.value:.4f} ± {ua.get('value_std', 0.0):.3f}): {words}")
+    labelled = list(run.index.train) + list(run.index.val)
+    words = _describe_selected(plan, best_trial, params)
     fitted, notes, refit_info = _refit(plan, best_trial, params, labelled)
-    ensemble_doc, members, chosen = None, [], ChosenEnsemble()
-    if plan.ensemble:
-        chosen = choose_ensemble(plan, study, best_trial, params_of)
-        ensemble_doc = chosen.doc
-        if chosen.trials:
-            members = _refit_members(plan, chosen, best_trial, fitted, params_of, labelled)
+    chosen, members = _refit_ensemble(plan, study, best_trial, fitted, params_of, labelled)
     estimate = search_estimate(plan, study, best_trial, chosen)
     _console.log(f"estimate for new images: {estimate.line()}")
     plots = save_plots(study, run.run_dir / "plots")
     atomic_write_json(run.run_dir / "leaderboard.json", rows)
+    search_doc = _search_doc(plan, outcome, rows, best_trial, params, words, rule=rule, refit_info=refit_info,
+                             ensemble_doc=chosen.doc if plan.ensemble else None, estimate=estimate, plots=plots)
+    return FinalModel(fitted, _decided_by(plan, members), {"search_params": params, "description": words, "strategies": notes},
+                      search_doc, members=members)
+
+
+def _select_trial(plan: SearchPlan, study, rows: list[dict], params_of):
+    """(the selected trial, the selection rule's record), logged with the leaderboard; an
+    ``AutotlError`` saying what went wrong when no trial completed."""
+    best_trial, rule = select_one_se(study.get_trials(deepcopy=False), params_of,
+                                     oof_labels=[s.label for s in plan.selection.scored_samples],
+                                     prior=portfolio_rank(plan.portfolio))
+    if best_trial is None:
+        raise _no_trial_error(plan.settings.study_name, rows)
+    objective = plan.objective
+    _console.log(leaderboard_table(rows, objective=objective.base.objective, best=best_trial.number,
+                                   show_model=len(objective.candidates) > 1))
+    if rule["best_mean_trial"] != best_trial.number:
+        _console.log(f"trial {best_trial.number} is within one standard error ({rule['best_se']:.3f}) of the best mean "
+                     f"(trial {rule['best_mean_trial']}, {rule['best_mean']:.4f}) and simpler (or on a higher-ranked model): it is selected")
+    return best_trial, rule
+
+
+def _no_trial_error(study_name: str, rows: list[dict]) -> AutotlError:
+    """Why no trial completed and what to change: the trials broke (more time would not help), none
+    started, or all were pruned or cut off."""
+    errors = [r["error"] for r in rows if r.get("error")]
+    if errors:
+        import re
+
+        low = " ".join(errors).lower()
+        fix = ("lower --batch-size or give a smaller --model" if "out of memory" in low or "memoryerror" in low
+               else "lower the learning rates (--lr, the recipe's lr range)" if re.search(r"\bnan\b|\binf\b|not finite", low)
+               else "fix what the error names (a flag, a file, the recipe's space), or narrow the recipe to strategies that run")
+        kinds = sorted({e.split(":", 1)[0] for e in errors})
+        return AutotlError(f"no trial of study {study_name!r} completed: {len(errors)} of {len(rows)} trial(s) "
+                           f"failed with an error ({', '.join(kinds)}; first: {errors[0][:300]}); {fix}, then run again "
+                           "(each trial's error is in the log above)")
+    if not rows:
+        return AutotlError(f"no trial of study {study_name!r} ran: the time budget ended before the first trial "
+                           "started; widen --time-budget (or give --trials)")
+    return AutotlError(f"no trial of study {study_name!r} completed ({len(rows)} trial(s), none failed with an "
+                       "error: pruned or cut off by the time budget); widen --time-budget, or give --trials, or check the recipe")
+
+
+def _describe_selected(plan: SearchPlan, trial, params: dict[str, Any]) -> str:
+    """The selected strategy in words (logged)."""
+    ua = trial.user_attrs
+    planned = plan.objective.setup(params)
+    words = describe_strategy(params, frozen=planned.config.frozen_stages, num_stages=planned.extractor.num_stages,
+                              stage_names=[n for n, _ in planned.extractor.stages],
+                              solved_l2=ua.get("lambda") if ua.get("probe") else None)
+    _console.log(f"[bold]selected strategy[/] (trial {trial.number}, {plan.selection.kind} {plan.objective.base.objective} "
+                 f"{trial.value:.4f} ± {ua.get('value_std', 0.0):.3f}): {words}")
+    return words
+
+
+def _refit_ensemble(plan: SearchPlan, study, best_trial, fitted, params_of, labelled: list):
+    """(the chosen ensemble, its refitted members besides the winner); none without ``--ensemble``."""
+    chosen, members = ChosenEnsemble(), []
+    if plan.ensemble:
+        chosen = choose_ensemble(plan, study, best_trial, params_of)
+        if chosen.trials:
+            members = _refit_members(plan, chosen, best_trial, fitted, params_of, labelled)
+    return chosen, members
+
+
+def _search_doc(plan: SearchPlan, outcome: SearchOutcome, rows: list[dict], best_trial, params: dict[str, Any],
+                words: str, *, rule, refit_info: dict, ensemble_doc, estimate, plots) -> dict[str, Any]:
+    """The run's ``search`` record (the study, the selection, the refit, the estimate, the leaderboard)."""
+    settings, recipe, base = plan.settings, plan.recipe, plan.objective.base
+    ua = best_trial.user_attrs
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"].lower()] = states.get(r["state"].lower(), 0) + 1
     done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and r["seconds"] is not None]
-    search_doc = {
+    return {
         "study_name": settings.study_name, "storage": shown_url(plan.url),
         "dashboard": f"optuna-dashboard {shown_url(plan.url)}",
         "recipe": recipe.name, "recipe_source": recipe.source, "objective": base.objective,
@@ -358,7 +393,7 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
         "search_seconds": round(outcome.seconds, 2), "prefix_cache": plan.prefetch,
         "mean_trial_seconds": {"cached": _mean([r["seconds"] for r in done if r["cached"]]),
                                "uncached": _mean([r["seconds"] for r in done if r["cached"] is False])},
-        "candidates": candidates, "refit_on": "all labelled images (train + val)", "refit": refit_info,
+        "candidates": plan.objective.candidates, "refit_on": "all labelled images (train + val)", "refit": refit_info,
         "ensemble": ensemble_doc,
         "selection": plan.selection.to_json(), "selection_rule": rule, "estimate": estimate.to_json(),
         "best": {"number": best_trial.number, "value": best_trial.value, "value_std": ua.get("value_std"),
@@ -367,21 +402,25 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
                  "best_epoch": refit_info.get("best_epoch"), "description": words},
         "plots": plots, "leaderboard": rows,
     }
+
+
+def _decided_by(plan: SearchPlan, members: list) -> dict[str, str]:
+    """Which images decided what, for the card."""
+    base = plan.objective.base
     decided_by = {
         **plan.selection.decided_by,
         "training": "all labelled images (train + val), for the epoch count the folds chose",
         "early_stopping": "none in the refit (fixed epoch count: the median best epoch over the folds)",
         "trial_selection": plan.selection.decided_by["trial_ranking"] + f" (objective {base.objective})",
         "pruning": "the running mean of the folds' scores (the same scoring parts)",
-        "test": "reported only, never used for a decision" if index.test else "no test split given",
+        "test": "reported only, never used for a decision" if plan.run.index.test else "no test split given",
         "note": "the refit trained on val: the final model's val metrics are not held out; "
                 "search.best.value is the cross-validated estimate",
     }
     if members:
         decided_by["ensemble_selection"] = ("greedy forward selection with replacement on the trials' out-of-fold "
                                             "probabilities of the scoring parts (log loss); each member refitted like the winner")
-    return FinalModel(fitted, decided_by, {"search_params": params, "description": words, "strategies": notes}, search_doc,
-                      members=members)
+    return decided_by
 
 
 def _refit(plan: SearchPlan, trial, params: dict[str, Any], labelled: list):

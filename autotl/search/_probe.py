@@ -6,6 +6,7 @@ A probe trial (``frozen_stages: all``) does not run the training loop per fold: 
 the last. The penalty is chosen inside the trial by the out-of-fold log loss (a smooth, proper
 score: on a few dozen scored images accuracy moves in whole images and cannot rank penalties), and
 every penalty's per-fold scores are kept, so the final estimate can account for that choice too.
+A strategy may set another rule (``StrategyContext.choose_penalty``).
 
 A probe trains on all of a fold's non-scoring images (its training and decision parts): without
 early stopping there is nothing for the decision part to decide, except the data-dropout reference,
@@ -138,7 +139,8 @@ def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: S
         fold_losses.append(losses)
         oofs.append(p)
         oof_losses.append(float(-np.log(np.clip(p[np.arange(len(scored_labels)), scored_labels], 1e-6, 1.0)).mean()))
-    chosen = int(np.argmin(oof_losses))
+    rule = contexts[0].choose_penalty
+    chosen = int(np.argmin(oof_losses)) if rule is None else int(rule(tuple(lambdas), fold_losses, oof_losses))
     notes = {name: note for ctx in contexts[:1] for name, note in ctx.notes.items()}
     return ProbeCV(tuple(float(v) for v in lambdas), fold_scores, fold_accuracy, fold_losses, oofs, oof_losses, chosen,
                    [len(s) for s in train_sets], notes)
