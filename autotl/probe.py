@@ -214,8 +214,9 @@ class ReducedFeatures:
         y1 = _one_hot(labels, num_classes, SOLVER_DTYPE)
         theta = torch.zeros(self.rank + 1, b, num_classes, dtype=SOLVER_DTYPE)
         thetas, iters, norms = [], [], []
+        z32 = (self.z.float(), self.z.T.float().contiguous())
         for lam in lambdas:
-            f = _Batch(self.z, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE))
+            f = _Batch(self.z, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE), z32)
             theta, it, gn = _newton(f, theta, tol, max_iter)
             thetas.append(theta)
             iters.append(it)
@@ -248,17 +249,24 @@ def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:
 class _Batch:
     """Softmax regression objective of B problems on the shared rows ``z`` ``(N, r + 1)`` (bias column
     last); parameters ``theta`` ``(r + 1, B, K)``; ``w`` ``(N, B)`` row weights (each problem's sum to 1,
-    0 = not its row); ``y1`` ``(N, K)`` one-hot labels."""
+    0 = not its row); ``y1`` ``(N, K)`` one-hot labels.
 
-    def __init__(self, z: torch.Tensor, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor):
+    Values and gradients are float64 (they decide convergence); the Hessian-vector products of the
+    inner conjugate-gradient solve read a float32 copy of ``z``: CG only needs an approximate Newton
+    direction, and the float64 gradient and line search keep the optimum where float64 puts it."""
+
+    def __init__(self, z: torch.Tensor, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor,
+                 z32: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.z, self.zt, self.y1, self.w = z, z.T.contiguous(), y1[:, None, :], w[..., None]
+        self.z32, self.zt32 = z32 if z32 is not None else (z.float(), self.zt.float())
         self.z2t = (z * z).T.contiguous()
         r1, b = z.shape[1], w.shape[1]
         reg = lam.view(1, b, 1).expand(r1, b, 1).clone()
         reg[-1] = BIAS_L2
         self.reg = reg
+        self.wy = self.w * self.y1  # (N, B, K)
 
-    def _scores(self, theta: torch.Tensor) -> torch.Tensor:
+    def scores(self, theta: torch.Tensor) -> torch.Tensor:
         r1, b, k = theta.shape
         return (self.z @ theta.reshape(r1, b * k)).reshape(-1, b, k)
 
@@ -269,21 +277,24 @@ class _Batch:
     def _penalty(self, theta: torch.Tensor) -> torch.Tensor:
         return 0.5 * (self.reg * theta * theta).sum((0, 2))
 
-    def value(self, theta: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(self._scores(theta), dim=-1)
-        return -(self.w * self.y1 * logp).sum((0, 2)) + self._penalty(theta)
+    def value(self, theta: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The objective at ``theta`` whose scores (``z @ theta``) are ``scores``."""
+        logp = torch.log_softmax(scores, dim=-1)
+        return -(self.wy * logp).sum((0, 2)) + self._penalty(theta)
 
-    def value_grad(self, theta: torch.Tensor):
-        logp = torch.log_softmax(self._scores(theta), dim=-1)
-        value = -(self.w * self.y1 * logp).sum((0, 2)) + self._penalty(theta)
+    def value_grad(self, theta: torch.Tensor, scores: torch.Tensor):
+        logp = torch.log_softmax(scores, dim=-1)
+        value = -(self.wy * logp).sum((0, 2)) + self._penalty(theta)
         p = logp.exp()
-        grad = self._back(self.w * (p - self.y1)) + self.reg * theta
+        grad = self._back(self.w * p - self.wy) + self.reg * theta
         return value, grad, p
 
     def hvp(self, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        u = self._scores(v)
-        a = p * u - p * (p * u).sum(-1, keepdim=True)
-        return self._back(self.w * a) + self.reg * v
+        r1, b, k = v.shape
+        u = (self.z32 @ v.reshape(r1, b * k).float()).reshape(-1, b, k).double()
+        a = self.w * (p * u - p * (p * u).sum(-1, keepdim=True))
+        n = a.shape[0]
+        return (self.zt32 @ a.reshape(n, b * k).float()).reshape(-1, b, k).double() + self.reg * v
 
     def diagonal(self, p: torch.Tensor) -> torch.Tensor:
         q = self.w * p * (1.0 - p)  # (N, B, K)
@@ -328,7 +339,8 @@ def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, 
 
 
 def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-    value, grad, p = f.value_grad(theta)
+    scores = f.scores(theta)
+    value, grad, p = f.value_grad(theta, scores)
     gnorm = _norm(grad)
     goal = tol * gnorm.clamp_min(1.0)
     it = 0
@@ -343,21 +355,25 @@ def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[
         bad = slope >= 0  # not a descent direction (numerical breakdown): the gradient step
         step = torch.where(bad.view(1, -1, 1), -grad, step)
         slope = torch.where(bad, -gnorm * gnorm, slope)
+        dscores = f.scores(step)  # scores are linear in theta: every trial point of the search is free
         t = torch.where(active, torch.ones_like(value), torch.zeros_like(value))
         pending = active.clone()
-        new_theta = theta
+        new_theta, new_scores = theta, scores
         for _ in range(30):
-            cand = theta + t.view(1, -1, 1) * step
-            cand_value = f.value(cand)
+            tv = t.view(1, -1, 1)
+            cand, cand_scores = theta + tv * step, scores + tv * dscores
+            cand_value = f.value(cand, cand_scores)
             ok = pending & (cand_value <= value + 1e-4 * t * slope + 1e-12 * value.abs())
-            new_theta = torch.where(ok.view(1, -1, 1), cand, new_theta)
+            okv = ok.view(1, -1, 1)
+            new_theta = torch.where(okv, cand, new_theta)
+            new_scores = torch.where(okv, cand_scores, new_scores)
             pending = pending & ~ok
             if not bool(pending.any()):
                 break
             t = torch.where(pending, t * 0.5, t)
         stuck = pending  # no decrease found: as optimal as the arithmetic allows
-        theta = new_theta
-        value, grad, p = f.value_grad(theta)
+        theta, scores = new_theta, new_scores
+        value, grad, p = f.value_grad(theta, scores)
         gnorm = torch.where(stuck, torch.zeros_like(gnorm), _norm(grad))
     return theta, it, _norm(grad)
 
