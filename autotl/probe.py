@@ -40,6 +40,7 @@ DEFAULT_LAMBDAS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 PROB_FLOOR = 1e-6  # as autotl.ensemble: log-probabilities of averaged probabilities are floored alike
 BIAS_L2 = 1e-6  # softmax is invariant to a common bias shift: a trace of damping keeps H definite
 _STD_FLOOR = 1e-6
+_GRAM_RTOL = 1e-10  # eigenvalues of the Gram matrix below this fraction of the largest are rounding
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,14 @@ class ReducedFeatures:
         self.scale = torch.where(scale > _STD_FLOOR, scale, torch.ones_like(scale))
         xs = (x - mean) / self.scale
         if self.n_rows < self.dim:
-            u, s_, vh = torch.linalg.svd(xs, full_matrices=False)
-            z, self.basis = u * s_, vh.T.contiguous()  # (N, r), (d, r)
+            # the thin SVD through the rows' Gram matrix (float64): an N x N eigenproblem costs a fraction
+            # of an N x d SVD; directions with no spread (centred rows span at most N - 1) are dropped
+            xd = xs.double()
+            ev, u = torch.linalg.eigh(xd @ xd.T)
+            keep = ev > _GRAM_RTOL * ev[-1].clamp_min(1e-300)
+            ev, u = ev[keep].flip(0), u[:, keep].flip(1)
+            s_ = ev.sqrt()
+            z, self.basis = u * s_, ((xd.T @ u) / s_).float().contiguous()  # (N, r), (d, r)
         else:
             z, self.basis = xs, None
         # the bias as a last column of ones: scores, gradients and Hessian products are single products
