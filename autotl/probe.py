@@ -24,7 +24,7 @@ augmentation). ``ProbeNet`` is the same computation as one module, for the expor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -166,7 +166,10 @@ class ReducedFeatures:
     ``||W|| = ||w||``. Every problem of a batch (a fold, a bag member) reads the same ``z`` with its
     own row weights, so each step of the solver is one matrix product for all of them."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, reread: Callable[[], torch.Tensor] | None = None):
+        """``reread``: a function that returns ``x`` again. With it the ``(d, r)`` map back to raw features
+        (what only ``head`` reads) is not kept but computed when asked for: trials never ask, and the
+        memory that holds one layout's reduction then holds several."""
         x = x.float()
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"features must be (N, d) with N > 0, got {tuple(x.shape)}")
@@ -176,19 +179,40 @@ class ReducedFeatures:
         self.mean = mean
         self.scale = torch.where(scale > _STD_FLOOR, scale, torch.ones_like(scale))
         xs = (x - mean) / self.scale
-        if self.n_rows < self.dim:
+        self._reread = reread
+        self._basis: torch.Tensor | None = None
+        self.reduced = self.n_rows < self.dim
+        if self.reduced:
             # the thin SVD through the rows' Gram matrix (float64): an N x N eigenproblem costs a fraction
             # of an N x d SVD; directions with no spread (centred rows span at most N - 1) are dropped
             xd = xs.double()
             ev, u = torch.linalg.eigh(xd @ xd.T)
             keep = ev > _GRAM_RTOL * ev[-1].clamp_min(1e-300)
             ev, u = ev[keep].flip(0), u[:, keep].flip(1)
-            s_ = ev.sqrt()
-            z, self.basis = u * s_, ((xd.T @ u) / s_).float().contiguous()  # (N, r), (d, r)
+            self._sv = ev.sqrt()
+            z = u * self._sv  # (N, r)
+            if reread is None:
+                self._basis = self._map_back(xd, z)
         else:
-            z, self.basis = xs, None
+            z = xs
         # the bias as a last column of ones: scores, gradients and Hessian products are single products
         self.z = torch.cat([z, torch.ones(self.n_rows, 1)], dim=1).to(SOLVER_DTYPE)
+
+    def _map_back(self, xs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``V`` ``(d, r)`` of ``x_std = U S V^T`` from the standardised rows: ``V = x_std^T U S / S^2``."""
+        return ((xs.double().T @ z) / (self._sv * self._sv)).float().contiguous()
+
+    @property
+    def basis(self) -> torch.Tensor | None:
+        """``V`` ``(d, r)``: reduced weights ``w`` are ``V w`` on standardised features (None: not reduced)."""
+        if not self.reduced:
+            return None
+        if self._basis is not None:
+            return self._basis
+        x = self._reread().float()
+        if tuple(x.shape) != (self.n_rows, self.dim):
+            raise ValueError(f"reread features are {tuple(x.shape)}, reduced from {(self.n_rows, self.dim)}")
+        return self._map_back((x - self.mean) / self.scale, self.z[:, :-1])
 
     @property
     def rank(self) -> int:
@@ -197,7 +221,7 @@ class ReducedFeatures:
     @property
     def nbytes(self) -> int:
         """Memory held (what a run's bounded memory counts)."""
-        parts = [self.z, self.mean, self.scale] + ([self.basis] if self.basis is not None else [])
+        parts = [self.z, self.mean, self.scale] + ([self._basis] if self._basis is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
 
     def solve(self, problems: Sequence[Sequence[int]], labels: torch.Tensor, num_classes: int,
@@ -240,7 +264,8 @@ class ReducedFeatures:
         """``theta`` ``(r + 1, B, K)`` → ``(weight (B, d, K), bias (B, K))`` on raw features:
         ``logits = x @ weight + bias`` (the reduction and the standardisation folded in)."""
         wr = theta[:-1].permute(1, 0, 2).float()  # (B, r, K)
-        w_std = self.basis @ wr if self.basis is not None else wr
+        basis = self.basis
+        w_std = basis @ wr if basis is not None else wr
         weight = w_std / self.scale[:, None]
         bias = theta[-1].float() - torch.einsum("d,bdk->bk", self.mean, weight)
         return weight, bias
