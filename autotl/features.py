@@ -203,6 +203,17 @@ class FeatureExtractor:
             return arr
         return None
 
+    def release(self) -> None:
+        """Unmap the arrays this extractor maps from its disk cache (mapped pages count as resident
+        memory); a later ``extract`` maps them again, with no forward. Arrays without a file behind them
+        (no cache folder) are the only copy and stay."""
+        for key in list(self._memory):
+            held = {what: a for what, a in self._memory[key].items() if not isinstance(a, np.memmap)}
+            if held:
+                self._memory[key] = held
+            else:
+                del self._memory[key]
+
     def map_bytes(self, n_images: int, cut: int) -> int:
         """Bytes to cache the activation at ``cut`` for ``n_images`` (to decide if caching pays)."""
         if cut >= self.num_stages:

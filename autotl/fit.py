@@ -387,6 +387,7 @@ def publish(run: Run, final: FinalModel, *, scoring: dict | None = None, quantiz
     classes = index.classes
     with run.phase("evaluation"):
         metrics, net, ensemble_card = _evaluate_final(final, index)
+        run.release_caches()
     _label_roles(metrics, searched=final.search is not None)
     estimate = headline_estimate(metrics, final.search)
     with run.phase("export+parity"), _card_set_aside(run_dir):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ DEFAULT_LAMBDAS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 PROB_FLOOR = 1e-6  # as autotl.ensemble: log-probabilities of averaged probabilities are floored alike
 BIAS_L2 = 1e-6  # softmax is invariant to a common bias shift: a trace of damping keeps H definite
 _STD_FLOOR = 1e-6
+_GRAM_RTOL = 1e-10  # eigenvalues of the Gram matrix below this fraction of the largest are rounding
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,10 @@ class ReducedFeatures:
     ``||W|| = ||w||``. Every problem of a batch (a fold, a bag member) reads the same ``z`` with its
     own row weights, so each step of the solver is one matrix product for all of them."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, reread: Callable[[], torch.Tensor] | None = None):
+        """``reread``: a function that returns ``x`` again. With it the ``(d, r)`` map back to raw features
+        (what only ``head`` reads) is not kept but computed when asked for: trials never ask, and the
+        memory that holds one layout's reduction then holds several."""
         x = x.float()
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"features must be (N, d) with N > 0, got {tuple(x.shape)}")
@@ -209,13 +213,40 @@ class ReducedFeatures:
         self.mean = mean
         self.scale = torch.where(scale > _STD_FLOOR, scale, torch.ones_like(scale))
         xs = (x - mean) / self.scale
-        if self.n_rows < self.dim:
-            u, s_, vh = torch.linalg.svd(xs, full_matrices=False)
-            z, self.basis = u * s_, vh.T.contiguous()  # (N, r), (d, r)
+        self._reread = reread
+        self._basis: torch.Tensor | None = None
+        self.reduced = self.n_rows < self.dim
+        if self.reduced:
+            # the thin SVD through the rows' Gram matrix (float64): an N x N eigenproblem costs a fraction
+            # of an N x d SVD; directions with no spread (centred rows span at most N - 1) are dropped
+            xd = xs.double()
+            ev, u = torch.linalg.eigh(xd @ xd.T)
+            keep = ev > _GRAM_RTOL * ev[-1].clamp_min(1e-300)
+            ev, u = ev[keep].flip(0), u[:, keep].flip(1)
+            self._sv = ev.sqrt()
+            z = u * self._sv  # (N, r)
+            if reread is None:
+                self._basis = self._map_back(xd, z)
         else:
-            z, self.basis = xs, None
+            z = xs
         # the bias as a last column of ones: scores, gradients and Hessian products are single products
         self.z = torch.cat([z, torch.ones(self.n_rows, 1)], dim=1).to(SOLVER_DTYPE)
+
+    def _map_back(self, xs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``V`` ``(d, r)`` of ``x_std = U S V^T`` from the standardised rows: ``V = x_std^T U S / S^2``."""
+        return ((xs.double().T @ z) / (self._sv * self._sv)).float().contiguous()
+
+    @property
+    def basis(self) -> torch.Tensor | None:
+        """``V`` ``(d, r)``: reduced weights ``w`` are ``V w`` on standardised features (None: not reduced)."""
+        if not self.reduced:
+            return None
+        if self._basis is not None:
+            return self._basis
+        x = self._reread().float()
+        if tuple(x.shape) != (self.n_rows, self.dim):
+            raise ValueError(f"reread features are {tuple(x.shape)}, reduced from {(self.n_rows, self.dim)}")
+        return self._map_back((x - self.mean) / self.scale, self.z[:, :-1])
 
     @property
     def rank(self) -> int:
@@ -224,7 +255,7 @@ class ReducedFeatures:
     @property
     def nbytes(self) -> int:
         """Memory held (what a run's bounded memory counts)."""
-        parts = [self.z, self.mean, self.scale] + ([self.basis] if self.basis is not None else [])
+        parts = [self.z, self.mean, self.scale] + ([self._basis] if self._basis is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
 
     def solve(self, problems: Sequence[Sequence[int]], labels: torch.Tensor, num_classes: int,
@@ -248,8 +279,9 @@ class ReducedFeatures:
         y1 = _one_hot(labels, num_classes, SOLVER_DTYPE)
         theta = torch.zeros(self.rank + 1, b, num_classes, dtype=SOLVER_DTYPE)
         thetas, iters, norms = [], [], []
+        z32 = (self.z.float(), self.z.T.float().contiguous())
         for lam in lambdas:
-            f = _Batch(self.z, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE))
+            f = _Batch(self.z, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE), z32)
             theta, it, gn = _newton(f, theta, tol, max_iter)
             thetas.append(theta)
             iters.append(it)
@@ -266,7 +298,8 @@ class ReducedFeatures:
         """``theta`` ``(r + 1, B, K)`` → ``(weight (B, d, K), bias (B, K))`` on raw features:
         ``logits = x @ weight + bias`` (the reduction and the standardisation folded in)."""
         wr = theta[:-1].permute(1, 0, 2).float()  # (B, r, K)
-        w_std = self.basis @ wr if self.basis is not None else wr
+        basis = self.basis
+        w_std = basis @ wr if basis is not None else wr
         weight = w_std / self.scale[:, None]
         bias = theta[-1].float() - torch.einsum("d,bdk->bk", self.mean, weight)
         return weight, bias
@@ -282,17 +315,24 @@ def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:
 class _Batch:
     """Softmax regression objective of B problems on the shared rows ``z`` ``(N, r + 1)`` (bias column
     last); parameters ``theta`` ``(r + 1, B, K)``; ``w`` ``(N, B)`` row weights (each problem's sum to 1,
-    0 = not its row); ``y1`` ``(N, K)`` one-hot labels."""
+    0 = not its row); ``y1`` ``(N, K)`` one-hot labels.
 
-    def __init__(self, z: torch.Tensor, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor):
+    Values and gradients are float64 (they decide convergence); the Hessian-vector products of the
+    inner conjugate-gradient solve read a float32 copy of ``z``: CG only needs an approximate Newton
+    direction, and the float64 gradient and line search keep the optimum where float64 puts it."""
+
+    def __init__(self, z: torch.Tensor, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor,
+                 z32: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.z, self.zt, self.y1, self.w = z, z.T.contiguous(), y1[:, None, :], w[..., None]
+        self.z32, self.zt32 = z32 if z32 is not None else (z.float(), self.zt.float())
         self.z2t = (z * z).T.contiguous()
         r1, b = z.shape[1], w.shape[1]
         reg = lam.view(1, b, 1).expand(r1, b, 1).clone()
         reg[-1] = BIAS_L2
         self.reg = reg
+        self.wy = self.w * self.y1  # (N, B, K)
 
-    def _scores(self, theta: torch.Tensor) -> torch.Tensor:
+    def scores(self, theta: torch.Tensor) -> torch.Tensor:
         r1, b, k = theta.shape
         return (self.z @ theta.reshape(r1, b * k)).reshape(-1, b, k)
 
@@ -303,21 +343,24 @@ class _Batch:
     def _penalty(self, theta: torch.Tensor) -> torch.Tensor:
         return 0.5 * (self.reg * theta * theta).sum((0, 2))
 
-    def value(self, theta: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(self._scores(theta), dim=-1)
-        return -(self.w * self.y1 * logp).sum((0, 2)) + self._penalty(theta)
+    def value(self, theta: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The objective at ``theta`` whose scores (``z @ theta``) are ``scores``."""
+        logp = torch.log_softmax(scores, dim=-1)
+        return -(self.wy * logp).sum((0, 2)) + self._penalty(theta)
 
-    def value_grad(self, theta: torch.Tensor):
-        logp = torch.log_softmax(self._scores(theta), dim=-1)
-        value = -(self.w * self.y1 * logp).sum((0, 2)) + self._penalty(theta)
+    def value_grad(self, theta: torch.Tensor, scores: torch.Tensor):
+        logp = torch.log_softmax(scores, dim=-1)
+        value = -(self.wy * logp).sum((0, 2)) + self._penalty(theta)
         p = logp.exp()
-        grad = self._back(self.w * (p - self.y1)) + self.reg * theta
+        grad = self._back(self.w * p - self.wy) + self.reg * theta
         return value, grad, p
 
     def hvp(self, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        u = self._scores(v)
-        a = p * u - p * (p * u).sum(-1, keepdim=True)
-        return self._back(self.w * a) + self.reg * v
+        r1, b, k = v.shape
+        u = (self.z32 @ v.reshape(r1, b * k).float()).reshape(-1, b, k).double()
+        a = self.w * (p * u - p * (p * u).sum(-1, keepdim=True))
+        n = a.shape[0]
+        return (self.zt32 @ a.reshape(n, b * k).float()).reshape(-1, b, k).double() + self.reg * v
 
     def diagonal(self, p: torch.Tensor) -> torch.Tensor:
         q = self.w * p * (1.0 - p)  # (N, B, K)
@@ -362,7 +405,8 @@ def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, 
 
 
 def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-    value, grad, p = f.value_grad(theta)
+    scores = f.scores(theta)
+    value, grad, p = f.value_grad(theta, scores)
     gnorm = _norm(grad)
     goal = tol * gnorm.clamp_min(1.0)
     it = 0
@@ -377,21 +421,25 @@ def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[
         bad = slope >= 0  # not a descent direction (numerical breakdown): the gradient step
         step = torch.where(bad.view(1, -1, 1), -grad, step)
         slope = torch.where(bad, -gnorm * gnorm, slope)
+        dscores = f.scores(step)  # scores are linear in theta: every trial point of the search is free
         t = torch.where(active, torch.ones_like(value), torch.zeros_like(value))
         pending = active.clone()
-        new_theta = theta
+        new_theta, new_scores = theta, scores
         for _ in range(30):
-            cand = theta + t.view(1, -1, 1) * step
-            cand_value = f.value(cand)
+            tv = t.view(1, -1, 1)
+            cand, cand_scores = theta + tv * step, scores + tv * dscores
+            cand_value = f.value(cand, cand_scores)
             ok = pending & (cand_value <= value + 1e-4 * t * slope + 1e-12 * value.abs())
-            new_theta = torch.where(ok.view(1, -1, 1), cand, new_theta)
+            okv = ok.view(1, -1, 1)
+            new_theta = torch.where(okv, cand, new_theta)
+            new_scores = torch.where(okv, cand_scores, new_scores)
             pending = pending & ~ok
             if not bool(pending.any()):
                 break
             t = torch.where(pending, t * 0.5, t)
         stuck = pending  # no decrease found: as optimal as the arithmetic allows
-        theta = new_theta
-        value, grad, p = f.value_grad(theta)
+        theta, scores = new_theta, new_scores
+        value, grad, p = f.value_grad(theta, scores)
         gnorm = torch.where(stuck, torch.zeros_like(gnorm), _norm(grad))
     return theta, it, _norm(grad)
 

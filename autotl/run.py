@@ -420,6 +420,15 @@ class Run:
         self.sources = {label: self.sources[label] for label in labels}
         self.extractors = {label: self.extractors[label] for label in labels}
 
+    def release_caches(self) -> None:
+        """After the evaluation nothing reads the activation caches or the probe reductions any more:
+        unmap the caches (their pages count as resident while mapped; a later read maps them again),
+        empty the run's memory and give the freed heap back, before export builds its graphs."""
+        for ex in self.extractors.values():
+            ex.release()
+        self.memory.clear()
+        trim_heap()
+
     def forward_batches(self) -> int:
         """Batches pushed through any candidate's backbone so far (trials record their own share)."""
         return sum(e.forward_batches for e in self.extractors.values())

@@ -83,3 +83,42 @@ def test_parity_check_runs_a_few_images_at_a_time(tmp_path, monkeypatch):
     assert sum(sessions.batches) == 20 and max(sessions.batches) <= export.PARITY_BATCH
     assert sessions.alive() == 0
 
+
+
+def test_run_releases_mapped_caches_and_reads_them_back(tmp_path, make_image_folder):
+    """After the evaluation nothing reads the activation caches or the run's memory:
+    ``Run.release_caches`` unmaps the caches (their pages count as resident while mapped) and empties
+    the memory; a later read maps the disk cache again, with no forward."""
+    import numpy as np
+
+    from autotl.run import Run
+
+    data = make_image_folder(tmp_path / "data", {"cat": 6, "dog": 6})
+    run = Run.open(data, tmp_path / "run", models=["test_efficientnet=random"], cache_dir=tmp_path / "cache")
+    ex = run.extractors["test_efficientnet"]
+    before = ex.extract(run.index.train, [1])
+    held = ex.extractor._memory
+    assert any(isinstance(a, np.memmap) for arrays in held.values() for a in arrays.values())
+    run.memory.get("something", lambda: object())
+    batches = run.forward_batches()
+    run.release_caches()
+    assert not any(isinstance(a, np.memmap) for arrays in held.values() for a in arrays.values())
+    assert len(run.memory) == 0
+    again = ex.extract(run.index.train, [1])
+    assert run.forward_batches() == batches
+    assert torch.equal(again.pooled, before.pooled) and torch.equal(again.maps[1], before.maps[1])
+
+
+def test_release_keeps_arrays_that_have_no_file_behind_them(tmp_path, make_image_folder):
+    """Without a cache folder the arrays in memory are the only copy: releasing them would cost a
+    forward on the next read, so they stay."""
+    from autotl.run import Run
+
+    data = make_image_folder(tmp_path / "data", {"cat": 6, "dog": 6})
+    run = Run.open(data, tmp_path / "run", models=["test_efficientnet=random"])
+    ex = run.extractors["test_efficientnet"]
+    before = ex.extract(run.index.train)
+    batches = run.forward_batches()
+    run.release_caches()
+    assert torch.equal(ex.extract(run.index.train).pooled, before.pooled)
+    assert run.forward_batches() == batches

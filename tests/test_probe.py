@@ -48,6 +48,26 @@ def test_solver_reaches_the_float64_newton_optimum(n, d):
         assert torch.allclose(logits[:, b], x @ weight[b] + bias[b], atol=1e-3)
 
 
+def test_map_back_to_raw_features_is_computed_from_the_reread_rows():
+    """A reduction that rereads its rows for ``head`` holds no ``(d, r)`` map and gives the same head as
+    one that keeps it; rows reread in another order would give another head (what a cache that returned
+    the wrong rows would do), and rows of another shape are refused."""
+    x, y = _problem(40, 300)
+    kept = ReducedFeatures(x)
+    lazy = ReducedFeatures(x, reread=lambda: x.clone())
+    assert lazy.nbytes < kept.nbytes and torch.equal(lazy.z, kept.z)
+    theta = kept.solve([range(30), range(10, 40)], y, 3, [0.1]).theta[0]
+    want_w, want_b = kept.head(theta)
+    got_w, got_b = lazy.head(theta)
+    assert torch.allclose(got_w, want_w, atol=1e-6) and torch.allclose(got_b, want_b, atol=1e-6)
+    # the raw-feature head reproduces the reduced logits
+    assert torch.allclose(torch.einsum("nd,bdk->nbk", x, got_w) + got_b, kept.logits(theta), atol=1e-3)
+    shuffled = ReducedFeatures(x, reread=lambda: x.flip(0))
+    assert not torch.allclose(shuffled.head(theta)[0], want_w, atol=1e-3)
+    with pytest.raises(ValueError, match="reread"):
+        ReducedFeatures(x, reread=lambda: x[:-1]).head(theta)
+
+
 def test_problems_train_only_on_their_rows_and_lambda_path_is_monotone():
     x, y = _problem(30, 200)
     reduced = ReducedFeatures(x)

@@ -46,9 +46,11 @@ class ProbeTable:
         self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
 
     def features(self, spec: FeatureSpec) -> ReducedFeatures:
+        def rows() -> torch.Tensor:
+            return torch.cat([feature_matrix(spec, self.run.extractors, self.samples, view) for view in spec.views])
+
         def build() -> ReducedFeatures:
-            parts = [feature_matrix(spec, self.run.extractors, self.samples, view) for view in spec.views]
-            return ReducedFeatures(torch.cat(parts))
+            return ReducedFeatures(rows(), reread=rows)  # the map back to raw features only for a refit
 
         return self.run.memory.get(probe_rows_key(spec) + (len(self.samples),), build)
 
