@@ -12,10 +12,11 @@ the sum of their leftovers. ``trim_heap`` asks glibc to return its free heap pag
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Hashable
 
-__all__ = ["BoundedMemory", "trim_heap"]
+__all__ = ["BoundedMemory", "trim_heap", "peak_rss_mb"]
 
 
 class BoundedMemory:
@@ -83,3 +84,14 @@ def trim_heap() -> None:
     """Return glibc's free heap pages to the system."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark so far, in MB (0 where the platform has no
+    ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024

@@ -372,9 +372,12 @@ def _evaluate_final(final: FinalModel, index: DatasetIndex) -> tuple[dict, torch
 
 
 def _record_phases(extra: dict, run: Run) -> None:
-    """The card's ``phases`` (seconds per phase, exclusive, in run order) and ``wall_seconds`` (since
-    ``Run.open``): what the time went to; the phases sum to at most the wall time."""
+    """The card's ``phases`` (seconds per phase, exclusive, in run order), ``wall_seconds`` (since
+    ``Run.open``): what the time went to; the phases sum to at most the wall time. And the memory
+    high-water mark when each phase ended, with the phase that set the peak."""
     extra["phases"] = run.phases.to_json()
+    extra["phase_peak_rss_mb"] = dict(run.phases.peak_mb)
+    extra["peak_rss_phase"] = run.phases.peak_phase
     extra["wall_seconds"] = round(run.seconds(), 2)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from . import _console
 from ._io import atomic_write_json
-from ._memory import BoundedMemory, trim_heap
+from ._memory import BoundedMemory, peak_rss_mb, trim_heap
 from ._runfolder import (DISCARDED, LOCK_NAME, RUN_MARKER, SET_ASIDE, autotl_entries, foreign_entries, hold_run_folder,
                          is_finished, is_run_folder)
 from ._version import __version__
@@ -291,13 +291,22 @@ def claim_run_folder(out: str | os.PathLike, data_dir: str | os.PathLike, *, res
             folder.commit()
     finally:
         folder.remove_created()
+
+
 class Phases:
     """Seconds spent in each named phase of a run (scan, scoring, search, ...), in the order they
-    first ended (a nested phase before the one around it). Exclusive: the time of a phase nested in another counts for the inner one only,
-    so the phases never sum to more than the wall time. A phase entered twice accumulates."""
+    first ended (a nested phase before the one around it). Exclusive: the time of a phase nested in
+    another counts for the inner one only, so the phases never sum to more than the wall time. A
+    phase entered twice accumulates.
+
+    ``peak_mb``: the process's memory high-water mark when each phase (last) ended; ``peak_phase``:
+    the phase in which it last rose (where the run's peak memory was reached)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+        self.peak_phase: str | None = None
+        self._top = 0.0
         self._stack: list[list] = []  # [name, started, seconds spent in nested phases]
 
     @contextlib.contextmanager
@@ -311,6 +320,10 @@ class Phases:
             trim_heap()  # what this phase freed does not stay resident under the next one
             took = time.monotonic() - frame[1]
             self.seconds[name] = self.seconds.get(name, 0.0) + took - frame[2]
+            mb = peak_rss_mb()
+            self.peak_mb[name] = round(mb, 1)
+            if mb > self._top:  # the high-water mark rose during this phase (its nested phases ended below it)
+                self._top, self.peak_phase = mb, name
             if self._stack:
                 self._stack[-1][2] += took
 

@@ -371,6 +371,7 @@ def search_fit(tmp: Path, n_images: int, budget: str) -> dict:
     res = {"command": " ".join(cmd[1:]), "n_images": n_images, "time_budget": budget, "exit": code,
            "wall_s": secs, "card_wall_s": extra.get("wall_seconds"), "search_s": search_s,
            "outside_search_s": secs - search_s if search_s is not None else None, "phases": phases,
+           "phase_peak_rss_mb": extra.get("phase_peak_rss_mb"), "peak_rss_phase": extra.get("peak_rss_phase"),
            "n_trials": search.get("n_trials"), "n_complete": len(done),
            "median_complete_probe_trial_s": float(np.median(probes)) if probes else None, "n_probe_trials": len(probes),
            "median_complete_trial_s": float(np.median([r["seconds"] for r in done])) if done else None,
@@ -387,8 +388,10 @@ def search_fit(tmp: Path, n_images: int, budget: str) -> dict:
                   f"{res['n_trials']} ({len(done)})", "peak RSS MB": peak["max_process_mb"], "exit": code}],
                 ["wall s", "search s", "outside search s", "median probe trial s", "trials (complete)", "peak RSS MB", "exit"])
     if phases:
-        print_table("7b. its phases (from the card)", [{"phase": k, "seconds": float(v)} for k, v in phases.items()],
-                    ["phase", "seconds"])
+        marks = extra.get("phase_peak_rss_mb") or {}
+        print_table(f"7b. its phases (from the card); the peak was reached in: {extra.get('peak_rss_phase')}",
+                    [{"phase": k, "seconds": float(v), "peak RSS MB at its end": marks.get(k)} for k, v in phases.items()],
+                    ["phase", "seconds", "peak RSS MB at its end"])
     return res
 
 

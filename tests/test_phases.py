@@ -77,6 +77,9 @@ def test_a_searched_fit_records_its_phases_on_card_json_and_report(tmp_path, mak
     assert all(isinstance(s, (int, float)) and s >= 0 for s in phases.values())
     assert sum(phases.values()) <= wall + 0.01 * len(phases)  # (each phase is rounded to 0.01 s)
     assert doc["phases"] == phases and doc["seconds"] == wall
+    peaks = card["extra"]["phase_peak_rss_mb"]
+    assert set(peaks) == set(phases) and card["extra"]["peak_rss_phase"] in peaks
+    assert max(peaks.values()) == peaks[card["extra"]["peak_rss_phase"]] > 0
     assert json.loads((tmp_path / "run" / "result.json").read_text())["phases"] == phases
     html = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     assert "Where the time went" in html
@@ -106,3 +109,32 @@ def test_report_shows_phases_from_a_card(tmp_path):
     assert "<b>odd</b>" not in html and "&lt;b&gt;odd&lt;/b&gt;" in html
     (run / "model.json").write_text(json.dumps({**card, "extra": {}}))
     assert "Where the time went" not in write_report(run, plots="svg").read_text(encoding="utf-8")
+
+
+def test_phases_name_the_phase_that_set_the_memory_peak():
+    """In a fresh process (the high-water mark is per process): the phase that allocates the most is
+    named, and the marks never fall; a phase nested in it ends below it and is not the one named."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json
+        from autotl.run import Phases
+        phases = Phases()
+        with phases("small"):
+            a = b"\\x01" * (8 << 20)
+        with phases("big"):
+            with phases("inner"):
+                pass
+            b = b"\\x01" * (300 << 20)  # written: calloc'd zero pages would not count
+            del b
+        with phases("after"):
+            pass
+        print(json.dumps({"peak": phases.peak_phase, "mb": phases.peak_mb}))
+    """)
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    mb = out["mb"]
+    assert out["peak"] == "big"
+    assert mb["big"] - mb["inner"] >= 250
+    assert mb["small"] <= mb["inner"] <= mb["big"] <= mb["after"]
