@@ -562,9 +562,9 @@ class FinetuneOptions(StrategyOptions):
 
 
 # How a probe trial picks its L2 penalty on the path. "logloss": the least out-of-fold log loss;
-# "one_se": the strongest penalty within one standard error (over folds) of that least loss — on a
-# tiny separable set the log-loss minimum drifts to the weakest penalty, where the strongest of the
-# near-ties (as scikit-learn's probe picks the strongest C among tied scores) generalises better.
+# "one_se": the strongest penalty within one standard error (over folds) of that least loss. On tiny
+# separable sets the log-loss minimum sits at the weakest penalty; the one-SE rule leans to the
+# strongest of the near-ties instead, as scikit-learn's probe takes the strongest C among tied scores.
 PENALTY_RULES = ("logloss", "one_se")
 
 
