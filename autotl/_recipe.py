@@ -544,6 +544,28 @@ def add_dimensions(recipe: Recipe, space: Mapping[str, Any]) -> Recipe:
     return dataclasses.replace(recipe, dimensions=dim_list)
 
 
+def fix_targets(recipe: Recipe, fixed: Mapping[str, Any]) -> Recipe:
+    """``recipe`` with every dimension that sets a target in ``fixed`` (a user's flags) fixed at that
+    value, keeping its ``when``: the sampler no longer varies what the user fixed, and the portfolio's
+    entries take the fixed value (entries that become the same are kept once, the first)."""
+    if not fixed:
+        return recipe
+    dims = [dataclasses.replace(d, kind="fixed", value=fixed[d.target], choices=(), low=None, high=None, step=None,
+                                log=False) if d.target in fixed and d.kind != "model" else d
+            for d in recipe.dimensions]
+    names = {d.name: fixed[d.target] for d in recipe.dimensions if d.target in fixed and d.kind != "model"}
+    baselines: list[dict[str, Any]] = []
+    for b in recipe.baselines:
+        entry = {k: (names[k] if k in names else v) for k, v in b.items()}
+        if not any(_same_entry(entry, e) for e in baselines):
+            baselines.append(entry)
+    return dataclasses.replace(recipe, dimensions=dims, baselines=baselines)
+
+
+def _same_entry(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+
+
 def restrict_choices(recipe: Recipe, name: str, choices: Iterable[Any]) -> Recipe:
     """``recipe`` with categorical dimension ``name`` limited to ``choices`` (in the recipe's order);
     baselines that use a dropped value are dropped too."""

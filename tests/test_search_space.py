@@ -238,3 +238,32 @@ def test_the_baseline_runs_whatever_its_estimate(data, tmp_path):
     plan.objective.cost.trial_seconds = lambda *a, **k: 1e6
     (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["baseline"]
+
+
+def test_a_fixed_flag_holds_for_every_trial_portfolio_included(data, tmp_path):
+    """``fit(fixed_params=...)`` (a strategy's flag, e.g. ``--taps 0``-like dimensions, ``--dropout-tau``)
+    fixes what the recipe would vary: the sampler does not vary it, the portfolio's entries take it
+    (entries that become the same run once) and every trial and the refit use it."""
+    from autotl._recipe import fix_targets
+
+    recipe = parse_recipe({
+        "trials": 4, "pruner": {"type": "none"}, "sampler": {"n_startup_trials": 0},
+        "baselines": [{"frozen_stages": "all", "dropout_tau": None}, {"frozen_stages": "all", "dropout_tau": 1.0},
+                      {"frozen_stages": "all", "dropout_tau": 2.0}],
+        "space": {"frozen_stages": ["all"], "dropout_tau": [None, 1.0, 2.0, 3.0]}}, "t")
+    fixed_recipe = fix_targets(recipe, {"dropout_tau": 3.0})
+    dim = fixed_recipe.dimension("dropout_tau")
+    assert dim.kind == "fixed" and dim.value == 3.0 and dim not in fixed_recipe.searched()
+    assert fixed_recipe.baselines == [{"frozen_stages": "all", "dropout_tau": 3.0}]
+
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
+    plan = plan_search(run, base, SearchOptions(trials=4, recipe=recipe, cv_folds=2, cv_repeats=1,
+                                                fixed_params={"dropout_tau": 3.0}))
+    assert plan.recipe.dimension("dropout_tau").kind == "fixed" and len(plan.recipe.baselines) == 1
+    trials = plan.run_trials().study.get_trials(deepcopy=False)
+    ran = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert ran, [t.user_attrs for t in trials]
+    for t in ran:  # what each trial's dropout ran with: the fixed tau, never a sampled or portfolio one
+        assert t.user_attrs["strategies"]["dropout"]["tau"] == 3.0
+        assert "dropout_tau" not in t.params

@@ -24,7 +24,8 @@ from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective
 from ._plots import save_plots
 from ._cost import feasible_frozen, measure_costs
-from .._recipe import FROZEN, Recipe, add_dimensions, load_recipe, parse_duration, resolve_frozen_relative, restrict_choices
+from .._recipe import (FROZEN, Recipe, add_dimensions, fix_targets, load_recipe, parse_duration, resolve_frozen_relative,
+                       restrict_choices)
 from ._select import portfolio_rank, select_one_se
 from ._study import DEFAULT_STUDY, SearchOutcome, SearchSettings, run_study, shown_url, stored_study_attr, storage_url
 
@@ -144,7 +145,7 @@ def portfolio_in_cost_order(objective: Objective, recipe: Recipe) -> Recipe:
         return recipe
     costs = []
     for b in recipe.baselines:
-        params = {**objective.fixed, **_baseline_params(recipe, b, objective.candidates)}
+        params = {**_baseline_params(recipe, b, objective.candidates), **objective.fixed}
         try:
             costs.append(objective.estimate_seconds(params, objective.setup(params)))
         except (KeyError, ValueError, AutotlError):
@@ -185,6 +186,7 @@ def plan_search(run: Run, base: TrainConfig, opts: SearchOptions) -> SearchPlan:
     options, fixed = dict(opts.options or {}), dict(opts.fixed_params or {})
     if options.get("source_pool"):
         recipe = with_pool_dimension(recipe)
+    recipe = fix_targets(recipe, fixed)
     n_trials = int(opts.trials) if opts.trials is not None else recipe.trials
     budget = parse_duration(opts.time_budget) if opts.time_budget is not None else recipe.time_budget
     run.keep(run.labels[: opts.top_k or recipe.top_k or len(run.labels)])
@@ -293,7 +295,7 @@ def refit_best(plan: SearchPlan, outcome: SearchOutcome) -> FinalModel:
 
     def params_of(t) -> dict[str, Any]:
         try:
-            return {**objective.fixed, **plan.recipe.params_of(t.params, objective.candidates)}
+            return {**plan.recipe.params_of(t.params, objective.candidates), **objective.fixed}
         except KeyError:
             return dict(t.params)
 

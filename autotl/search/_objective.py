@@ -235,7 +235,7 @@ class Objective:
         fb0 = self.run.forward_batches()
         status = "error"
         try:
-            params = {**self.fixed, **self.recipe.sample(trial, self.candidates)}
+            params = {**self.recipe.sample(trial, self.candidates), **self.fixed}  # a user's flag wins
             same = _same_as_done(trial)
             if same is not None:  # a duplicate would only repeat a measurement and crowd the choice
                 trial.set_user_attr("not_started", f"the same parameters as trial {same}")
