@@ -595,8 +595,8 @@ class ProbeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.any_flip:
-            # both views in one batch: the exported graph holds the backbones once, not twice (the
-            # dynamo exporter's time grows with the graph's size)
+            # both views in one batch: the exported graph holds the backbones once, not twice (export
+            # time grows with the graph's size)
             both = self._head_probs(torch.cat([x, x.flip(-1)]))
             heads, mirrored = both[:, :x.shape[0]], both[:, x.shape[0]:]
             heads = heads + self.flip_mask * 0.5 * (mirrored - heads)  # flip heads: the mean over both views

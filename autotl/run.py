@@ -306,7 +306,6 @@ class Phases:
         self.seconds: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {}
         self.peak_phase: str | None = None
-        self._top = 0.0
         self._stack: list[list] = []  # [name, started, seconds spent in nested phases]
 
     @contextlib.contextmanager
@@ -320,10 +319,10 @@ class Phases:
             trim_heap()  # what this phase freed does not stay resident under the next one
             took = time.monotonic() - frame[1]
             self.seconds[name] = self.seconds.get(name, 0.0) + took - frame[2]
-            mb = peak_rss_mb()
-            self.peak_mb[name] = round(mb, 1)
-            if mb > self._top:  # the high-water mark rose during this phase (its nested phases ended below it)
-                self._top, self.peak_phase = mb, name
+            mb = round(peak_rss_mb(), 1)
+            if mb > max(self.peak_mb.values(), default=0.0):  # the mark rose during this phase (not in a nested one)
+                self.peak_phase = name
+            self.peak_mb[name] = mb
             if self._stack:
                 self._stack[-1][2] += took
 

@@ -341,7 +341,7 @@ BASELINES = METHODS[:-1]
 
 def _ablation_delta(runs: list[dict], full: list[dict]) -> dict:
     """Per task, autotl's held-out error with the dimension off minus with it on (points, mean ± std over
-    the seeds both ran; > 0 = the dimension pays), and how often the full search picked it."""
+    the seeds both ran; > 0 = the dimension pays)."""
     on = {(r["task"], r["seed"]): r["autotl"] for r in full}
     out = {}
     for task in dict.fromkeys(r["task"] for r in runs):

@@ -378,8 +378,8 @@ def search_fit(tmp: Path, n_images: int, budget: str) -> dict:
            "peak_rss_mb": peak["max_process_mb"], "peak_rss_tree_mb": peak["tree_mb"],
            "val_accuracy": (card.get("metrics") or {}).get("val", {}).get("accuracy"),
            "source_model": (card.get("source_model") or {}).get("name"),
-           # every trial: where its seconds went (a probe trial that is the first to need a layout,
-           # a view or another backbone's taps pays that frozen work inside it)
+           # every trial: its seconds beside its estimate, and the frozen batches it ran itself (a view
+           # or taps no earlier pass computed)
            "trials": [{k: r.get(k) for k in ("number", "state", "seconds", "estimated_seconds", "forward_batches",
                                               "not_started", "params")} for r in board]}
     print_table(f"7. cold-cache `autotl fit` on {n_images} Cats vs Dogs photos, --time-budget {budget} (child process)",
