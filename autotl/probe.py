@@ -270,20 +270,20 @@ class ReducedFeatures:
         if labels.shape != (self.n_rows,):
             raise ValueError(f"labels must be ({self.n_rows},), got {tuple(labels.shape)}")
         b = len(problems)
-        w = torch.zeros(self.n_rows, b, dtype=SOLVER_DTYPE)
+        w = torch.zeros(b, self.n_rows, dtype=SOLVER_DTYPE)
         for i, rows in enumerate(problems):
             idx = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
             if idx.numel() == 0:
                 raise ValueError(f"problem {i} has no training rows")
-            w[idx, i] = 1.0 / idx.numel()
-        y1 = _one_hot(labels, num_classes, SOLVER_DTYPE)
-        theta = torch.zeros(self.rank + 1, b, num_classes, dtype=SOLVER_DTYPE)
+            w[i, idx] = 1.0 / idx.numel()
+        y1 = _one_hot(labels, num_classes, SOLVER_DTYPE).T.contiguous()  # (K, N)
+        theta = torch.zeros(num_classes, b, self.rank + 1, dtype=SOLVER_DTYPE)
         thetas, iters, norms = [], [], []
-        z32 = (self.z.float(), self.z.T.float().contiguous())
+        shared = _Rows(self.z)
         for lam in lambdas:
-            f = _Batch(self.z, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE), z32)
+            f = _Batch(shared, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE))
             theta, it, gn = _newton(f, theta, tol, max_iter)
-            thetas.append(theta)
+            thetas.append(theta.permute(2, 1, 0))  # (r + 1, B, K), the layout ``logits`` and ``head`` read
             iters.append(it)
             norms.append(gn.float())
         return ProbeSolution(torch.stack(thetas), tuple(float(v) for v in lambdas), iters, torch.stack(norms))
@@ -312,64 +312,80 @@ def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:
     return torch.nn.functional.one_hot(y.clamp_min(0), k).to(dtype)
 
 
+class _Rows:
+    """The shared rows ``z`` ``(N, r + 1)`` in the forms the solver multiplies by: float64 for values and
+    gradients, float32 for Hessian products, squared for the Jacobi preconditioner."""
+
+    def __init__(self, z: torch.Tensor):
+        self.z, self.zt = z, z.T.contiguous()
+        self.z32, self.zt32 = z.float(), self.zt.float()
+        self.z2_32 = (z * z).float()
+
+
 class _Batch:
     """Softmax regression objective of B problems on the shared rows ``z`` ``(N, r + 1)`` (bias column
-    last); parameters ``theta`` ``(r + 1, B, K)``; ``w`` ``(N, B)`` row weights (each problem's sum to 1,
-    0 = not its row); ``y1`` ``(N, K)`` one-hot labels.
+    last). Parameters ``theta`` are ``(K, B, r + 1)`` and per-row tensors ``(K, B, N)``: classes outermost,
+    so that the softmax's sums over K add a few whole vectors (PyTorch reduces a trailing dimension of
+    2 or 10 slowly), and every product with the rows is one 2-D matrix product for all problems.
+    ``w`` ``(B, N)``: row weights (each problem's sum to 1, 0 = not its row); ``y1`` ``(K, N)`` one-hot.
 
     Values and gradients are float64 (they decide convergence); the Hessian-vector products of the
-    inner conjugate-gradient solve read a float32 copy of ``z``: CG only needs an approximate Newton
-    direction, and the float64 gradient and line search keep the optimum where float64 puts it."""
+    inner conjugate-gradient solve and the preconditioner read float32 rows: CG only needs an
+    approximate Newton direction, and the float64 gradient and line search keep the optimum where
+    float64 puts it."""
 
-    def __init__(self, z: torch.Tensor, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor,
-                 z32: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.z, self.zt, self.y1, self.w = z, z.T.contiguous(), y1[:, None, :], w[..., None]
-        self.z32, self.zt32 = z32 if z32 is not None else (z.float(), self.zt.float())
-        self.z2t = (z * z).T.contiguous()
-        r1, b = z.shape[1], w.shape[1]
-        reg = lam.view(1, b, 1).expand(r1, b, 1).clone()
-        reg[-1] = BIAS_L2
+    def __init__(self, rows: _Rows, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor):
+        self.rows = rows
+        self.w = w[None]  # (1, B, N)
+        self.wy = self.w * y1[:, None, :]  # (K, B, N)
+        r1, b = rows.z.shape[1], w.shape[0]
+        reg = lam.view(1, b, 1).expand(1, b, r1).clone()
+        reg[..., -1] = BIAS_L2
         self.reg = reg
-        self.wy = self.w * self.y1  # (N, B, K)
 
     def scores(self, theta: torch.Tensor) -> torch.Tensor:
-        r1, b, k = theta.shape
-        return (self.z @ theta.reshape(r1, b * k)).reshape(-1, b, k)
+        k, b, r1 = theta.shape
+        return (theta.reshape(k * b, r1) @ self.rows.zt).view(k, b, -1)
 
     def _back(self, a: torch.Tensor) -> torch.Tensor:
-        n, b, k = a.shape
-        return (self.zt @ a.reshape(n, b * k)).reshape(-1, b, k)
+        k, b, n = a.shape
+        return (a.reshape(k * b, n) @ self.rows.z).view(k, b, -1)
 
     def _penalty(self, theta: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.reg * theta * theta).sum((0, 2))
+        return 0.5 * _dot(self.reg * theta, theta)
+
+    def _log_softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.max(0, keepdim=True).values
+        shifted = scores - top
+        return shifted - shifted.exp().sum(0, keepdim=True).log()
 
     def value(self, theta: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """The objective at ``theta`` whose scores (``z @ theta``) are ``scores``."""
-        logp = torch.log_softmax(scores, dim=-1)
-        return -(self.wy * logp).sum((0, 2)) + self._penalty(theta)
+        return -_dot(self.wy, self._log_softmax(scores)) + self._penalty(theta)
 
     def value_grad(self, theta: torch.Tensor, scores: torch.Tensor):
-        logp = torch.log_softmax(scores, dim=-1)
-        value = -(self.wy * logp).sum((0, 2)) + self._penalty(theta)
+        logp = self._log_softmax(scores)
+        value = -_dot(self.wy, logp) + self._penalty(theta)
         p = logp.exp()
         grad = self._back(self.w * p - self.wy) + self.reg * theta
         return value, grad, p
 
-    def hvp(self, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        r1, b, k = v.shape
-        u = (self.z32 @ v.reshape(r1, b * k).float()).reshape(-1, b, k).double()
-        a = self.w * (p * u - p * (p * u).sum(-1, keepdim=True))
-        n = a.shape[0]
-        return (self.zt32 @ a.reshape(n, b * k).float()).reshape(-1, b, k).double() + self.reg * v
+    def hvp(self, v: torch.Tensor, p32: torch.Tensor) -> torch.Tensor:
+        k, b, r1 = v.shape
+        u = (v.reshape(k * b, r1).float() @ self.rows.zt32).view(k, b, -1)
+        pu = p32 * u
+        a = self.w.float() * (pu - p32 * pu.sum(0, keepdim=True))
+        return (a.view(k * b, -1) @ self.rows.z32).view(k, b, r1).double() + self.reg * v
 
     def diagonal(self, p: torch.Tensor) -> torch.Tensor:
-        q = self.w * p * (1.0 - p)  # (N, B, K)
-        n, b, k = q.shape
-        return (self.z2t @ q.reshape(n, b * k)).reshape(-1, b, k) + self.reg
+        q = (self.w * p * (1.0 - p)).float()  # (K, B, N)
+        k, b, n = q.shape
+        return (q.view(k * b, n) @ self.rows.z2_32).view(k, b, -1).double() + self.reg
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum((0, 2))
+    """Per problem (dimension 1) inner products of ``(K, B, m)`` tensors."""
+    return (a * b).sum(2).sum(0)
 
 
 def _norm(a: torch.Tensor) -> torch.Tensor:
@@ -379,6 +395,7 @@ def _norm(a: torch.Tensor) -> torch.Tensor:
 def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, rtol: torch.Tensor, max_iter: int,
          active: torch.Tensor) -> torch.Tensor:
     """Preconditioned CG for ``H s = rhs`` on every active problem at once (per-problem step sizes)."""
+    p32 = p.float()
     s = torch.zeros_like(rhs)
     r = rhs.clone()
     zr = inv_diag * r
@@ -389,7 +406,7 @@ def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, 
     for _ in range(max_iter):
         if not bool(todo.any()):
             break
-        hd = f.hvp(d, p)
+        hd = f.hvp(d, p32)
         curv = _dot(d, hd)
         ok = todo & (curv > 0)
         alpha = torch.where(ok, rz / torch.where(curv > 0, curv, torch.ones_like(curv)), torch.zeros_like(curv))

@@ -155,7 +155,9 @@ def test_no_trial_may_take_more_than_its_share_of_the_budget(data, tmp_path, mon
     monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("a trial over its budget share was trained"))
     (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
     assert trial.state == TrialState.PRUNED and "300s allowed" in trial.user_attrs["not_started"]
-    assert "study stops" not in trial.user_attrs["not_started"]  # something cheaper could still run
+    # every trial of this space is estimated at 400 s: none could ever start, so the study stops at once
+    # (a trial the budget kept from starting does not count towards --trials, so it would go on sampling)
+    assert "study stops" in trial.user_attrs["not_started"]
 
 
 def test_trials_start_only_when_their_corrected_estimate_fits_before_the_deadline(data, tmp_path, monkeypatch):
@@ -267,3 +269,25 @@ def test_a_fixed_flag_holds_for_every_trial_portfolio_included(data, tmp_path):
     for t in ran:  # what each trial's dropout ran with: the fixed tau, never a sampled or portfolio one
         assert t.user_attrs["strategies"]["dropout"]["tau"] == 3.0
         assert "dropout_tau" not in t.params
+
+
+def test_trials_the_budget_kept_from_starting_do_not_count_towards_trials(data, tmp_path, monkeypatch):
+    """--trials counts trials that measured something: a fine-tune over its share of the budget is not
+    started and the study samples on, until the requested number of trials have run."""
+    import autotl.train as train_mod
+    from autotl.search import finished_trials
+
+    run = Run.open(data, tmp_path / "run", models=[MODEL], device="cpu", cache_dir=tmp_path / "cache")
+    base = TrainConfig(epochs=1, batch_size=8, objective="accuracy")
+    recipe = parse_recipe({"trials": 3, "pruner": {"type": "none"}, "sampler": {"n_startup_trials": 50},
+                           "space": {"frozen_stages": [-1, "all"], "epochs": 1, "taps": {"choices": [0, 1, 2], "when": {"frozen_stages": "all"}}}}, "t")
+    plan = plan_search(run, base, SearchOptions(trials=3, time_budget=600, recipe=recipe, cv_folds=2, cv_repeats=1))
+    # every fine-tune: 2/3 of the budget; a probe: a second
+    plan.objective.cost.trial_seconds = lambda label, cfg, params, ex: 400.0 if cfg.frozen_stages < ex.num_stages else 1.0
+    monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("a trial over its budget share was trained"))
+    study = plan.run_trials().study
+    trials = study.get_trials(deepcopy=False)
+    kept = [t for t in trials if t.user_attrs.get("over_budget")]
+    assert kept and all(t.state == TrialState.PRUNED and t.params["frozen_stages"] == -1 for t in kept)
+    assert len(finished_trials(study)) == 3 and len(trials) == 3 + len(kept)
+    assert all(t.params["frozen_stages"] == "all" for t in trials if t not in kept)

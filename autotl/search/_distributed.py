@@ -143,6 +143,7 @@ def retried_numbers(trials) -> set[int]:
 
 
 INTERRUPTED_ATTR = "interrupted_trials"  # study user attr: numbers of trials failed because they were cut off
+OVER_BUDGET = "over_budget"  # trial user attr: the time budget kept it from starting
 
 
 def interrupted_numbers(study) -> set[int]:
@@ -154,6 +155,12 @@ def interrupted_numbers(study) -> set[int]:
 
 def is_interrupted(trial, interrupted: set[int]) -> bool:
     return bool(trial.user_attrs.get("interrupted")) or trial.number in interrupted
+
+
+def counts_towards_trials(trial, interrupted: set[int] = frozenset()) -> bool:
+    """Whether a finished trial counts towards ``--trials``: not one cut off by Ctrl-C, nor one the time
+    budget kept from starting (it measured nothing)."""
+    return not is_interrupted(trial, interrupted) and not trial.user_attrs.get(OVER_BUDGET)
 
 
 def mark_interrupted(study, numbers) -> None:
@@ -168,7 +175,7 @@ def study_progress(study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
     retried, cut = retried_numbers(trials), interrupted_numbers(study)
     done = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-               and not is_interrupted(t, cut) and t.number not in retried)
+               and counts_towards_trials(t, cut) and t.number not in retried)
     return {"done": done, "running": sum(t.state == TrialState.RUNNING for t in trials),
             "waiting": sum(t.state == TrialState.WAITING for t in trials),
             "complete": sum(t.state == TrialState.COMPLETE for t in trials)}

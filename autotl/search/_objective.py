@@ -20,6 +20,7 @@ from ..run import Run
 from ..models import SourceModel
 from ..strategy import StrategyContext, apply_strategies, config_from_params, train_strategy
 from ..train import TrainConfig, classification_metrics, predict_logits, should_cache
+from ._distributed import OVER_BUDGET
 from ._folds import Fold, Selection
 from ._oof import OutOfFold
 from .._recipe import FROZEN, MODEL, Recipe, resolve_frozen_relative
@@ -86,6 +87,7 @@ class Objective:
     started: list[int] = field(default_factory=list)  # trial numbers started by this process
     cost: Any = None  # ``_cost.CostModel``: a trial that cannot finish in the time left is not started
     best_probe: tuple[float, float] = (float("-inf"), 0.0)  # (value, penalty) of the best probe trial so far
+    _cheapest_s: float | None = None  # the cheapest trial the recipe allows (the cost model's, fixed for the run)
 
     @property
     def candidates(self) -> list[str]:
@@ -206,8 +208,10 @@ class Objective:
         allowed = min(left, MAX_TRIAL_SHARE * self.budget) if self.budget else left
         if scale * estimate <= allowed:
             return estimate, False
-        cheapest = scale * cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
-        raise _not_started(trial, scale * estimate, allowed, stop=cheapest > left)
+        if self._cheapest_s is None:
+            self._cheapest_s = cheapest_trial_seconds(self.cost, self.recipe, self.base, self.run)
+        cheapest = scale * self._cheapest_s
+        raise _not_started(trial, scale * estimate, allowed, stop=cheapest > allowed)
 
     def _probe_trial(self, trial, params: dict[str, Any], setup: TrialSetup) -> float:
         """Every fold of a linear probe at once (``_probe``); the same attributes a trained trial stores."""
@@ -335,6 +339,7 @@ def _not_started(trial, estimate: float, left: float, stop: bool):
 
     why = f"estimated {estimate:.0f}s, {max(0.0, left):.0f}s allowed" + ("; nothing cheaper fits: the study stops" if stop else "")
     trial.set_user_attr("not_started", why)
+    trial.set_user_attr(OVER_BUDGET, True)
     if stop:
         trial.study.stop()
     return optuna.TrialPruned(f"not started: {why}")

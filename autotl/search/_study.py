@@ -168,14 +168,15 @@ def make_pruner(recipe: Recipe):
 
 # --------------------------------------------------------------------------------------- trials
 def finished_trials(study) -> list:
-    """Trials that count towards ``--trials``: complete, pruned or failed — not those cut off by Ctrl-C."""
+    """Trials that count towards ``--trials``: complete, pruned or failed — not those cut off by Ctrl-C,
+    nor those the time budget kept from starting (they measured nothing)."""
     from optuna.trial import TrialState
 
-    from ._distributed import interrupted_numbers, is_interrupted
+    from ._distributed import counts_towards_trials, interrupted_numbers
 
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     cut = interrupted_numbers(study)
-    return [t for t in study.get_trials(deepcopy=False) if t.state in done and not is_interrupted(t, cut)]
+    return [t for t in study.get_trials(deepcopy=False) if t.state in done and counts_towards_trials(t, cut)]
 
 
 def fail_running(study, numbers: set[int] | None = None) -> list[int]:
@@ -268,6 +269,26 @@ def _check_resume(study, fingerprint: dict[str, Any], url: str) -> None:
             raise AutotlError(f"--resume: study {study.study_name!r} in {shown_url(url)}: {why}")
 
 
+# trials kept from starting by the budget do not count towards --trials; this bounds them (with the
+# budget, which stops the study when nothing the recipe allows fits)
+MAX_TRIALS_PER_COUNTED = 10
+
+
+def _stop_after(n: int):
+    """An ``optimize`` callback: stop once ``n`` trials of this process count towards ``--trials``."""
+    from ._distributed import counts_towards_trials
+
+    counted = 0
+
+    def callback(study, trial) -> None:
+        nonlocal counted
+        counted += counts_towards_trials(trial)
+        if counted >= n:
+            study.stop()
+
+    return callback
+
+
 def run_study(objective: Objective, settings: SearchSettings, url: str, *, fingerprint: dict[str, Any],
               on_trial=None) -> SearchOutcome:
     """Create or resume the study and run trials until ``settings.trials`` have finished or the
@@ -292,6 +313,7 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     _console.log(f"searching {what} with recipe [bold]{settings.recipe.name}[/]"
                  + (f", time budget {budget:.0f}s" if budget else "") + f" — study {settings.study_name!r} in {shown_url(url)}")
     callbacks = [on_trial] if on_trial is not None else []
+    callbacks.append(_stop_after(remaining))
     if not is_own_storage(objective.run_dir, url):  # workers may share the study: stop at its target
         from ._distributed import stop_at_target
 
@@ -299,7 +321,8 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     first = len(objective.started)
     try:
         with quiet_optuna():
-            study.optimize(objective, n_trials=remaining, timeout=budget, catch=(TrialFailed,), callbacks=callbacks)
+            study.optimize(objective, n_trials=remaining * MAX_TRIALS_PER_COUNTED, timeout=budget, catch=(TrialFailed,),
+                           callbacks=callbacks)
     except KeyboardInterrupt:
         with contextlib.suppress(BaseException):
             mine = set(objective.started[first:])
