@@ -43,7 +43,7 @@ DEFAULT_LAMBDAS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 PROB_FLOOR = 1e-6  # as autotl.ensemble: log-probabilities of averaged probabilities are floored alike
 BIAS_L2 = 1e-6  # softmax is invariant to a common bias shift: a trace of damping keeps H definite
 _STD_FLOOR = 1e-6
-_GRAM_RTOL = 1e-10  # eigenvalues of the Gram matrix below this fraction of the largest are rounding
+GRAM_RTOL = 1e-10  # eigenvalues of the Gram matrix below this fraction of the largest are rounding
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class ReducedFeatures:
             # of an N x d SVD; directions with no spread (centred rows span at most N - 1) are dropped
             xd = xs.double()
             ev, u = torch.linalg.eigh(xd @ xd.T)
-            keep = ev > _GRAM_RTOL * ev[-1].clamp_min(1e-300)
+            keep = ev > GRAM_RTOL * ev[-1].clamp_min(1e-300)
             ev, u = ev[keep].flip(0), u[:, keep].flip(1)
             self._sv = ev.sqrt()
             z = u * self._sv  # (N, r)

@@ -35,6 +35,7 @@ from .._console import log
 from .._memory import BoundedMemory
 from ..errors import AutotlError
 from ..options import DROPOUT_INFLUENCES, DROPOUT_L2, DropoutOptions, parse_tau
+from ..probe import GRAM_RTOL
 from ..strategy import BaseStrategy, StrategyContext
 from .influence import InfluenceResult, LinearHead, fit_logistic_head, influence_scores
 from .selection import DropoutReport, select_dropout
@@ -158,10 +159,12 @@ def _span_of_training_rows(train_x: np.ndarray, val_x: np.ndarray) -> tuple[np.n
     n, d = train_x.shape
     if n >= d:
         return train_x, val_x
-    _, s, vh = np.linalg.svd(train_x, full_matrices=False)
-    keep = s > s.max() * 1e-10 if s.size else s.astype(bool)
-    basis = vh[keep].T  # (D, r)
-    return train_x @ basis, val_x @ basis
+    # through the rows' Gram matrix: an n x n eigenproblem instead of an n x D SVD; with X = U S V^T
+    # the training rows are U S and a reference row x is (x X^T) U / S in the basis V
+    ev, u = np.linalg.eigh(train_x @ train_x.T)
+    keep = ev > GRAM_RTOL * max(float(ev[-1]), 1e-300)
+    sv, u = np.sqrt(ev[keep]), u[:, keep]
+    return u * sv, ((val_x @ train_x.T) @ u) / sv
 
 
 def compute_influence(
