@@ -95,7 +95,7 @@ def test_new_dimensions_are_train_config_fields():
 
 def _fake_run(num_stages=4):
     return types.SimpleNamespace(extractors={"m": types.SimpleNamespace(num_stages=num_stages, map_bytes=lambda n, c: 0,
-                                                                        max_cache_bytes=1 << 30)})
+                                                                        max_cache_bytes=1 << 30, feature_width=lambda cut: 64)})
 
 
 def test_estimator_excludes_what_cannot_finish():
@@ -104,8 +104,10 @@ def test_estimator_excludes_what_cannot_finish():
                      num_stages={"m": 4}, fold_sizes=(20.0, 5.0, 5.0), n_folds=5, n_images=30)
     base = TrainConfig()
     keep, est = feasible_frozen(cost, recipe, base, 60.0, _fake_run())
-    # full network: 5 folds x 2 epochs x 20 images x 1 s = 200 s > half of 60 s: left out
+    # full network: 5 folds x 2 epochs x 20 images x 1 s = 200 s > a quarter of 60 s: left out
     assert est["0"] > 30 and 0 not in keep and keep == ["all", -1]
+    # all stages frozen is a solved probe: its cost is the solver's, not a training loop's
+    assert est["all"] == pytest.approx(cost.probe_seconds(64, 1))
     assert feasible_frozen(cost, recipe, base, 1000.0, _fake_run())[0] == ["all", -1, 0]
     # the estimate grows with epochs and with retrieved rows
     cfg = TrainConfig(frozen_stages=3, epochs=2)
@@ -154,7 +156,7 @@ def test_no_trial_may_take_more_than_its_share_of_the_budget(data, tmp_path, mon
     plan.objective.cost.trial_seconds = lambda *a, **k: 400.0  # fits in the 600 s left, but is 2/3 of the budget
     monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("a trial over its budget share was trained"))
     (trial,) = plan.run_trials().study.get_trials(deepcopy=False)
-    assert trial.state == TrialState.PRUNED and "300s allowed" in trial.user_attrs["not_started"]
+    assert trial.state == TrialState.PRUNED and "150s allowed" in trial.user_attrs["not_started"]
     # every trial of this space is estimated at 400 s: none could ever start, so the study stops at once
     # (a trial the budget kept from starting does not count towards --trials, so it would go on sampling)
     assert "study stops" in trial.user_attrs["not_started"]

@@ -32,7 +32,9 @@ from .._recipe import FROZEN, Recipe, resolve_frozen_relative
 SVD_FLOP_FACTOR = 4.0  # a thin SVD costs a few times rows^2 * cols multiply-adds
 PROBE_HVPS_PER_LAMBDA = 25  # Newton-CG products per penalty of a warm-started path (measured: 120-270 for 7)
 COST_SCALE_BOUNDS = (0.5, 4.0)  # how far this run's measured trials may correct the start-up estimates
-MAX_TRIAL_SHARE = 0.5  # a configuration that alone would take over half the budget leaves no room to compare
+# a configuration that alone would take over a quarter of the budget: the budget could not buy the
+# few trials of its kind that comparing and refining it takes, and a pruned one would waste that much
+MAX_TRIAL_SHARE = 0.25
 FOLD_OVERHEAD_S = 0.1  # beyond the net's copy (measured): optimiser, loaders, the fold's evaluation
 IMAGE_LOADER_EPOCH_S = 0.5  # starting an epoch's decoding worker process
 _TIMED_BATCH = 4
@@ -210,7 +212,10 @@ def cheapest_seconds(cost: CostModel, recipe: Recipe, base: TrainConfig, frozen_
         cfg = config_from_params({"epochs": epochs}, base)
         cfg.frozen_stages = resolve_frozen_relative(frozen_value, ex.num_stages)
         cfg.rand_augment = 0
-        best = min(best, cost.trial_seconds(label, cfg, {}, ex))
+        if cfg.frozen_stages >= ex.num_stages and cfg.mixup_alpha <= 0:  # a solved probe, not a training loop
+            best = min(best, cost.probe_seconds(ex.feature_width(None), 1))
+        else:
+            best = min(best, cost.trial_seconds(label, cfg, {}, ex))
     return best
 
 
