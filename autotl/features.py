@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ class FeatureExtractor:
     """Runs the frozen source backbone once per (model, transform, files, backend) and caches the result.
 
     The pass goes through ``autotl.backend`` (onnxruntime on CPU, bf16 on CUDA, eager otherwise);
-    with a ``cache_dir`` every array is written straight into a memory-mapped ``.npy`` there and
+    with a ``cache_dir`` every array is written row by row into a ``.npy`` there and
     read back memory-mapped, so a cache of any size costs page cache, not resident memory.
     """
 
@@ -162,6 +162,7 @@ class FeatureExtractor:
         self.forward_batches = 0  # batches pushed through the backbone (tests count these)
         self._memory: dict[str, dict[str, np.ndarray]] = {}
         self._widths: dict[int, int] = {}
+        self._fingerprints: dict[tuple, str] = {}
 
     @property
     def tap_cuts(self) -> list[int]:
@@ -170,12 +171,20 @@ class FeatureExtractor:
         return list(range(1, self.num_stages))
 
     # cache keys ---------------------------------------------------------------------------
+    def _files_fingerprint(self, samples: Sequence[Sample]) -> str:
+        """``files_fingerprint``, once per list of files in this process: a trial asks for the same
+        folds' features many times, and each answer would stat every file again."""
+        ident = tuple((s.path, s.label) for s in samples)
+        if ident not in self._fingerprints:
+            self._fingerprints[ident] = files_fingerprint(samples)
+        return self._fingerprints[ident]
+
     def _key(self, samples: Sequence[Sample], view: str = "center") -> str:
         ident = {
             "model": self.source.label,
             "weights": self.source.input_id,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.source.data_config.items()},
-            "files": files_fingerprint(samples),
+            "files": self._files_fingerprint(samples),
             # bf16 on CUDA gives other numbers than fp32 on CPU: a backend change never serves stale features
             "backend": self.backend,
             "view": view,
@@ -334,15 +343,21 @@ class FeatureExtractor:
 
 
 class _Outputs:
-    """The arrays one pass fills, row by row: memory-mapped ``.npy`` files written atomically
-    (under ``files``, an ExitStack of ``atomic_path`` contexts) when they have a path, else in memory."""
+    """The arrays one pass fills, row by row: ``.npy`` files written atomically (under ``files``, an
+    ExitStack of ``atomic_path`` contexts) when they have a path, else in memory.
+
+    Rows go to the files by plain writes at their offsets, not through a writable memory map: the
+    pages of a map being filled count as the process's resident memory until it is closed (a pass
+    caching the input-sized prefix of 700 images writes 300 MB), while written pages sit in the
+    page cache, which the kernel can reclaim."""
 
     def __init__(self, n: int, dtypes: dict[str, type], paths: dict[str, Path | None], files: contextlib.ExitStack):
         self.n, self.dtypes, self.paths, self.files = n, dtypes, paths, files
         self.arrays: dict[str, np.ndarray] = {}
+        self.handles: dict[str, tuple[Any, int, int]] = {}  # what -> (open file, data offset, bytes per row)
 
     def put(self, what: str, rows: np.ndarray, value: np.ndarray) -> None:
-        if what not in self.arrays:
+        if what not in self.arrays and what not in self.handles:
             shape, path = (self.n, *value.shape[1:]), self.paths.get(what)
             if path is None or not math.prod(shape):  # (numpy cannot map an empty array)
                 self.arrays[what] = np.empty(shape, dtype=self.dtypes[what])
@@ -351,14 +366,31 @@ class _Outputs:
                         np.save(fh, self.arrays[what])
             else:
                 tmp = self.files.enter_context(atomic_path(path))
-                self.arrays[what] = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtypes[what], shape=shape)
-        if rows.size:
+                dtype = np.dtype(self.dtypes[what])
+                with open(tmp, "wb") as fh:  # the header, then the file at its full size
+                    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                              "fortran_order": False, "shape": shape})
+                    offset = fh.tell()
+                    fh.truncate(offset + math.prod(shape) * dtype.itemsize)
+                fh = self.files.enter_context(open(tmp, "r+b"))
+                self.handles[what] = (fh, offset, math.prod(shape[1:]) * dtype.itemsize)
+        if not rows.size:
+            return
+        if what in self.arrays:
             self.arrays[what][rows] = value
+            return
+        fh, offset, row_bytes = self.handles[what]
+        data = np.ascontiguousarray(value, dtype=self.dtypes[what])
+        if np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):  # a batch of consecutive rows: one write
+            fh.seek(offset + int(rows[0]) * row_bytes)
+            fh.write(data.tobytes())
+        else:
+            for row, item in zip(rows, data):
+                fh.seek(offset + int(row) * row_bytes)
+                fh.write(item.tobytes())
 
     def finish(self) -> dict[str, np.ndarray]:
-        for arr in self.arrays.values():
-            if isinstance(arr, np.memmap):
-                arr.flush()
-        arrays = {w: a for w, a in self.arrays.items() if self.paths.get(w) is None}
-        self.arrays.clear()  # close the maps before atomic_path renames the files
-        return arrays
+        for fh, _, _ in self.handles.values():
+            fh.close()  # before atomic_path renames the files
+        self.handles.clear()
+        return {w: a for w, a in self.arrays.items() if self.paths.get(w) is None}

@@ -122,3 +122,38 @@ def test_release_keeps_arrays_that_have_no_file_behind_them(tmp_path, make_image
     run.release_caches()
     assert torch.equal(ex.extract(run.index.train).pooled, before.pooled)
     assert run.forward_batches() == batches
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_a_pass_writes_its_cache_files_without_holding_their_pages(tmp_path):
+    """The rows a pass caches go to their files as writes, in any order, and are read back exactly; the
+    pass's own resident memory does not grow with what it wrote (a writable map of the file would hold
+    every written page until closed: 64 MB here)."""
+    import contextlib
+
+    import numpy as np
+
+    from autotl.features import _Outputs
+
+    n, shape = 1024, (16, 32, 32)  # float16: 32 KiB a row, 32 MiB in all
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((n, *shape)).astype(np.float32)
+    order = np.concatenate([np.arange(0, 512), rng.permutation(np.arange(512, n))])
+    with contextlib.ExitStack() as files:
+        out = _Outputs(n, {"cut1": np.float16, "labels": np.int64},
+                       {"cut1": tmp_path / "cut1.npy", "labels": tmp_path / "labels.npy"}, files)
+        before = _rss_file_kb()
+        for i in range(0, n, 64):
+            rows = order[i:i + 64]
+            out.put("cut1", rows, values[rows])
+            out.put("labels", rows, rows * 3)
+        grown_mb = (_rss_file_kb() - before) / 1024
+        assert out.finish() == {}
+    assert grown_mb < 8, f"the pass held {grown_mb:.0f} MB of written pages"
+    assert np.array_equal(np.load(tmp_path / "cut1.npy"), values.astype(np.float16))
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), np.arange(n) * 3)
