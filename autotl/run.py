@@ -213,6 +213,10 @@ class RunFolder:
 
 
 _COMPLETE = ".complete"
+# values a run's memory keeps (within its byte bound): the probe table, the reduced features of each
+# layout trials read (backbones x taps x flip), widths and pools; fewer would evict layouts trials
+# come back to
+RUN_MEMORY_ITEMS = 32
 
 
 def _mark(out: Path, data_dir: Path) -> None:
@@ -368,7 +372,7 @@ class Run:
     duplicates: str = "warn"  # what the scan did with byte-identical copies (workers scan the same way)
     start: float = field(default_factory=time.monotonic)
     # what steps and trials share within this run (probe feature reductions, ...); bounded, never global
-    memory: BoundedMemory = field(default_factory=lambda: BoundedMemory(16))
+    memory: BoundedMemory = field(default_factory=lambda: BoundedMemory(RUN_MEMORY_ITEMS))
     policy: DevicePolicy | None = None  # how the run uses ``device``, resolved once (None: the device's default)
     phases: Phases = field(default_factory=Phases)
 

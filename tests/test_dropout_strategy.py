@@ -328,3 +328,24 @@ def test_block_influence_is_a_choice_and_the_papers_threshold_is_named(index, no
     assert "robust spread" in probe.notes["dropout"]["threshold_rule"]
     with pytest.raises(AutotlError, match="dropout_influence 'whole'"):
         apply_strategies(_ctx(index, source, extractor, tmp_path), {"dropout_tau": 1.0, "dropout_influence": "whole"})
+
+
+def test_every_fold_of_a_ten_fold_trial_keeps_its_influence_for_the_next_trial():
+    """A probe trial asks for the influence of each of its folds in turn (2 partitions x 5 folds); the
+    next trial (another tau) asks again in the same order. The run's memory must hold the whole cycle:
+    a least-recently-used memory smaller than it would miss on every fold, every trial."""
+    import numpy as np
+
+    from autotl._memory import BoundedMemory
+    from autotl.dropout.strategy import cache_stats, compute_influence
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 8)).astype(np.float32), np.arange(60) % 2
+    folds = [rng.permutation(60)[:45] for _ in range(10)]
+    memory = BoundedMemory()
+    for _trial in range(2):
+        for rows in folds:
+            ref = np.setdiff1d(np.arange(60), rows)
+            compute_influence(x[rows], y[rows], x[ref], y[ref], 2, memory=memory)
+    stats = cache_stats(memory)
+    assert stats["influence_solves"] == 10 and stats["cache_hits"] == 10

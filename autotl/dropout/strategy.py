@@ -60,7 +60,10 @@ DEFAULT_L2 = DROPOUT_L2
 DEFAULT_MODE = DropoutOptions.dropout_mode
 INFLUENCES = DROPOUT_INFLUENCES
 DECIDED_BY = "val split (influence reference)"
-_KEPT = 8  # influence outcomes (and heads) a run keeps: trials that differ only in tau hit them
+# influence outcomes (and heads) a run keeps, so that trials that differ only in tau hit them: every
+# fold of every candidate model (a trial asks for all its folds in turn, and a least-recently-used
+# memory smaller than that cycle would miss on every one); a few hundred KB at most
+_KEPT = 64
 
 
 @dataclass(frozen=True, eq=False)
