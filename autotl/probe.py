@@ -162,12 +162,15 @@ def _penalty_rule(params: dict[str, Any]) -> str:
     return opts.penalty_rule
 
 
-def penalty_one_se(lambdas: Sequence[float], fold_losses: Sequence[Sequence[float]], oof_losses: Sequence[float]) -> int:
+def penalty_one_se(lambdas: Sequence[float], fold_losses: Sequence[Sequence[float]], oof_losses: Sequence[float],
+                   k: int | None = None) -> int:
     """The strongest penalty whose out-of-fold log loss is within one standard error (of the best
-    penalty's fold losses) of the least one."""
+    penalty's fold losses) of the least one. ``k``: folds per partition; repeated partitions reuse the
+    same images, so the spread is divided by sqrt(k), not by the square root of every fold (as
+    ``Selection.standard_error`` does)."""
     best = min(range(len(oof_losses)), key=lambda i: oof_losses[i])
     losses = list(fold_losses[best])
-    se = statistics.stdev(losses) / math.sqrt(len(losses)) if len(losses) > 1 else 0.0
+    se = statistics.stdev(losses) / math.sqrt(k or len(losses)) if len(losses) > 1 else 0.0
     near = [i for i in range(len(oof_losses)) if oof_losses[i] <= oof_losses[best] + se]
     return max(near, key=lambda i: lambdas[i])
 

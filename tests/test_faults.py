@@ -72,22 +72,22 @@ def _study(tmp_path: Path):
 
 # ----------------------------------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_during_feature_extraction_then_rerun(data, tmp_path, monkeypatch, capsys):
-    # the pass writes its arrays straight into memory-mapped .npy files: cut the second one off half-way
-    real_open, calls = np.lib.format.open_memmap, []
+    # the pass writes its arrays straight into .npy files: cut the second one off half-way through its header
+    real_header, calls = np.lib.format.write_array_header_1_0, []
 
-    def open_then_interrupt(path, *a, **kw):
+    def header_then_interrupt(fh, d):
         calls.append(1)
         if len(calls) == 2:
-            Path(path).write_bytes(b"\x93NUMPY half")
+            fh.write(b"\x93NUMPY half")
             raise KeyboardInterrupt
-        return real_open(path, *a, **kw)
+        return real_header(fh, d)
 
-    monkeypatch.setattr(autotl.features.np.lib.format, "open_memmap", open_then_interrupt)
+    monkeypatch.setattr(autotl.features.np.lib.format, "write_array_header_1_0", header_then_interrupt)
     assert main(_args(data, tmp_path, 2)) == 130
     assert len(calls) == 2, "the interrupt came during the feature pass"
     _no_tmp(tmp_path / "run", tmp_path / "cache")
     assert not (tmp_path / "run" / "model.onnx").exists()
-    monkeypatch.setattr(autotl.features.np.lib.format, "open_memmap", real_open)
+    monkeypatch.setattr(autotl.features.np.lib.format, "write_array_header_1_0", real_header)
     capsys.readouterr()
     assert main(_args(data, tmp_path, 2, "--json")) == 0  # the same command again: nothing was lost but time
     doc = json.loads(capsys.readouterr().out)

@@ -24,6 +24,13 @@ def test_one_se_picks_the_strongest_penalty_within_one_standard_error():
     assert penalty_one_se(lambdas, fold_losses, oof) == 1
     # tight folds: nothing else is within one standard error, the minimum stays
     assert penalty_one_se(lambdas, [[0.3] * 3, [0.28] * 3, [0.25, 0.25, 0.26]], oof) == 2
+    # 6 folds of 2 partitions of 3: the folds of the two partitions reuse the same images, so the
+    # standard error is the spread over sqrt(3), not sqrt(6) (0.052, not 0.037): the middle penalty,
+    # 0.05 above the least loss, is within the first band and outside the second
+    six = [[0.32] * 6, [0.3] * 6, [0.15, 0.25, 0.35, 0.15, 0.25, 0.35]]
+    oof = [0.32, 0.30, 0.25]
+    assert penalty_one_se(lambdas, six, oof, k=3) == 1
+    assert penalty_one_se(lambdas, six, oof) == 2
 
 
 def test_penalty_rule_flag_fixes_the_trial_parameter_and_is_checked(tmp_path):
@@ -77,12 +84,12 @@ def test_the_rule_picks_the_trials_penalty_on_the_same_path(run, monkeypatch):
     ruled = cross_validate_probe(objective, ruled_params, objective.setup(ruled_params), lambdas=lambdas)
     assert ruled.oof_loss == pytest.approx(default.oof_loss)  # the same fits
     assert default.chosen == int(np.argmin(default.oof_loss))
-    assert ruled.chosen == penalty_one_se(lambdas, ruled.fold_losses, ruled.oof_loss)
+    assert ruled.chosen == penalty_one_se(lambdas, ruled.fold_losses, ruled.oof_loss, k=objective.selection.k)
     assert ruled.notes["penalty_rule"] == "one_se" and "penalty_rule" not in default.notes
     assert ProbeFeatures().describe(ruled_params) == "penalty by the one_se rule"
     # on these separable features both rules may keep the weakest penalty: a rule that names the
     # strongest shows that the rule, not the log-loss minimum, decides the trial's penalty
-    monkeypatch.setitem(autotl.probe.PENALTY_CHOICE, "one_se", lambda lams, fold_losses, oof: 0)
+    monkeypatch.setitem(autotl.probe.PENALTY_CHOICE, "one_se", lambda lams, fold_losses, oof, k=None: 0)
     assert default.chosen != 0
     assert cross_validate_probe(objective, ruled_params, objective.setup(ruled_params), lambdas=lambdas).lam == 1.0
     assert ProbeFeatures().describe({**ruled_params, "flip": True}).endswith("flip TTA + penalty by the one_se rule")

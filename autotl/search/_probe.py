@@ -142,7 +142,8 @@ def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: S
         oofs.append(p)
         oof_losses.append(float(-np.log(np.clip(p[np.arange(len(scored_labels)), scored_labels], 1e-6, 1.0)).mean()))
     rule = contexts[0].choose_penalty
-    chosen = int(np.argmin(oof_losses)) if rule is None else int(rule(tuple(lambdas), fold_losses, oof_losses))
+    chosen = (int(np.argmin(oof_losses)) if rule is None
+              else int(rule(tuple(lambdas), fold_losses, oof_losses, k=objective.selection.k)))
     notes = {name: note for ctx in contexts[:1] for name, note in ctx.notes.items()}
     return ProbeCV(tuple(float(v) for v in lambdas), fold_scores, fold_accuracy, fold_losses, oofs, oof_losses, chosen,
                    [len(s) for s in train_sets], notes)
