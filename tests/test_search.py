@@ -105,7 +105,7 @@ def test_builtin_recipes():
     default = load_recipe("default")
     targets = {d.target for d in default.dimensions}
     assert {"model", "frozen_stages", "lr", "epochs", "regularizer", "reg_lambda", "reg_beta", "reg_decay", "dtnh"} <= targets
-    assert default.trials == 40 and default.baselines
+    assert default.trials == 100 and default.baselines
     assert load_recipe(names["quick"]).name == "quick"  # by path too
     assert load_recipe("thorough").pruner["type"] == "hyperband"
     with pytest.raises(AutotlError, match="no such built-in recipe"):

@@ -23,7 +23,7 @@ from ._folds import Selection, plan_selection
 from ._leaderboard import describe_strategy, leaderboard_table, trial_rows
 from ._objective import Objective
 from ._plots import save_plots
-from ._cost import feasible_frozen, measure_costs
+from ._cost import MAX_TRIAL_SHARE, feasible_frozen, measure_costs
 from .._recipe import (FROZEN, Recipe, add_dimensions, fix_targets, load_recipe, parse_duration, resolve_frozen_relative,
                        restrict_choices)
 from ._select import portfolio_rank, select_one_se
@@ -251,7 +251,7 @@ def _affordable_space(run: Run, recipe: Recipe, base: TrainConfig, selection: Se
         dropped = [c for c in frozen_dim.choices if c not in keep]
         recipe = restrict_choices(recipe, FROZEN, keep)
         _console.log("frozen_stages " + ", ".join(f"{c} (≈{estimates.get(str(c), 0):.0f}s a trial)" for c in dropped)
-                     + f" left out: more than half of the {budget or 0:.0f}s budget on this machine "
+                     + f" left out: more than {MAX_TRIAL_SHARE:.0%} of the {budget or 0:.0f}s budget on this machine "
                      f"(throughput measured in {cost.measure_seconds:.1f}s)")
     return recipe, cost, keep, estimates
 
