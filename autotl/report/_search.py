@@ -63,6 +63,8 @@ def search_section(doc: Doc) -> str:
         items.append(("stopped by", esc(search["stopped_by"]) + (" (resumed study)" if search.get("resumed") else "")))
     if search.get("search_seconds") is not None:
         items.append(("search time", seconds(search["search_seconds"])))
+    for change in search.get("schedule") or []:
+        items.append((f"after {change['after_trials']} trials", esc(change["why"])))
     if search.get("candidates"):
         items.append(("candidate models", esc(", ".join(map(str, search["candidates"])))))
     items.append(("trials read from", esc(trials.source)))

@@ -391,6 +391,7 @@ def _search_doc(plan: SearchPlan, outcome: SearchOutcome, rows: list[dict], best
         "recipe": recipe.name, "recipe_source": recipe.source, "objective": base.objective,
         "objective_reason": plan.objective_reason.strip(" ()") or None,
         "trials_requested": settings.trials, "time_budget_s": settings.time_budget, "stopped_by": outcome.stopped_by,
+        "schedule": outcome.schedule,
         "resumed": not outcome.created, "n_trials": len(rows), "states": states,
         "search_seconds": round(outcome.seconds, 2), "prefix_cache": plan.prefetch,
         "mean_trial_seconds": {"cached": _mean([r["seconds"] for r in done if r["cached"]]),

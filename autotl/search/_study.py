@@ -14,6 +14,7 @@ from .. import _console
 from .._version import __version__
 from ..errors import AutotlError
 from ._objective import Objective, TrialFailed
+from ._schedule import FamilySchedule, schedules
 from .._recipe import Recipe
 
 STUDY_FILE = "study.db"
@@ -57,8 +58,9 @@ class SearchOutcome:
     study_name: str
     created: bool
     seconds: float
-    stopped_by: str  # "trials" | "time_budget" | "already_done"
+    stopped_by: str  # "trials" | "time_budget" | "converged" (``_schedule``) | "already_done"
     session_trials: list[int] = field(default_factory=list)
+    schedule: list[dict[str, Any]] = field(default_factory=list)  # the family schedule's changes (``_schedule``)
 
 
 # --------------------------------------------------------------------------------------- storage
@@ -314,6 +316,11 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
                  + (f", time budget {budget:.0f}s" if budget else "") + f" — study {settings.study_name!r} in {shown_url(url)}")
     callbacks = [on_trial] if on_trial is not None else []
     callbacks.append(_stop_after(remaining))
+    schedule = None
+    if schedules(objective.recipe, objective.fixed):
+        with quiet_optuna():
+            schedule = FamilySchedule(study, budget, log=_console.log)
+        callbacks.append(schedule)
     if not is_own_storage(objective.run_dir, url):  # workers may share the study: stop at its target
         from ._distributed import stop_at_target
 
@@ -335,5 +342,6 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
         ) from None
     seconds = time.monotonic() - start
     n_done = len(finished_trials(study))
-    stopped = "trials" if n_done >= settings.trials else "time_budget"
-    return SearchOutcome(study, url, settings.study_name, created, seconds, stopped, list(objective.started[first:]))
+    stopped = "trials" if n_done >= settings.trials else "converged" if schedule is not None and schedule.stopped else "time_budget"
+    return SearchOutcome(study, url, settings.study_name, created, seconds, stopped, list(objective.started[first:]),
+                         schedule.changes if schedule is not None else [])
