@@ -14,7 +14,7 @@ from autotl.options import SearchOptions
 from autotl.run import Run
 from autotl.search import _schedule
 from autotl.search._fit import plan_search
-from autotl.search._schedule import COVERED_AFTER, FINETUNE_SHARE, STOP_AFTER_REPEATS, stage_of
+from autotl.search._schedule import COVERED_AFTER, REPEAT_WINDOW, STOP_REPEATS, stage_of
 from autotl._recipe import parse_recipe
 from autotl.train import TrainConfig
 
@@ -28,8 +28,9 @@ class _Trials:
     def __init__(self):
         self.trials: list = []
 
-    def add(self, frozen, value=None, *, seconds=0.5, repeat=False, state=None):
+    def add(self, frozen, value=None, *, seconds=0.5, repeat=False, state=None, baseline=False):
         attrs = {"not_started": "the same parameters as trial 0"} if repeat else {}
+        attrs.update({"baseline": True} if baseline else {})
         state = state or (TrialState.PRUNED if repeat or value is None else TrialState.COMPLETE)
         t = create_trial(state=state, value=value if state == TrialState.COMPLETE else None,
                          params={"frozen_stages": frozen},
@@ -40,56 +41,64 @@ class _Trials:
         self.trials.append(t)
         return self
 
-    def stage(self, budget):
-        return stage_of(self.trials, budget)
+    def stage(self):
+        return stage_of(self.trials)
 
 
-def test_the_cheap_family_alone_until_it_stops_improving():
-    trials = _Trials().add("all", 0.5).add("all", 0.6).add("all", 0.7)
-    assert trials.stage(100).cheap_only
+def test_the_cheap_family_alone_until_the_sampler_stops_improving_it():
+    trials = _Trials().add("all", 0.7, baseline=True)
+    for _ in range(COVERED_AFTER + 2):  # the portfolio's entries are not the sampler's refinements
+        trials.add("all", 0.6, baseline=True)
+    assert trials.stage().cheap_only
+    trials.add("all", 0.5).add("all", 0.8).add("all", 0.9)
     for _ in range(COVERED_AFTER - 1):
         trials.add("all", 0.6)
-    assert trials.stage(100).cheap_only  # one short
+    assert trials.stage().kind == "uncovered" and trials.stage().cheap_only  # one short
     trials.add("all", repeat=True)  # a repeated configuration found nothing better either
-    stage = trials.stage(100)
-    assert not stage.cheap_only and not stage.stop
-    trials.add("all", 0.9)  # covered stays covered
-    assert not trials.stage(100).cheap_only
+    stage = trials.stage()
+    assert stage.kind == "share" and not stage.cheap_only and not stage.stop
+    trials.add("all", 0.95)  # covered stays covered
+    assert not trials.stage().cheap_only
 
 
 def _covered() -> _Trials:
-    trials = _Trials().add("all", 0.8)
+    trials = _Trials().add("all", 0.8, seconds=10.0)
     for _ in range(COVERED_AFTER):
-        trials.add("all", 0.7)
-    return trials
+        trials.add("all", 0.7, seconds=10.0)
+    return trials  # 90 s in trials
 
 
-def test_fine_tunes_keep_their_place_only_within_their_share_or_on_evidence():
-    budget = 100.0
-    trials = _covered().add(-1, 0.6, seconds=FINETUNE_SHARE * budget / 2)
-    assert not trials.stage(budget).cheap_only  # half their share spent
-    trials.add(-1, seconds=FINETUNE_SHARE * budget / 2)  # a pruned or not-started fine-tune spent time too
-    stage = trials.stage(budget)
-    assert stage.cheap_only and not stage.stop and "without beating the best probe" in stage.why
-    assert not trials.stage(None).cheap_only  # without a time budget, no share to spend
+def test_fine_tunes_keep_their_place_only_within_their_share_of_the_time_or_on_evidence():
+    trials = _covered().add(-1, 0.6, seconds=4.0)  # 4 of 94 s
+    assert not trials.stage().cheap_only
+    trials.add(-1, seconds=6.0)  # a pruned or not-started fine-tune took time too: 10 of 100 s
+    stage = trials.stage()
+    assert stage.kind == "cheap" and stage.cheap_only and not stage.stop and "none beat" in stage.why
+    for _ in range(3):  # probes add time: the share has room again
+        trials.add("all", 0.7, seconds=10.0)
+    assert not trials.stage().cheap_only
 
-    won = _covered().add(-1, 0.85, seconds=2 * FINETUNE_SHARE * budget)
-    assert not won.stage(budget).cheap_only  # a fine-tune beat the best probe: they stay
+    won = _covered().add(-1, 0.85, seconds=100.0)
+    assert won.stage().kind == "evidence" and not won.stage().cheap_only  # a fine-tune beat the best probe
 
 
-def test_back_on_the_cheap_family_the_study_stops_when_the_sampler_only_repeats():
-    trials = _covered().add(-1, 0.5, seconds=FINETUNE_SHARE * 100)
-    for _ in range(STOP_AFTER_REPEATS - 1):
-        trials.add("all", repeat=True)
-    assert not trials.stage(100).stop
-    trials.add("all", 0.75)  # something new was measured: the count starts again
-    for _ in range(STOP_AFTER_REPEATS - 1):
-        trials.add("all", repeat=True)
-    assert not trials.stage(100).stop
-    trials.add("all", repeat=True)
-    stage = trials.stage(100)
-    assert stage.stop and stage.cheap_only
-    assert not _covered().add("all", repeat=True).add("all", repeat=True).stage(None).stop
+def test_on_the_cheap_family_alone_the_study_stops_when_the_sampler_mostly_repeats():
+    trials = _covered().add(-1, 0.5, seconds=20.0)
+    for _ in range(STOP_REPEATS - 1):
+        trials.add("all", repeat=True, seconds=0.1)
+    for _ in range(REPEAT_WINDOW - STOP_REPEATS + 1):  # new measurements push those repeats out of the window
+        trials.add("all", 0.75, seconds=0.1)
+    for _ in range(STOP_REPEATS - 1):
+        trials.add("all", repeat=True, seconds=0.1)
+    assert not trials.stage().stop  # STOP_REPEATS - 1 of the last REPEAT_WINDOW
+    trials.add("all", repeat=True, seconds=0.1)
+    stage = trials.stage()
+    assert stage.stop and stage.cheap_only and stage.kind == "converged"
+
+    open_to_tunes = _covered()  # no fine-tune has run: they have their share, no stop
+    for _ in range(REPEAT_WINDOW):
+        open_to_tunes.add("all", repeat=True)
+    assert not open_to_tunes.stage().stop and not open_to_tunes.stage().cheap_only
 
 
 @pytest.fixture
@@ -114,17 +123,17 @@ def test_a_search_starts_no_fine_tune_before_the_cheap_family_is_covered(data, t
     trials = sorted(outcome.study.get_trials(deepcopy=False), key=lambda t: t.number)
     tunes = [t.number for t in trials if t.params["frozen_stages"] != "all"]
     assert tunes, "no fine-tune was sampled after the cheap family was covered"
-    assert not stage_of(trials[:tunes[0]], None).cheap_only  # the trials before the first fine-tune covered the cheap family
-    assert outcome.schedule[0]["cheap_only"] and not outcome.schedule[1]["cheap_only"]
+    assert not stage_of(trials[:tunes[0]]).cheap_only  # the trials before the first fine-tune covered the cheap family
+    assert [c["stage"] for c in outcome.schedule[:2]] == ["uncovered", "share"]
 
 
 @pytest.mark.usefixtures("single_thread")
 def test_a_search_that_only_repeats_itself_stops_and_says_why(data, tmp_path, monkeypatch):
     monkeypatch.setattr(_schedule, "COVERED_AFTER", 2)
-    monkeypatch.setattr(_schedule, "FINETUNE_SHARE", 0.0)  # no evidence needed to close: fine-tunes never open
-    monkeypatch.setattr(_schedule, "STOP_AFTER_REPEATS", 2)
+    monkeypatch.setattr(_schedule, "FINETUNE_SHARE", 0.0)  # no share: fine-tunes never open
+    monkeypatch.setattr(_schedule, "STOP_REPEATS", 2)
     outcome = _plan(data, tmp_path, trials=40, budget=600).run_trials()
     trials = outcome.study.get_trials(deepcopy=False)
     assert outcome.stopped_by == "converged" and len(trials) < 40
     assert all(t.params["frozen_stages"] == "all" for t in trials)
-    assert outcome.schedule[-1]["stop"] and "repeated measured configurations" in outcome.schedule[-1]["why"]
+    assert outcome.schedule[-1]["stage"] == "converged" and "repeated measured configurations" in outcome.schedule[-1]["why"]

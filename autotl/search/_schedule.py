@@ -1,14 +1,15 @@
 """The order a search spends its budget in: the cheap family first, fine-tunes on evidence.
 
 A solved probe trial (``frozen_stages: all``) costs a fraction of a second; a fine-tune seconds to
-minutes, and on small sets it has not won once in ``bench/suite.py`` while its pruned and
-not-started trials took a fifth of the search. So the study samples only the cheap family until
-that family is *covered* (``COVERED_AFTER`` cheap trials in a row found no better value, repeats of
-measured configurations included); then the whole space. Under a time budget the fine-tunes keep
-their place only on evidence: until they have spent ``FINETUNE_SHARE`` of the budget, or for good
-once one of them beats the best probe. Back on the cheap family alone, the study stops when
-``STOP_AFTER_REPEATS`` proposals in a row repeated measured configurations: the sampler has nothing
-new to try, and the rest of the budget would buy nothing.
+minutes, and on small sets it has not won once in ``bench/suite.py`` (45 selections) while its
+pruned and not-started trials took a fifth of the search. So the study samples only the cheap
+family until the sampler has *covered* it: ``COVERED_AFTER`` of its own cheap proposals in a row
+(the portfolio's entries are not the sampler's) found no better value, repeats of measured
+configurations included. Then fine-tunes may be sampled as long as they have taken under
+``FINETUNE_SHARE`` of the time spent in trials, and for good once one of them beats the best
+probe (evidence). On the cheap family alone, the study stops when ``STOP_REPEATS`` of the last
+``REPEAT_WINDOW`` cheap proposals repeated measured configurations: the sampler has converged and
+the rest of the budget would buy little.
 
 The stage is a function of the study's trials (a resumed study picks up where it was); it reaches
 the sampler through Optuna's ``PartialFixedSampler``, which fixes ``frozen_stages`` to ``all``.
@@ -21,21 +22,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._recipe import FROZEN, Recipe
-from ._cost import MAX_TRIAL_SHARE
 from ._distributed import OVER_BUDGET
 
 CHEAP = "all"  # the frozen_stages value of the cheap family: a linear probe on frozen features
-COVERED_AFTER = 8  # cheap trials in a row without a better value: the cheap family is covered
-# of the time budget, what fine-tunes may spend before one must beat the best probe: room for the
-# largest trial the budget allows (``_cost``), or for a few smaller ones
-FINETUNE_SHARE = MAX_TRIAL_SHARE
-STOP_AFTER_REPEATS = 5  # proposals in a row that repeat measured configurations: nothing new to try
+COVERED_AFTER = 8  # the sampler's cheap proposals in a row without a better value: the family is covered
+# of the time spent in trials, what fine-tunes may take while none beats the best probe: on the
+# suite's small sets, a fine-tune pruned after a fold or two every few dozen probe trials
+FINETUNE_SHARE = 0.1
+REPEAT_WINDOW = 10  # the last cheap proposals the stop looks at ...
+STOP_REPEATS = 5  # ... and how many of them must have repeated measured configurations
 
 
 @dataclass(frozen=True)
 class Stage:
-    """Where a study is: which family the sampler draws from, and whether to stop."""
+    """Where a study is: which family the sampler draws from, whether to stop, and why."""
 
+    kind: str  # "uncovered" | "evidence" | "share" | "cheap" | "converged"
     cheap_only: bool
     stop: bool
     why: str
@@ -46,42 +48,50 @@ def is_repeat(trial) -> bool:
     return "not_started" in trial.user_attrs and not trial.user_attrs.get(OVER_BUDGET)
 
 
-def stage_of(trials, budget: float | None) -> Stage:
-    """The stage after ``trials`` (Optuna ``FrozenTrial``s of the study) under ``budget`` seconds."""
+def stage_of(trials) -> Stage:
+    """The stage after ``trials`` (Optuna ``FrozenTrial``s of the study)."""
     from optuna.trial import TrialState
 
     best_cheap = best_tune = -math.inf
-    quiet = repeats = 0
+    quiet = 0
     covered = False
-    tune_seconds = 0.0
+    seconds = tune_seconds = 0.0
+    recent: list[bool] = []  # whether each cheap proposal since coverage repeated a measured one
     for t in sorted(trials, key=lambda t: t.number):
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
             continue
         value = t.value if t.state == TrialState.COMPLETE and t.value is not None else None
-        if t.params.get(FROZEN, CHEAP) == CHEAP:
-            if value is not None and value > best_cheap:
-                best_cheap, quiet = value, 0
-            elif value is not None or is_repeat(t):
-                quiet += 1
-            repeats = repeats + 1 if is_repeat(t) else 0
-            covered = covered or quiet >= COVERED_AFTER
-        else:
-            tune_seconds += t.duration.total_seconds() if t.duration is not None else 0.0
+        took = t.duration.total_seconds() if t.duration is not None else 0.0
+        seconds += took
+        if t.params.get(FROZEN, CHEAP) != CHEAP:
+            tune_seconds += took
             if value is not None:
                 best_tune = max(best_tune, value)
-            repeats = 0
+            continue
+        if value is not None and value > best_cheap:
+            best_cheap, quiet = value, 0
+        elif (value is not None or is_repeat(t)) and not t.user_attrs.get("baseline"):
+            quiet += 1
+        if covered:
+            recent.append(is_repeat(t))
+        covered = covered or quiet >= COVERED_AFTER
     if not covered:
-        return Stage(True, False, f"the cheap family is not covered yet ({quiet} of {COVERED_AFTER} trials in a row without a better value)")
+        return Stage("uncovered", True, False, f"the cheap family alone until {COVERED_AFTER} of the sampler's "
+                     f"proposals in a row find no better value ({quiet} so far)")
     if best_tune > best_cheap:
-        return Stage(False, False, f"a fine-tune beat the best probe ({best_tune:.4f} > {best_cheap:.4f})")
-    if budget is None or tune_seconds < FINETUNE_SHARE * budget:
-        return Stage(False, False, "the cheap family is covered: fine-tunes may be sampled"
-                     + (f" ({tune_seconds:.0f}s of their {FINETUNE_SHARE * budget:.0f}s spent)" if budget else ""))
-    why = (f"fine-tunes spent {tune_seconds:.0f}s ({FINETUNE_SHARE:.0%} of the {budget:.0f}s budget) without beating "
-           f"the best probe ({best_tune:.4f} vs {best_cheap:.4f}): back to the cheap family")
-    if repeats >= STOP_AFTER_REPEATS:
-        return Stage(True, True, f"{repeats} proposals in a row repeated measured configurations: nothing new to try")
-    return Stage(True, False, why)
+        return Stage("evidence", False, False, f"a fine-tune beat the best probe ({best_tune:.4f} > {best_cheap:.4f}): "
+                     "fine-tunes stay")
+    spent = f"fine-tunes took {tune_seconds:.0f}s of the {seconds:.0f}s in trials"
+    if tune_seconds < FINETUNE_SHARE * seconds:
+        return Stage("share", False, False, f"the cheap family is covered; {spent}, under their "
+                     f"{FINETUNE_SHARE:.0%} share: fine-tunes may be sampled")
+    repeats = sum(recent[-REPEAT_WINDOW:])
+    if repeats >= STOP_REPEATS:
+        return Stage("converged", True, True, f"{repeats} of the last {REPEAT_WINDOW} proposals repeated measured "
+                     "configurations: the sampler has converged")
+    return Stage("cheap", True, False, f"{spent}, their {FINETUNE_SHARE:.0%} share, and "
+                 + ("none beat" if best_tune > -math.inf else "none completed to challenge")
+                 + f" the best probe ({best_cheap:.4f}): the cheap family alone")
 
 
 def schedules(recipe: Recipe, fixed: dict[str, Any]) -> bool:
@@ -94,30 +104,28 @@ def schedules(recipe: Recipe, fixed: dict[str, Any]) -> bool:
 
 class FamilySchedule:
     """An ``optimize`` callback (and the starting point of a resumed study): sets the study's sampler
-    to the stage's family, logs each change, and stops the study when the stage says so."""
+    to the stage's family, records the first time each stage is reached (and logs it), and stops
+    the study when the stage says so."""
 
-    def __init__(self, study, budget: float | None, log=None):
+    def __init__(self, study, log=None):
         import optuna
 
         self.base = study.sampler
         self.cheap_sampler = optuna.samplers.PartialFixedSampler({FROZEN: CHEAP}, self.base)
-        self.budget = budget
         self.log = log
-        self.stage: Stage | None = None
         self.stopped = False
         self.changes: list[dict[str, Any]] = []
         self.apply(study)
 
     def apply(self, study) -> Stage:
         trials = study.get_trials(deepcopy=False)
-        stage = stage_of(trials, self.budget)
+        stage = stage_of(trials)
         study.sampler = self.cheap_sampler if stage.cheap_only else self.base
-        if self.stage is None or stage.cheap_only != self.stage.cheap_only or stage.stop:
+        if stage.kind not in {c["stage"] for c in self.changes}:
             n = sum(t.state.is_finished() for t in trials)
-            self.changes.append({"after_trials": n, "cheap_only": stage.cheap_only, "stop": stage.stop, "why": stage.why})
-            if self.log is not None and (self.stage is not None or not stage.cheap_only):
+            self.changes.append({"after_trials": n, "stage": stage.kind, "cheap_only": stage.cheap_only, "why": stage.why})
+            if self.log is not None and stage.kind != "uncovered":
                 self.log(("search stops: " if stage.stop else "") + stage.why)
-        self.stage = stage
         if stage.stop:
             self.stopped = True
             study.stop()

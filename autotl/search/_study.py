@@ -319,7 +319,7 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     schedule = None
     if schedules(objective.recipe, objective.fixed):
         with quiet_optuna():
-            schedule = FamilySchedule(study, budget, log=_console.log)
+            schedule = FamilySchedule(study, log=_console.log)
         callbacks.append(schedule)
     if not is_own_storage(objective.run_dir, url):  # workers may share the study: stop at its target
         from ._distributed import stop_at_target
