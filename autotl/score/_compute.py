@@ -49,7 +49,8 @@ def _resolve_extractors(sources, extractors, cache_dir, device, batch_size):
         from ..run import resolve_cache_dir
 
         cache_dir = resolve_cache_dir(cache_dir)
-        return [FeatureExtractor(s, device=device, cache_dir=cache_dir, batch_size=batch_size) for s in sources]
+        given = {"batch_size": batch_size} if batch_size else {}  # else the extractor's (``features.FROZEN_BATCH``)
+        return [FeatureExtractor(s, device=device, cache_dir=cache_dir, **given) for s in sources]
     if isinstance(extractors, Mapping):
         missing = [s.label for s in sources if s.label not in extractors]
         if missing:
@@ -137,7 +138,7 @@ def score_models(
     top: int = TOP_CLASSES,
     cache_dir: str | os.PathLike | None = None,
     device: str = "cpu",
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> ScoreReport:
     """Score every source model on ``index.train`` with one feature pass each; rank by ``rule``.
 
