@@ -49,17 +49,18 @@ def data(tmp_path, make_image_folder):
     return make_image_folder(tmp_path / "data", {"cat": 8, "dog": 8}, splits=["train", "val"], size=(40, 32))
 
 
-def _recipe(trials: int):
+def _recipe(trials: int, frozen=("all", -1)):
     return parse_recipe({"trials": trials, "sampler": {"n_startup_trials": 2}, "pruner": {"type": "none"},
-                         "space": {"frozen_stages": ["all", -1], "lr": {"low": 0.001, "high": 0.03, "log": True},
+                         "space": {"frozen_stages": list(frozen), "lr": {"low": 0.001, "high": 0.03, "log": True},
                                    "epochs": 2}}, "dist-recipe")
 
 
-def _create(url: str, name: str, data: Path, tmp_path: Path, target: int):
+def _create(url: str, name: str, data: Path, tmp_path: Path, target: int, recipe=None):
     """What `autotl fit --storage URL --study NAME` does before its first trial: create the study + worker attrs."""
     run = Run.open(data, tmp_path / f"run-{name}", models=[MODEL], device="cpu")
     plan = plan_search(run, TrainConfig(epochs=2, batch_size=8, objective="accuracy"),
-                       SearchOptions(trials=target, recipe=_recipe(target), storage=url, study=name, cv_folds=2, cv_repeats=1))
+                       SearchOptions(trials=target, recipe=recipe or _recipe(target), storage=url, study=name, cv_folds=2,
+                                     cv_repeats=1))
     study, created = open_study(plan.settings, url, fingerprint=plan.fingerprint)
     assert created
     return plan
@@ -126,7 +127,7 @@ def test_two_workers_complete_the_study(pg, data, tmp_path):
 @needs_pg
 def test_killed_worker_trial_is_retried_by_the_other(pg, data, tmp_path):
     url = pg.createdb("kill")
-    _create(url, "k", data, tmp_path, target=3)
+    _create(url, "k", data, tmp_path, target=3, recipe=_recipe(3, frozen=[-1]))  # fine-tunes only: every trial trains
     doomed = _worker(url, "k", slow=True)
     deadline = time.monotonic() + 90
     running = None
@@ -145,6 +146,24 @@ def test_killed_worker_trial_is_retried_by_the_other(pg, data, tmp_path):
     assert retries[0].params == killed.params  # the same strategy, re-queued
     assert [t.state for t in trials.values()].count(TrialState.COMPLETE) == 3
     assert survivor["stopped_by"] == "target" and survivor["progress"]["done"] == 3
+
+
+@pytest.mark.slow
+@needs_pg
+def test_a_worker_follows_the_family_schedule(pg, data, tmp_path):
+    """A worker samples the cheap family alone until the study's trials cover it, as ``run_study`` does
+    (its random sampler would draw a fine-tune half the time)."""
+    from autotl.search._schedule import stage_of
+
+    url = pg.createdb("sched")
+    recipe = parse_recipe({"trials": 12, "sampler": {"n_startup_trials": 1000}, "pruner": {"type": "none"},
+                           "space": {"frozen_stages": ["all", -1], "epochs": 1,
+                                     "taps": {"choices": [0, 1], "when": {"frozen_stages": "all"}}}}, "sched-recipe")
+    _create(url, "f", data, tmp_path, target=12, recipe=recipe)
+    _finish(_worker(url, "f"))
+    trials = sorted(_trials(url, "f"), key=lambda t: t.number)
+    first = next((t.number for t in trials if t.params["frozen_stages"] != "all"), len(trials))
+    assert first >= 8 and not stage_of(trials[:first]).cheap_only or first == len(trials)
 
 
 @pytest.mark.slow

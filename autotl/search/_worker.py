@@ -28,7 +28,7 @@ class WorkerResult:
     storage: str
     worker_id: str
     trials: list[int] = field(default_factory=list)  # trial numbers this worker ran
-    stopped_by: str = "target"  # "target" | "own_trials"
+    stopped_by: str = "target"  # "target" | "own_trials" | "converged" (``_schedule``)
     progress: dict[str, int] = field(default_factory=dict)
     artifacts: str = ""
     seconds: float = 0.0
@@ -72,6 +72,7 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     from ..train import TrainConfig
     from ._fit import _log_trial, plan_search
     from ._objective import TrialFailed
+    from ._schedule import FamilySchedule, schedules
     from ._study import make_sampler, open_study, quiet_optuna
 
     start = time.monotonic()
@@ -103,6 +104,10 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     # every worker proposes from its own seed (the same seed in two workers would replay the same trials)
     study.sampler = make_sampler(recipe, w["seed"] + os.getpid() * 7919 + time.time_ns() % 100_003,
                                  len(study.get_trials(deepcopy=False)))
+    schedule = None
+    if schedules(plan.recipe, plan.objective.fixed):  # the family schedule of ``run_study``, over every worker's trials
+        with quiet_optuna():
+            schedule = FamilySchedule(study, log=_console.log)
     target = int(w["target"])
     art_dir = Path(artifacts) if artifacts is not None else Path(w["artifacts"])
     art_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +164,9 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
         if p["done"] + p["running"] >= target and not p["waiting"]:
             time.sleep(poll)  # the last trials run elsewhere; take over if one of them goes stale
             continue
+        if schedule is not None and schedule.apply(study).stop:  # the stage follows every worker's trials
+            result.stopped_by = "converged"
+            break
         n_before = len(objective.started)
         with quiet_optuna():
             study.optimize(guarded, n_trials=1, catch=(TrialFailed,), callbacks=[log_cb])
