@@ -284,7 +284,7 @@ def test_trials_the_budget_kept_from_starting_do_not_count_towards_trials(data, 
     recipe = parse_recipe({"trials": 3, "pruner": {"type": "none"}, "sampler": {"n_startup_trials": 50},
                            "space": {"frozen_stages": [-1, "all"], "epochs": 1, "taps": {"choices": [0, 1, 2], "when": {"frozen_stages": "all"}}}}, "t")
     plan = plan_search(run, base, SearchOptions(trials=3, time_budget=600, recipe=recipe, cv_folds=2, cv_repeats=1))
-    monkeypatch.setattr("autotl.search._study.schedules", lambda *a: False)  # fine-tunes from the start
+    monkeypatch.setattr("autotl.search._study.schedule_for", lambda *a, **k: None)  # fine-tunes from the start
     # every fine-tune: 2/3 of the budget; a probe: a second
     plan.objective.cost.trial_seconds = lambda label, cfg, params, ex: 400.0 if cfg.frozen_stages < ex.num_stages else 1.0
     monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("a trial over its budget share was trained"))

@@ -18,6 +18,7 @@ the sampler through Optuna's ``PartialFixedSampler``, which fixes ``frozen_stage
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +36,18 @@ STOP_REPEATS = 5  # ... and how many of them must have repeated measured configu
 
 @dataclass(frozen=True)
 class Stage:
-    """Where a study is: which family the sampler draws from, whether to stop, and why."""
+    """Where a study is, and why: which family the sampler draws from, whether to stop."""
 
     kind: str  # "uncovered" | "evidence" | "share" | "cheap" | "converged"
-    cheap_only: bool
-    stop: bool
     why: str
+
+    @property
+    def cheap_only(self) -> bool:
+        return self.kind in ("uncovered", "cheap", "converged")
+
+    @property
+    def stop(self) -> bool:
+        return self.kind == "converged"
 
 
 def is_repeat(trial) -> bool:
@@ -58,7 +65,7 @@ def stage_of(trials) -> Stage:
     seconds = tune_seconds = 0.0
     recent: list[bool] = []  # whether each cheap proposal since coverage repeated a measured one
     for t in sorted(trials, key=lambda t: t.number):
-        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        if not t.state.is_finished():
             continue
         value = t.value if t.state == TrialState.COMPLETE and t.value is not None else None
         took = t.duration.total_seconds() if t.duration is not None else 0.0
@@ -76,30 +83,31 @@ def stage_of(trials) -> Stage:
             recent.append(is_repeat(t))
         covered = covered or quiet >= COVERED_AFTER
     if not covered:
-        return Stage("uncovered", True, False, f"the cheap family alone until {COVERED_AFTER} of the sampler's "
+        return Stage("uncovered", f"the cheap family alone until {COVERED_AFTER} of the sampler's "
                      f"proposals in a row find no better value ({quiet} so far)")
     if best_tune > best_cheap:
-        return Stage("evidence", False, False, f"a fine-tune beat the best probe ({best_tune:.4f} > {best_cheap:.4f}): "
+        return Stage("evidence", f"a fine-tune beat the best probe ({best_tune:.4f} > {best_cheap:.4f}): "
                      "fine-tunes stay")
     spent = f"fine-tunes took {tune_seconds:.0f}s of the {seconds:.0f}s in trials"
     if tune_seconds < FINETUNE_SHARE * seconds:
-        return Stage("share", False, False, f"the cheap family is covered; {spent}, under their "
+        return Stage("share", f"the cheap family is covered; {spent}, under their "
                      f"{FINETUNE_SHARE:.0%} share: fine-tunes may be sampled")
     repeats = sum(recent[-REPEAT_WINDOW:])
     if repeats >= STOP_REPEATS:
-        return Stage("converged", True, True, f"{repeats} of the last {REPEAT_WINDOW} proposals repeated measured "
+        return Stage("converged", f"{repeats} of the last {REPEAT_WINDOW} proposals repeated measured "
                      "configurations: the sampler has converged")
-    return Stage("cheap", True, False, f"{spent}, their {FINETUNE_SHARE:.0%} share, and "
+    return Stage("cheap", f"{spent}, their {FINETUNE_SHARE:.0%} share, and "
                  + ("none beat" if best_tune > -math.inf else "none completed to challenge")
                  + f" the best probe ({best_cheap:.4f}): the cheap family alone")
 
 
-def schedules(recipe: Recipe, fixed: dict[str, Any]) -> bool:
-    """Whether the space has both families for the schedule to order (not when a user's flag fixed
-    ``frozen_stages``, or the budget left only one family)."""
+def schedule_for(study, recipe: Recipe, fixed: dict[str, Any], log=None) -> FamilySchedule | None:
+    """The study's family schedule (``run_study`` and every ``autotl worker``), or None when the space
+    has one family only: a user's flag fixed ``frozen_stages``, or the budget left one."""
     dim = recipe.dimension(FROZEN)
-    return (FROZEN not in fixed and dim is not None and dim.kind == "categorical"
-            and CHEAP in dim.choices and len(dim.choices) > 1)
+    if FROZEN in fixed or dim is None or dim.kind != "categorical" or CHEAP not in dim.choices or len(dim.choices) < 2:
+        return None
+    return FamilySchedule(study, log=log)
 
 
 class FamilySchedule:
@@ -111,7 +119,9 @@ class FamilySchedule:
         import optuna
 
         self.base = study.sampler
-        self.cheap_sampler = optuna.samplers.PartialFixedSampler({FROZEN: CHEAP}, self.base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.cheap_sampler = optuna.samplers.PartialFixedSampler({FROZEN: CHEAP}, self.base)
         self.log = log
         self.stopped = False
         self.changes: list[dict[str, Any]] = []

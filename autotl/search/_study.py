@@ -14,7 +14,7 @@ from .. import _console
 from .._version import __version__
 from ..errors import AutotlError
 from ._objective import Objective, TrialFailed
-from ._schedule import FamilySchedule, schedules
+from ._schedule import schedule_for
 from .._recipe import Recipe
 
 STUDY_FILE = "study.db"
@@ -316,10 +316,8 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
                  + (f", time budget {budget:.0f}s" if budget else "") + f" — study {settings.study_name!r} in {shown_url(url)}")
     callbacks = [on_trial] if on_trial is not None else []
     callbacks.append(_stop_after(remaining))
-    schedule = None
-    if schedules(objective.recipe, objective.fixed):
-        with quiet_optuna():
-            schedule = FamilySchedule(study, log=_console.log)
+    schedule = schedule_for(study, objective.recipe, objective.fixed, log=_console.log)
+    if schedule is not None:
         callbacks.append(schedule)
     if not is_own_storage(objective.run_dir, url):  # workers may share the study: stop at its target
         from ._distributed import stop_at_target

@@ -72,7 +72,7 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     from ..train import TrainConfig
     from ._fit import _log_trial, plan_search
     from ._objective import TrialFailed
-    from ._schedule import FamilySchedule, schedules
+    from ._schedule import schedule_for
     from ._study import make_sampler, open_study, quiet_optuna
 
     start = time.monotonic()
@@ -104,10 +104,7 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     # every worker proposes from its own seed (the same seed in two workers would replay the same trials)
     study.sampler = make_sampler(recipe, w["seed"] + os.getpid() * 7919 + time.time_ns() % 100_003,
                                  len(study.get_trials(deepcopy=False)))
-    schedule = None
-    if schedules(plan.recipe, plan.objective.fixed):  # the family schedule of ``run_study``, over every worker's trials
-        with quiet_optuna():
-            schedule = FamilySchedule(study, log=_console.log)
+    schedule = schedule_for(study, plan.recipe, plan.objective.fixed, log=_console.log)  # over every worker's trials
     target = int(w["target"])
     art_dir = Path(artifacts) if artifacts is not None else Path(w["artifacts"])
     art_dir.mkdir(parents=True, exist_ok=True)
