@@ -59,6 +59,82 @@ class ImageDataset(Dataset):
         return self.transform(load_rgb(s.path, min_side=self.min_side)), s.label, i
 
 
+class DecodedImages:
+    """The images of a run decoded once: a frozen pass writes each image's pixels after the eval
+    transform's resize and crop (uint8, before ``ToTensor`` and ``Normalize``, so nothing is lost)
+    into a file per list of images, and every later pass over the same images and geometry (the next
+    candidate backbone, the flipped view) reads pixels instead of decoding the files again. The
+    run's candidates share one preprocessing (``models.shared_input_config``), so one decode serves
+    them all. Files are written and read by plain I/O (page cache, not resident memory) in a
+    temporary folder removed when the store is closed or collected."""
+
+    def __init__(self, directory: str | Path | None = None, *, max_bytes: int = 2 << 30):
+        import tempfile
+        import weakref
+
+        root = Path(directory) if directory else None
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="autotl-pixels-", dir=root)
+        self.folder = Path(self._tmp.name)
+        self._close = weakref.finalize(self, self._tmp.cleanup)
+        self.max_bytes = int(max_bytes)
+        self.decoded = 0  # images decoded into the store (tests count these)
+
+    def close(self) -> None:
+        self._close()
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` of pixels may go to the store: at most ``max_bytes``, leaving the disk
+        at least as much free again."""
+        import shutil
+
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            return False
+        return nbytes <= self.max_bytes and 2 * nbytes <= free
+
+    def path(self, fingerprint: str, geometry) -> Path:
+        ident = json.dumps({"files": fingerprint, "geometry": repr(geometry)}, sort_keys=True)
+        return self.folder / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".u8")
+
+
+def split_eval_transform(transform):
+    """``(geometry, mean, std)`` of an eval transform that ends in ``ToTensor`` then ``Normalize`` (timm's
+    and torchvision's): what runs on the PIL image, and the normalisation that turns its uint8 pixels
+    into the network's input exactly as the whole transform does. None for any other transform."""
+    from timm.data.transforms import MaybeToTensor
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", None) or [])
+    if len(steps) < 2 or not isinstance(steps[-2], (MaybeToTensor, T.ToTensor)) or not isinstance(steps[-1], T.Normalize):
+        return None
+    return T.Compose(steps[:-2]), steps[-1].mean, steps[-1].std
+
+
+def pixels_to_input(pixels: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 ``(n, H, W, 3)`` → the normalised float ``(n, 3, H, W)`` batch (``ToTensor`` + ``Normalize``)."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    m = torch.as_tensor(mean, dtype=x.dtype)[:, None, None]
+    sd = torch.as_tensor(std, dtype=x.dtype)[:, None, None]
+    return x.sub_(m).div_(sd)
+
+
+class _PixelDataset(Dataset):
+    """(uint8 HWC pixels, label, index): the geometry part of the eval transform only."""
+
+    def __init__(self, samples: Sequence[Sample], geometry, min_side: int | None):
+        self.samples, self.geometry, self.min_side = list(samples), geometry, min_side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        return torch.from_numpy(np.array(self.geometry(load_rgb(s.path, min_side=self.min_side)), dtype=np.uint8)), s.label, i
+
+
 def decode_min_side(transform) -> int | None:
     """The shorter side an image must keep for ``transform`` (a timm/torchvision ``Compose``) to see
     what it would see at full size, with ``DRAFT_MARGIN``: from its first step, the resize of the eval
@@ -155,8 +231,9 @@ class FeatureExtractor:
 
     def __init__(self, source: SourceModel, *, device: torch.device | str | DevicePolicy = "cpu",
                  cache_dir: str | Path | None = None, batch_size: int = FROZEN_BATCH, max_cache_bytes: int = 3 << 30,
-                 backend: str | None = None):
+                 backend: str | None = None, decoded: DecodedImages | None = None):
         self.source = source
+        self.decoded = decoded  # shared by the run's extractors: images decoded once for every backbone and view
         self.policy = as_policy(device)  # the run's: training with this extractor on its device uses it too
         self.device = self.policy.device
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -324,8 +401,7 @@ class FeatureExtractor:
                 raise MemoryError(f"caching cut {c} needs {need / 2**30:.1f} GiB > {self.max_cache_bytes / 2**30:.1f} GiB")
         dtypes = {**{f"cut{c}": _MAP_DTYPE for c in cuts}, **{f"tap{c}": np.float32 for c in runner.graph.taps},
                   "pooled": np.float32, "logits": np.float32, "labels": np.int64}
-        loader = make_loader(ImageDataset(samples, self.transform), batch_size=self._pass_batch(runner, n),
-                             shuffle=False, device=self.policy, workers=decode_workers(self.policy))
+        loader = self._batches(samples, self._pass_batch(runner, n))
         with contextlib.ExitStack() as files, _console.progress(
                 f"{description} ({self.source.label}{', flipped' if view == 'flip' else ''})", total=n) as bar:
             out = _Outputs(n, dtypes, {w: self._path(key, w) for w in dtypes}, files)
@@ -347,6 +423,48 @@ class FeatureExtractor:
                 self._memory[key][what] = arr
             else:
                 self._load(key, what)  # the written file, memory-mapped
+
+
+    def _batches(self, samples: Sequence[Sample], batch_size: int):
+        """The pass's ``(images, labels, indices)`` batches: read from the run's decoded pixels when an
+        earlier pass over these images left them (``DecodedImages``), else decoded from the files (and
+        left there for the next pass)."""
+        split = split_eval_transform(self.transform) if self.decoded is not None else None
+        _, h, w = (int(v) for v in self.source.data_config["input_size"])
+        n, row_bytes = len(samples), h * w * 3
+        if split is None or not self.decoded.fits(n * row_bytes):
+            yield from make_loader(ImageDataset(samples, self.transform), batch_size=batch_size, shuffle=False,
+                                   device=self.policy, workers=decode_workers(self.policy))
+            return
+        geometry, mean, std = split
+        path = self.decoded.path(self._files_fingerprint(samples), geometry)
+        if path.is_file() and path.stat().st_size == n * row_bytes:
+            labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+            with open(path, "rb") as fh:
+                for start in range(0, n, batch_size):
+                    m = min(batch_size, n - start)
+                    buf = bytearray(m * row_bytes)
+                    fh.readinto(buf)
+                    pixels = np.frombuffer(buf, dtype=np.uint8).reshape(m, h, w, 3)
+                    yield pixels_to_input(pixels, mean, std), labels[start:start + m], torch.arange(start, start + m)
+            return
+        loader = make_loader(_PixelDataset(samples, geometry, decode_min_side(self.transform)), batch_size=batch_size,
+                             shuffle=False, device=self.policy, workers=decode_workers(self.policy))
+        part = path.with_suffix(".part")
+        keep = True
+        try:
+            with open(part, "wb") as fh:
+                for pixels, labels, idx in loader:
+                    arr = pixels.numpy()
+                    keep = keep and arr.shape[1:] == (h, w, 3)  # (a geometry that does not give the input size: no store)
+                    if keep:
+                        fh.write(arr.tobytes())
+                        self.decoded.decoded += len(idx)
+                    yield pixels_to_input(arr, mean, std), labels, idx
+            if keep:
+                os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
 
 
 class _Outputs:

@@ -30,7 +30,7 @@ from .activations import SharedActivations
 from .data import DatasetIndex, scan_dataset
 from .device import DevicePolicy, as_policy, configure_torch
 from .errors import AutotlError
-from .features import FeatureExtractor
+from .features import DecodedImages, FeatureExtractor
 from .models import ModelSpec, SourceModel, create_source_model, set_torch_threads, shared_input_config
 from .options import check_output_dir
 
@@ -419,7 +419,8 @@ class Run:
         sources = {s.label: s for s in loaded}
         if len(sources) != len(loaded):
             raise AutotlError("--model: the same model is given twice; give each candidate once")
-        extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache), index.train,
+        decoded = DecodedImages(cache)  # every candidate's passes share one decode of each image
+        extractors = {label: SharedActivations(FeatureExtractor(s, device=policy, cache_dir=cache, decoded=decoded), index.train,
                                                index.val, index.test) for label, s in sources.items()}
         return cls(index, run_dir, policy.device, cache, sources, extractors, seed, float(val_fraction), duplicates,
                    start, policy=policy, phases=phases)

@@ -194,3 +194,34 @@ def test_the_pass_decodes_in_worker_processes_sized_to_the_cores(index, monkeypa
     monkeypatch.setattr(features, "decode_workers", lambda device: 2)
     FeatureExtractor(create_source_model("test_efficientnet=random"), batch_size=4).extract(index.train)
     assert used == [2]
+
+
+def test_a_second_backbone_and_the_flipped_view_read_the_decoded_pixels_not_the_files(index, tmp_path, monkeypatch):
+    """A run's extractors share one ``DecodedImages``: the first pass decodes each image once, every
+    later pass (another backbone, the flip view) reads its pixels, with bit-identical features."""
+    from autotl import features
+    from autotl.features import DecodedImages
+    from autotl.models import shared_input_config
+
+    sources = [create_source_model(s) for s in SPECS]
+    shared = shared_input_config([s.data_config for s in sources])
+    for s in sources:
+        s.share_input(shared)
+    decodes = []
+    real = features.load_rgb
+    monkeypatch.setattr(features, "load_rgb", lambda path, **kw: decodes.append(path) or real(path, **kw))
+    monkeypatch.setattr(features, "decode_workers", lambda policy: 0)  # decodes in this process, where they are counted
+    store = DecodedImages(tmp_path / "shared")
+    together = [FeatureExtractor(s, cache_dir=tmp_path / "shared", batch_size=4, decoded=store) for s in sources]
+    got = {(s.label, view): ex.extract(index.train, view=view).pooled
+           for view in ("center", "flip") for s, ex in zip(sources, together)}
+    n = len(index.train)
+    assert len(decodes) == n and store.decoded == n  # one decode per image for 2 backbones x 2 views
+    alone = [FeatureExtractor(s, cache_dir=tmp_path / f"alone{i}", batch_size=4) for i, s in enumerate(sources)]
+    for s, ex in zip(sources, alone):
+        for view in ("center", "flip"):
+            assert torch.equal(got[(s.label, view)], ex.extract(index.train, view=view).pooled)
+    assert len(decodes) == n + 2 * 2 * n  # without the store every pass decodes again
+    folder = store.folder
+    store.close()
+    assert not folder.exists()

@@ -43,14 +43,15 @@ def _resolve_prior(source, prior_path) -> tuple[np.ndarray, str, list[str]]:
 
 
 def _resolve_extractors(sources, extractors, cache_dir, device, batch_size):
-    from ..features import FeatureExtractor
+    from ..features import DecodedImages, FeatureExtractor
 
     if extractors is None:
         from ..run import resolve_cache_dir
 
         cache_dir = resolve_cache_dir(cache_dir)
         given = {"batch_size": batch_size} if batch_size else {}  # else the extractor's (``features.FROZEN_BATCH``)
-        return [FeatureExtractor(s, device=device, cache_dir=cache_dir, **given) for s in sources]
+        decoded = DecodedImages(cache_dir)  # the candidates' passes share one decode of each image
+        return [FeatureExtractor(s, device=device, cache_dir=cache_dir, decoded=decoded, **given) for s in sources]
     if isinstance(extractors, Mapping):
         missing = [s.label for s in sources if s.label not in extractors]
         if missing:

@@ -15,6 +15,7 @@ whose images are then trained on but never dropped.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -86,8 +87,9 @@ class ProbeCV:
 
 def _view_probs(logits: torch.Tensor, problem: int, rows: list[list[int]]) -> torch.Tensor:
     """Problem ``problem``'s probabilities of the images whose rows in each view are ``rows``, averaged
-    over the views (flip test-time augmentation); ``logits`` ``(N, B, K)`` of every row."""
-    probs = [torch.softmax(logits[torch.as_tensor(r, dtype=torch.long), problem].double(), dim=-1) for r in rows]
+    over the views (flip test-time augmentation); ``logits`` ``(N, ..., B, K)`` of every row (any
+    dimensions between, e.g. penalties, are kept)."""
+    probs = [torch.softmax(logits[torch.as_tensor(r, dtype=torch.long)][..., problem, :].double(), dim=-1) for r in rows]
     return sum(probs) / len(probs)
 
 
@@ -107,46 +109,88 @@ def fold_training(objective, params: dict[str, Any], setup) -> tuple[list[list],
     return train_sets, contexts
 
 
+@dataclass
+class ProbePath:
+    """What the folds measured along the penalty path: everything of a ``ProbeCV`` that the trial's
+    penalty rule does not decide."""
+
+    fold_scores: list[list[float]]
+    fold_accuracy: list[list[float]]
+    fold_losses: list[list[float]]
+    oof: list[np.ndarray]
+    oof_loss: list[float]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.oof)
+
+
+PATHS_KEPT = 64  # measured paths a run keeps (a few hundred kB each)
+STARTS_KEPT = 8  # per feature layout, the last solution: where the next trial's solver starts
+
+
+def _rows_digest(train_rows: Sequence[Sequence[int]]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for rows in train_rows:
+        digest.update(np.asarray(rows, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
 def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: Sequence[float] = LAMBDAS) -> ProbeCV:
-    """Every fold of the probe trial at once (module docstring)."""
+    """Every fold of the probe trial at once (module docstring).
+
+    Two trials whose folds train on the same rows of the same features (they differ only in how the
+    penalty is chosen, or their dropout dropped the same images) measure the same path: the second
+    reads the first's (``probe-paths`` in the run's memory). Otherwise the solver starts from the
+    last solution on the same features (``probe-starts``): a dropout trial's problems differ from
+    the previous trial's by a few rows, and Newton from there takes fewer steps to the same optimum."""
     train_sets, contexts = fold_training(objective, params, setup)
     spec = contexts[0].features or FeatureSpec((setup.source.label,))
     table = objective.probe_table()
+    train_rows = [sum(table.rows(samples, spec), []) for samples in train_sets]
+    n_classes = len(objective.index.classes)
+    layout = probe_rows_key(spec) + (len(table.samples), n_classes, tuple(float(v) for v in lambdas))
+    key = layout + (_rows_digest(train_rows), objective.base.objective)
+    path = objective.run.memory.part("probe-paths", PATHS_KEPT).get(
+        key, lambda: _measure_path(objective, table, spec, train_rows, lambdas, layout))
+    rule = contexts[0].choose_penalty
+    chosen = (int(np.argmin(path.oof_loss)) if rule is None
+              else int(rule(tuple(lambdas), path.fold_losses, path.oof_loss, k=objective.selection.k)))
+    notes = {name: note for ctx in contexts[:1] for name, note in ctx.notes.items()}
+    return ProbeCV(tuple(float(v) for v in lambdas), path.fold_scores, path.fold_accuracy, path.fold_losses, path.oof,
+                   path.oof_loss, chosen, [len(s) for s in train_sets], notes)
+
+
+def _measure_path(objective, table: ProbeTable, spec: FeatureSpec, train_rows: list[list[int]], lambdas: Sequence[float],
+                  layout: tuple) -> ProbePath:
+    """Solve every fold along the path (warm-started from the layout's last solution) and score it."""
     features = table.features(spec)
     folds = objective.selection.folds
-    train_rows = [sum(table.rows(samples, spec), []) for samples in train_sets]
-    solution = features.solve(train_rows, table.labels.repeat(len(spec.views)), len(objective.index.classes), lambdas)
-    score_rows = [table.rows(f.score, spec) for f in folds]
     n_classes = len(objective.index.classes)
+    starts = objective.run.memory.part("probe-starts", STARTS_KEPT)
+    start = starts.peek(layout)
+    solution = features.solve(train_rows, table.labels.repeat(len(spec.views)), n_classes, lambdas, start=start)
+    starts.put(layout, solution)
+    objective.run.memory.counts["probe paths solved"] += 1
+    score_rows = [table.rows(f.score, spec) for f in folds]
     metric = objective.base.objective
-    fold_scores, fold_accuracy, fold_losses, oofs, oof_losses = [], [], [], [], []
-    scored = objective.selection.scored_samples
-    scored_labels = np.array([s.label for s in scored])
-    for li in range(len(lambdas)):
-        oof = OutOfFold(objective.selection, n_classes)
-        scores, accuracy, losses = [], [], []
-        logits = features.logits(solution.theta[li])
-        for fi, fold in enumerate(folds):
-            probs = _view_probs(logits, fi, score_rows[fi])
-            y = torch.tensor([s.label for s in fold.score], dtype=torch.long)
-            logp = torch.log(probs.clamp_min(1e-12))
-            m = classification_metrics(logp.float(), y, n_classes)
-            scores.append(m[metric])
-            accuracy.append(m["accuracy"])
-            losses.append(m["loss"])
-            oof.add_probs(fold.score, probs)
-        p = oof.probs()
-        fold_scores.append(scores)
-        fold_accuracy.append(accuracy)
-        fold_losses.append(losses)
-        oofs.append(p)
-        oof_losses.append(float(-np.log(np.clip(p[np.arange(len(scored_labels)), scored_labels], 1e-6, 1.0)).mean()))
-    rule = contexts[0].choose_penalty
-    chosen = (int(np.argmin(oof_losses)) if rule is None
-              else int(rule(tuple(lambdas), fold_losses, oof_losses, k=objective.selection.k)))
-    notes = {name: note for ctx in contexts[:1] for name, note in ctx.notes.items()}
-    return ProbeCV(tuple(float(v) for v in lambdas), fold_scores, fold_accuracy, fold_losses, oofs, oof_losses, chosen,
-                   [len(s) for s in train_sets], notes)
+    n_paths = len(lambdas)
+    logits = torch.stack([features.logits(solution.theta[li]) for li in range(n_paths)], dim=1)  # (N, L, B, K)
+    oof = OutOfFold(objective.selection, n_classes, paths=n_paths)
+    fold_scores, fold_accuracy, fold_losses = ([[0.0] * len(folds) for _ in range(n_paths)] for _ in range(3))
+    for fi, fold in enumerate(folds):
+        probs = _view_probs(logits, fi, score_rows[fi])  # (m, L, K): every penalty at once
+        y = torch.tensor([s.label for s in fold.score], dtype=torch.long)
+        logp = torch.log(probs.clamp_min(1e-12)).float()
+        for li in range(n_paths):
+            m = classification_metrics(logp[:, li], y, n_classes)
+            fold_scores[li][fi], fold_accuracy[li][fi], fold_losses[li][fi] = m[metric], m["accuracy"], m["loss"]
+        oof.add_probs(fold.score, probs.transpose(0, 1))
+    oofs = list(oof.probs())
+    scored_labels = np.array([s.label for s in objective.selection.scored_samples])
+    oof_losses = [float(-np.log(np.clip(p[np.arange(len(scored_labels)), scored_labels], 1e-6, 1.0)).mean()) for p in oofs]
+    return ProbePath(fold_scores, fold_accuracy, fold_losses, oofs, oof_losses)
 
 
 def summary_attrs(cv: ProbeCV, selection, objective_name: str) -> dict[str, Any]:
