@@ -108,17 +108,35 @@ def split_eval_transform(transform):
     from torchvision import transforms as T
 
     steps = list(getattr(transform, "transforms", None) or [])
-    if len(steps) < 2 or not isinstance(steps[-2], (MaybeToTensor, T.ToTensor)) or not isinstance(steps[-1], T.Normalize):
+    if len(steps) < 3 or not isinstance(steps[-2], (MaybeToTensor, T.ToTensor)) or not isinstance(steps[-1], T.Normalize):
+        return None
+    if not isinstance(steps[-3], T.CenterCrop):  # the pixels' size must be known before any image is decoded
         return None
     return T.Compose(steps[:-2]), steps[-1].mean, steps[-1].std
 
 
-def pixels_to_input(pixels: np.ndarray, mean, std) -> torch.Tensor:
-    """uint8 ``(n, H, W, 3)`` → the normalised float ``(n, 3, H, W)`` batch (``ToTensor`` + ``Normalize``)."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous().float().div(255)
-    m = torch.as_tensor(mean, dtype=x.dtype)[:, None, None]
-    sd = torch.as_tensor(std, dtype=x.dtype)[:, None, None]
-    return x.sub_(m).div_(sd)
+def _crop_size(geometry) -> tuple[int, int]:
+    size = geometry.transforms[-1].size  # a CenterCrop (``split_eval_transform``): (h, w) or one side
+    return (int(size[0]), int(size[-1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+class _InputBatch:
+    """One pass's input batch, allocated once and refilled from uint8 ``(m, H, W, 3)`` pixels with
+    ``ToTensor`` + ``Normalize``'s arithmetic (the same float32 operations, so the same numbers).
+    Reused because a fresh float batch per step, allocated in this process, leaves glibc's heap
+    holding hundreds of MB after a pass over a few hundred images (batches from decoder processes
+    arrive in shared memory instead). A consumer reads each batch before asking for the next."""
+
+    def __init__(self, batch_size: int, h: int, w: int, mean, std):
+        self.pixels = torch.empty((batch_size, h, w, 3), dtype=torch.uint8)
+        self.x = torch.empty((batch_size, 3, h, w), dtype=torch.float32)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+
+    def fill(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.x[:pixels.shape[0]]
+        x.copy_(pixels.permute(0, 3, 1, 2))
+        return x.div_(255).sub_(self.mean).div_(self.std)
 
 
 class _PixelDataset(Dataset):
@@ -432,37 +450,31 @@ class FeatureExtractor:
         split = split_eval_transform(self.transform) if self.decoded is not None else None
         _, h, w = (int(v) for v in self.source.data_config["input_size"])
         n, row_bytes = len(samples), h * w * 3
-        if split is None or not self.decoded.fits(n * row_bytes):
+        if split is None or _crop_size(split[0]) != (h, w) or not self.decoded.fits(n * row_bytes):
             yield from make_loader(ImageDataset(samples, self.transform), batch_size=batch_size, shuffle=False,
                                    device=self.policy, workers=decode_workers(self.policy))
             return
         geometry, mean, std = split
         path = self.decoded.path(self._files_fingerprint(samples), geometry)
+        batch = _InputBatch(batch_size, h, w, mean, std)
         if path.is_file() and path.stat().st_size == n * row_bytes:
             labels = torch.tensor([s.label for s in samples], dtype=torch.long)
             with open(path, "rb") as fh:
                 for start in range(0, n, batch_size):
                     m = min(batch_size, n - start)
-                    buf = bytearray(m * row_bytes)
-                    fh.readinto(buf)
-                    pixels = np.frombuffer(buf, dtype=np.uint8).reshape(m, h, w, 3)
-                    yield pixels_to_input(pixels, mean, std), labels[start:start + m], torch.arange(start, start + m)
+                    fh.readinto(batch.pixels[:m].numpy())
+                    yield batch.fill(batch.pixels[:m]), labels[start:start + m], torch.arange(start, start + m)
             return
         loader = make_loader(_PixelDataset(samples, geometry, decode_min_side(self.transform)), batch_size=batch_size,
                              shuffle=False, device=self.policy, workers=decode_workers(self.policy))
         part = path.with_suffix(".part")
-        keep = True
         try:
             with open(part, "wb") as fh:
                 for pixels, labels, idx in loader:
-                    arr = pixels.numpy()
-                    keep = keep and arr.shape[1:] == (h, w, 3)  # (a geometry that does not give the input size: no store)
-                    if keep:
-                        fh.write(arr.tobytes())
-                        self.decoded.decoded += len(idx)
-                    yield pixels_to_input(arr, mean, std), labels, idx
-            if keep:
-                os.replace(part, path)
+                    fh.write(pixels.numpy().data)
+                    self.decoded.decoded += len(idx)
+                    yield batch.fill(pixels), labels, idx
+            os.replace(part, path)
         finally:
             part.unlink(missing_ok=True)
 

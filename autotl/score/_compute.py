@@ -50,7 +50,9 @@ def _resolve_extractors(sources, extractors, cache_dir, device, batch_size):
 
         cache_dir = resolve_cache_dir(cache_dir)
         given = {"batch_size": batch_size} if batch_size else {}  # else the extractor's (``features.FROZEN_BATCH``)
-        decoded = DecodedImages(cache_dir)  # the candidates' passes share one decode of each image
+        # candidates that share one preprocessing (a run's do) share one decode of each image
+        same = all(s.data_config == sources[0].data_config for s in sources)
+        decoded = DecodedImages(cache_dir) if same and len(sources) > 1 else None
         return [FeatureExtractor(s, device=device, cache_dir=cache_dir, decoded=decoded, **given) for s in sources]
     if isinstance(extractors, Mapping):
         missing = [s.label for s in sources if s.label not in extractors]
