@@ -48,19 +48,10 @@ class BoundedMemory:
             return self._items[key]
         self.misses += 1
         value = make()
-        self.put(key, value)
-        return value
-
-    def peek(self, key: Hashable) -> Any:
-        """The value kept under ``key``, or None; computes nothing and counts no hit or miss."""
-        return self._items.get(key)
-
-    def put(self, key: Hashable, value: Any) -> None:
-        """Keep ``value`` under ``key`` (replacing any), then evict the least recently used past the bounds."""
         self._items[key] = value
-        self._items.move_to_end(key)
         while len(self._items) > 1 and (len(self._items) > self.max_items or self.nbytes() > self.max_bytes):
             self._items.popitem(last=False)
+        return value
 
     def part(self, name: str, max_items: int) -> "BoundedMemory":
         """The part ``name`` (created on first use with at most ``max_items`` values and this memory's byte bound)."""

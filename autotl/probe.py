@@ -191,10 +191,6 @@ class ProbeSolution:
     newton_iterations: list[int] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None  # (L, B)
 
-    @property
-    def nbytes(self) -> int:
-        return self.theta.numel() * self.theta.element_size()
-
 
 class ReducedFeatures:
     """One feature matrix over a fixed list of rows (every labelled image, in each view), standardised
@@ -266,17 +262,11 @@ class ReducedFeatures:
         return sum(t.numel() * t.element_size() for t in parts)
 
     def solve(self, problems: Sequence[Sequence[int]], labels: torch.Tensor, num_classes: int,
-              lambdas: Sequence[float] = DEFAULT_LAMBDAS, *, tol: float = 1e-6, max_iter: int = 50,
-              start: ProbeSolution | None = None) -> ProbeSolution:
+              lambdas: Sequence[float] = DEFAULT_LAMBDAS, *, tol: float = 1e-6, max_iter: int = 50) -> ProbeSolution:
         """Fit one probe per entry of ``problems`` (each a list of row indices: its training rows), rows
         labelled by ``labels`` (``(N,)``), for every penalty (strongest first: each warm-starts the
         next). Minimises the mean cross-entropy over the problem's rows + ``lambda/2 ||W||^2`` (+ a
-        trace on the bias).
-
-        ``start``: a solution of nearby problems on these rows (the same number of problems and
-        classes; e.g. a trial that dropped a few other images): each penalty then starts from that
-        solution's head for the same penalty instead of the previous penalty's. Each problem is
-        strictly convex, so where Newton starts changes only how many steps it takes."""
+        trace on the bias)."""
         if not lambdas or min(lambdas) <= 0:
             raise ValueError("lambdas must be positive")
         labels = torch.as_tensor(labels).long()
@@ -291,12 +281,11 @@ class ReducedFeatures:
             w[i, idx] = 1.0 / idx.numel()
         y1 = _one_hot(labels, num_classes, SOLVER_DTYPE).T.contiguous()  # (K, N)
         theta = torch.zeros(num_classes, b, self.rank + 1, dtype=SOLVER_DTYPE)
-        starts = _warm_starts(start, lambdas, theta.shape)
         thetas, iters, norms = [], [], []
         shared = _Rows(self.z)
         for lam in lambdas:
             f = _Batch(shared, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE))
-            theta, it, gn = _newton(f, starts.get(float(lam), theta), tol, max_iter)
+            theta, it, gn = _newton(f, theta, tol, max_iter)
             thetas.append(theta.permute(2, 1, 0))  # (r + 1, B, K), the layout ``logits`` and ``head`` read
             iters.append(it)
             norms.append(gn.float())
@@ -320,14 +309,6 @@ class ReducedFeatures:
 
 
 SOLVER_DTYPE = torch.float64
-
-
-def _warm_starts(start: ProbeSolution | None, lambdas: Sequence[float], shape: torch.Size) -> dict[float, torch.Tensor]:
-    """Penalty → starting parameters ``(K, B, r + 1)`` taken from ``start`` (empty when it does not fit)."""
-    if start is None or tuple(start.theta.shape[1:]) != (shape[2], shape[1], shape[0]):
-        return {}
-    return {lam: start.theta[i].permute(2, 1, 0).to(SOLVER_DTYPE).contiguous()
-            for i, lam in enumerate(start.lambdas) if lam in {float(v) for v in lambdas}}
 
 
 def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:

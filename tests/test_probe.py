@@ -439,26 +439,3 @@ def test_probe_members_of_an_ensemble_are_one_graph_with_each_backbone_once(run,
     path = export_onnx(net, tmp_path / "ens.onnx", input_size=tuple(source.data_config["input_size"]))
     assert verify_onnx(net, path, images).passed
 
-
-def test_a_warm_started_solve_reaches_the_cold_optimum_in_fewer_newton_steps():
-    """``solve(start=...)`` from a nearby problem's solution: the same heads within the solver's
-    tolerance, fewer Newton steps; a start of another shape (other problem count) is ignored."""
-    from autotl.probe import ReducedFeatures
-
-    g = torch.Generator().manual_seed(0)
-    n, d = 120, 300
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, d, generator=g) + 0.8 * torch.nn.functional.one_hot(y, 3).float().repeat(1, d // 3)
-    reduced = ReducedFeatures(x)
-    folds = [list(range(i, n, 4)) for i in range(4)]
-    problems = [[r for r in range(n) if r not in f] for f in folds]
-    before = reduced.solve(problems, y, 3)
-    nearby = [p[2:] for p in problems]  # two rows fewer in each problem
-    cold = reduced.solve(nearby, y, 3)
-    warm = reduced.solve(nearby, y, 3, start=before)
-    assert sum(warm.newton_iterations) < sum(cold.newton_iterations)
-    for i in range(len(cold.lambdas)):  # probabilities: softmax ignores a shift common to a row's logits
-        a, b = (torch.softmax(reduced.logits(t.theta[i]), -1) for t in (cold, warm))
-        assert torch.allclose(a, b, atol=1e-4)
-    other = reduced.solve(nearby[:2], y, 3, start=before)  # 2 problems, the start has 4: a cold solve
-    assert other.newton_iterations == reduced.solve(nearby[:2], y, 3).newton_iterations

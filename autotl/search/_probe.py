@@ -126,7 +126,6 @@ class ProbePath:
 
 
 PATHS_KEPT = 64  # measured paths a run keeps (a few hundred kB each)
-STARTS_KEPT = 8  # per feature layout, the last solution: where the next trial's solver starts
 
 
 def _rows_digest(train_rows: Sequence[Sequence[int]]) -> str:
@@ -142,18 +141,16 @@ def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: S
 
     Two trials whose folds train on the same rows of the same features (they differ only in how the
     penalty is chosen, or their dropout dropped the same images) measure the same path: the second
-    reads the first's (``probe-paths`` in the run's memory). Otherwise the solver starts from the
-    last solution on the same features (``probe-starts``): a dropout trial's problems differ from
-    the previous trial's by a few rows, and Newton from there takes fewer steps to the same optimum."""
+    reads the first's (``probe-paths`` in the run's memory)."""
     train_sets, contexts = fold_training(objective, params, setup)
     spec = contexts[0].features or FeatureSpec((setup.source.label,))
     table = objective.probe_table()
     train_rows = [sum(table.rows(samples, spec), []) for samples in train_sets]
     n_classes = len(objective.index.classes)
-    layout = probe_rows_key(spec) + (len(table.samples), n_classes, tuple(float(v) for v in lambdas))
-    key = layout + (_rows_digest(train_rows), objective.base.objective)
+    key = probe_rows_key(spec) + (len(table.samples), n_classes, tuple(float(v) for v in lambdas),
+                                  _rows_digest(train_rows), objective.base.objective)
     path = objective.run.memory.part("probe-paths", PATHS_KEPT).get(
-        key, lambda: _measure_path(objective, table, spec, train_rows, lambdas, layout))
+        key, lambda: _measure_path(objective, table, spec, train_rows, lambdas))
     rule = contexts[0].choose_penalty
     chosen = (int(np.argmin(path.oof_loss)) if rule is None
               else int(rule(tuple(lambdas), path.fold_losses, path.oof_loss, k=objective.selection.k)))
@@ -162,16 +159,13 @@ def cross_validate_probe(objective, params: dict[str, Any], setup, *, lambdas: S
                    path.oof_loss, chosen, [len(s) for s in train_sets], notes)
 
 
-def _measure_path(objective, table: ProbeTable, spec: FeatureSpec, train_rows: list[list[int]], lambdas: Sequence[float],
-                  layout: tuple) -> ProbePath:
-    """Solve every fold along the path (warm-started from the layout's last solution) and score it."""
+def _measure_path(objective, table: ProbeTable, spec: FeatureSpec, train_rows: list[list[int]],
+                  lambdas: Sequence[float]) -> ProbePath:
+    """Solve every fold along the path and score every penalty."""
     features = table.features(spec)
     folds = objective.selection.folds
     n_classes = len(objective.index.classes)
-    starts = objective.run.memory.part("probe-starts", STARTS_KEPT)
-    start = starts.peek(layout)
-    solution = features.solve(train_rows, table.labels.repeat(len(spec.views)), n_classes, lambdas, start=start)
-    starts.put(layout, solution)
+    solution = features.solve(train_rows, table.labels.repeat(len(spec.views)), n_classes, lambdas)
     objective.run.memory.counts["probe paths solved"] += 1
     score_rows = [table.rows(f.score, spec) for f in folds]
     metric = objective.base.objective
