@@ -442,7 +442,6 @@ class FeatureExtractor:
             else:
                 self._load(key, what)  # the written file, memory-mapped
 
-
     def _batches(self, samples: Sequence[Sample], batch_size: int):
         """The pass's ``(images, labels, indices)`` batches: read from the run's decoded pixels when an
         earlier pass over these images left them (``DecodedImages``), else decoded from the files (and
