@@ -95,62 +95,46 @@ class DecodedImages:
             return False
         return nbytes <= self.max_bytes and 2 * nbytes <= free
 
-    def path(self, fingerprint: str, geometry) -> Path:
-        ident = json.dumps({"files": fingerprint, "geometry": repr(geometry)}, sort_keys=True)
+    def path(self, fingerprint: str, to_pixels) -> Path:
+        ident = json.dumps({"files": fingerprint, "pixels": repr(to_pixels)}, sort_keys=True)
         return self.folder / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".u8")
 
 
 def split_eval_transform(transform):
-    """``(geometry, mean, std)`` of an eval transform that ends in ``ToTensor`` then ``Normalize`` (timm's
-    and torchvision's): what runs on the PIL image, and the normalisation that turns its uint8 pixels
-    into the network's input exactly as the whole transform does. None for any other transform."""
+    """``(pixels, (h, w), mean, std)`` for an eval transform that ends in a centre crop, ``ToTensor`` and
+    ``Normalize`` (timm's and torchvision's): ``pixels`` is the transform up to the crop, then the
+    crop as a uint8 ``(3, h, w)`` tensor; ``mean`` and ``std`` turn those pixels into the network's
+    input exactly as the whole transform does. None for any other transform (the pixels' size must
+    be known before any image is decoded)."""
     from timm.data.transforms import MaybeToTensor
     from torchvision import transforms as T
 
     steps = list(getattr(transform, "transforms", None) or [])
-    if len(steps) < 3 or not isinstance(steps[-2], (MaybeToTensor, T.ToTensor)) or not isinstance(steps[-1], T.Normalize):
+    if (len(steps) < 3 or not isinstance(steps[-3], T.CenterCrop) or not isinstance(steps[-2], (MaybeToTensor, T.ToTensor))
+            or not isinstance(steps[-1], T.Normalize)):
         return None
-    if not isinstance(steps[-3], T.CenterCrop):  # the pixels' size must be known before any image is decoded
-        return None
-    return T.Compose(steps[:-2]), steps[-1].mean, steps[-1].std
-
-
-def _crop_size(geometry) -> tuple[int, int]:
-    size = geometry.transforms[-1].size  # a CenterCrop (``split_eval_transform``): (h, w) or one side
-    return (int(size[0]), int(size[-1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    size = steps[-3].size
+    h, w = (int(size[0]), int(size[-1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return T.Compose([*steps[:-2], T.PILToTensor()]), (h, w), steps[-1].mean, steps[-1].std
 
 
 class _InputBatch:
-    """One pass's input batch, allocated once and refilled from uint8 ``(m, H, W, 3)`` pixels with
+    """One pass's input batch, allocated once and refilled from uint8 ``(m, 3, H, W)`` pixels with
     ``ToTensor`` + ``Normalize``'s arithmetic (the same float32 operations, so the same numbers).
     Reused because a fresh float batch per step, allocated in this process, leaves glibc's heap
     holding hundreds of MB after a pass over a few hundred images (batches from decoder processes
     arrive in shared memory instead). A consumer reads each batch before asking for the next."""
 
     def __init__(self, batch_size: int, h: int, w: int, mean, std):
-        self.pixels = torch.empty((batch_size, h, w, 3), dtype=torch.uint8)
+        self.pixels = torch.empty((batch_size, 3, h, w), dtype=torch.uint8)
         self.x = torch.empty((batch_size, 3, h, w), dtype=torch.float32)
         self.mean = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
 
     def fill(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.x[:pixels.shape[0]]
-        x.copy_(pixels.permute(0, 3, 1, 2))
+        x.copy_(pixels)
         return x.div_(255).sub_(self.mean).div_(self.std)
-
-
-class _PixelDataset(Dataset):
-    """(uint8 HWC pixels, label, index): the geometry part of the eval transform only."""
-
-    def __init__(self, samples: Sequence[Sample], geometry, min_side: int | None):
-        self.samples, self.geometry, self.min_side = list(samples), geometry, min_side
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        s = self.samples[i]
-        return torch.from_numpy(np.array(self.geometry(load_rgb(s.path, min_side=self.min_side)), dtype=np.uint8)), s.label, i
 
 
 def decode_min_side(transform) -> int | None:
@@ -449,12 +433,12 @@ class FeatureExtractor:
         split = split_eval_transform(self.transform) if self.decoded is not None else None
         _, h, w = (int(v) for v in self.source.data_config["input_size"])
         n, row_bytes = len(samples), h * w * 3
-        if split is None or _crop_size(split[0]) != (h, w) or not self.decoded.fits(n * row_bytes):
+        if split is None or split[1] != (h, w) or not self.decoded.fits(n * row_bytes):
             yield from make_loader(ImageDataset(samples, self.transform), batch_size=batch_size, shuffle=False,
                                    device=self.policy, workers=decode_workers(self.policy))
             return
-        geometry, mean, std = split
-        path = self.decoded.path(self._files_fingerprint(samples), geometry)
+        to_pixels, _, mean, std = split
+        path = self.decoded.path(self._files_fingerprint(samples), to_pixels)
         batch = _InputBatch(batch_size, h, w, mean, std)
         if path.is_file() and path.stat().st_size == n * row_bytes:
             labels = torch.tensor([s.label for s in samples], dtype=torch.long)
@@ -464,8 +448,8 @@ class FeatureExtractor:
                     fh.readinto(batch.pixels[:m].numpy())
                     yield batch.fill(batch.pixels[:m]), labels[start:start + m], torch.arange(start, start + m)
             return
-        loader = make_loader(_PixelDataset(samples, geometry, decode_min_side(self.transform)), batch_size=batch_size,
-                             shuffle=False, device=self.policy, workers=decode_workers(self.policy))
+        loader = make_loader(ImageDataset(samples, to_pixels), batch_size=batch_size, shuffle=False, device=self.policy,
+                             workers=decode_workers(self.policy))
         part = path.with_suffix(".part")
         try:
             with open(part, "wb") as fh:

@@ -97,7 +97,6 @@ def test_the_rule_picks_the_trials_penalty_on_the_same_path(run, monkeypatch):
         cross_validate_probe(objective, {**params, "penalty_rule": "median"}, objective.setup(params), lambdas=lambdas)
 
 
-
 def test_a_trial_on_the_same_rows_reads_the_measured_path_and_other_rows_solve_again(run, monkeypatch):
     """Trials that differ only in the penalty rule measure one path (solved once, read by the second);
     a trial whose folds train on other rows (a dropped image) is solved again."""

@@ -438,4 +438,3 @@ def test_probe_members_of_an_ensemble_are_one_graph_with_each_backbone_once(run,
     assert torch.allclose(got, want, atol=2e-3)
     path = export_onnx(net, tmp_path / "ens.onnx", input_size=tuple(source.data_config["input_size"]))
     assert verify_onnx(net, path, images).passed
-
