@@ -26,6 +26,13 @@ from typing import Any, Sequence
 Z95 = 1.959964
 
 
+def fold_spread_se(values: Sequence[float], k: int) -> float:
+    """Standard error of a mean over the folds of ``k``-fold partitions from their spread: repeated
+    partitions reuse the same images, so the spread is divided by sqrt(k), not by the square root of
+    the number of folds."""
+    return statistics.stdev(values) / math.sqrt(k) if len(values) > 1 else 0.0
+
+
 @dataclass
 class Estimate:
     """``accuracy`` with ``low``/``high`` (95 %), ``kind`` (held-out | cross-validated | validation)

@@ -23,14 +23,13 @@ augmentation). ``ProbeNet`` is the same computation as one module, for the expor
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from .estimate import fold_spread_se
 from .options import ProbeOptions
 from .strategy import BaseStrategy
 
@@ -165,12 +164,10 @@ def _penalty_rule(params: dict[str, Any]) -> str:
 def penalty_one_se(lambdas: Sequence[float], fold_losses: Sequence[Sequence[float]], oof_losses: Sequence[float],
                    k: int | None = None) -> int:
     """The strongest penalty whose out-of-fold log loss is within one standard error (of the best
-    penalty's fold losses) of the least one. ``k``: folds per partition; repeated partitions reuse the
-    same images, so the spread is divided by sqrt(k), not by the square root of every fold (as
-    ``Selection.standard_error`` does)."""
+    penalty's fold losses, ``fold_spread_se``; ``k``: folds per partition) of the least one."""
     best = min(range(len(oof_losses)), key=lambda i: oof_losses[i])
     losses = list(fold_losses[best])
-    se = statistics.stdev(losses) / math.sqrt(k or len(losses)) if len(losses) > 1 else 0.0
+    se = fold_spread_se(losses, k or len(losses))
     near = [i for i in range(len(oof_losses)) if oof_losses[i] <= oof_losses[best] + se]
     return max(near, key=lambda i: lambdas[i])
 
@@ -332,10 +329,9 @@ class _Batch:
     2 or 10 slowly), and every product with the rows is one 2-D matrix product for all problems.
     ``w`` ``(B, N)``: row weights (each problem's sum to 1, 0 = not its row); ``y1`` ``(K, N)`` one-hot.
 
-    Values and gradients are float64 (they decide convergence); the Hessian-vector products of the
-    inner conjugate-gradient solve and the preconditioner read float32 rows: CG only needs an
-    approximate Newton direction, and the float64 gradient and line search keep the optimum where
-    float64 puts it."""
+    Values and gradients are float64 (they decide convergence); the inner conjugate-gradient solve,
+    its Hessian-vector products and the preconditioner are float32: CG only needs an approximate
+    Newton direction, and the float64 gradient and line search keep the optimum where float64 puts it."""
 
     def __init__(self, rows: _Rows, y1: torch.Tensor, w: torch.Tensor, lam: torch.Tensor):
         self.rows = rows
@@ -344,7 +340,7 @@ class _Batch:
         r1, b = rows.z.shape[1], w.shape[0]
         reg = lam.view(1, b, 1).expand(1, b, r1).clone()
         reg[..., -1] = BIAS_L2
-        self.reg = reg
+        self.reg, self.reg32, self.w32 = reg, reg.float(), self.w.float()
 
     def scores(self, theta: torch.Tensor) -> torch.Tensor:
         k, b, r1 = theta.shape
@@ -374,16 +370,17 @@ class _Batch:
         return value, grad, p
 
     def hvp(self, v: torch.Tensor, p32: torch.Tensor) -> torch.Tensor:
+        """float32 ``H v`` (the softmax Hessian per row: ``diag(p) - p p^T``)."""
         k, b, r1 = v.shape
-        u = (v.reshape(k * b, r1).float() @ self.rows.zt32).view(k, b, -1)
+        u = (v.reshape(k * b, r1) @ self.rows.zt32).view(k, b, -1)
         pu = p32 * u
-        a = self.w.float() * (pu - p32 * pu.sum(0, keepdim=True))
-        return (a.view(k * b, -1) @ self.rows.z32).view(k, b, r1).double() + self.reg * v
+        a = self.w32 * (pu - p32 * pu.sum(0, keepdim=True))
+        return (a.view(k * b, -1) @ self.rows.z32).view(k, b, r1) + self.reg32 * v
 
     def diagonal(self, p: torch.Tensor) -> torch.Tensor:
         q = (self.w * p * (1.0 - p)).float()  # (K, B, N)
         k, b, n = q.shape
-        return (q.view(k * b, n) @ self.rows.z2_32).view(k, b, -1).double() + self.reg
+        return (q.view(k * b, n) @ self.rows.z2_32).view(k, b, -1) + self.reg32
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -397,8 +394,9 @@ def _norm(a: torch.Tensor) -> torch.Tensor:
 
 def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, rtol: torch.Tensor, max_iter: int,
          active: torch.Tensor) -> torch.Tensor:
-    """Preconditioned CG for ``H s = rhs`` on every active problem at once (per-problem step sizes)."""
-    p32 = p.float()
+    """Preconditioned CG for ``H s = rhs`` on every active problem at once (per-problem step sizes), in
+    float32."""
+    p32, rhs, rtol = p.float(), rhs.float(), rtol.float()
     s = torch.zeros_like(rhs)
     r = rhs.clone()
     zr = inv_diag * r
@@ -421,7 +419,7 @@ def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, 
         beta = torch.where(todo, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
         d = zr + beta.view(1, -1, 1) * d
         rz = rz_new
-    return s
+    return s.double()
 
 
 def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int, torch.Tensor]:

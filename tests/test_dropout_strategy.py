@@ -73,8 +73,10 @@ class RecordingExtractor(FeatureExtractor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen: set[str] = set()
+        self.calls = 0
 
     def extract(self, samples, cuts=(), **kwargs):
+        self.calls += 1
         self.seen.update(str(s.path) for s in samples)
         return super().extract(samples, cuts, **kwargs)
 
@@ -170,7 +172,7 @@ def test_other_tau_reuses_influence_and_features(index, source, extractor, tmp_p
     memory = BoundedMemory()  # a run's: every trial's context gets it
     _ctx_first = _ctx(index, source, extractor, tmp_path, memory=memory)
     apply_strategies(_ctx_first, {"dropout_tau": 2.0})
-    batches, stats = extractor.forward_batches, cache_stats(memory)
+    batches, stats, calls = extractor.forward_batches, cache_stats(memory), extractor.extractor.calls
     assert stats["head_fits"] == stats["influence_solves"] == 1 and not _ctx_first.notes["dropout"]["cached"]
     counts = {}
     for tau in (3.0, 1.0, 0.0):
@@ -179,6 +181,7 @@ def test_other_tau_reuses_influence_and_features(index, source, extractor, tmp_p
         counts[tau] = ctx.notes["dropout"]["n_dropped"]
         assert ctx.notes["dropout"]["cached"]
     assert extractor.forward_batches == batches  # no forward pass
+    assert extractor.extractor.calls == calls  # found by its images: no features read, nothing fingerprinted
     after = cache_stats(memory)
     assert after["influence_solves"] == stats["influence_solves"] and after["head_fits"] == stats["head_fits"]
     assert after["cache_hits"] == 3

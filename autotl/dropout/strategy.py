@@ -120,6 +120,30 @@ def _remembered(memory: BoundedMemory | None, key: str, compute) -> InfluenceOut
     return outcomes.get(key, lambda: compute(outcomes))
 
 
+def _images_digest(samples: Sequence) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update("\n".join(f"{s.path}\t{s.label}" for s in samples).encode())
+    return h.hexdigest()
+
+
+def _by_images(ctx: StrategyContext, settings: tuple, train: Sequence, val: Sequence, compute) -> InfluenceOutcome:
+    """``compute()``'s outcome, found in the run's memory by the images it scores and its reference
+    before any feature is read: every trial asks again for each fold's influence, and extracting and
+    fingerprinting the fold's features to find it costs more than the probe that follows. Within a
+    run an extractor gives the same images the same features, so the images, the extractor and the
+    settings identify the outcome that ``compute_influence`` would find by its features."""
+    if ctx.memory is None:
+        return compute()
+    source = ctx.extractor.source
+    extractor = (source.label, source.input_id, repr(sorted(source.data_config.items())), ctx.extractor.backend)
+    key = (extractor, settings, _images_digest(train), _images_digest(val))
+    found = ctx.memory.part("dropout-by-images", _KEPT)
+    if key in found:
+        _outcomes(ctx.memory).counts["cache_hits"] += 1
+        return found.get(key, compute).hit()
+    return found.get(key, compute)
+
+
 def _as_array(x, dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -360,19 +384,23 @@ class DataDropout(BaseStrategy):
         influence = str(opts.dropout_influence).lower()
         cuts = _training_cuts(ctx, len(train) + len(val))
         block_cut = _last_block_cut(ctx) if influence == "block" else None
-        extra = [] if block_cut is None else [block_cut]
-        tr = ctx.extractor.extract(train, sorted({*cuts, *extra}), description="train features")
-        va = ctx.extractor.extract(val, sorted({*cuts, *extra}), description="val features")
-        if block_cut is None:
-            outcome = compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=float(opts.dropout_l2),
-                                        focus_class=focus, solver=str(opts.dropout_solver), memory=ctx.memory)
-        else:
+        cuts = sorted({*cuts, *([] if block_cut is None else [block_cut])})
+
+        def from_features() -> InfluenceOutcome:
+            tr = ctx.extractor.extract(train, cuts, description="train features")
+            va = ctx.extractor.extract(val, cuts, description="val features")
+            if block_cut is None:
+                return compute_influence(tr.pooled, tr.labels, va.pooled, va.labels, len(classes), l2=float(opts.dropout_l2),
+                                         focus_class=focus, solver=str(opts.dropout_solver), memory=ctx.memory)
             n_stages = ctx.extractor.num_stages
-            outcome = compute_block_influence(ctx.source, block_cut, tr.at(block_cut, n_stages), tr.labels,
-                                              va.at(block_cut, n_stages), va.labels, len(classes),
-                                              l2=float(opts.dropout_l2), focus_class=focus, memory=ctx.memory)
+            return compute_block_influence(ctx.source, block_cut, tr.at(block_cut, n_stages), tr.labels,
+                                           va.at(block_cut, n_stages), va.labels, len(classes),
+                                           l2=float(opts.dropout_l2), focus_class=focus, memory=ctx.memory)
+
+        settings = (len(classes), block_cut, tuple(cuts), float(opts.dropout_l2), focus, str(opts.dropout_solver))
+        outcome = _by_images(ctx, settings, train, val, from_features)
         min_keep = float(opts.dropout_min_keep)
-        keep, report = select_dropout(outcome.result.scores, tau, mode=mode, labels=tr.labels.numpy(),
+        keep, report = select_dropout(outcome.result.scores, tau, mode=mode, labels=np.array([s.label for s in train]),
                                       min_keep_fraction=min_keep)
         notes = dropout_notes(report, outcome, classes, tau=tau, mode=mode, focus=focus, n_val=len(val), min_keep=min_keep)
         notes["influence"] = ("convex head on frozen features" if block_cut is None

@@ -32,13 +32,13 @@ chose, so no split is wasted on the final model.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..data import DatasetIndex, Sample
+from ..estimate import fold_spread_se
 from ..options import SearchOptions
 
 CV_MAX_IMAGES = 2000  # at or above: one holdout split is precise enough and k times cheaper
@@ -90,7 +90,7 @@ class Selection:
         error of a proportion measured on ``n_scored`` images, Agresti–Coull style (two successes
         and two failures added), so that a perfect score on 40 images is not taken as certain."""
         mean = sum(fold_scores) / len(fold_scores)
-        spread = statistics.stdev(fold_scores) / math.sqrt(self.k) if len(fold_scores) > 1 else 0.0
+        spread = fold_spread_se(fold_scores, self.k)
         n = max(1, self.n_scored) + 4
         p = (mean * (n - 4) + 2) / n
         return max(spread, math.sqrt(p * (1 - p) / n))

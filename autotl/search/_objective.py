@@ -247,11 +247,12 @@ class Objective:
             setup = self.setup(params)
             trial.set_user_attr("frozen", setup.config.frozen_stages)
             trial.set_user_attr("num_stages", setup.extractor.num_stages)
-            trial.set_user_attr("cached", setup.config.rand_augment <= 0 and should_cache(
+            probe = solved_probe(setup)
+            trial.set_user_attr("cached", probe or setup.config.rand_augment <= 0 and should_cache(
                 setup.extractor, len(self.index.train) + len(self.index.val), setup.config.frozen_stages, setup.config.use_cache))
             hard = self.deadline + self.overrun_s if self.deadline is not None else None
             estimate, regardless = self._check_time(trial, setup, params) if self.cost is not None else (None, False)
-            if solved_probe(setup):
+            if probe:
                 value = self._probe_trial(trial, params, setup)
                 status = "ok"
                 return value

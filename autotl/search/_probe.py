@@ -194,15 +194,13 @@ def summary_attrs(cv: ProbeCV, selection, objective_name: str) -> dict[str, Any]
     return {
         "value_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
         "value_se": selection.standard_error(scores),
-        "n_folds": len(scores), "fold_scores": scores, "cached": True, "probe": True,
+        "n_folds": len(scores), "fold_scores": scores, "probe": True,
         "lambda": cv.lam, "lambda_path": list(cv.lambdas),
         "path_fold_scores": cv.fold_scores, "path_oof_loss": [round(v, 5) for v in cv.oof_loss],
         "fold_accuracy": cv.fold_accuracy[cv.chosen], "path_fold_accuracy": cv.fold_accuracy,
         "n_train": int(statistics.fmean(cv.n_train)),
         "accuracy" if objective_name == "accuracy" else "macro_f1": value,
     }
-
-
 
 
 BAG_INNER_FOLDS = 5
