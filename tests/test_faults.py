@@ -54,9 +54,9 @@ def data(tmp_path, make_image_folder):
     return make_image_folder(tmp_path / "data", {"cat": 8, "dog": 8}, splits=["train", "val"], size=(40, 32))
 
 
-def _args(data: Path, tmp_path: Path, trials: int, *extra: str) -> list[str]:
+def _args(data: Path, tmp_path: Path, trials: int, *extra: str, recipe_text: str = RECIPE) -> list[str]:
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(recipe_text)
     return ["fit", str(data), "--out", str(tmp_path / "run"), "--model", MODEL, "--recipe", str(recipe),
             "--trials", str(trials), "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--cv-folds", "2", *extra]
 
@@ -131,26 +131,30 @@ def test_ctrl_c_or_disk_full_during_export_keeps_previous_model(data, tmp_path, 
 
 # ----------------------------------------------------------------------------------------- SIGKILL
 def test_sigkill_of_fit_then_resume_completes(data, tmp_path, capsys):
-    args = _args(data, tmp_path, 3)
+    # every trial trains (a solved probe trial calls no training, and is over before a poll sees it)
+    args = _args(data, tmp_path, 3, recipe_text=RECIPE.replace("[all, -1]", "[-1]"))
     per_trial = len(plan_selection(scan_dataset(data), k=2).folds)  # train_model calls a trial (--cv-folds 2)
-    # the second trial hangs in its first fold, so the process is surely mid-trial when it is killed
+    # the second trial hangs in its first fold and says so in a file: the process is surely mid-trial
+    # when it is killed
+    marker = tmp_path / "hanging"
     code = ("import sys, time, autotl.train as t; real = t.train_model; n = []\n"
-            f"def slow(*a, **k):\n    n.append(1)\n    if len(n) == {per_trial + 1}: time.sleep(600)\n    return real(*a, **k)\n"
+            f"def slow(*a, **k):\n    n.append(1)\n    if len(n) == {per_trial + 1}:\n"
+            f"        open({str(marker)!r}, 'w').close(); time.sleep(600)\n    return real(*a, **k)\n"
             "t.train_model = slow\nfrom autotl.cli import main\nsys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     db, deadline = tmp_path / "run" / "study.db", time.monotonic() + 120
     try:
-        while True:
+        while not marker.exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the fit never reached its second trial"
-            states = _trial_states_read_only(db)
-            if "RUNNING" in states and "COMPLETE" in states:
-                break
+            assert time.monotonic() < deadline, "the fit never reached its second trained trial"
             time.sleep(0.2)
+        states = _trial_states_read_only(db)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert states.count("RUNNING") == 1 and "COMPLETE" in states
+    killed = states.index("RUNNING")
     _no_tmp(tmp_path / "run", tmp_path / "cache")
     capsys.readouterr()
     assert main(args + ["--resume", "--json"]) == 0
@@ -158,7 +162,7 @@ def test_sigkill_of_fit_then_resume_completes(data, tmp_path, capsys):
     assert doc["search"]["states"] == {"complete": 3, "fail": 1}  # only the killed trial is lost
     study = _study(tmp_path)
     trials = study.get_trials()
-    assert trials[1].state == TrialState.FAIL and is_interrupted(trials[1], interrupted_numbers(study))
+    assert trials[killed].state == TrialState.FAIL and is_interrupted(trials[killed], interrupted_numbers(study))
     assert Path(doc["model_path"]).is_file()
 
 
@@ -171,7 +175,7 @@ def _trial_states_read_only(db: Path) -> list[str]:
         return []
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
-            return [row[0] for row in con.execute("SELECT state FROM trials")]
+            return [row[0] for row in con.execute("SELECT state FROM trials ORDER BY number")]
     except sqlite3.Error:  # not created yet, or locked for a moment: poll again
         return []
 
