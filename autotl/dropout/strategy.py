@@ -109,15 +109,21 @@ def cache_stats(memory: BoundedMemory) -> dict[str, int]:
     return {k: int(counts[k]) for k in ("head_fits", "influence_solves", "cache_hits")}
 
 
+def _served(kept: BoundedMemory, memory: BoundedMemory, key, make) -> InfluenceOutcome:
+    """``make()``'s outcome once per ``key`` in ``kept``; a later request gets it marked ``cached`` and is
+    counted among ``memory``'s cache hits."""
+    if key in kept:
+        _outcomes(memory).counts["cache_hits"] += 1
+        return kept.get(key, make).hit()
+    return kept.get(key, make)
+
+
 def _remembered(memory: BoundedMemory | None, key: str, compute) -> InfluenceOutcome:
     """``compute()`` once per ``key`` in ``memory`` (every time without one)."""
     if memory is None:
         return compute(None)
     outcomes = _outcomes(memory)
-    if key in outcomes:
-        outcomes.counts["cache_hits"] += 1
-        return outcomes.get(key, None).hit()
-    return outcomes.get(key, lambda: compute(outcomes))
+    return _served(outcomes, memory, key, lambda: compute(outcomes))
 
 
 def _images_digest(samples: Sequence) -> str:
@@ -137,11 +143,7 @@ def _by_images(ctx: StrategyContext, settings: tuple, train: Sequence, val: Sequ
     source = ctx.extractor.source
     extractor = (source.label, source.input_id, repr(sorted(source.data_config.items())), ctx.extractor.backend)
     key = (extractor, settings, _images_digest(train), _images_digest(val))
-    found = ctx.memory.part("dropout-by-images", _KEPT)
-    if key in found:
-        _outcomes(ctx.memory).counts["cache_hits"] += 1
-        return found.get(key, compute).hit()
-    return found.get(key, compute)
+    return _served(ctx.memory.part("dropout-by-images", _KEPT), ctx.memory, key, compute)
 
 
 def _as_array(x, dtype) -> np.ndarray:
