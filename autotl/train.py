@@ -380,11 +380,16 @@ def _backward_and_step(loss: torch.Tensor, reg, state, lam: float, cfg: TrainCon
 
 
 def should_cache(extractor: FeatureExtractor | None, n_images: int, cut: int, use_cache: str | bool) -> bool:
+    """Whether training at ``cut`` reads the frozen prefix's activations from the cache (one pass) instead
+    of running the prefix on decoded images every step. ``"auto"``: when they fit ``max_cache_bytes``,
+    and never at cut 0, where the prefix is empty: that cache would be a float copy of the input
+    image for each candidate (4× the run's decoded pixels), and it would train a full fine-tune
+    without its augmentation."""
     if extractor is None or use_cache is False:
         return False
     if use_cache is True or cut >= extractor.num_stages:
         return True
-    return extractor.map_bytes(n_images, cut) <= extractor.max_cache_bytes
+    return cut > 0 and extractor.map_bytes(n_images, cut) <= extractor.max_cache_bytes
 
 
 def train_model(

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -86,6 +87,29 @@ def test_cache_hit_avoids_a_second_forward_pass(make_image_folder, tmp_path):
     assert fresh.forward_batches == 3
     fresh.extract(index.val, [])  # other files: another key
     assert fresh.forward_batches == 4
+
+
+def test_a_full_fine_tune_reads_images_and_no_copy_of_the_input_is_cached(make_image_folder, tmp_path):
+    """At cut 0 the frozen prefix is empty: "auto" caches nothing there (the cache would be a float copy
+    of every input image per candidate, and the fine-tune would lose its augmentation), while a
+    non-empty prefix is still cached; the search's scoring pass computes only the cached cuts."""
+    from autotl.search._fit import prefix_cuts
+    from autotl.search import load_recipe
+
+    data = make_image_folder(tmp_path / "d", classes={"a": 6, "b": 6}, size=(40, 40))
+    index = scan_dataset(data)
+    src = create_source_model("test_efficientnet=random")
+    ex = FeatureExtractor(src, cache_dir=tmp_path / "cache", batch_size=4)
+    n = len(index.train) + len(index.val)
+    full = train_model(src, index.train, index.val, 2, TrainConfig(frozen_stages=0, epochs=1), extractor=ex)
+    last = train_model(src, index.train, index.val, 2, TrainConfig(frozen_stages=-1, epochs=1), extractor=ex)
+    assert not full.cached and last.cached
+    # the val images go through the suffix as activations at the cut; the training images do not
+    assert [np.load(f, mmap_mode="r").shape[0] for f in (tmp_path / "cache").rglob("cut0.npy")] == [len(index.val)]
+    recipe = load_recipe({"space": {"frozen_stages": [0, -1, "all"]}})
+    assert prefix_cuts(recipe, ex, n, TrainConfig()) == [ex.num_stages - 1]
+    forced = train_model(src, index.train, index.val, 2, TrainConfig(frozen_stages=0, epochs=1, use_cache=True), extractor=ex)
+    assert forced.cached and len(list((tmp_path / "cache").rglob("cut0.npy"))) == 2  # asked for: still served
 
 
 def test_cached_activations_equal_a_direct_forward(make_image_folder, tmp_path):
