@@ -433,7 +433,9 @@ def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[
         if not bool(active.any()):
             break
         it += 1
-        forcing = torch.clamp(gnorm.sqrt(), max=0.1)
+        # inexact Newton: CG reduces the residual by sqrt(|g|) (superlinear convergence), but never by
+        # more than the tolerance asks for: a step whose linear model reaches half the goal ends the solve
+        forcing = torch.maximum(torch.clamp(gnorm.sqrt(), max=0.1), 0.5 * goal / gnorm.clamp_min(1e-300)).clamp(max=0.1)
         step = _pcg(f, p, -grad, 1.0 / f.diagonal(p), forcing, 200, active)
         slope = _dot(grad, step)
         bad = slope >= 0  # not a descent direction (numerical breakdown): the gradient step

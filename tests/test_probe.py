@@ -218,7 +218,9 @@ def test_probe_trial_trains_on_fit_and_decision_parts_and_scores_on_the_rest(run
         assert not paths & {s.path for s in fold.score}
         assert [s.path for s in ref] == [s.path for s in fold.decide]
     ua = trial.user_attrs
-    assert len(ua["path_fold_scores"]) == len(ua["lambda_path"]) and ua["lambda"] in ua["lambda_path"]
+    path = ua["penalty_path"]
+    assert len(path["fold_scores"]) == len(path["fold_accuracy"]) == len(path["oof_loss"]) == len(path["lambdas"])
+    assert ua["lambda"] in path["lambdas"] and ua["fold_scores"] == path["fold_scores"][path["lambdas"].index(ua["lambda"])]
     assert trial.value == pytest.approx(np.mean(ua["fold_scores"]))
     # each fold's dropout kept its influence in the run's memory (what the next trial with another tau reads)
     from autotl.dropout.strategy import cache_stats

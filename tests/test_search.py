@@ -344,3 +344,36 @@ def test_cli_search_errors(data, tmp_path, capsys):
     assert "no such built-in recipe" in capsys.readouterr().err
     assert main(["fit", str(data), "--out", str(tmp_path / "r"), "--trials", "3", "--time-budget", "soon"]) == 2
     assert "--time-budget 'soon'" in capsys.readouterr().err
+
+
+def _sampled_params(tmp_path: Path, name: str, shared: bool, reads: list) -> list[dict]:
+    """Twenty trials of the default recipe's space on a fixed synthetic objective, sampled by the study's
+    TPE; ``reads`` counts the storage's trial reads."""
+    from autotl._recipe import load_recipe
+    from autotl.search._study import make_sampler
+
+    recipe = load_recipe("default")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / name}.db")
+    real = storage._get_trials
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return real(*args, **kwargs)
+
+    storage._get_trials = counted
+    study = optuna.create_study(storage=storage, direction="maximize",
+                                sampler=make_sampler(recipe, seed=3, n_existing=0, shared=shared))
+
+    def objective(trial):
+        params = recipe.sample(trial, ["m0", "m1"])
+        return float(len(json.dumps(params, sort_keys=True, default=str)) % 7)  # a deterministic landscape
+
+    study.optimize(objective, n_trials=20)
+    return [t.params for t in study.trials]
+
+
+def test_a_study_of_one_process_samples_as_the_constant_liar_does_with_less_storage_traffic(tmp_path):
+    """The liar matters only where other processes run trials; alone it proposes the same points."""
+    alone, shared = [], []
+    assert _sampled_params(tmp_path, "alone", False, alone) == _sampled_params(tmp_path, "shared", True, shared)
+    assert len(alone) < len(shared)

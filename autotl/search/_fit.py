@@ -472,7 +472,8 @@ def _configurations(study) -> list[list[float]]:
         if t.state.name != "COMPLETE":
             continue
         ua = t.user_attrs
-        out += [list(c) for c in ua.get("path_fold_accuracy") or ([ua["fold_accuracy"]] if ua.get("fold_accuracy") else [])]
+        path = (ua.get("penalty_path") or {}).get("fold_accuracy")
+        out += [list(c) for c in path or ([ua["fold_accuracy"]] if ua.get("fold_accuracy") else [])]
     return out
 
 

@@ -195,9 +195,10 @@ def summary_attrs(cv: ProbeCV, selection, objective_name: str) -> dict[str, Any]
         "value_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
         "value_se": selection.standard_error(scores),
         "n_folds": len(scores), "fold_scores": scores, "probe": True,
-        "lambda": cv.lam, "lambda_path": list(cv.lambdas),
-        "path_fold_scores": cv.fold_scores, "path_oof_loss": [round(v, 5) for v in cv.oof_loss],
-        "fold_accuracy": cv.fold_accuracy[cv.chosen], "path_fold_accuracy": cv.fold_accuracy,
+        "lambda": cv.lam, "fold_accuracy": cv.fold_accuracy[cv.chosen],
+        # one attribute: each is a storage transaction, and a probe trial takes a fraction of a second
+        "penalty_path": {"lambdas": list(cv.lambdas), "fold_scores": cv.fold_scores, "fold_accuracy": cv.fold_accuracy,
+                         "oof_loss": [round(v, 5) for v in cv.oof_loss]},
         "n_train": int(statistics.fmean(cv.n_train)),
         "accuracy" if objective_name == "accuracy" else "macro_f1": value,
     }

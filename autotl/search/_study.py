@@ -133,9 +133,15 @@ def quiet_optuna(*, all_warnings: bool = False) -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-def make_sampler(recipe: Recipe, seed: int, n_existing: int):
+def make_sampler(recipe: Recipe, seed: int, n_existing: int, *, shared: bool):
     """Seeded multivariate TPE; reseeded by the number of existing trials so a resumed study does
-    not replay the proposals of its first session."""
+    not replay the proposals of its first session.
+
+    ``shared``: other processes may run trials of the study at the same time (``--storage``, ``autotl
+    worker``). Only then does TPE's constant liar count their running trials as bad, so that two
+    workers do not propose the same point. In a study of one process the only running trial is the
+    one being sampled, which the liar skips: it would propose the same, at the cost of a storage
+    read per parameter group and a write per trial."""
     import optuna
 
     cfg = recipe.sampler
@@ -145,6 +151,7 @@ def make_sampler(recipe: Recipe, seed: int, n_existing: int):
         n_startup_trials=int(cfg.get("n_startup_trials", 8)),
         multivariate=multivariate,
         group=multivariate and bool(cfg.get("group", True)),  # conditional spaces
+        constant_liar=shared,
     )
 
 
@@ -226,7 +233,8 @@ def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any
             n_existing = len(probe.get_trials(deepcopy=False))
         study = optuna.create_study(
             storage=storage, study_name=settings.study_name, direction="maximize", load_if_exists=True,
-            sampler=make_sampler(settings.recipe, settings.seed, n_existing), pruner=make_pruner(settings.recipe),
+            sampler=make_sampler(settings.recipe, settings.seed, n_existing, shared=settings.storage is not None),
+            pruner=make_pruner(settings.recipe),
         )
         if not exists:
             for k, v in fingerprint.items():

@@ -103,7 +103,7 @@ def run_worker(storage: str, study_name: str, *, data_dir: str | os.PathLike | N
     study, _ = open_study(plan.settings, url, fingerprint=plan.fingerprint)
     # every worker proposes from its own seed (the same seed in two workers would replay the same trials)
     study.sampler = make_sampler(recipe, w["seed"] + os.getpid() * 7919 + time.time_ns() % 100_003,
-                                 len(study.get_trials(deepcopy=False)))
+                                 len(study.get_trials(deepcopy=False)), shared=True)
     schedule = schedule_for(study, plan.recipe, plan.objective.fixed, log=_console.log)  # over every worker's trials
     target = int(w["target"])
     art_dir = Path(artifacts) if artifacts is not None else Path(w["artifacts"])
