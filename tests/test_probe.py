@@ -229,6 +229,20 @@ def test_probe_trial_trains_on_fit_and_decision_parts_and_scores_on_the_rest(run
     assert cache_stats(run.memory)["influence_solves"] >= len(plan.selection.folds)
 
 
+def test_a_search_in_its_own_storage_samples_without_the_constant_liar(run):
+    """Its TPE proposes from trials that have ended (the liar writes each proposal to the storage
+    for other processes, and reads the study once per parameter group)."""
+    from autotl.search import SearchOptions, parse_recipe, plan_search
+
+    recipe = parse_recipe({"trials": 4, "pruner": {"type": "none"}, "sampler": {"n_startup_trials": 1},
+                           "space": {"frozen_stages": ["all"], "dropout_tau": [None, 0.0, 1.0], "flip": [True, False]}},
+                          "t")
+    plan = plan_search(run, TrainConfig(objective="accuracy"), SearchOptions(trials=4, recipe=recipe, cv_folds=3,
+                                                                             cv_repeats=1))
+    trials = plan.run_trials().study.get_trials()
+    assert len(trials) == 4 and not any(t.system_attrs for t in trials)
+
+
 def test_portfolio_is_enqueued_cheapest_first(run):
     from autotl.search import SearchOptions, parse_recipe, plan_search
 

@@ -208,11 +208,11 @@ def fail_running(study, numbers: set[int] | None = None) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------- study
-def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any]) -> tuple[Any, bool]:
+def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any], shared: bool = True) -> tuple[Any, bool]:
     """Create the study, or load it for ``--resume`` after checking it matches this run.
 
     ``fingerprint``: study user attributes that must be equal on resume (data fingerprint, recipe
-    space, objective, candidates).
+    space, objective, candidates). ``shared``: other processes may run its trials (``make_sampler``).
     """
     import optuna
 
@@ -233,7 +233,7 @@ def open_study(settings: SearchSettings, url: str, *, fingerprint: dict[str, Any
             n_existing = len(probe.get_trials(deepcopy=False))
         study = optuna.create_study(
             storage=storage, study_name=settings.study_name, direction="maximize", load_if_exists=True,
-            sampler=make_sampler(settings.recipe, settings.seed, n_existing, shared=settings.storage is not None),
+            sampler=make_sampler(settings.recipe, settings.seed, n_existing, shared=shared),
             pruner=make_pruner(settings.recipe),
         )
         if not exists:
@@ -304,7 +304,8 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     """Create or resume the study and run trials until ``settings.trials`` have finished or the
     time budget is spent. Ctrl-C marks the running trial FAIL and raises ``SearchInterrupted``."""
 
-    study, created = open_study(settings, url, fingerprint=fingerprint)
+    study, created = open_study(settings, url, fingerprint=fingerprint,
+                                shared=not is_own_storage(objective.run_dir, url))
     if not created:
         stale = fail_running(study, None if is_own_storage(objective.run_dir, url) else set())
         if stale:
