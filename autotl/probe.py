@@ -12,8 +12,9 @@ penalty; here every fold is one problem of a batch, solved together:
   rows turns ``d`` unknowns per class into at most ``n``;
 - Newton's method with Jacobi-preconditioned conjugate gradients on closed-form Hessian-vector
   products, a backtracking line search per problem, float64 in the reduced space;
-- a path of penalties is solved from the strongest to the weakest, each warm-started from the
-  previous solution.
+- a path of penalties is solved from the strongest to the weakest, each started where the path
+  through the two previous solutions, extrapolated in log(lambda), points (predictor-corrector path
+  following), or from the previous solution where that is the better start.
 
 The feature layout a probe reads is a ``FeatureSpec``: which backbones (concatenated), how many
 intermediate-stage taps of each (pooled activations, Head2Toe-style), and whether it trains on the
@@ -23,6 +24,7 @@ augmentation). ``ProbeNet`` is the same computation as one module, for the expor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -277,12 +279,15 @@ class ReducedFeatures:
                 raise ValueError(f"problem {i} has no training rows")
             w[i, idx] = 1.0 / idx.numel()
         y1 = _one_hot(labels, num_classes, SOLVER_DTYPE).T.contiguous()  # (K, N)
-        theta = torch.zeros(num_classes, b, self.rank + 1, dtype=SOLVER_DTYPE)
+        solved: list[torch.Tensor] = []  # (K, B, r + 1) per penalty so far
         thetas, iters, norms = [], [], []
         shared = _Rows(self.z)
-        for lam in lambdas:
+        for li, lam in enumerate(lambdas):
             f = _Batch(shared, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE))
-            theta, it, gn = _newton(f, theta, tol, max_iter)
+            start = (_path_start(f, [float(v) for v in lambdas[li - 2:li + 1]], solved[-2:]) if solved else
+                     torch.zeros(num_classes, b, self.rank + 1, dtype=SOLVER_DTYPE))
+            theta, it, gn = _newton(f, start, tol, max_iter)
+            solved.append(theta)
             thetas.append(theta.permute(2, 1, 0))  # (r + 1, B, K), the layout ``logits`` and ``head`` read
             iters.append(it)
             norms.append(gn.float())
@@ -420,6 +425,21 @@ def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, 
         d = zr + beta.view(1, -1, 1) * d
         rz = rz_new
     return s.double()
+
+
+def _path_start(f: _Batch, lambdas: Sequence[float], solved: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Where Newton starts at the last of ``lambdas``, given the solutions at the ones before it
+    (``solved``, one or two): the path extrapolated linearly in log(lambda) through the last two
+    solutions (a predictor step of path following: the solution path is smooth in log(lambda), so
+    the corrector then needs one or two Newton steps where a plain warm start needs four), or the
+    last solution itself for a problem where that is the better start (lower objective)."""
+    last = solved[-1]
+    if len(solved) < 2 or lambdas[-2] == lambdas[-3] or min(lambdas) <= 0:
+        return last
+    ratio = math.log(lambdas[-1] / lambdas[-2]) / math.log(lambdas[-2] / lambdas[-3])
+    guess = last + ratio * (last - solved[-2])
+    better = f.value(guess, f.scores(guess)) < f.value(last, f.scores(last))
+    return torch.where(better.view(1, -1, 1), guess, last)
 
 
 def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int, torch.Tensor]:

@@ -48,6 +48,24 @@ def test_solver_reaches_the_float64_newton_optimum(n, d):
         assert torch.allclose(logits[:, b], x @ weight[b] + bias[b], atol=1e-3)
 
 
+def test_the_path_predictor_starts_newton_near_each_next_solution(monkeypatch):
+    """Extrapolated in log(lambda) through the last two solutions, each penalty after the second needs
+    fewer Newton steps than from the last solution alone, and reaches the same optimum."""
+    import autotl.probe as probe_mod
+
+    x, y = _problem(120, 400)
+    reduced = ReducedFeatures(x)
+    problems = [list(range(0, 100)), list(range(20, 120))]
+    lambdas = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+    predicted = reduced.solve(problems, y, 3, lambdas, tol=1e-8)
+    monkeypatch.setattr(probe_mod, "_path_start", lambda f, lams, solved: solved[-1])
+    plain = reduced.solve(problems, y, 3, lambdas, tol=1e-8)
+    assert predicted.newton_iterations[:2] == plain.newton_iterations[:2]
+    assert sum(predicted.newton_iterations[2:]) < sum(plain.newton_iterations[2:])
+    for a, b in zip(predicted.theta, plain.theta):
+        assert torch.allclose(torch.softmax(reduced.logits(a), -1), torch.softmax(reduced.logits(b), -1), atol=1e-5)
+
+
 def test_map_back_to_raw_features_is_computed_from_the_reread_rows():
     """A reduction that rereads its rows for ``head`` holds no ``(d, r)`` map and gives the same head as
     one that keeps it; rows reread in another order would give another head (what a cache that returned
