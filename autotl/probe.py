@@ -279,19 +279,20 @@ class ReducedFeatures:
                 raise ValueError(f"problem {i} has no training rows")
             w[i, idx] = 1.0 / idx.numel()
         y1 = _one_hot(labels, num_classes, SOLVER_DTYPE).T.contiguous()  # (K, N)
+        path = [float(v) for v in lambdas]
         solved: list[torch.Tensor] = []  # (K, B, r + 1) per penalty so far
         thetas, iters, norms = [], [], []
         shared = _Rows(self.z)
-        for li, lam in enumerate(lambdas):
-            f = _Batch(shared, y1, w, torch.full((b,), float(lam), dtype=SOLVER_DTYPE))
-            start = (_path_start(f, [float(v) for v in lambdas[li - 2:li + 1]], solved[-2:]) if solved else
+        for li, lam in enumerate(path):
+            f = _Batch(shared, y1, w, torch.full((b,), lam, dtype=SOLVER_DTYPE))
+            start = (_path_start(f, path[:li + 1], solved) if solved else
                      torch.zeros(num_classes, b, self.rank + 1, dtype=SOLVER_DTYPE))
             theta, it, gn = _newton(f, start, tol, max_iter)
             solved.append(theta)
             thetas.append(theta.permute(2, 1, 0))  # (r + 1, B, K), the layout ``logits`` and ``head`` read
             iters.append(it)
             norms.append(gn.float())
-        return ProbeSolution(torch.stack(thetas), tuple(float(v) for v in lambdas), iters, torch.stack(norms))
+        return ProbeSolution(torch.stack(thetas), tuple(path), iters, torch.stack(norms))
 
     def logits(self, theta: torch.Tensor, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """``theta`` ``(r + 1, B, K)`` → ``(m, B, K)`` float32 logits of ``rows`` (all rows when None)."""
@@ -428,13 +429,14 @@ def _pcg(f: _Batch, p: torch.Tensor, rhs: torch.Tensor, inv_diag: torch.Tensor, 
 
 
 def _path_start(f: _Batch, lambdas: Sequence[float], solved: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Where Newton starts at the last of ``lambdas``, given the solutions at the ones before it
-    (``solved``, one or two): the path extrapolated linearly in log(lambda) through the last two
-    solutions (a predictor step of path following: the solution path is smooth in log(lambda), so
-    the corrector then needs one or two Newton steps where a plain warm start needs four), or the
-    last solution itself for a problem where that is the better start (lower objective)."""
+    """Where Newton starts at the last of ``lambdas`` (the path so far, all positive), given the
+    solutions at the ones before it (``solved``): the path extrapolated linearly in log(lambda)
+    through the last two solutions (a predictor step of path following: the solution path is smooth
+    in log(lambda), so the corrector then needs one or two Newton steps where a plain warm start
+    needs four), or the last solution itself for a problem where that is the better start (lower
+    objective)."""
     last = solved[-1]
-    if len(solved) < 2 or lambdas[-2] == lambdas[-3] or min(lambdas) <= 0:
+    if len(solved) < 2 or lambdas[-2] == lambdas[-3]:
         return last
     ratio = math.log(lambdas[-1] / lambdas[-2]) / math.log(lambdas[-2] / lambdas[-3])
     guess = last + ratio * (last - solved[-2])
@@ -455,7 +457,7 @@ def _newton(f: _Batch, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[
         it += 1
         # inexact Newton: CG reduces the residual by sqrt(|g|) (superlinear convergence), but never by
         # more than the tolerance asks for: a step whose linear model reaches half the goal ends the solve
-        forcing = torch.maximum(torch.clamp(gnorm.sqrt(), max=0.1), 0.5 * goal / gnorm.clamp_min(1e-300)).clamp(max=0.1)
+        forcing = torch.maximum(gnorm.sqrt(), 0.5 * goal / gnorm.clamp_min(1e-300)).clamp(max=0.1)
         step = _pcg(f, p, -grad, 1.0 / f.diagonal(p), forcing, 200, active)
         slope = _dot(grad, step)
         bad = slope >= 0  # not a descent direction (numerical breakdown): the gradient step

@@ -304,10 +304,10 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     """Create or resume the study and run trials until ``settings.trials`` have finished or the
     time budget is spent. Ctrl-C marks the running trial FAIL and raises ``SearchInterrupted``."""
 
-    study, created = open_study(settings, url, fingerprint=fingerprint,
-                                shared=not is_own_storage(objective.run_dir, url))
+    own = is_own_storage(objective.run_dir, url)  # else other processes may share the study
+    study, created = open_study(settings, url, fingerprint=fingerprint, shared=not own)
     if not created:
-        stale = fail_running(study, None if is_own_storage(objective.run_dir, url) else set())
+        stale = fail_running(study, None if own else set())
         if stale:
             _console.log(f"marked trial(s) {', '.join(map(str, stale))} failed: they were cut off when the study was interrupted")
     done = len(finished_trials(study))
@@ -328,7 +328,7 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     schedule = schedule_for(study, objective.recipe, objective.fixed, log=_console.log)
     if schedule is not None:
         callbacks.append(schedule)
-    if not is_own_storage(objective.run_dir, url):  # workers may share the study: stop at its target
+    if not own:  # workers may share the study: stop at its target
         from ._distributed import stop_at_target
 
         callbacks.append(stop_at_target(settings.trials))
@@ -340,7 +340,7 @@ def run_study(objective: Objective, settings: SearchSettings, url: str, *, finge
     except KeyboardInterrupt:
         with contextlib.suppress(BaseException):
             mine = set(objective.started[first:])
-            fail_running(study, None if is_own_storage(objective.run_dir, url) else mine)
+            fail_running(study, None if own else mine)
         finished = len(finished_trials(study))
         raise SearchInterrupted(
             f"search interrupted: {finished} of {settings.trials} trials finished, the running one was marked failed; "
